@@ -1,0 +1,339 @@
+//! Configuration: one documented struct per TOML section, parsed purely from text so tests can
+//! feed strings, validated with messages that name the file, the key and what would be valid.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration that ships with the binary: the local backend over the sample extensions.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
+
+/// The name the embedded default goes by in messages.
+pub const EMBEDDED_ORIGIN: &str = "<embedded config.example.toml>";
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+/// The whole file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Gitea/Forgejo releases backend; absent means disabled.
+    pub gitea: Option<GiteaConfig>,
+    /// OCI registry backend; absent means disabled.
+    pub oci: Option<OciConfig>,
+    /// Local directory backend; absent means disabled.
+    pub local: Option<LocalConfig>,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// `[server]`: the listening socket and the HTTP edge.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub host: IpAddr,
+    /// Port to bind; 0 picks a free one.
+    pub port: u16,
+    /// Tokio worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// Answer CORS preflights and add CORS headers.
+    pub enable_cors: bool,
+    /// Origins allowed by CORS; empty means any origin.
+    pub cors_allowed_origins: Vec<String>,
+    /// Compress JSON and text responses when the client accepts it.
+    pub enable_compression: bool,
+    /// How long in-flight requests may run after SIGTERM/SIGINT before the process exits.
+    pub shutdown_grace_seconds: u64,
+    /// Longest time one request may take before it is answered 504.
+    pub request_timeout_seconds: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 8082,
+            workers: 0,
+            enable_cors: true,
+            cors_allowed_origins: Vec::new(),
+            enable_compression: true,
+            shutdown_grace_seconds: 30,
+            request_timeout_seconds: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_seconds)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_seconds)
+    }
+}
+
+/// `[gitea]`: extensions kept as releases of `{name}_prov|_taskserv|_cluster` repositories.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GiteaConfig {
+    /// Root URL of the instance, possibly with a sub-path (`https://host/git/`).
+    pub url: String,
+    /// The organization whose repositories hold the extensions.
+    pub organization: String,
+    /// File holding a personal access token; absent means anonymous.
+    pub token_path: Option<PathBuf>,
+    /// Per-request timeout towards Gitea.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_seconds: u64,
+    /// Verify the TLS certificate of the instance.
+    #[serde(default = "yes")]
+    pub verify_ssl: bool,
+    /// Most calls in flight at once when fanning out over repositories.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// List archived repositories too.
+    #[serde(default)]
+    pub include_archived: bool,
+}
+
+/// `[oci]`: extensions kept as OCI artifacts in `{namespace}/{name}-provider|-taskserv|-cluster`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OciConfig {
+    /// `host[:port]`, or a URL with an explicit `http://` or `https://` scheme.
+    pub registry: String,
+    /// The repository prefix under which extensions live.
+    pub namespace: String,
+    /// File holding a static bearer token; absent means none.
+    pub auth_token_path: Option<PathBuf>,
+    /// User for basic auth and token exchange.
+    pub username: Option<String>,
+    /// File holding the password of `username`.
+    pub password_path: Option<PathBuf>,
+    /// Per-request timeout towards the registry.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_seconds: u64,
+    /// Verify the TLS certificate of the registry.
+    #[serde(default = "yes")]
+    pub verify_ssl: bool,
+    /// Speak plain HTTP to a registry given without a scheme.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Repositories to use when the registry does not offer `_catalog`.
+    pub repositories: Option<Vec<String>>,
+    /// Most calls in flight at once when fanning out over repositories.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+}
+
+/// `[local]`: a directory laid out as `<type>/<name>/<version>/<artifact>.tar.gz`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The root directory; relative paths are taken from the configuration file's directory.
+    pub path: PathBuf,
+}
+
+/// `[cache]`: the in-memory caches in front of the backends.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Most entries per cache.
+    pub capacity: u64,
+    /// How long an answer is fresh.
+    pub ttl_seconds: u64,
+    /// Cache single extensions and their versions.
+    pub enable_metadata_cache: bool,
+    /// Cache listings.
+    pub enable_list_cache: bool,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 1000,
+            ttl_seconds: 300,
+            enable_metadata_cache: true,
+            enable_list_cache: true,
+        }
+    }
+}
+
+fn default_backend_timeout() -> u64 {
+    30
+}
+
+fn default_max_concurrency() -> usize {
+    8
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// Parses and validates `text`; `origin` names the file in messages and is where relative
+    /// paths are resolved from (`None`: the current directory).
+    pub fn parse(text: &str, origin: &str, base: Option<&Path>) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: origin.to_owned(),
+            message,
+        };
+        let mut config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        config.validate().map_err(err)?;
+        if let (Some(local), Some(base)) = (config.local.as_mut(), base) {
+            if local.path.is_relative() {
+                local.path = base.join(&local.path);
+            }
+        }
+        for path in config.secret_paths_mut() {
+            if let (true, Some(base)) = (path.is_relative(), base) {
+                *path = base.join(&*path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            message: format!("cannot read the configuration file: {e}"),
+        })?;
+        Self::parse(&text, &path.display().to_string(), path.parent())
+    }
+
+    /// The embedded default configuration, paths taken from the current directory.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(EMBEDDED_DEFAULT, EMBEDDED_ORIGIN, None)
+    }
+
+    fn secret_paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
+        let gitea = self.gitea.as_mut().and_then(|g| g.token_path.as_mut());
+        let (oci_token, oci_password) = match self.oci.as_mut() {
+            Some(o) => (o.auth_token_path.as_mut(), o.password_path.as_mut()),
+            None => (None, None),
+        };
+        gitea.into_iter().chain(oci_token).chain(oci_password)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.gitea.is_none() && self.oci.is_none() && self.local.is_none() {
+            return Err(
+                "no backend configured: add at least one of the sections [gitea], [oci], [local]"
+                    .into(),
+            );
+        }
+        let positive = |key: &str, value: u64| {
+            if value == 0 {
+                Err(format!("{key}: must be a whole number above 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive(
+            "[server] request_timeout_seconds",
+            self.server.request_timeout_seconds,
+        )?;
+        positive("[cache] capacity", self.cache.capacity)?;
+        positive("[cache] ttl_seconds", self.cache.ttl_seconds)?;
+        if let Some(origin) = self
+            .server
+            .cors_allowed_origins
+            .iter()
+            .find(|o| http::HeaderValue::from_str(o).is_err() || o.is_empty())
+        {
+            return Err(format!(
+                "[server] cors_allowed_origins: '{origin}' is not a valid origin (e.g. \"https://app.example.com\")"
+            ));
+        }
+        if let Some(g) = &self.gitea {
+            let url = reqwest::Url::parse(&g.url).map_err(|e| {
+                format!("[gitea] url: '{}' is not a URL ({e}); expected e.g. \"https://gitea.example.com/\"", g.url)
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err("[gitea] url: the scheme must be http or https".into());
+            }
+            if g.organization.is_empty() {
+                return Err("[gitea] organization: must not be empty".into());
+            }
+            positive("[gitea] timeout_seconds", g.timeout_seconds)?;
+            positive("[gitea] max_concurrency", g.max_concurrency as u64)?;
+        }
+        if let Some(o) = &self.oci {
+            if o.registry.is_empty() {
+                return Err(
+                    "[oci] registry: must not be empty; expected host[:port] or a URL".into(),
+                );
+            }
+            if o.namespace.is_empty() {
+                return Err("[oci] namespace: must not be empty".into());
+            }
+            if o.password_path.is_some() != o.username.is_some() {
+                return Err("[oci] username and password_path: set both or neither".into());
+            }
+            positive("[oci] timeout_seconds", o.timeout_seconds)?;
+            positive("[oci] max_concurrency", o.max_concurrency as u64)?;
+        }
+        Ok(())
+    }
+}
+
+/// A secret read from a file. Its `Debug` and `Display` never show the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Reads a token or password file, trimming the trailing newline. Warns when the file can be
+    /// read by group or others.
+    pub fn from_file(path: &Path, key: &str) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| err(format!("cannot read the file named by {key}: {e}")))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        key,
+                        "secret file is readable by group or others; chmod 600 it"
+                    );
+                }
+            }
+        }
+        let value = text.trim().to_owned();
+        if value.is_empty() {
+            return Err(err(format!("the file named by {key} is empty")));
+        }
+        Ok(Self(value))
+    }
+
+    /// The value, for building a request header. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}

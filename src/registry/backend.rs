@@ -1,0 +1,112 @@
+//! The request/response vocabulary every backend speaks. Backends are tower services from
+//! `BackendRequest` to `BackendResponse`, so the cache can wrap them and `Merge` can fan out.
+
+use std::sync::Arc;
+
+use tower::util::BoxCloneSyncService;
+
+use crate::registry::{
+    Artifact, Extension, ExtensionKey, ExtensionType, RegistryError, Source, Version,
+    VersionSelector,
+};
+
+/// A backend as the rest of the program holds it.
+pub type BackendService = BoxCloneSyncService<BackendRequest, BackendResponse, RegistryError>;
+
+/// Which extensions a listing asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListFilter {
+    pub ty: Option<ExtensionType>,
+    pub source: Option<Source>,
+}
+
+/// What a backend (or the merged registry) can be asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackendRequest {
+    /// Every extension matching the filter, each at its current version, in no particular order.
+    List(ListFilter),
+    /// One extension at its current version. `source` pins the backend when merged.
+    Get {
+        key: ExtensionKey,
+        source: Option<Source>,
+    },
+    /// All versions of one extension, newest first.
+    Versions {
+        key: ExtensionKey,
+        source: Option<Source>,
+    },
+    /// The artifact of one version, as a stream.
+    Download {
+        key: ExtensionKey,
+        version: VersionSelector,
+        source: Option<Source>,
+    },
+    /// Whether the backend answers.
+    Health,
+}
+
+/// The answers, one variant per request kind. Values are shared so a cache hit is a pointer copy.
+#[derive(Debug)]
+pub enum BackendResponse {
+    List(Arc<Vec<Extension>>),
+    Extension(Arc<Extension>),
+    Versions(Arc<Vec<Version>>),
+    Artifact(Artifact),
+    Health(HealthReport),
+}
+
+/// One backend's health as its probe saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub source: Source,
+    pub healthy: bool,
+    /// Why it is unhealthy, for logs and the health endpoint.
+    pub detail: Option<String>,
+}
+
+/// The health of every configured backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthReport(pub Vec<BackendHealth>);
+
+fn mismatch(expected: &str) -> RegistryError {
+    RegistryError::Internal(format!(
+        "backend answered with something other than {expected}"
+    ))
+}
+
+impl BackendResponse {
+    pub fn into_list(self) -> Result<Arc<Vec<Extension>>, RegistryError> {
+        match self {
+            Self::List(l) => Ok(l),
+            _ => Err(mismatch("a list")),
+        }
+    }
+
+    pub fn into_extension(self) -> Result<Arc<Extension>, RegistryError> {
+        match self {
+            Self::Extension(e) => Ok(e),
+            _ => Err(mismatch("an extension")),
+        }
+    }
+
+    pub fn into_versions(self) -> Result<Arc<Vec<Version>>, RegistryError> {
+        match self {
+            Self::Versions(v) => Ok(v),
+            _ => Err(mismatch("versions")),
+        }
+    }
+
+    pub fn into_artifact(self) -> Result<Artifact, RegistryError> {
+        match self {
+            Self::Artifact(a) => Ok(a),
+            _ => Err(mismatch("an artifact")),
+        }
+    }
+
+    pub fn into_health(self) -> Result<HealthReport, RegistryError> {
+        match self {
+            Self::Health(h) => Ok(h),
+            _ => Err(mismatch("a health report")),
+        }
+    }
+}

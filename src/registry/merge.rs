@@ -1,0 +1,175 @@
+//! The registry as one service over every configured backend: listings fan out and merge in a
+//! fixed order, single lookups take the first backend (in precedence order) that has the
+//! extension, downloads try backends one at a time so only one stream is ever opened.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::join_all;
+use tower::{Service, ServiceExt};
+
+use crate::registry::{
+    BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport, RegistryError,
+    Source,
+};
+
+/// Fans requests out over the backends, held in precedence order (Gitea, OCI, local).
+#[derive(Clone)]
+pub struct Merge {
+    backends: Arc<[(Source, BackendService)]>,
+}
+
+impl Merge {
+    pub fn new(backends: Vec<(Source, BackendService)>) -> Self {
+        Self {
+            backends: backends.into(),
+        }
+    }
+
+    /// The configured backend kinds, in precedence order.
+    pub fn sources(&self) -> Vec<Source> {
+        self.backends.iter().map(|(s, _)| *s).collect()
+    }
+}
+
+async fn ask(
+    mut backend: BackendService,
+    req: BackendRequest,
+) -> Result<BackendResponse, RegistryError> {
+    backend.ready().await?.call(req).await
+}
+
+/// The answer for a lookup that every candidate backend was asked: the first success in
+/// precedence order; else a backend fault if there was one (a backend that failed might have
+/// had it); else not found.
+fn first_found(
+    results: Vec<Result<BackendResponse, RegistryError>>,
+    not_found: RegistryError,
+) -> Result<BackendResponse, RegistryError> {
+    let mut fault = None;
+    for result in results {
+        match result {
+            Ok(found) => return Ok(found),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => {
+                fault.get_or_insert(e);
+            }
+        }
+    }
+    Err(fault.unwrap_or(not_found))
+}
+
+impl Service<BackendRequest> for Merge {
+    type Response = BackendResponse;
+    type Error = RegistryError;
+    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each call clones the backends it needs and waits for their readiness itself.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: BackendRequest) -> Self::Future {
+        let backends = self.backends.clone();
+        Box::pin(async move {
+            let pinned = match &req {
+                BackendRequest::List(f) => f.source,
+                BackendRequest::Get { source, .. }
+                | BackendRequest::Versions { source, .. }
+                | BackendRequest::Download { source, .. } => *source,
+                BackendRequest::Health => None,
+            };
+            let candidates: Vec<_> = backends
+                .iter()
+                .filter(|(s, _)| pinned.is_none_or(|p| p == *s))
+                .cloned()
+                .collect();
+            match req {
+                BackendRequest::List(_) => list(candidates, req).await,
+                BackendRequest::Get { ref key, .. } | BackendRequest::Versions { ref key, .. } => {
+                    let not_found = RegistryError::not_found(key);
+                    let asks = candidates.into_iter().map(|(_, b)| ask(b, req.clone()));
+                    first_found(join_all(asks).await, not_found)
+                }
+                BackendRequest::Download { ref key, .. } => {
+                    let mut results = Vec::new();
+                    for (_, backend) in candidates {
+                        let result = ask(backend, req.clone()).await;
+                        let found = result.is_ok();
+                        results.push(result);
+                        if found {
+                            break;
+                        }
+                    }
+                    first_found(results, RegistryError::not_found(key))
+                }
+                BackendRequest::Health => health(candidates).await,
+            }
+        })
+    }
+}
+
+async fn list(
+    candidates: Vec<(Source, BackendService)>,
+    req: BackendRequest,
+) -> Result<BackendResponse, RegistryError> {
+    let asks = candidates.iter().map(|(_, b)| ask(b.clone(), req.clone()));
+    let results = join_all(asks).await;
+    let mut merged = Vec::new();
+    let mut fault = None;
+    let mut answered = candidates.is_empty();
+    for ((source, _), result) in candidates.iter().zip(results) {
+        match result.and_then(BackendResponse::into_list) {
+            Ok(list) => {
+                answered = true;
+                merged.extend(list.iter().cloned());
+            }
+            Err(e) => {
+                tracing::warn!(backend = %source, error = %e, "backend left out of the listing");
+                fault.get_or_insert(e);
+            }
+        }
+    }
+    if !answered {
+        if let Some(e) = fault {
+            return Err(e);
+        }
+    }
+    merged.sort_by(|a, b| {
+        (a.ty, &a.name, a.source)
+            .cmp(&(b.ty, &b.name, b.source))
+            .then_with(|| a.version.cmp(&b.version))
+    });
+    Ok(BackendResponse::List(Arc::new(merged)))
+}
+
+async fn health(
+    candidates: Vec<(Source, BackendService)>,
+) -> Result<BackendResponse, RegistryError> {
+    let asks = candidates
+        .iter()
+        .map(|(_, b)| ask(b.clone(), BackendRequest::Health));
+    let results = join_all(asks).await;
+    let report = candidates
+        .iter()
+        .zip(results)
+        .map(
+            |((source, _), result)| match result.and_then(BackendResponse::into_health) {
+                Ok(HealthReport(mut own)) if !own.is_empty() => own.swap_remove(0),
+                Ok(_) => BackendHealth {
+                    source: *source,
+                    healthy: false,
+                    detail: Some("no health report".into()),
+                },
+                Err(e) => BackendHealth {
+                    source: *source,
+                    healthy: false,
+                    detail: Some(e.to_string()),
+                },
+            },
+        )
+        .collect();
+    Ok(BackendResponse::Health(HealthReport(report)))
+}

@@ -1,0 +1,22 @@
+//! The domain: what an extension is, how versions are ordered, how search ranks, the
+//! request/response vocabulary every backend speaks, and the service that merges backends.
+
+mod artifact;
+mod backend;
+mod error;
+mod merge;
+mod model;
+mod search;
+pub mod version;
+
+pub use self::artifact::{Artifact, ArtifactBody, VerifyingBody};
+pub use self::backend::{
+    BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport, ListFilter,
+};
+pub use self::error::RegistryError;
+pub use self::merge::Merge;
+pub use self::model::{
+    Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, Source, Timestamp,
+    Version, VersionSelector, VersionTag,
+};
+pub use self::search::search;
