@@ -6,9 +6,13 @@
 //! - [`registry`]: the domain (extensions, names, version ordering, search), the
 //!   request/response vocabulary every backend speaks, and the service merging backends.
 //! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory).
+//! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
+//! - [`body`]: the one response body type.
 
 pub mod backend;
+pub mod body;
 pub mod config;
+pub mod error;
 pub mod registry;
 
 /// The error type of services below the error-rescue layer.
