@@ -53,6 +53,12 @@ pub enum BackendResponse {
     Versions(Arc<Vec<Version>>),
     Artifact(Artifact),
     Health(HealthReport),
+    /// An answer kept from before, served because the backend failed with `error`: only the
+    /// cache produces it, and the HTTP edge says so in `Cache-Status`.
+    Stale {
+        response: Box<BackendResponse>,
+        error: RegistryError,
+    },
 }
 
 /// One backend's health as its probe saw it.
@@ -75,36 +81,51 @@ fn mismatch(expected: &str) -> RegistryError {
 }
 
 impl BackendResponse {
-    pub fn into_list(self) -> Result<Arc<Vec<Extension>>, RegistryError> {
+    /// The backend failure a stale answer stands in for.
+    pub fn stale_error(&self) -> Option<&RegistryError> {
         match self {
+            Self::Stale { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+
+    fn fresh(self) -> Self {
+        match self {
+            Self::Stale { response, .. } => response.fresh(),
+            other => other,
+        }
+    }
+
+    pub fn into_list(self) -> Result<Arc<Vec<Extension>>, RegistryError> {
+        match self.fresh() {
             Self::List(l) => Ok(l),
             _ => Err(mismatch("a list")),
         }
     }
 
     pub fn into_extension(self) -> Result<Arc<Extension>, RegistryError> {
-        match self {
+        match self.fresh() {
             Self::Extension(e) => Ok(e),
             _ => Err(mismatch("an extension")),
         }
     }
 
     pub fn into_versions(self) -> Result<Arc<Vec<Version>>, RegistryError> {
-        match self {
+        match self.fresh() {
             Self::Versions(v) => Ok(v),
             _ => Err(mismatch("versions")),
         }
     }
 
     pub fn into_artifact(self) -> Result<Artifact, RegistryError> {
-        match self {
+        match self.fresh() {
             Self::Artifact(a) => Ok(a),
             _ => Err(mismatch("an artifact")),
         }
     }
 
     pub fn into_health(self) -> Result<HealthReport, RegistryError> {
-        match self {
+        match self.fresh() {
             Self::Health(h) => Ok(h),
             _ => Err(mismatch("a health report")),
         }
