@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML configuration, one struct per section, validated with clear errors.
 //! - [`registry`]: the domain (extensions, names, version ordering, search), the
 //!   request/response vocabulary every backend speaks, and the service merging backends.
-//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory).
+//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
+//!   [`backend::oci`] reads OCI registries (catalog, tags, manifest annotations, blobs).
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.
 

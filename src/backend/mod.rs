@@ -2,3 +2,4 @@
 //! registries and a local directory.
 
 pub mod http;
+pub mod oci;
