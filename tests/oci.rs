@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 
 use extension_registry::backend::oci::OciBackend;
 use extension_registry::registry::{
-    Artifact, BackendRequest, BackendResponse, Extension, ExtensionKey, ExtensionName,
-    ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
+    Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionKey,
+    ExtensionName, ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
 };
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use registry::{Auth, Registry};
+use registry::{Auth, Registry, ADMIN, READER};
 
 const NS: &str = "provisioning";
 
@@ -63,6 +63,13 @@ async fn versions(backend: &OciBackend, key: &ExtensionKey) -> Result<Vec<String
     };
     let versions = ask(backend, request).await?.into_versions()?;
     Ok(versions.iter().map(|v| v.version.clone()).collect())
+}
+
+async fn health(backend: &OciBackend) -> BackendHealth {
+    let report = ask(backend, BackendRequest::Health).await.unwrap();
+    let mut report = report.into_health().unwrap();
+    assert_eq!(report.0.len(), 1);
+    report.0.remove(0)
 }
 
 async fn download(
@@ -112,89 +119,74 @@ async fn lists_gets_versions_and_downloads_from_an_anonymous_registry() {
     let reg = Registry::start(Auth::Anonymous).await;
     let aws_old = artifact(1, 3000);
     let aws_new = artifact(2, 5000);
-    reg.push(
-        "provisioning/aws-provider",
-        "1.0.0",
-        &aws_old,
-        &annotations("AWS old", "2025-01-01T00:00:00+02:00"),
-    )
-    .await;
     let mut aws_annotations = annotations("AWS provider", "2025-03-14T10:26:53+01:00");
     aws_annotations.push((
         "org.opencontainers.image.source",
         "https://git.example.com/aws",
     ));
-    let aws = reg
-        .push(
-            "provisioning/aws-provider",
-            "1.2.0",
-            &aws_new,
-            &aws_annotations,
-        )
+    let aws_repo = "provisioning/aws-provider";
+    let old_annotations = annotations("AWS old", "2025-01-01T00:00:00+02:00");
+    reg.push(aws_repo, "1.0.0", &aws_old, &old_annotations)
         .await;
-    reg.push(
-        "provisioning/aws-provider",
-        "latest",
-        &aws_new,
-        &aws_annotations,
-    )
-    .await;
-    reg.push(
-        "provisioning/aws-provider",
-        "nightly",
-        &artifact(3, 10),
-        &annotations("nightly", "2026-01-01T00:00:00Z"),
-    )
-    .await;
+    let aws = reg
+        .push(aws_repo, "1.2.0", &aws_new, &aws_annotations)
+        .await;
+    reg.push(aws_repo, "latest", &aws_new, &aws_annotations)
+        .await;
     let digest_tag = format!("sha256-{}", "ab".repeat(32));
-    reg.push(
-        "provisioning/aws-provider",
-        &digest_tag,
-        &artifact(4, 10),
-        &[],
-    )
-    .await;
+    reg.push(aws_repo, &digest_tag, &artifact(4, 10), &[]).await;
     let k8s = reg
         .push("provisioning/k8s-taskserv", "0.9.0", &artifact(5, 100), &[])
         .await;
+    // (repository, tag, artifact seed, description, created); no date: no annotations.
+    // The edge provider has only tags that are not semver: the newest publication is current.
+    // The last two are not extensions.
+    let fixtures = [
+        (aws_repo, "nightly", 3, "nightly", "2026-01-01T00:00:00Z"),
+        (
+            "provisioning/buildkit-cluster",
+            "0.1.0",
+            6,
+            "BuildKit 0.1",
+            "2025-01-01T00:00:00Z",
+        ),
+        (
+            "provisioning/edge-provider",
+            "weekly",
+            8,
+            "edge",
+            "2025-03-01T00:00:00Z",
+        ),
+        (
+            "provisioning/edge-provider",
+            "nightly",
+            9,
+            "edge",
+            "2025-02-01T00:00:00Z",
+        ),
+        ("other/aws-provider", "1.0.0", 10, "", ""),
+        ("provisioning/readme", "1.0.0", 11, "", ""),
+    ];
+    for (repo, tag, seed, description, created) in fixtures {
+        let notes = match created {
+            "" => Vec::new(),
+            _ => annotations(description, created),
+        };
+        reg.push(repo, tag, &artifact(seed, 10), &notes).await;
+    }
     // An index tagged 0.2.0 over the manifest of another artifact.
-    reg.push(
-        "provisioning/buildkit-cluster",
-        "0.1.0",
-        &artifact(6, 10),
-        &annotations("BuildKit 0.1", "2025-01-01T00:00:00Z"),
-    )
-    .await;
+    let child_annotations = annotations("BuildKit", "2025-02-01T00:00:00Z");
     let child = reg
         .push(
             "provisioning/buildkit-cluster",
             "0.2.0-child",
             &artifact(7, 20),
-            &annotations("BuildKit", "2025-02-01T00:00:00Z"),
+            &child_annotations,
         )
         .await;
     reg.push_index("provisioning/buildkit-cluster", "0.2.0", &[&child])
         .await;
-    // Only tags that are not semver: the newest publication is current.
-    reg.push(
-        "provisioning/edge-provider",
-        "weekly",
-        &artifact(8, 10),
-        &annotations("edge", "2025-03-01T00:00:00Z"),
-    )
-    .await;
-    reg.push(
-        "provisioning/edge-provider",
-        "nightly",
-        &artifact(9, 10),
-        &annotations("edge", "2025-02-01T00:00:00Z"),
-    )
-    .await;
-    // Not extensions, or nothing to serve.
-    reg.push("other/aws-provider", "1.0.0", &artifact(10, 10), &[])
-        .await;
-    reg.push("provisioning/readme", "1.0.0", &artifact(11, 10), &[])
-        .await;
+    // Nothing to serve: a repository holding only a blob, and a manifest without a gzip layer.
     reg.upload_blob("provisioning/blobonly-provider", b"interrupted push")
         .await;
     let config_digest = reg
@@ -347,10 +339,245 @@ async fn lists_gets_versions_and_downloads_from_an_anonymous_registry() {
     assert_eq!(bytes, aws_old);
     assert_eq!(old.filename, "aws-provider-1.0.0.tar.gz");
 
-    let health = ask(&backend, BackendRequest::Health)
+    let health = health(&backend).await;
+    assert!(health.healthy, "{health:?}");
+}
+
+#[tokio::test]
+async fn reads_an_artifact_pushed_by_skopeo() {
+    let reg = Registry::start(Auth::Anonymous).await;
+    let bytes = artifact(20, 70_000);
+    let layer = reg
+        .push_with_skopeo(
+            "provisioning/kubectl-taskserv",
+            "1.4.0",
+            &bytes,
+            &annotations("kubectl", "2025-05-05T05:05:05Z"),
+        )
+        .await;
+    let backend = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    let kubectl = key(ExtensionType::Taskserv, "kubectl");
+    let found = get(&backend, &kubectl).await.unwrap();
+    assert_eq!(found.version, "1.4.0");
+    assert_eq!(found.description, "kubectl");
+    assert_eq!(found.published_at.to_string(), "2025-05-05T05:05:05Z");
+    assert_eq!(found.checksum.as_deref(), Some(layer.as_str()));
+    let (downloaded, got) = download_bytes(&backend, &kubectl, "1.4.0").await;
+    assert_eq!(got, bytes);
+    assert_eq!(
+        downloaded.filename, "kubectl-1.4.0.tar.gz",
+        "no title: named after the extension"
+    );
+}
+
+#[tokio::test]
+async fn basic_auth_accepts_the_right_credentials_only() {
+    let reg = Registry::start(Auth::Basic).await;
+    let bytes = artifact(30, 4096);
+    reg.push("provisioning/aws-provider", "1.0.0", &bytes, &[])
+        .await;
+    let aws = key(ExtensionType::Provider, "aws");
+
+    let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
+    assert_eq!(list(&reader, None).await.unwrap().len(), 1);
+    assert_eq!(get(&reader, &aws).await.unwrap().version, "1.0.0");
+    assert_eq!(download_bytes(&reader, &aws, "latest").await.1, bytes);
+
+    let wrong = OciBackend::new(&reg.oci_config(NS, Some((ADMIN.0, "wrong")))).unwrap();
+    let auth_failed = RegistryError::BackendAuthFailed {
+        backend: Source::Oci,
+    };
+    assert_eq!(list(&wrong, None).await.unwrap_err(), auth_failed);
+    assert_eq!(get(&wrong, &aws).await.unwrap_err(), auth_failed);
+    assert_eq!(
+        download(&wrong, &aws, "1.0.0").await.unwrap_err(),
+        auth_failed
+    );
+    let message = auth_failed.to_string();
+    assert!(
+        !message.contains("wrong") && !message.contains(READER.1),
+        "{message}"
+    );
+
+    // 401 still means the registry is up.
+    let health = health(&wrong).await;
+    assert!(health.healthy, "{health:?}");
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_per_scope_and_reused() {
+    let reg = Registry::start(Auth::Token {
+        anonymous_pull: false,
+        lifetime: 300,
+    })
+    .await;
+    let aws_bytes = artifact(40, 2048);
+    reg.push("provisioning/aws-provider", "1.0.0", &aws_bytes, &[])
+        .await;
+    reg.push("provisioning/k8s-taskserv", "2.0.0", &artifact(41, 10), &[])
+        .await;
+    let aws = key(ExtensionType::Provider, "aws");
+
+    let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
+    let before = reg.tokens_issued();
+    assert_eq!(list(&reader, None).await.unwrap().len(), 2);
+    // One token for the catalog, one per repository.
+    assert_eq!(reg.tokens_issued() - before, 3);
+    assert_eq!(list(&reader, None).await.unwrap().len(), 2);
+    assert_eq!(get(&reader, &aws).await.unwrap().version, "1.0.0");
+    assert_eq!(download_bytes(&reader, &aws, "1.0.0").await.1, aws_bytes);
+    assert_eq!(reg.tokens_issued() - before, 3, "cached tokens are reused");
+
+    let auth_failed = RegistryError::BackendAuthFailed {
+        backend: Source::Oci,
+    };
+    let wrong = OciBackend::new(&reg.oci_config(NS, Some((READER.0, "wrong")))).unwrap();
+    assert_eq!(list(&wrong, None).await.unwrap_err(), auth_failed);
+    assert_eq!(get(&wrong, &aws).await.unwrap_err(), auth_failed);
+
+    // Anonymous tokens grant nothing here: the retry with the token is refused again.
+    let anonymous = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    assert_eq!(get(&anonymous, &aws).await.unwrap_err(), auth_failed);
+    let refused = list(&anonymous, None).await.unwrap_err().to_string();
+    assert!(refused.contains("[oci] repositories"), "{refused}");
+}
+
+#[tokio::test]
+async fn a_refused_catalog_falls_back_to_the_configured_repositories() {
+    let reg = Registry::start(Auth::Token {
+        anonymous_pull: true,
+        lifetime: 300,
+    })
+    .await;
+    reg.push("provisioning/aws-provider", "1.0.0", &artifact(50, 10), &[])
+        .await;
+    reg.push("provisioning/k8s-taskserv", "2.0.0", &artifact(51, 10), &[])
+        .await;
+    reg.push(
+        "provisioning/hidden-cluster",
+        "1.0.0",
+        &artifact(52, 10),
+        &[],
+    )
+    .await;
+
+    let mut config = reg.oci_config(NS, None);
+    let without = OciBackend::new(&config).unwrap();
+    let refused = list(&without, None).await.unwrap_err();
+    assert!(
+        matches!(&refused, RegistryError::BackendUnavailable { reason, .. } if reason.contains("[oci] repositories")),
+        "{refused}"
+    );
+    // Lookups of one extension need no catalog.
+    assert_eq!(
+        get(&without, &key(ExtensionType::Cluster, "hidden"))
+            .await
+            .unwrap()
+            .version,
+        "1.0.0"
+    );
+
+    config.repositories = Some(vec![
+        "aws-provider".into(),
+        "provisioning/k8s-taskserv".into(),
+        "provisioning/missing-provider".into(),
+    ]);
+    let with = OciBackend::new(&config).unwrap();
+    let listed = list(&with, None).await.unwrap();
+    assert_eq!(
+        listed.keys().collect::<Vec<_>>(),
+        ["provider/aws", "taskserv/k8s"]
+    );
+}
+
+#[tokio::test]
+async fn corrupted_registry_storage_never_yields_a_complete_looking_file() {
+    let reg = Registry::start(Auth::Anonymous).await;
+    let bytes = artifact(60, 1024 * 1024);
+    let aws = reg
+        .push("provisioning/aws-provider", "1.0.0", &bytes, &[])
+        .await;
+    let k8s = reg
+        .push("provisioning/k8s-taskserv", "1.0.0", &artifact(61, 10), &[])
+        .await;
+    reg.push("provisioning/ok-cluster", "1.0.0", &artifact(62, 10), &[])
+        .await;
+
+    // Same size, one byte changed: only the digest can tell.
+    let blob = reg.blob_path(&aws.layer);
+    let mut on_disk = std::fs::read(&blob).unwrap();
+    on_disk[512 * 1024] ^= 0xff;
+    std::fs::write(&blob, on_disk).unwrap();
+    // A manifest whose bytes no longer parse.
+    std::fs::write(reg.blob_path(&k8s.manifest), b"{not json").unwrap();
+
+    let backend = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    let listed = list(&backend, None).await.unwrap();
+    assert!(
+        listed.contains_key("cluster/ok") && listed.contains_key("provider/aws"),
+        "{listed:?}"
+    );
+    assert!(
+        !listed.contains_key("taskserv/k8s"),
+        "a broken repository is left out"
+    );
+    let k8s_error = get(&backend, &key(ExtensionType::Taskserv, "k8s"))
         .await
-        .unwrap()
-        .into_health()
+        .unwrap_err();
+    assert!(
+        matches!(&k8s_error, RegistryError::BackendUnavailable { reason, .. } if reason.contains("500")),
+        "{k8s_error:?}"
+    );
+
+    let artifact = download(&backend, &key(ExtensionType::Provider, "aws"), "1.0.0")
+        .await
         .unwrap();
-    assert!(health.0[0].healthy, "{health:?}");
+    assert_eq!(artifact.content_length, Some(bytes.len() as u64));
+    let mut body = artifact.body;
+    let mut received = 0;
+    let error = loop {
+        match body.frame().await {
+            Some(Ok(frame)) => received += frame.into_data().map(|d| d.len()).unwrap_or(0),
+            Some(Err(e)) => break e,
+            None => panic!("a corrupted artifact was delivered complete ({received} bytes)"),
+        }
+    };
+    assert!(received < bytes.len(), "the last bytes are withheld");
+    assert!(error.to_string().contains("sha256 mismatch"), "{error}");
+}
+
+#[tokio::test]
+async fn a_stopped_registry_is_reported_unavailable() {
+    let mut reg = Registry::start(Auth::Anonymous).await;
+    reg.push("provisioning/aws-provider", "1.0.0", &artifact(70, 10), &[])
+        .await;
+    let backend = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    let aws = key(ExtensionType::Provider, "aws");
+    assert_eq!(get(&backend, &aws).await.unwrap().version, "1.0.0");
+
+    reg.stop();
+    let unavailable = |e: RegistryError| {
+        matches!(
+            e,
+            RegistryError::BackendUnavailable {
+                backend: Source::Oci,
+                ..
+            }
+        )
+    };
+    assert!(unavailable(list(&backend, None).await.unwrap_err()));
+    assert!(unavailable(get(&backend, &aws).await.unwrap_err()));
+    assert!(unavailable(versions(&backend, &aws).await.unwrap_err()));
+    assert!(unavailable(
+        download(&backend, &aws, "1.0.0").await.unwrap_err()
+    ));
+    let health = health(&backend).await;
+    assert!(!health.healthy);
+    assert!(
+        health
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.contains("cannot connect")),
+        "{health:?}"
+    );
 }

@@ -203,17 +203,14 @@ impl Inner {
             .filter_map(|repo| Some((extension_of(&self.namespace, &repo)?, repo)))
             .filter(|(key, _)| filter.ty.is_none_or(|ty| ty == key.ty))
             .collect();
-        let results: Vec<_> = stream::iter(keys)
-            .map(|(key, repo)| async move {
-                let outcome = self.current_in(&key, &repo).await;
-                (key, outcome)
+        let results = self
+            .fan_out(keys, |(key, repo)| async move {
+                self.current_in(&key, &repo).await
             })
-            .buffer_unordered(self.max_concurrency)
-            .collect()
             .await;
         let mut extensions = Vec::new();
         let mut first_failure = None;
-        for (key, outcome) in results {
+        for ((key, _), outcome) in results {
             match outcome {
                 Ok(Some((extension, _))) => extensions.push(extension),
                 Ok(None) | Err(CallError::NotFound) => {}
@@ -229,6 +226,23 @@ impl Inner {
             Some(e) if extensions.is_empty() => Err(e),
             _ => Ok(extensions),
         }
+    }
+
+    /// Runs `call` over `items`, at most `max_concurrency` at once, pairing each item with
+    /// its outcome.
+    async fn fan_out<T: Clone, R, F: Future<Output = R>>(
+        &self,
+        items: Vec<T>,
+        call: impl Fn(T) -> F,
+    ) -> Vec<(T, R)> {
+        stream::iter(items)
+            .map(|item| {
+                let outcome = call(item.clone());
+                async move { (item, outcome.await) }
+            })
+            .buffer_unordered(self.max_concurrency)
+            .collect()
+            .await
     }
 
     /// The repositories to consider: the catalog, or the configured list when the catalog is
@@ -358,15 +372,11 @@ impl Inner {
         key: &ExtensionKey,
         tags: Vec<VersionTag>,
     ) -> Result<Vec<Resolved>, CallError> {
-        let results: Vec<_> = stream::iter(tags)
-            .map(|tag| async move {
-                let outcome = self.resolve(repo, &tag).await;
-                (tag, outcome)
-            })
-            .buffer_unordered(self.max_concurrency)
-            .collect()
+        let results = self
+            .fan_out(tags, |tag| async move { self.resolve(repo, &tag).await })
             .await;
         let mut resolved = Vec::new();
+        let mut broken = None;
         for (tag, outcome) in results {
             match outcome {
                 Ok(Some(r)) => resolved.push(r),
@@ -377,10 +387,15 @@ impl Inner {
                 Err(e @ (CallError::Fatal(_) | CallError::Denied)) => return Err(e),
                 Err(CallError::Broken(e)) => {
                     tracing::warn!(extension = %key, %tag, error = %e, "OCI tag left out");
+                    broken.get_or_insert(e);
                 }
             }
         }
-        Ok(resolved)
+        // When nothing could be read, say why rather than claim there is nothing.
+        match broken {
+            Some(e) if resolved.is_empty() => Err(CallError::Broken(e)),
+            _ => Ok(resolved),
+        }
     }
 
     /// A tag's version, metadata and artifact layer; `None` when its manifest has no artifact.
@@ -634,31 +649,25 @@ mod tests {
     #[test]
     fn registry_addresses_pick_their_scheme() {
         let url = |r: &str, insecure| base_url(r, insecure).map(|u| u.to_string());
-        assert_eq!(
-            url("registry.example.com", false).unwrap(),
-            "https://registry.example.com/"
-        );
-        assert_eq!(
-            url("registry.example.com:5000", true).unwrap(),
-            "http://registry.example.com:5000/"
-        );
-        assert_eq!(
-            url("127.0.0.1:5000", false).unwrap(),
-            "http://127.0.0.1:5000/"
-        );
-        assert_eq!(
-            url("localhost:5000", false).unwrap(),
-            "http://localhost:5000/"
-        );
-        assert_eq!(url("[::1]:5000", false).unwrap(), "http://[::1]:5000/");
-        assert_eq!(
-            url("http://reg.internal:80/", false).unwrap(),
-            "http://reg.internal/"
-        );
-        assert_eq!(
-            url("https://127.0.0.1:5000", false).unwrap(),
-            "https://127.0.0.1:5000/"
-        );
+        for (registry, insecure, expected) in [
+            (
+                "registry.example.com",
+                false,
+                "https://registry.example.com/",
+            ),
+            (
+                "registry.example.com:5000",
+                true,
+                "http://registry.example.com:5000/",
+            ),
+            ("127.0.0.1:5000", false, "http://127.0.0.1:5000/"),
+            ("localhost:5000", false, "http://localhost:5000/"),
+            ("[::1]:5000", false, "http://[::1]:5000/"),
+            ("http://reg.internal:80/", false, "http://reg.internal/"),
+            ("https://127.0.0.1:5000", false, "https://127.0.0.1:5000/"),
+        ] {
+            assert_eq!(url(registry, insecure).unwrap(), expected, "{registry}");
+        }
         assert!(url("https://reg.example.com/v2", false).is_err());
         assert!(url("", false).is_err());
     }
