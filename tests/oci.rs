@@ -443,6 +443,66 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
 }
 
 #[tokio::test]
+async fn a_static_token_is_sent_as_is() {
+    let reg = Registry::start(Auth::Token {
+        anonymous_pull: false,
+        lifetime: 300,
+    })
+    .await;
+    let bytes = artifact(45, 100);
+    reg.push("provisioning/aws-provider", "1.0.0", &bytes, &[])
+        .await;
+    let aws = key(ExtensionType::Provider, "aws");
+    let token = reg.token_for(
+        READER.0,
+        &[
+            "registry:catalog:*",
+            "repository:provisioning/aws-provider:pull",
+        ],
+    );
+    let mut config = reg.oci_config(NS, None);
+    config.auth_token_path = Some(reg.secret_file("static.token", &token));
+    let backend = OciBackend::new(&config).unwrap();
+    let before = reg.tokens_issued();
+    assert_eq!(list(&backend, None).await.unwrap().len(), 1);
+    assert_eq!(download_bytes(&backend, &aws, "latest").await.1, bytes);
+    assert_eq!(
+        reg.tokens_issued(),
+        before,
+        "no token exchange with a static token"
+    );
+
+    config.auth_token_path = Some(reg.secret_file("bogus.token", "not.a.token"));
+    let bogus = OciBackend::new(&config).unwrap();
+    let auth_failed = RegistryError::BackendAuthFailed {
+        backend: Source::Oci,
+    };
+    assert_eq!(get(&bogus, &aws).await.unwrap_err(), auth_failed);
+}
+
+#[tokio::test]
+async fn a_hung_registry_times_out() {
+    let reg = Registry::start(Auth::Anonymous).await;
+    reg.push("provisioning/aws-provider", "1.0.0", &artifact(80, 10), &[])
+        .await;
+    let mut config = reg.oci_config(NS, None);
+    config.timeout_seconds = 1;
+    let backend = OciBackend::new(&config).unwrap();
+    reg.freeze();
+    let timeout = RegistryError::BackendTimeout {
+        backend: Source::Oci,
+    };
+    assert_eq!(
+        get(&backend, &key(ExtensionType::Provider, "aws"))
+            .await
+            .unwrap_err(),
+        timeout
+    );
+    let health = health(&backend).await;
+    assert!(!health.healthy, "{health:?}");
+}
+
+#[tokio::test]
 async fn a_refused_catalog_falls_back_to_the_configured_repositories() {
     let reg = Registry::start(Auth::Token {
         anonymous_pull: true,

@@ -238,6 +238,41 @@ impl Registry {
         }
     }
 
+    /// Sends the registry SIGSTOP: it still accepts connections (the kernel queues them) but
+    /// answers nothing, like a hung server. Dropping the handle still kills it.
+    pub fn freeze(&self) {
+        let pid = self.child.as_ref().expect("registry running").id();
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -STOP {pid}");
+    }
+
+    /// A token for `scopes` (`repository:<name>:pull`, `registry:catalog:*`) on behalf of
+    /// `account`, signed like the token server's; for `[oci] auth_token_path`.
+    pub fn token_for(&self, account: &str, scopes: &[&str]) -> String {
+        let server = self
+            .token_server
+            .as_ref()
+            .expect("registry with token auth");
+        let scopes: Vec<String> = scopes.iter().map(|s| (*s).to_owned()).collect();
+        server.mint(account, &scopes)
+    }
+
+    /// Writes `contents` to a file only the owner can read, in the registry's directory.
+    pub fn secret_file(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, format!("{contents}\n")).expect("write secret file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod secret file");
+        }
+        path
+    }
+
     /// The request lines the registry served so far (`GET /v2/... HTTP/1.1`), from its access
     /// log. A line is written before the response is flushed, so after a call has returned
     /// its line is there.
@@ -256,17 +291,8 @@ impl Registry {
 
     /// An `[oci]` section for this registry; `credentials` are written to a password file.
     pub fn oci_config(&self, namespace: &str, credentials: Option<(&str, &str)>) -> OciConfig {
-        let password_path = credentials.map(|(user, password)| {
-            let path = self.dir.path().join(format!("{user}.password"));
-            std::fs::write(&path, format!("{password}\n")).expect("write password file");
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                    .expect("chmod password file");
-            }
-            path
-        });
+        let password_path = credentials
+            .map(|(user, password)| self.secret_file(&format!("{user}.password"), password));
         OciConfig {
             registry: self.host(),
             namespace: namespace.to_owned(),
