@@ -420,9 +420,14 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
 
     let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
     let before = reg.tokens_issued();
+    let calls_before = reg.requests().len();
     assert_eq!(list(&reader, None).await.unwrap().len(), 2);
     // One token for the catalog, one per repository.
     assert_eq!(reg.tokens_issued() - before, 3);
+    // The anonymous cold list's calls (1 catalog page, 2 tag lists, 2 × HEAD + GET) plus
+    // the 401 that starts each scope's token flow (catalog, 2 repositories).
+    let cold = reg.requests()[calls_before..].to_vec();
+    assert_eq!(cold.len(), 1 + 2 + 2 * 2 + 3, "{cold:#?}");
     assert_eq!(list(&reader, None).await.unwrap().len(), 2);
     assert_eq!(get(&reader, &aws).await.unwrap().version, "1.0.0");
     assert_eq!(download_bytes(&reader, &aws, "1.0.0").await.1, aws_bytes);

@@ -2,7 +2,7 @@
 //! exchange, static token), the per-scope token cache, the bound on calls in flight, and the
 //! reading of error answers into [`CallError`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -78,7 +78,9 @@ impl Scope<'_> {
 /// A `WWW-Authenticate` challenge: the scheme (lowercase) and its parameters.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Challenge {
+    /// `basic` or `bearer`: which credentials to answer with.
     pub scheme: String,
+    /// `realm`, `service`, `scope`, `error`: where and what to ask a token for.
     pub params: HashMap<String, String>,
 }
 
@@ -128,6 +130,7 @@ pub fn parse_challenge(value: &str) -> Option<Challenge> {
 /// Bearer tokens by scope, each kept until shortly before it expires.
 #[derive(Default)]
 pub struct TokenCache {
+    /// The `Authorization` value and the instant it stops being sent, by scope.
     tokens: HashMap<String, (HeaderValue, Instant)>,
 }
 
@@ -150,14 +153,19 @@ impl TokenCache {
 /// The token server's answer; `access_token` is the OAuth2 spelling some servers use.
 #[derive(Deserialize)]
 struct TokenAnswer {
+    /// The token (distribution's spelling).
     token: Option<String>,
+    /// The token (OAuth2's spelling).
     access_token: Option<String>,
+    /// Seconds the token is valid; 60 when absent.
     expires_in: Option<u64>,
 }
 
 /// Basic credentials: sent on a `Basic` challenge and to the token server.
 pub struct BasicCredentials {
+    /// `[oci] username`; also sent to the token server as `account`.
     pub username: String,
+    /// Read from `[oci] password_path`; never logged.
     pub password: Secret,
 }
 
@@ -175,6 +183,7 @@ pub struct Client {
     /// Set once the registry asked for basic credentials, so later calls send them at once
     /// instead of paying a 401 round trip each.
     basic_wanted: AtomicBool,
+    /// Tokens from the challenge flow, reused until shortly before they expire.
     tokens: Mutex<TokenCache>,
     /// Bounds the calls in flight towards this registry (`max_concurrency`).
     permits: Semaphore,
@@ -230,8 +239,33 @@ impl Client {
             .unwrap_or_else(|_| self.base.clone())
     }
 
+    /// GETs a JSON list that may be paged, following `Link: <...>; rel="next"` on this
+    /// registry; `items` takes each page apart.
+    pub async fn get_paged<T: serde::de::DeserializeOwned, I>(
+        &self,
+        first: Url,
+        scope: Scope<'_>,
+        what: &str,
+        items: impl Fn(T) -> Vec<I>,
+    ) -> Result<Vec<I>, CallError> {
+        let mut all = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next = Some(first);
+        while let Some(url) = next {
+            if !seen.insert(url.clone()) {
+                return Err(CallError::broken(format!(
+                    "{what} pages link back to themselves"
+                )));
+            }
+            let (page, headers) = self.get_json(url, scope, what).await?;
+            all.extend(items(page));
+            next = self.next_page(&headers)?;
+        }
+        Ok(all)
+    }
+
     /// The next page named by a `Link: <...>; rel="next"` header, if on this registry.
-    pub fn next_page(&self, headers: &HeaderMap) -> Result<Option<Url>, CallError> {
+    fn next_page(&self, headers: &HeaderMap) -> Result<Option<Url>, CallError> {
         let Some(link) = headers.get(LINK).and_then(|l| l.to_str().ok()) else {
             return Ok(None);
         };
@@ -264,7 +298,7 @@ impl Client {
     }
 
     /// A GET whose JSON answer is parsed into `T`; also returns the headers (for `Link`).
-    pub async fn get_json<T: serde::de::DeserializeOwned>(
+    async fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         url: Url,
         scope: Scope<'_>,

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
-use reqwest::header::{HeaderMap, CONTENT_TYPE};
+use reqwest::header::CONTENT_TYPE;
 use reqwest::{Method, Url};
 use sha2::{Digest, Sha256};
 
@@ -40,10 +40,12 @@ const MANIFEST_CACHE_CAPACITY: u64 = 10_000;
 /// The OCI backend as a tower service; clones share one client, token cache and manifest cache.
 #[derive(Clone)]
 pub struct OciBackend {
+    /// Shared by every clone the stack makes, so caches and the concurrency bound are too.
     inner: Arc<Inner>,
 }
 
 struct Inner {
+    /// The registry, its credentials and token cache.
     client: Client,
     /// The repository prefix extensions live under.
     namespace: String,
@@ -60,8 +62,11 @@ struct Inner {
 
 /// One tag resolved through its manifest.
 struct Resolved {
+    /// The version as listed.
     version: Version,
+    /// The descriptive fields, for the extension when this is its current version.
     meta: ManifestMetadata,
+    /// The blob a download streams and verifies.
     layer: Descriptor,
 }
 
@@ -276,36 +281,27 @@ impl Inner {
     }
 
     async fn catalog(&self) -> Result<Vec<String>, CallError> {
-        let mut repositories = Vec::new();
-        let mut next = Some(self.client.catalog_url(self.catalog_page));
-        while let Some(url) = next {
-            let (page, headers): (Catalog, HeaderMap) =
-                self.client.get_json(url, Scope::Catalog, "catalog").await?;
-            repositories.extend(page.repositories.unwrap_or_default());
-            next = self.client.next_page(&headers)?;
-        }
-        Ok(repositories)
+        let first = self.client.catalog_url(self.catalog_page);
+        self.client
+            .get_paged(first, Scope::Catalog, "catalog", |page: Catalog| {
+                page.repositories.unwrap_or_default()
+            })
+            .await
     }
 
     /// The version tags of a repository (not `latest`, not digest-like, valid tags only).
     async fn tags(&self, repo: &str) -> Result<Vec<VersionTag>, CallError> {
-        let mut tags = Vec::new();
-        let mut next = Some(self.client.url(repo, &["tags", "list"]));
-        while let Some(url) = next {
-            let (page, headers): (TagList, HeaderMap) = self
-                .client
-                .get_json(url, Scope::Pull(repo), "tag list")
-                .await?;
-            tags.extend(
+        let first = self.client.url(repo, &["tags", "list"]);
+        self.client
+            .get_paged(first, Scope::Pull(repo), "tag list", |page: TagList| {
                 page.tags
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|t| is_version_tag(t))
-                    .filter_map(|t| VersionTag::parse(&t).ok()),
-            );
-            next = self.client.next_page(&headers)?;
-        }
-        Ok(tags)
+                    .filter_map(|t| VersionTag::parse(&t).ok())
+                    .collect()
+            })
+            .await
     }
 
     async fn current(&self, key: &ExtensionKey) -> Result<(Extension, Resolved), RegistryError> {

@@ -102,7 +102,9 @@ fn is_tarball_name(name: &str) -> bool {
 /// What the manifest's annotations say about an extension.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManifestMetadata {
+    /// `org.opencontainers.image.description`, empty when absent.
     pub description: String,
+    /// `org.opencontainers.image.authors`, empty when absent.
     pub author: String,
     /// The source repository, when the publisher named one.
     pub repository: Option<String>,
@@ -114,6 +116,7 @@ pub struct ManifestMetadata {
 /// `GET /v2/<name>/tags/list`.
 #[derive(Debug, Deserialize)]
 pub struct TagList {
+    /// The repository's tags, unsorted (distribution lists them in directory order);
     /// `null` once every manifest of the repository is deleted.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
@@ -122,6 +125,7 @@ pub struct TagList {
 /// `GET /v2/_catalog`.
 #[derive(Debug, Deserialize)]
 pub struct Catalog {
+    /// One page of repository names, sorted.
     #[serde(default)]
     pub repositories: Option<Vec<String>>,
 }
@@ -129,13 +133,16 @@ pub struct Catalog {
 /// The registry's error body; `detail` changes type from call to call and is not needed.
 #[derive(Debug, Deserialize)]
 pub struct ErrorBody {
+    /// Usually one; the first is reported.
     pub errors: Vec<ErrorEntry>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct ErrorEntry {
+    /// `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, ...: what tells "not found" apart.
     #[serde(default)]
     pub code: String,
+    /// Human text, shown in the error the client gets.
     #[serde(default)]
     pub message: String,
 }

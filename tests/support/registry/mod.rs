@@ -53,11 +53,17 @@ pub enum Auth {
 
 /// A running registry. Dropping it kills the process.
 pub struct Registry {
+    /// `None` once stopped.
     child: Option<Child>,
+    /// Where it listens, read from its log.
     addr: SocketAddr,
+    /// How pushes authenticate.
     auth: Auth,
+    /// Config, storage, logs and secret files; removed on drop.
     dir: tempfile::TempDir,
+    /// Running while the registry uses token auth.
     token_server: Option<TokenServer>,
+    /// The push helper's client.
     http: reqwest::Client,
 }
 

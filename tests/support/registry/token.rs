@@ -27,6 +27,7 @@ pub const ISSUER: &str = "test-token-issuer";
 /// What one account may do.
 #[derive(Clone, Debug)]
 pub struct Account {
+    /// Checked against the basic credentials of a token request.
     pub password: String,
     /// Repository actions granted (`pull`, `push`).
     pub actions: Vec<String>,
@@ -36,16 +37,22 @@ pub struct Account {
 
 /// The running server; it stops when dropped.
 pub struct TokenServer {
+    /// Where `/token` is served (the registry's `realm`).
     pub addr: SocketAddr,
     /// PEM of the certificate the registry must trust.
     pub cert_pem: String,
+    /// Shared with the connection tasks.
     state: Arc<State>,
+    /// The accept loop, aborted on drop.
     task: tokio::task::JoinHandle<()>,
 }
 
 struct State {
+    /// Signs every token.
     key: EncodingKey,
+    /// The certificate of `key`, base64 DER, sent in each token's header.
     x5c: String,
+    /// Who may log in and what they may do.
     accounts: HashMap<String, Account>,
     /// Pull granted to requests without credentials.
     anonymous_pull: bool,
@@ -57,12 +64,17 @@ struct State {
 
 #[derive(Serialize)]
 struct Access {
+    /// `repository` or `registry`.
     #[serde(rename = "type")]
     ty: String,
+    /// The repository name, or `catalog`.
     name: String,
+    /// Granted actions; may be empty (nothing granted).
     actions: Vec<String>,
 }
 
+/// The claims distribution checks: `iss`/`aud` against its config, the time window, and
+/// `access` against the request.
 #[derive(Serialize)]
 struct Claims {
     iss: &'static str,
