@@ -415,8 +415,8 @@ impl Inner {
         }))
     }
 
-    /// The image manifest a tag points at: `HEAD` for its digest, then the cache or a `GET` by
-    /// digest (checked against it); an index resolves to its first manifest.
+    /// The image manifest a tag points at: `HEAD` for its digest, then the cache, else a
+    /// `GET` by digest (checked against it); an index resolves to its first manifest.
     async fn manifest(&self, repo: &str, tag: &str) -> Result<Arc<ManifestDoc>, CallError> {
         let head = self
             .client
@@ -428,69 +428,52 @@ impl Inner {
                 "manifest",
             )
             .await?;
-        let digest = head
+        let known = head
             .headers()
             .get("docker-content-digest")
             .and_then(|d| d.to_str().ok())
             .filter(|d| d.starts_with("sha256:"))
             .map(str::to_owned);
-        let digest = match digest {
-            Some(d) => d,
-            None => {
-                // Without a digest header the manifest is fetched by tag and addressed by the
-                // hash of its bytes.
-                let (doc, digest) = self.fetch_manifest(repo, tag, None).await?;
-                self.manifests.insert(digest.clone(), doc.clone()).await;
+        if let Some(digest) = &known {
+            if let Some(doc) = self.manifests.get(digest).await {
                 return Ok(doc);
             }
-        };
-        if let Some(doc) = self.manifests.get(&digest).await {
-            return Ok(doc);
         }
-        let (doc, _) = self.fetch_manifest(repo, &digest, Some(&digest)).await?;
+        // Without a digest header the manifest is fetched by tag and addressed by the hash of
+        // its bytes.
+        let reference = known.as_deref().unwrap_or(tag);
+        let (top, digest) = self.get_manifest(repo, reference, known.as_deref()).await?;
+        let doc = Arc::new(self.image_manifest(repo, top).await?);
         self.manifests.insert(digest, doc.clone()).await;
         Ok(doc)
     }
 
-    /// GETs a manifest (checking its bytes against `expected` when known) and resolves an
-    /// index to its first image manifest. Returns the document and the digest of its bytes.
-    async fn fetch_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        expected: Option<&str>,
-    ) -> Result<(Arc<ManifestDoc>, String), CallError> {
-        let mut doc = self.get_manifest(repo, reference, expected).await?;
-        let digest = match expected {
-            Some(d) => d.to_owned(),
-            None => doc.1.clone(),
-        };
-        if doc.0.is_index() {
-            let index = doc.0;
-            let child = index
-                .manifests
-                .iter()
-                .find(|d| !d.media_type.contains("index") && !d.media_type.contains("list"))
-                .or_else(|| index.manifests.first())
-                .ok_or_else(|| broken("empty OCI index"))?;
-            let child_digest = child.digest.clone();
-            let (mut resolved, _) = self
-                .get_manifest(repo, &child_digest, Some(&child_digest))
-                .await?;
-            if resolved.is_index() {
-                return Err(broken("OCI index nested in an index"));
-            }
-            for (k, v) in &index.annotations {
-                resolved
-                    .annotations
-                    .entry(k.clone())
-                    .or_insert_with(|| v.clone());
-            }
-            doc = (resolved, doc.1);
+    /// An image manifest as it is; an index resolved to its first image manifest, whose
+    /// missing annotations the index's fill in.
+    async fn image_manifest(&self, repo: &str, doc: ManifestDoc) -> Result<ManifestDoc, CallError> {
+        if !doc.is_index() {
+            return Ok(doc);
         }
-        Ok((Arc::new(doc.0), digest))
+        let child = doc
+            .manifests
+            .iter()
+            .find(|d| !d.media_type.contains("index") && !d.media_type.contains("list"))
+            .or_else(|| doc.manifests.first())
+            .ok_or_else(|| broken("empty OCI index"))?;
+        let (mut resolved, _) = self
+            .get_manifest(repo, &child.digest, Some(&child.digest))
+            .await?;
+        if resolved.is_index() {
+            return Err(broken("OCI index nested in an index"));
+        }
+        for (k, v) in doc.annotations {
+            resolved.annotations.entry(k).or_insert(v);
+        }
+        Ok(resolved)
     }
 
+    /// GETs a manifest by tag or digest; returns it with the digest of its bytes, which must
+    /// be `expected` when that is known.
     async fn get_manifest(
         &self,
         repo: &str,
@@ -506,7 +489,7 @@ impl Inner {
                 "manifest",
             )
             .await?;
-        let digest = format!("sha256:{}", hex(&Sha256::digest(&body)));
+        let digest = format!("sha256:{:x}", Sha256::digest(&body));
         if expected.is_some_and(|e| e != digest) {
             return Err(broken("manifest bytes do not match their digest"));
         }
@@ -606,10 +589,6 @@ fn filename(key: &ExtensionKey, version: &str, layer: &Descriptor) -> String {
 
 fn broken(reason: &str) -> CallError {
     CallError::Broken(RegistryError::unavailable(Source::Oci, reason))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The domain error for a failed call about `key`.
