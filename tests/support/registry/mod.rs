@@ -248,10 +248,11 @@ impl Registry {
     /// answers nothing, like a hung server. Dropping the handle still kills it.
     pub fn freeze(&self) {
         let pid = self.child.as_ref().expect("registry running").id();
-        let status = Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
+        // The shell's builtin `kill`: procps may be missing on a minimal machine.
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -STOP {pid}")])
             .status()
-            .expect("run kill");
+            .expect("run sh");
         assert!(status.success(), "kill -STOP {pid}");
     }
 
