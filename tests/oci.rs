@@ -7,6 +7,7 @@
 mod registry;
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use extension_registry::backend::oci::OciBackend;
 use extension_registry::registry::{
@@ -97,6 +98,53 @@ async fn download_bytes(
     );
     let bytes = body.collect().await.unwrap().to_bytes().to_vec();
     (artifact, bytes)
+}
+
+/// Everything logged on this thread, at every level, while the guard lives: the tests look
+/// for secrets in it. (`#[tokio::test]` runs the backend's tasks on the test's thread.)
+struct LogCapture {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+/// Appends to the shared buffer; one per event, as `fmt` asks its writer factory.
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    fn start() -> Self {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || LogWriter(writer.clone()))
+            .finish();
+        LogCapture {
+            lines,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn assert_free_of(&self, secrets: &[&str]) {
+        let text = String::from_utf8_lossy(&self.lines.lock().unwrap()).into_owned();
+        assert!(
+            !text.is_empty(),
+            "nothing was logged: the check would prove nothing"
+        );
+        for secret in secrets {
+            assert!(!text.contains(secret), "a secret was logged");
+        }
+    }
 }
 
 /// Deterministic bytes standing in for a `.tar.gz`.
@@ -418,6 +466,7 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
         .await;
     let aws = key(ExtensionType::Provider, "aws");
 
+    let logs = LogCapture::start();
     let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
     let before = reg.tokens_issued();
     let calls_before = reg.requests().len();
@@ -445,6 +494,11 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
     assert_eq!(get(&anonymous, &aws).await.unwrap_err(), auth_failed);
     let refused = list(&anonymous, None).await.unwrap_err().to_string();
     assert!(refused.contains("[oci] repositories"), "{refused}");
+
+    use base64::Engine as _;
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", READER.0, READER.1));
+    logs.assert_free_of(&[READER.1, &basic, "eyJ"]);
 }
 
 #[tokio::test]
@@ -467,6 +521,7 @@ async fn a_static_token_is_sent_as_is() {
     );
     let mut config = reg.oci_config(NS, None);
     config.auth_token_path = Some(reg.secret_file("static.token", &token));
+    let logs = LogCapture::start();
     let backend = OciBackend::new(&config).unwrap();
     let before = reg.tokens_issued();
     assert_eq!(list(&backend, None).await.unwrap().len(), 1);
@@ -483,6 +538,8 @@ async fn a_static_token_is_sent_as_is() {
         backend: Source::Oci,
     };
     assert_eq!(get(&bogus, &aws).await.unwrap_err(), auth_failed);
+    let signature = token.rsplit('.').next().unwrap();
+    logs.assert_free_of(&[&token, signature, "not.a.token"]);
 }
 
 #[tokio::test]
