@@ -27,8 +27,8 @@ use crate::registry::{
 
 use self::client::{BasicCredentials, CallError, Client, Scope};
 use self::model::{
-    extension_of, is_valid_repository, is_version_tag, repository_of, Catalog, Descriptor,
-    ManifestDoc, ManifestMetadata, TagList, MANIFEST_ACCEPT,
+    extension_of, is_sha256_digest, is_valid_repository, is_version_tag, repository_of, Catalog,
+    Descriptor, ManifestDoc, ManifestMetadata, TagList, MANIFEST_ACCEPT,
 };
 
 /// Catalog page size asked for: distribution's maximum (`n` above 1000 is a 400).
@@ -400,6 +400,11 @@ impl Inner {
         let Some(layer) = manifest.artifact_layer().cloned() else {
             return Ok(None);
         };
+        if !is_sha256_digest(&layer.digest) {
+            return Err(broken(
+                "artifact layer digest is not sha256:<64 hex digits>",
+            ));
+        }
         let meta = manifest.metadata();
         let version = Version {
             version: tag.as_str().to_owned(),
@@ -432,7 +437,7 @@ impl Inner {
             .headers()
             .get("docker-content-digest")
             .and_then(|d| d.to_str().ok())
-            .filter(|d| d.starts_with("sha256:"))
+            .filter(|d| is_sha256_digest(d))
             .map(str::to_owned);
         if let Some(digest) = &known {
             if let Some(doc) = self.manifests.get(digest).await {
@@ -460,6 +465,11 @@ impl Inner {
             .find(|d| !d.media_type.contains("index") && !d.media_type.contains("list"))
             .or_else(|| doc.manifests.first())
             .ok_or_else(|| broken("empty OCI index"))?;
+        if !is_sha256_digest(&child.digest) {
+            return Err(broken(
+                "OCI index entry digest is not sha256:<64 hex digits>",
+            ));
+        }
         let (mut resolved, _) = self
             .get_manifest(repo, &child.digest, Some(&child.digest))
             .await?;

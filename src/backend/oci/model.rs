@@ -164,6 +164,17 @@ pub fn describe_error_body(body: &[u8]) -> (Option<String>, String) {
     (None, text.trim().to_owned())
 }
 
+/// Whether `digest` is `sha256:` and 64 lowercase hex digits: the only digests put into a
+/// URL, and the only ones a download can be verified against.
+pub fn is_sha256_digest(digest: &str) -> bool {
+    digest.strip_prefix("sha256:").is_some_and(|hex| {
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Error codes that mean the repository, tag or blob does not exist.
 pub fn is_not_found_code(code: &str) -> bool {
     matches!(code, "MANIFEST_UNKNOWN" | "NAME_UNKNOWN" | "BLOB_UNKNOWN")
@@ -268,6 +279,14 @@ mod tests {
         let (code, text) = describe_error_body(b"404 page not found\n");
         assert_eq!((code, text.as_str()), (None, "404 page not found"));
         assert!(is_not_found_code("MANIFEST_UNKNOWN") && !is_not_found_code("DENIED"));
+        assert!(is_sha256_digest(&format!("sha256:{}", "0a".repeat(32))));
+        for bad in [
+            "sha256:../../x",
+            "sha512:00",
+            &format!("sha256:{}", "0A".repeat(32)),
+        ] {
+            assert!(!is_sha256_digest(bad), "{bad}");
+        }
     }
 
     #[test]
