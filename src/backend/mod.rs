@@ -1,6 +1,7 @@
 //! The backends, each a tower `Service<BackendRequest>`: Gitea/Forgejo releases, OCI
 //! registries and a local directory; and building them from the configuration.
 
+pub mod gitea;
 pub mod http;
 pub mod local;
 
