@@ -128,6 +128,24 @@ async fn lists_organisations_of_every_size_with_one_releases_call_per_repository
 }
 
 #[tokio::test]
+async fn releases_calls_overlap_up_to_max_concurrency() {
+    // The simulator holds releases requests until 4 are in flight together: a client that
+    // did not overlap them would stall into its timeout and lose repositories.
+    let sim = GiteaSim::start(
+        SimConfig::new(ORG)
+            .repos(seeded_org(12))
+            .releases_rendezvous(4),
+    )
+    .await;
+    let b = backend(&GiteaConfig {
+        max_concurrency: 4,
+        ..sim.gitea_config()
+    });
+    assert_eq!(list(&b).await.unwrap().len(), 12);
+    assert_eq!(sim.calls().releases_in_flight_max, 4);
+}
+
+#[tokio::test]
 async fn list_maps_gitea_fields_to_extensions() {
     let sim = GiteaSim::start(
         SimConfig::new(ORG).utc_offset_hours(1).repo(
@@ -629,6 +647,15 @@ async fn server_errors_and_malformed_json_are_backend_failures() {
     )
     .await;
     let b = backend(&sim.gitea_config());
+    let unknown_org = backend(&GiteaConfig {
+        organization: "nosuch".into(),
+        ..sim.gitea_config()
+    });
+    let err = list(&unknown_org).await.unwrap_err();
+    assert!(
+        err.to_string().contains("organization 'nosuch' not found"),
+        "{err}"
+    );
     // One broken repository is left out; the others are listed.
     let listed = list(&b).await.unwrap();
     assert_eq!(listed.len(), 4);

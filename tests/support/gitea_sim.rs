@@ -299,6 +299,9 @@ pub struct SimConfig {
     pub storage_redirect: bool,
     /// The zone timestamps are rendered in (`DEFAULT_UI_LOCATION`).
     pub utc_offset_hours: i8,
+    /// When above 0, each releases request waits until this many are in flight together:
+    /// a client that does not overlap them stalls, which proves it does.
+    pub releases_rendezvous: usize,
 }
 
 impl SimConfig {
@@ -312,6 +315,7 @@ impl SimConfig {
             require_signin: false,
             storage_redirect: false,
             utc_offset_hours: 0,
+            releases_rendezvous: 0,
         }
     }
 
@@ -342,6 +346,11 @@ impl SimConfig {
 
     pub fn storage_redirect(mut self) -> Self {
         self.storage_redirect = true;
+        self
+    }
+
+    pub fn releases_rendezvous(mut self, together: usize) -> Self {
+        self.releases_rendezvous = together;
         self
     }
 
@@ -384,6 +393,8 @@ pub struct Calls {
     pub storage: u64,
     /// Object storage requests that carried an `Authorization` header: must stay 0.
     pub storage_with_authorization: u64,
+    /// Most releases requests ever in flight at once.
+    pub releases_in_flight_max: u64,
 }
 
 impl Calls {
@@ -404,6 +415,28 @@ struct State {
     mode: Mutex<Mode>,
     /// Requests seen so far.
     calls: Mutex<Calls>,
+    /// Releases requests being answered now.
+    releases_in_flight: Mutex<u64>,
+    /// Where releases requests meet, per `SimConfig::releases_rendezvous`.
+    rendezvous: Option<tokio::sync::Barrier>,
+}
+
+/// Counts a releases request as in flight while it lives (also when its connection is cut).
+struct InFlight<'a>(&'a State);
+
+impl<'a> InFlight<'a> {
+    fn new(state: &'a State) -> Self {
+        let mut now = state.releases_in_flight.lock().expect("in flight");
+        *now += 1;
+        state.count(|c| c.releases_in_flight_max = c.releases_in_flight_max.max(*now));
+        Self(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        *self.0.releases_in_flight.lock().expect("in flight") -= 1;
+    }
 }
 
 /// A running simulator; dropping it stops both listeners and every open connection.
@@ -440,12 +473,16 @@ impl GiteaSim {
         let gitea = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let storage = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = |l: &TcpListener| -> SocketAddr { l.local_addr().expect("addr") };
+        let rendezvous = (config.releases_rendezvous > 0)
+            .then(|| tokio::sync::Barrier::new(config.releases_rendezvous));
         let state = Arc::new(State {
             root: format!("http://{}{}", addr(&gitea), config.sub_path),
             storage: format!("http://{}/", addr(&storage)),
             config,
             mode: Mutex::new(Mode::Normal),
             calls: Mutex::new(Calls::default()),
+            releases_in_flight: Mutex::new(0),
+            rendezvous,
         });
         let tasks = vec![
             tokio::spawn(serve(gitea, Arc::clone(&state), false)),
@@ -734,6 +771,13 @@ impl State {
                 )
             }
             Mode::MalformedJson => {}
+        }
+        if let ["api", "v1", "repos", _, _, "releases"] = segments.as_slice() {
+            let _in_flight = InFlight::new(self);
+            if let Some(rendezvous) = &self.rendezvous {
+                rendezvous.wait().await;
+            }
+            return self.api(&segments[1..], rel, query, caller);
         }
         if api {
             self.api(&segments[1..], rel, query, caller)
