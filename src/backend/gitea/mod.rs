@@ -102,61 +102,51 @@ impl Gitea {
 
 impl Inner {
     async fn handle(&self, request: BackendRequest) -> Result<BackendResponse, RegistryError> {
-        match request {
+        Ok(match request {
             BackendRequest::List(filter) => {
-                Ok(BackendResponse::List(Arc::new(self.list(&filter).await?)))
+                BackendResponse::List(Arc::new(self.list(&filter).await?))
             }
             BackendRequest::Get { key, .. } => {
-                let found = self.find(&key).await?;
-                let current = current(&found)?;
-                let checksum = self.checksum_or_none(current).await;
-                let latest = Version {
-                    checksum,
-                    ..current.version.clone()
-                };
-                Ok(BackendResponse::Extension(Arc::new(extension(
-                    &found, current, &latest,
-                ))))
+                BackendResponse::Extension(Arc::new(self.get(&key).await?))
             }
             BackendRequest::Versions { key, .. } => {
-                let found = self.find(&key).await?;
-                let mut versions: Vec<Version> = futures_util::stream::iter(found.candidates)
-                    .map(|c| async move {
-                        Version {
-                            checksum: self.checksum_or_none(&c).await,
-                            ..c.version.clone()
-                        }
-                    })
-                    .buffer_unordered(self.max_concurrency)
-                    .collect()
-                    .await;
-                version::sort_newest_first(&mut versions);
-                Ok(BackendResponse::Versions(Arc::new(versions)))
+                BackendResponse::Versions(Arc::new(self.versions(&key).await?))
             }
-            BackendRequest::Download {
-                key,
-                version: selector,
-                ..
-            } => {
-                let found = self.find(&key).await?;
-                let chosen = match &selector {
-                    VersionSelector::Latest => current(&found)?,
-                    VersionSelector::Exact(tag) => found
-                        .candidates
-                        .iter()
-                        .find(|c| c.version.version == tag.as_str())
-                        .ok_or_else(|| {
-                            RegistryError::NotFound(format!("Version {tag} of {key}"))
-                        })?,
-                };
-                Ok(BackendResponse::Artifact(
-                    self.download(&key, chosen).await?,
-                ))
+            BackendRequest::Download { key, version, .. } => {
+                BackendResponse::Artifact(self.download(&key, &version).await?)
             }
-            BackendRequest::Health => Ok(BackendResponse::Health(HealthReport(vec![
-                self.health().await,
-            ]))),
-        }
+            BackendRequest::Health => {
+                BackendResponse::Health(HealthReport(vec![self.health().await]))
+            }
+        })
+    }
+
+    /// One extension at its current version, with that version's checksum.
+    async fn get(&self, key: &ExtensionKey) -> Result<Extension, RegistryError> {
+        let found = self.find(key).await?;
+        let shown = current(&found)?;
+        let latest = Version {
+            checksum: self.checksum_or_none(shown).await,
+            ..shown.version.clone()
+        };
+        Ok(extension(&found, shown, &latest))
+    }
+
+    /// Every version with its checksum, newest first.
+    async fn versions(&self, key: &ExtensionKey) -> Result<Vec<Version>, RegistryError> {
+        let found = self.find(key).await?;
+        let mut versions: Vec<Version> = futures_util::stream::iter(found.candidates)
+            .map(|c| async move {
+                Version {
+                    checksum: self.checksum_or_none(&c).await,
+                    ..c.version
+                }
+            })
+            .buffer_unordered(self.max_concurrency)
+            .collect()
+            .await;
+        version::sort_newest_first(&mut versions);
+        Ok(versions)
     }
 
     /// Every extension at its current version. Repositories that fail are logged and left out.
@@ -285,8 +275,15 @@ impl Inner {
     async fn download(
         &self,
         key: &ExtensionKey,
-        chosen: &Candidate,
+        selector: &VersionSelector,
     ) -> Result<Artifact, RegistryError> {
+        let found = self.find(key).await?;
+        let chosen = match selector {
+            VersionSelector::Latest => current(&found)?,
+            VersionSelector::Exact(tag) => found
+                .candidate(tag.as_str())
+                .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
+        };
         let checksum = self.checksum(chosen).await?;
         let what = format!("{key} {}", chosen.version.version);
         let response = self
@@ -318,7 +315,9 @@ impl Inner {
                 tracing::debug!(version = %v.version, "gitea answered");
                 None
             }
-            Ok(None) => Some("gitea backend unavailable: version: HTTP 404".into()),
+            Ok(None) => {
+                Some(RegistryError::unavailable(Source::Gitea, "version: HTTP 404").to_string())
+            }
             Err(e) => Some(e.to_string()),
         };
         BackendHealth {
