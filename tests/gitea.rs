@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use extension_registry::backend::gitea::Gitea;
-use extension_registry::config::GiteaConfig;
+use extension_registry::config::{Config, GiteaConfig};
 use extension_registry::registry::{
     Artifact, BackendRequest, BackendResponse, Extension, ExtensionKey, ExtensionName,
     ExtensionType, ListFilter, RegistryError, Source, Version, VersionSelector, VersionTag,
@@ -143,6 +143,40 @@ async fn releases_calls_overlap_up_to_max_concurrency() {
     });
     assert_eq!(list(&b).await.unwrap().len(), 12);
     assert_eq!(sim.calls().releases_in_flight_max, 4);
+}
+
+#[tokio::test]
+async fn a_gitea_section_builds_the_backend() {
+    let sim = GiteaSim::start(SimConfig::new(ORG).token(TOKEN).repos(seeded_org(3))).await;
+    let dir = tempfile::tempdir().unwrap();
+    token_file(dir.path(), TOKEN);
+    let text = format!(
+        "[gitea]\nurl = {:?}\norganization = {ORG:?}\ntoken_path = \"gitea-token\"\n",
+        sim.url().trim_end_matches('/')
+    );
+    let config = Config::parse(&text, "test.toml", Some(dir.path())).unwrap();
+    let backends = extension_registry::backend::from_config(&config).unwrap();
+    assert_eq!(backends.len(), 1);
+    let (source, service) = backends.into_iter().next().unwrap();
+    assert_eq!(source, Source::Gitea);
+    let listed = service
+        .oneshot(BackendRequest::List(ListFilter::default()))
+        .await
+        .unwrap()
+        .into_list()
+        .unwrap();
+    assert_eq!(listed.len(), 3);
+    // A URL without its trailing `/` still keeps the sub-path.
+    assert!(listed[0].repository.starts_with(&sim.url()));
+    assert_eq!(sim.calls().api, 4);
+
+    let missing_token =
+        "[gitea]\nurl = \"http://127.0.0.1:9/\"\norganization = \"o\"\ntoken_path = \"nope\"\n";
+    let missing = Config::parse(missing_token, "test.toml", Some(dir.path())).unwrap();
+    let err = extension_registry::backend::from_config(&missing)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("nope"), "{err}");
 }
 
 #[tokio::test]

@@ -12,6 +12,12 @@ use crate::registry::{BackendService, Source};
 /// are read here, at start-up.
 pub fn from_config(config: &Config) -> Result<Vec<(Source, BackendService)>, ConfigError> {
     let mut backends = Vec::new();
+    if let Some(gitea) = &config.gitea {
+        backends.push((
+            Source::Gitea,
+            BackendService::new(gitea::Gitea::new(gitea)?),
+        ));
+    }
     if let Some(local) = &config.local {
         backends.push((
             Source::Local,

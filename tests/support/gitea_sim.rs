@@ -4,9 +4,6 @@
 //! short pages for signed-in callers), private repositories (404), 401 for a wrong token on
 //! every route, asset downloads served directly or by a 303 to a second "object storage" host,
 //! the sign-in trap, slow and failing modes, and Gitea's JSON error bodies.
-//!
-//! Shared by several test binaries, each using a part of it.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -395,13 +392,6 @@ pub struct Calls {
     pub storage_with_authorization: u64,
     /// Most releases requests ever in flight at once.
     pub releases_in_flight_max: u64,
-}
-
-impl Calls {
-    /// Requests to the Gitea host (API and downloads).
-    pub fn gitea_total(&self) -> u64 {
-        self.api + self.downloads
-    }
 }
 
 struct State {

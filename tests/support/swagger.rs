@@ -2,7 +2,6 @@
 //! read (`type`, `properties`, `required`, `items`, `$ref`, `additionalProperties`, formats
 //! `date-time` and `int64`). Stricter than the spec on purpose: a property the schema does
 //! not define is an error, so a simulator cannot grow fields the real server never sends.
-#![allow(dead_code)]
 
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
