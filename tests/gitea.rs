@@ -15,8 +15,9 @@ use bytes::Bytes;
 use extension_registry::backend::gitea::Gitea;
 use extension_registry::config::{Config, GiteaConfig};
 use extension_registry::registry::{
-    Artifact, BackendRequest, BackendResponse, Extension, ExtensionKey, ExtensionName,
-    ExtensionType, ListFilter, RegistryError, Source, Version, VersionSelector, VersionTag,
+    Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionKey,
+    ExtensionName, ExtensionType, ListFilter, RegistryError, Source, Version, VersionSelector,
+    VersionTag,
 };
 use extension_registry::BoxError;
 use gitea_sim::{
@@ -80,6 +81,25 @@ async fn download(b: &Gitea, k: &ExtensionKey, v: &str) -> Result<Artifact, Regi
 
 async fn bytes_of(artifact: Artifact) -> Result<Bytes, BoxError> {
     Ok(artifact.body.collect().await?.to_bytes())
+}
+
+/// A private repository with one release `1.0.0` carrying an artifact and its good sidecar.
+fn private_with_checksum(repo: &str, name: &str) -> SimRepo {
+    SimRepo::new(repo).private().release(
+        SimRelease::new("1.0.0", T0)
+            .artifact(name)
+            .sha256_sidecar(true),
+    )
+}
+
+async fn health(b: &Gitea) -> BackendHealth {
+    let report = ask(b, BackendRequest::Health)
+        .await
+        .unwrap()
+        .into_health()
+        .unwrap();
+    assert_eq!(report.0.len(), 1);
+    report.0.into_iter().next().unwrap()
 }
 
 fn provider(name: &str) -> ExtensionKey {
@@ -546,17 +566,9 @@ async fn tokens_present_absent_and_wrong() {
         );
         assert!(!err.to_string().contains("not-the-token"));
     }
-    let health = ask(&wrong, BackendRequest::Health)
-        .await
-        .unwrap()
-        .into_health()
-        .unwrap();
-    assert!(!health.0[0].healthy);
-    assert!(health.0[0]
-        .detail
-        .as_deref()
-        .unwrap()
-        .contains("credentials"));
+    let h = health(&wrong).await;
+    assert!(!h.healthy);
+    assert!(h.detail.as_deref().unwrap().contains("credentials"));
 }
 
 #[tokio::test]
@@ -584,13 +596,10 @@ async fn short_pages_do_not_end_the_listing() {
 #[tokio::test]
 async fn the_object_storage_redirect_never_carries_the_token() {
     let sim = GiteaSim::start(
-        SimConfig::new(ORG).token(TOKEN).storage_redirect().repo(
-            SimRepo::new("s3_prov").private().release(
-                SimRelease::new("1.0.0", T0)
-                    .artifact("s3")
-                    .sha256_sidecar(true),
-            ),
-        ),
+        SimConfig::new(ORG)
+            .token(TOKEN)
+            .storage_redirect()
+            .repo(private_with_checksum("s3_prov", "s3")),
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -662,12 +671,8 @@ async fn a_slow_backend_times_out_within_the_timeout() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
         "{took:?}"
     );
-    let health = ask(&b, BackendRequest::Health)
-        .await
-        .unwrap()
-        .into_health()
-        .unwrap();
-    assert!(!health.0[0].healthy);
+    let h = health(&b).await;
+    assert!(!h.healthy);
 }
 
 #[tokio::test]
@@ -696,12 +701,8 @@ async fn server_errors_and_malformed_json_are_backend_failures() {
     let err = get(&b, &provider("broken")).await.unwrap_err();
     assert!(err.to_string().contains("HTTP 500"), "{err}");
 
-    let health = ask(&b, BackendRequest::Health)
-        .await
-        .unwrap()
-        .into_health()
-        .unwrap();
-    assert!(health.0[0].healthy);
+    let h = health(&b).await;
+    assert!(h.healthy);
 
     sim.set_mode(Mode::ServerError);
     let err = list(&b).await.unwrap_err();
@@ -716,13 +717,9 @@ async fn server_errors_and_malformed_json_are_backend_failures() {
         err.to_string().starts_with("gitea backend unavailable"),
         "{err}"
     );
-    let health = ask(&b, BackendRequest::Health)
-        .await
-        .unwrap()
-        .into_health()
-        .unwrap();
-    assert!(!health.0[0].healthy);
-    assert!(health.0[0].detail.as_deref().unwrap().contains("500"));
+    let h = health(&b).await;
+    assert!(!h.healthy);
+    assert!(h.detail.as_deref().unwrap().contains("500"));
 
     sim.set_mode(Mode::MalformedJson);
     let err = list(&b).await.unwrap_err();
@@ -752,13 +749,10 @@ async fn a_failing_download_is_an_error_not_bytes() {
 #[tokio::test]
 async fn forgejo_mode_works_with_a_lowercase_token() {
     let sim = GiteaSim::start(
-        SimConfig::new(ORG).forgejo().token(TOKEN).repo(
-            SimRepo::new("fj_cluster").private().release(
-                SimRelease::new("1.0.0", T0)
-                    .artifact("fj")
-                    .sha256_sidecar(true),
-            ),
-        ),
+        SimConfig::new(ORG)
+            .forgejo()
+            .token(TOKEN)
+            .repo(private_with_checksum("fj_cluster", "fj")),
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
@@ -768,12 +762,8 @@ async fn forgejo_mode_works_with_a_lowercase_token() {
     assert!(get(&b, &k).await.unwrap().checksum.is_some());
     let a = download(&b, &k, "latest").await.unwrap();
     assert_eq!(bytes_of(a).await.unwrap(), artifact_bytes("fj", "1.0.0"));
-    let health = ask(&b, BackendRequest::Health)
-        .await
-        .unwrap()
-        .into_health()
-        .unwrap();
-    assert!(health.0[0].healthy);
+    let h = health(&b).await;
+    assert!(h.healthy);
 
     // The simulator's own strictness: Forgejo ignores `Token`, so the private repo is hidden.
     let raw = reqwest::Client::new();
