@@ -448,6 +448,20 @@ fn configuration_errors_name_the_file_the_key_and_what_is_valid() {
     assert!(url.contains("[gitea] url"), "{url}");
 }
 
+#[test]
+fn a_missing_token_file_is_an_error_naming_the_path() {
+    let text = "[gitea]\nurl = \"http://127.0.0.1:1/\"\norganization = \"x\"\ntoken_path = \"/nonexistent/gitea-token\"\n";
+    let config = Config::parse(text, "my.toml", None).unwrap();
+    let err = match extension_registry::build(&config) {
+        Ok(_) => panic!("a missing token file was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("/nonexistent/gitea-token") && err.contains("token_path"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn symlinks_leaving_the_root_are_refused() {
     let outside = tempfile::tempdir().unwrap();
