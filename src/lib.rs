@@ -3,18 +3,34 @@
 //!
 //! Module map:
 //! - [`config`]: the TOML configuration, one struct per section, validated with clear errors.
+//! - [`server`]: the accept loop (HTTP/1.1 and h2c) and graceful shutdown.
+//! - [`stack`]: the one function composing every layer around the router and the backends.
+//! - [`api`]: the HTTP edge: router, request validation, handlers, health probes.
+//! - [`middleware`]: the project's own tower layers.
+//! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
+//! - [`body`]: the one response body type.
 //! - [`registry`]: the domain (extensions, names, version ordering, search), the
 //!   request/response vocabulary every backend speaks, and the service merging backends.
 //! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
-//!   [`backend::oci`] reads OCI registries (catalog, tags, manifest annotations, blobs).
-//! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
-//! - [`body`]: the one response body type.
+//!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
+//!   OCI registries (catalog, tags, manifest annotations, blobs).
+//! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
+pub mod api;
 pub mod backend;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod middleware;
 pub mod registry;
+pub mod server;
+pub mod stack;
+pub mod telemetry;
 
 /// The error type of services below the error-rescue layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Builds the application for a configuration: its backends, then the stack around them.
+pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
+    Ok(stack::app(config, backend::from_config(config)?))
+}

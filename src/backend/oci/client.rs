@@ -14,7 +14,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::backend::http::transport_error;
+use crate::backend::http::{next_link, transport_error};
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
 use crate::registry::{RegistryError, Source};
@@ -266,11 +266,8 @@ impl Client {
 
     /// The next page named by a `Link: <...>; rel="next"` header, if on this registry.
     fn next_page(&self, headers: &HeaderMap) -> Result<Option<Url>, CallError> {
-        let Some(link) = headers.get(LINK).and_then(|l| l.to_str().ok()) else {
-            return Ok(None);
-        };
-        let next = link.split(',').find(|l| l.contains("rel=\"next\""));
-        let Some(target) = next.and_then(|l| Some(l.split_once('<')?.1.split_once('>')?.0)) else {
+        let link = headers.get(LINK).and_then(|l| l.to_str().ok());
+        let Some(target) = link.and_then(next_link) else {
             return Ok(None);
         };
         let url = self

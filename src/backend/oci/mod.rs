@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::stream::{self, StreamExt};
-use reqwest::header::CONTENT_TYPE;
 use reqwest::{Method, Url};
 use sha2::{Digest, Sha256};
 
@@ -98,11 +97,19 @@ impl OciBackend {
             }),
             _ => None,
         };
-        let static_token = config
-            .auth_token_path
-            .as_deref()
-            .map(|p| Secret::from_file(p, "[oci] auth_token_path"))
-            .transpose()?;
+        let static_token = match config.auth_token_path.as_deref() {
+            Some(path) => {
+                let token = Secret::from_file(path, "[oci] auth_token_path")?;
+                if reqwest::header::HeaderValue::from_str(token.expose()).is_err() {
+                    return Err(ConfigError {
+                        file: path.display().to_string(),
+                        message: "the token holds characters not allowed in a header".into(),
+                    });
+                }
+                Some(token)
+            }
+            None => None,
+        };
         let http = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
@@ -534,12 +541,7 @@ impl Inner {
             )
             .await
             .map_err(|e| registry_error(e, key))?;
-        let html = response
-            .headers()
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/html"));
-        if html {
+        if http::is_html(&response) {
             return Err(RegistryError::unavailable(
                 Source::Oci,
                 "blob download answered with an HTML page",

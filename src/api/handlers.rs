@@ -1,0 +1,223 @@
+//! One function per route: validate the rest of the request, ask the registry, render JSON
+//! or stream the artifact.
+
+use std::sync::Arc;
+
+use http::header::{
+    HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE,
+    X_CONTENT_TYPE_OPTIONS,
+};
+use http::{Response, StatusCode};
+use serde::Serialize;
+use tower::ServiceExt;
+
+use crate::api::query::{decode_segment, Query};
+use crate::api::{Params, Route, Shared};
+use crate::body::{self, Body};
+use crate::error::ApiError;
+use crate::registry::{
+    search, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName, ExtensionType,
+    ListFilter, RegistryError, Source, VersionSelector,
+};
+
+/// Most items a listing or search returns at once.
+const MAX_LIMIT: usize = 1000;
+/// Longest search query, in characters.
+const MAX_QUERY_CHARS: usize = 256;
+
+/// One request being handled.
+pub struct Call<'a> {
+    pub shared: &'a Shared,
+    pub params: Params<'a>,
+    pub query: Option<&'a str>,
+}
+
+/// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
+pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(body::empty());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    *response.body_mut() = body::full(bytes);
+    response
+}
+
+impl Call<'_> {
+    pub async fn handle(self, route: Route) -> Result<Response<Body>, ApiError> {
+        let query = Query::parse(self.query)?;
+        match route {
+            Route::List => self.list(&query).await,
+            Route::Search => self.search(&query).await,
+            Route::Get => self.get(&query).await,
+            Route::Versions => self.versions(&query).await,
+            Route::Download => self.download(&query).await,
+            Route::Health => Ok(self.shared.health.health_response().await),
+            Route::Livez => Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"status": "alive"}),
+            )),
+            Route::Readyz => Ok(self.shared.health.ready_response().await),
+            Route::Metrics => Ok(self.metrics()),
+            Route::CacheStats => Ok(json(StatusCode::OK, &CacheStats::default())),
+        }
+    }
+
+    fn key(&self) -> Result<ExtensionKey, ApiError> {
+        let ty = decode_segment(self.params.ty)?.parse::<ExtensionType>()?;
+        let name = ExtensionName::parse(&decode_segment(self.params.name)?)?;
+        Ok(ExtensionKey { ty, name })
+    }
+
+    async fn ask(
+        &self,
+        req: BackendRequest,
+    ) -> Result<(BackendResponse, Option<RegistryError>), ApiError> {
+        let response = self.shared.registry.clone().oneshot(req).await?;
+        let stale = response.stale_error().cloned();
+        Ok((response, stale))
+    }
+
+    /// Marks an answer as cacheable by clients and intermediaries, and says when it is stale.
+    fn cacheable(
+        &self,
+        mut response: Response<Body>,
+        stale: Option<RegistryError>,
+    ) -> Response<Body> {
+        let headers = response.headers_mut();
+        let max_age = self.shared.max_age.as_secs();
+        if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
+            headers.insert(CACHE_CONTROL, v);
+        }
+        if let Some(error) = stale {
+            let detail = format!(
+                "extension-registry; hit; fwd=stale; detail=\"{}\"",
+                error.to_string().replace(['"', '\\'], "'")
+            );
+            if let Ok(v) = HeaderValue::from_str(&detail) {
+                headers.insert("cache-status", v);
+            }
+        }
+        response
+    }
+
+    async fn listing(
+        &self,
+        ty: Option<ExtensionType>,
+        source: Option<Source>,
+    ) -> Result<(Arc<Vec<crate::registry::Extension>>, Option<RegistryError>), ApiError> {
+        let (response, stale) = self
+            .ask(BackendRequest::List(ListFilter { ty, source }))
+            .await?;
+        Ok((response.into_list()?, stale))
+    }
+
+    async fn list(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let ty = query.parsed("type", str::parse::<ExtensionType>)?;
+        let source = query.parsed("source", str::parse::<Source>)?;
+        let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
+        let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
+        let (all, stale) = self.listing(ty, source).await?;
+        let page = all.iter().skip(offset).take(limit).collect::<Vec<_>>();
+        let mut response = json(StatusCode::OK, &page);
+        response
+            .headers_mut()
+            .insert("x-total-count", HeaderValue::from(all.len()));
+        Ok(self.cacheable(response, stale))
+    }
+
+    async fn search(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let q = query.get("q").unwrap_or_default();
+        let chars = q.chars().count();
+        if chars == 0 || chars > MAX_QUERY_CHARS {
+            return Err(ApiError::invalid_parameter(
+                "q",
+                format!("is required and must be 1 to {MAX_QUERY_CHARS} characters"),
+            ));
+        }
+        let ty = query.parsed("type", str::parse::<ExtensionType>)?;
+        let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
+        let (all, stale) = self.listing(ty, None).await?;
+        let hits = search(&all, q, limit);
+        Ok(self.cacheable(json(StatusCode::OK, &hits), stale))
+    }
+
+    async fn get(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let key = self.key()?;
+        let source = query.parsed("source", str::parse::<Source>)?;
+        let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
+        let extension = response.into_extension()?;
+        Ok(self.cacheable(json(StatusCode::OK, &*extension), stale))
+    }
+
+    async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let key = self.key()?;
+        let source = query.parsed("source", str::parse::<Source>)?;
+        let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
+        let versions = response.into_versions()?;
+        Ok(self.cacheable(json(StatusCode::OK, &*versions), stale))
+    }
+
+    async fn download(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let key = self.key()?;
+        let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
+        let source = query.parsed("source", str::parse::<Source>)?;
+        let (response, _) = self
+            .ask(BackendRequest::Download {
+                key,
+                version,
+                source,
+            })
+            .await?;
+        Ok(artifact_response(response.into_artifact()?))
+    }
+
+    fn metrics(&self) -> Response<Body> {
+        let text = self.shared.metrics.render();
+        let mut response = Response::new(body::full(text));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+}
+
+/// The entry counts of the caches in front of the backends.
+#[derive(Default, Serialize)]
+struct CacheStats {
+    list_entries: u64,
+    metadata_entries: u64,
+    version_entries: u64,
+    total_entries: u64,
+}
+
+/// The streamed download response.
+fn artifact_response(artifact: Artifact) -> Response<Body> {
+    let filename: String = artifact
+        .filename
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut response = Response::new(artifact.body);
+    let headers = response.headers_mut();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+        headers.insert(CONTENT_DISPOSITION, v);
+    }
+    if let Some(len) = artifact.content_length {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    response
+}

@@ -1,0 +1,184 @@
+//! The HTTP edge: a router service that matches the path, validates the request and answers
+//! from the registry service; the handlers for each route; request validation; health probes.
+
+mod handlers;
+mod health;
+pub mod query;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use metrics_exporter_prometheus::PrometheusHandle;
+use tower::Service;
+
+use crate::body::{self, Body};
+use crate::error::ApiError;
+use crate::registry::BackendService;
+
+pub use self::health::HealthProbe;
+
+/// The routes, matched on the path alone; each answers GET and HEAD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    List,
+    Search,
+    Get,
+    Versions,
+    Download,
+    Health,
+    Livez,
+    Readyz,
+    Metrics,
+    CacheStats,
+}
+
+impl Route {
+    /// The route's path template, the only form of a path that metrics and logs may carry.
+    pub fn template(self) -> &'static str {
+        match self {
+            Self::List => "/api/v1/extensions",
+            Self::Search => "/api/v1/extensions/search",
+            Self::Get => "/api/v1/extensions/{type}/{name}",
+            Self::Versions => "/api/v1/extensions/{type}/{name}/versions",
+            Self::Download => "/api/v1/extensions/{type}/{name}/{version}",
+            Self::Health => "/api/v1/health",
+            Self::Livez => "/livez",
+            Self::Readyz => "/readyz",
+            Self::Metrics => "/api/v1/metrics",
+            Self::CacheStats => "/api/v1/cache/stats",
+        }
+    }
+
+    const ALL: [Route; 10] = [
+        Self::List,
+        Self::Search,
+        Self::Get,
+        Self::Versions,
+        Self::Download,
+        Self::Health,
+        Self::Livez,
+        Self::Readyz,
+        Self::Metrics,
+        Self::CacheStats,
+    ];
+}
+
+/// The route table, built once.
+pub struct RouteTable(matchit::Router<Route>);
+
+impl RouteTable {
+    pub fn new() -> Self {
+        let mut router = matchit::Router::new();
+        for route in Route::ALL {
+            router
+                .insert(route.template(), route)
+                .unwrap_or_else(|e| panic!("route table is inconsistent: {e}"));
+        }
+        Self(router)
+    }
+
+    /// The route and its path parameters (still percent-encoded) for a path.
+    pub fn at<'p>(&self, path: &'p str) -> Option<(Route, Params<'p>)> {
+        let m = self.0.at(path).ok()?;
+        let get = |k: &str| m.params.get(k).unwrap_or_default();
+        Some((
+            *m.value,
+            Params {
+                ty: get("type"),
+                name: get("name"),
+                version: get("version"),
+            },
+        ))
+    }
+}
+
+impl Default for RouteTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The path parameters of the extension routes, still percent-encoded.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Params<'p> {
+    pub ty: &'p str,
+    pub name: &'p str,
+    pub version: &'p str,
+}
+
+/// What every handler may use; shared by all clones of the router.
+pub struct Shared {
+    /// Route matching.
+    pub routes: RouteTable,
+    /// The registry: the cached, merged backends.
+    pub registry: BackendService,
+    /// Cached backend health, for `/health` and `/readyz`.
+    pub health: HealthProbe,
+    /// Renders the Prometheus exposition for `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// `max-age` of cacheable answers.
+    pub max_age: Duration,
+}
+
+/// The router: a plain service that matches the path and calls the handler.
+#[derive(Clone)]
+pub struct Router {
+    shared: Arc<Shared>,
+}
+
+impl Router {
+    pub fn new(shared: Shared) -> Self {
+        Self {
+            shared: Arc::new(shared),
+        }
+    }
+}
+
+const ALLOW: &str = "GET, HEAD";
+
+impl<B> Service<Request<B>> for Router {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let shared = self.shared.clone();
+        let method = req.method().clone();
+        let uri = req.uri().clone();
+        Box::pin(async move {
+            let path = uri.path();
+            if let Err(e) = query::check_target(path, uri.query()) {
+                return Ok(e.into_response());
+            }
+            let Some((route, params)) = shared.routes.at(path) else {
+                return Ok(ApiError::route_not_found().into_response());
+            };
+            if method != Method::GET && method != Method::HEAD {
+                return Ok(ApiError::method_not_allowed(ALLOW).into_response());
+            }
+            let call = handlers::Call {
+                shared: &shared,
+                params,
+                query: uri.query(),
+            };
+            let mut response = match call.handle(route).await {
+                Ok(response) => response,
+                Err(e) => e.into_response(),
+            };
+            response.extensions_mut().insert(route);
+            if method == Method::HEAD {
+                *response.body_mut() = body::empty();
+            }
+            Ok(response)
+        })
+    }
+}

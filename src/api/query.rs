@@ -1,0 +1,179 @@
+//! Input validation at the edge: path pieces and query parameters are decoded, checked and
+//! turned into domain values before any backend is asked.
+
+use crate::error::ApiError;
+
+/// Longest path accepted; no valid route comes near it.
+pub const MAX_PATH_LEN: usize = 1024;
+/// Longest query string accepted.
+pub const MAX_QUERY_LEN: usize = 2048;
+
+/// Percent-decodes one path segment, refusing what could smuggle structure or bytes past the
+/// name rules: encoded slashes and backslashes, NUL, bad escapes, non-UTF-8, dot segments.
+pub fn decode_segment(raw: &str) -> Result<String, ApiError> {
+    let bytes = percent_decode(raw.as_bytes(), false)
+        .ok_or_else(|| ApiError::invalid_path("malformed percent-encoding in the path"))?;
+    if bytes.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) {
+        return Err(ApiError::invalid_path(
+            "the path may not contain encoded slashes, backslashes or NUL bytes",
+        ));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| ApiError::invalid_path("the path is not valid UTF-8"))?;
+    if text == "." || text == ".." {
+        return Err(ApiError::invalid_path(
+            "the path may not contain '.' or '..' segments",
+        ));
+    }
+    Ok(text)
+}
+
+/// Checks the parts of a request target that every route shares.
+pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(ApiError::invalid_path(format!(
+            "the path is longer than {MAX_PATH_LEN} bytes"
+        )));
+    }
+    if query.is_some_and(|q| q.len() > MAX_QUERY_LEN) {
+        return Err(ApiError::invalid_parameter(
+            "query",
+            format!("the query string is longer than {MAX_QUERY_LEN} bytes"),
+        ));
+    }
+    for segment in path.split('/') {
+        decode_segment(segment)?;
+    }
+    Ok(())
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn percent_decode(input: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'%' => {
+                let hi = hex(*input.get(i + 1)?)?;
+                let lo = hex(*input.get(i + 2)?)?;
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The decoded query parameters of a request. Unknown parameters are ignored; of a repeated
+/// parameter the first counts.
+#[derive(Debug, Default)]
+pub struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    pub fn parse(query: Option<&str>) -> Result<Self, ApiError> {
+        let mut pairs = Vec::new();
+        for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let decode = |s: &str| {
+                percent_decode(s.as_bytes(), true)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .filter(|s| !s.contains('\0'))
+            };
+            let (Some(k), Some(v)) = (decode(k), decode(v)) else {
+                return Err(ApiError::invalid_parameter(
+                    k,
+                    "malformed percent-encoding, NUL or bytes that are not UTF-8",
+                ));
+            };
+            pairs.push((k, v));
+        }
+        Ok(Self { pairs })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// An integer parameter within `min..=max`, or `default` when absent.
+    pub fn int(
+        &self,
+        name: &str,
+        default: usize,
+        min: usize,
+        max: usize,
+    ) -> Result<usize, ApiError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        let invalid = || {
+            ApiError::invalid_parameter(name, format!("must be a whole number from {min} to {max}"))
+        };
+        if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(invalid());
+        }
+        raw.parse::<usize>()
+            .ok()
+            .filter(|n| (min..=max).contains(n))
+            .ok_or_else(invalid)
+    }
+
+    /// A parameter parsed with `parse` when present.
+    pub fn parsed<T, E>(
+        &self,
+        name: &str,
+        parse: impl FnOnce(&str) -> Result<T, E>,
+    ) -> Result<Option<T>, E> {
+        self.get(name).map(parse).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_refuse_smuggled_structure() {
+        assert_eq!(decode_segment("aws%2Dx").unwrap(), "aws-x");
+        for bad in [
+            "a%2Fb", "a%2fb", "%5C", "%00", "%zz", "%4", "%FF", "..", "%2E%2E", ".",
+        ] {
+            assert!(decode_segment(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn integers_are_checked() {
+        let q = Query::parse(Some("limit=10&offset=x&big=99999999999999999999999&neg=-1")).unwrap();
+        assert_eq!(q.int("limit", 100, 1, 1000).unwrap(), 10);
+        assert_eq!(q.int("absent", 100, 1, 1000).unwrap(), 100);
+        assert!(q.int("offset", 0, 0, 10).is_err());
+        assert!(q.int("big", 0, 0, usize::MAX).is_err());
+        assert!(q.int("neg", 0, 0, 10).is_err());
+        assert!(q.int("limit", 0, 11, 20).is_err());
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        let q = Query::parse(Some("q=a+b%21&q=second&flag")).unwrap();
+        assert_eq!(q.get("q"), Some("a b!"));
+        assert_eq!(q.get("flag"), Some(""));
+        assert!(Query::parse(Some("q=%ff")).is_err());
+        assert!(Query::parse(Some("q=%00")).is_err());
+    }
+}

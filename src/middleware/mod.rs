@@ -1,0 +1,6 @@
+//! The project's own tower layers. Layers tower and tower-http provide are configured in
+//! `crate::stack` directly.
+
+pub mod catch_panic;
+pub mod request_id;
+pub mod rescue;

@@ -1,0 +1,82 @@
+//! The ONE function that composes the service: every layer, outermost first, each with why it
+//! sits where it sits. Read it top to bottom to know what a request goes through.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::api::{HealthProbe, RouteTable, Router, Shared};
+use crate::body::Body;
+use crate::config::Config;
+use crate::middleware::catch_panic::CatchPanicLayer;
+use crate::middleware::request_id::RequestIds;
+use crate::middleware::rescue::RescueLayer;
+use crate::registry::{BackendService, Merge, Source};
+use crate::telemetry;
+
+/// The whole application as hyper is given it: infallible, cloneable, shareable.
+pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// Builds the application around the given backends (in precedence order).
+pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    // The registry: what the router asks.
+    let merge = Merge::new(backends);
+    let sources = merge.sources();
+    let registry = ServiceBuilder::new()
+        // [middleware issue] cache layer: list, metadata and versions caches with
+        // single-flight, negative caching and stale-if-error; above the merge so one cached
+        // answer serves every backend combination.
+        //
+        // Fans out over the backends and merges their answers.
+        // [middleware issue] per-backend metrics go between the merge and each backend.
+        .service(merge);
+    let registry = BackendService::new(registry);
+
+    let router = Router::new(Shared {
+        routes: RouteTable::new(),
+        health: HealthProbe::new(registry.clone(), sources),
+        registry,
+        metrics: telemetry::prometheus(),
+        max_age: Duration::from_secs(config.cache.ttl_seconds),
+    });
+
+    let service = ServiceBuilder::new()
+        // Tracing wraps the body type; box it back so the outside sees one body type.
+        .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+        // Outermost: every response, errors and 429s included, carries the request id, and the
+        // id exists before the trace span is opened so the span can record it.
+        .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        // One span and one log line per request, with the final status of whatever answered.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(telemetry::request_span)
+                .on_request(())
+                .on_response(telemetry::log_response)
+                .on_failure(()),
+        )
+        // [middleware issue] HTTP metrics: here, so they see every final status, 429s included.
+        //
+        // Below this, services fail with BoxError; above it, the service is Infallible and
+        // every failure is a JSON error response.
+        .layer(RescueLayer)
+        // A panic in a handler becomes a 500 JSON answer instead of a dropped connection.
+        .layer(CatchPanicLayer)
+        // [middleware issue] CORS here, above the rate limit, so 429s and errors carry CORS
+        // headers; then compression; then the rate limit, before any work is done; then load
+        // shedding at the concurrency limit.
+        //
+        // Bounds the time to the response head (not the streaming of a download's body): 504.
+        .layer(tower::timeout::TimeoutLayer::new(
+            config.server.request_timeout(),
+        ))
+        // [middleware issue] conditional GET (ETag / 304) here, right above the router.
+        .service(router);
+    BoxCloneSyncService::new(service)
+}
