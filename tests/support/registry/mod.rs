@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use extension_registry::config::OciConfig;
+use extension_registry::config::{Config, OciConfig};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -296,22 +296,28 @@ impl Registry {
         self.token_server.as_ref().map_or(0, TokenServer::issued)
     }
 
-    /// An `[oci]` section for this registry; `credentials` are written to a password file.
-    pub fn oci_config(&self, namespace: &str, credentials: Option<(&str, &str)>) -> OciConfig {
-        let password_path = credentials
-            .map(|(user, password)| self.secret_file(&format!("{user}.password"), password));
-        OciConfig {
-            registry: self.host(),
-            namespace: namespace.to_owned(),
-            auth_token_path: None,
-            username: credentials.map(|(user, _)| user.to_owned()),
-            password_path,
-            timeout_seconds: 10,
-            verify_ssl: true,
-            insecure: false,
-            repositories: None,
-            max_concurrency: 8,
+    /// The `[oci]` TOML section for this registry (for whole-app configurations);
+    /// `credentials` are written to a password file it names.
+    pub fn oci_toml(&self, namespace: &str, credentials: Option<(&str, &str)>) -> String {
+        let mut toml = format!(
+            "[oci]\nregistry = {:?}\nnamespace = {namespace:?}\ntimeout_seconds = 10\n",
+            self.host()
+        );
+        if let Some((user, password)) = credentials {
+            let path = self.secret_file(&format!("{user}.password"), password);
+            toml.push_str(&format!(
+                "username = {user:?}\npassword_path = {:?}\n",
+                path.display().to_string()
+            ));
         }
+        toml
+    }
+
+    /// The `[oci]` section of [`Registry::oci_toml`], parsed as the service parses it.
+    pub fn oci_config(&self, namespace: &str, credentials: Option<(&str, &str)>) -> OciConfig {
+        let toml = self.oci_toml(namespace, credentials);
+        let config = Config::parse(&toml, "oci-test.toml", None).expect("valid [oci] section");
+        config.oci.expect("an [oci] section")
     }
 
     fn push_auth(&self, repo: &str, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
