@@ -1,5 +1,5 @@
 //! The whole application through a real socket, over real or simulated backends side by side:
-//! the Gitea simulator and the local directory.
+//! the Gitea simulator, the real OCI registry and the local directory.
 
 #[allow(dead_code)]
 #[path = "support/app.rs"]
@@ -7,6 +7,9 @@ mod app;
 #[allow(dead_code)]
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
+#[allow(dead_code)]
+#[path = "support/registry/mod.rs"]
+mod registry;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -192,6 +195,131 @@ async fn serves_gitea_releases_beside_the_local_directory() {
         .json("/api/v1/extensions/cluster/web?source=local")
         .await;
     assert_eq!(local["name"], "web");
+
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn serves_a_real_oci_registry_beside_the_local_directory() {
+    let mut registry = registry::Registry::start(registry::Auth::Basic).await;
+    let created = (
+        "org.opencontainers.image.created",
+        "2025-01-10T12:00:00+02:00",
+    );
+    let describe = (
+        "org.opencontainers.image.description",
+        "HashiCorp Vault server",
+    );
+    let author = ("org.opencontainers.image.authors", "security-team");
+    let v1 = b"vault 1.15.0 tarball".repeat(100);
+    let v2 = b"vault 1.16.1 tarball".repeat(100);
+    registry
+        .push(
+            "provisioning/vault-taskserv",
+            "1.15.0",
+            &v1,
+            &[created, describe, author],
+        )
+        .await;
+    let pushed = registry
+        .push(
+            "provisioning/vault-taskserv",
+            "1.16.1",
+            &v2,
+            &[created, describe, author],
+        )
+        .await;
+    registry
+        .push(
+            "provisioning/vault-taskserv",
+            "latest",
+            &v2,
+            &[created, describe],
+        )
+        .await;
+    registry
+        .push("provisioning/aws-provider", "0.5.0", b"oci aws", &[])
+        .await;
+    registry
+        .push("elsewhere/skip-provider", "1.0.0", b"not ours", &[])
+        .await;
+
+    let toml = format!(
+        "[local]\npath = {:?}\n{}",
+        app::samples().display().to_string(),
+        registry.oci_toml("provisioning", Some(registry::READER))
+    );
+    let config = Config::parse(&toml, "e2e.toml", None).unwrap();
+    let service = Running::start(&config).await;
+
+    let all = service.json("/api/v1/extensions?type=provider").await;
+    assert_eq!(
+        names(&all),
+        [
+            "provider/aws@oci",
+            "provider/aws@local",
+            "provider/local@local",
+            "provider/upcloud@local"
+        ]
+    );
+
+    // OCI comes before local in precedence.
+    let aws = service.json("/api/v1/extensions/provider/aws").await;
+    assert_eq!(aws["source"], "oci");
+
+    let vault = service.json("/api/v1/extensions/taskserv/vault").await;
+    assert_eq!(vault["version"], "1.16.1");
+    assert_eq!(vault["description"], "HashiCorp Vault server");
+    assert_eq!(vault["author"], "security-team");
+    assert_eq!(vault["published_at"], "2025-01-10T10:00:00Z");
+    assert_eq!(vault["checksum"], pushed.layer);
+    assert_eq!(vault["size"], v2.len());
+
+    let versions = service
+        .json("/api/v1/extensions/taskserv/vault/versions")
+        .await;
+    let tags: Vec<_> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["1.16.1", "1.15.0"], "latest is not a version");
+
+    let hits = service
+        .json("/api/v1/extensions/search?q=vault%20server")
+        .await;
+    assert_eq!(names(&hits), ["taskserv/vault@oci"]);
+
+    let response = reqwest::get(service.url("/api/v1/extensions/taskserv/vault/1.15.0"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-length"], v1.len().to_string());
+    assert_eq!(&response.bytes().await.unwrap()[..], &v1[..]);
+
+    // The registry goes away mid-test: what needs it is a 502 naming it, the rest still answers.
+    registry.stop();
+    let response = reqwest::get(service.url("/api/v1/extensions/taskserv/vault/1.15.0"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "backend_unavailable");
+    assert!(
+        error["message"].as_str().unwrap().contains("oci"),
+        "{error}"
+    );
+    let local = service.json("/api/v1/extensions/cluster/buildkit").await;
+    assert_eq!(local["source"], "local");
+    let health = reqwest::get(service.url("/api/v1/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "degraded");
+    assert_eq!(
+        health["backends"]["oci"],
+        serde_json::json!({"enabled": true, "healthy": false})
+    );
 
     service.stop().await;
 }
