@@ -7,7 +7,6 @@ mod app;
 #[allow(dead_code)]
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
-#[allow(dead_code)]
 #[path = "support/registry/mod.rs"]
 mod registry;
 
