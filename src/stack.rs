@@ -14,6 +14,7 @@ use tower_http::trace::TraceLayer;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::Config;
+use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::rescue::RescueLayer;
@@ -25,13 +26,17 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 
 /// Builds the application around the given backends (in precedence order).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    // First, so the counters layers register at construction go to the process recorder.
+    let metrics = telemetry::prometheus();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
+    let caches = Caches::new(&config.cache);
     let registry = ServiceBuilder::new()
-        // [middleware issue] cache layer: list, metadata and versions caches with
-        // single-flight, negative caching and stale-if-error; above the merge so one cached
-        // answer serves every backend combination.
+        // List, metadata and versions caches with single-flight, negative caching and
+        // stale-if-error; above the merge so one cached answer serves every backend
+        // combination.
+        .layer(CacheLayer::new(caches.clone()))
         //
         // Fans out over the backends and merges their answers.
         // [middleware issue] per-backend metrics go between the merge and each backend.
@@ -42,7 +47,8 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         routes: RouteTable::new(),
         health: HealthProbe::new(registry.clone(), sources),
         registry,
-        metrics: telemetry::prometheus(),
+        metrics,
+        caches,
         max_age: Duration::from_secs(config.cache.ttl_seconds),
     });
 

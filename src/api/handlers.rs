@@ -60,7 +60,7 @@ impl Call<'_> {
             )),
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
-            Route::CacheStats => Ok(json(StatusCode::OK, &CacheStats::default())),
+            Route::CacheStats => Ok(json(StatusCode::OK, &self.shared.caches.stats().await)),
         }
     }
 
@@ -91,11 +91,7 @@ impl Call<'_> {
             headers.insert(CACHE_CONTROL, v);
         }
         if let Some(error) = stale {
-            let detail = format!(
-                "extension-registry; hit; fwd=stale; detail=\"{}\"",
-                error.to_string().replace(['"', '\\'], "'")
-            );
-            if let Ok(v) = HeaderValue::from_str(&detail) {
+            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(&error)) {
                 headers.insert("cache-status", v);
             }
         }
@@ -184,13 +180,23 @@ impl Call<'_> {
     }
 }
 
-/// The entry counts of the caches in front of the backends.
-#[derive(Default, Serialize)]
-struct CacheStats {
-    list_entries: u64,
-    metadata_entries: u64,
-    version_entries: u64,
-    total_entries: u64,
+/// The RFC 9211 `Cache-Status` of an answer served stale: the cache asked the backends
+/// (`fwd=stale`), they failed with `fwd-status`, and the kept answer was served. `detail` is an
+/// sf-string: printable ASCII with `"` and `\` escaped.
+fn stale_cache_status(error: &RegistryError) -> String {
+    let status = ApiError::from(error.clone()).status.as_u16();
+    let mut detail = String::new();
+    for c in error.to_string().chars() {
+        match c {
+            '"' | '\\' => {
+                detail.push('\\');
+                detail.push(c);
+            }
+            ' '..='~' => detail.push(c),
+            _ => detail.push('?'),
+        }
+    }
+    format!("extension-registry; fwd=stale; fwd-status={status}; detail=\"{detail}\"")
 }
 
 /// The streamed download response.

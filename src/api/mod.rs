@@ -18,6 +18,7 @@ use tower::Service;
 
 use crate::body::{self, Body};
 use crate::error::ApiError;
+use crate::middleware::cache::Caches;
 use crate::registry::BackendService;
 
 pub use self::health::HealthProbe;
@@ -121,6 +122,8 @@ pub struct Shared {
     pub health: HealthProbe,
     /// Renders the Prometheus exposition for `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The registry's caches, for `/cache/stats`.
+    pub caches: Caches,
     /// `max-age` of cacheable answers.
     pub max_age: Duration,
 }
