@@ -30,11 +30,18 @@ pub struct Call<'a> {
     pub shared: &'a Shared,
     pub params: Params<'a>,
     pub query: Option<&'a str>,
+    /// Path and query: what names a rendered answer in the memo of renderings.
+    pub target: &'a str,
+}
+
+/// Serialises a value the API shows. These values always serialise.
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let bytes = to_json(value);
     let mut response = Response::new(body::empty());
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -98,6 +105,20 @@ impl Call<'_> {
         response
     }
 
+    /// The JSON 200 answer rendered from `value`, from the memo when this target was last
+    /// rendered from the same value.
+    async fn represent<T: std::any::Any + Send + Sync>(
+        &self,
+        value: &Arc<T>,
+        render: impl FnOnce(&T) -> Vec<u8>,
+    ) -> Response<Body> {
+        self.shared
+            .renderings
+            .get_or_render(self.target, value, render)
+            .await
+            .response()
+    }
+
     async fn listing(
         &self,
         ty: Option<ExtensionType>,
@@ -115,8 +136,11 @@ impl Call<'_> {
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
         let (all, stale) = self.listing(ty, source).await?;
-        let page = all.iter().skip(offset).take(limit).collect::<Vec<_>>();
-        let mut response = json(StatusCode::OK, &page);
+        let mut response = self
+            .represent(&all, |all| {
+                to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>())
+            })
+            .await;
         response
             .headers_mut()
             .insert("x-total-count", HeaderValue::from(all.len()));
@@ -135,8 +159,10 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
-        let hits = search(&all, q, limit);
-        Ok(self.cacheable(json(StatusCode::OK, &hits), stale))
+        let response = self
+            .represent(&all, |all| to_json(&search(all, q, limit)))
+            .await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn get(&self, query: &Query) -> Result<Response<Body>, ApiError> {
@@ -144,7 +170,8 @@ impl Call<'_> {
         let source = query.parsed("source", str::parse::<Source>)?;
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        Ok(self.cacheable(json(StatusCode::OK, &*extension), stale))
+        let response = self.represent(&extension, to_json).await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
@@ -152,7 +179,8 @@ impl Call<'_> {
         let source = query.parsed("source", str::parse::<Source>)?;
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
-        Ok(self.cacheable(json(StatusCode::OK, &*versions), stale))
+        let response = self.represent(&versions, to_json).await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn download(&self, query: &Query) -> Result<Response<Body>, ApiError> {

@@ -3,5 +3,7 @@
 
 pub mod cache;
 pub mod catch_panic;
+pub mod compression;
+pub mod conditional;
 pub mod request_id;
 pub mod rescue;
