@@ -155,6 +155,8 @@ impl<K> moka::Expiry<K, Arc<Entry>> for Expiry {
 struct Store<K> {
     /// The `cache` label of its metrics and its name in logs.
     name: &'static str,
+    /// Switched on in `[cache]`; a switched-off store stays empty and requests pass by it.
+    enabled: bool,
     entries: Moka<K, Arc<Entry>>,
     /// Counted here too, for `/cache/stats`, as the Prometheus recorder may be absent.
     hits: AtomicU64,
@@ -166,9 +168,10 @@ struct Store<K> {
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
-    fn new(name: &'static str, capacity: u64, policy: Policy) -> Self {
+    fn new(name: &'static str, enabled: bool, capacity: u64, policy: Policy) -> Self {
         Self {
             name,
+            enabled,
             entries: Moka::builder()
                 .max_capacity(capacity)
                 .expire_after(Expiry(policy))
@@ -193,10 +196,9 @@ impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
 pub struct Caches(Arc<Stores>);
 
 struct Stores {
-    /// `None` when the cache is switched off.
-    list: Option<Store<ListFilter>>,
-    metadata: Option<Store<ExtensionCacheKey>>,
-    versions: Option<Store<ExtensionCacheKey>>,
+    list: Store<ListFilter>,
+    metadata: Store<ExtensionCacheKey>,
+    versions: Store<ExtensionCacheKey>,
     policy: Policy,
 }
 
@@ -210,13 +212,12 @@ impl Caches {
             stale_if_error: Duration::from_secs(config.stale_if_error_seconds),
         };
         let capacity = config.capacity;
-        let metadata = config.enable_metadata_cache;
+        let (list, metadata) = (config.enable_list_cache, config.enable_metadata_cache);
         Self(Arc::new(Stores {
-            list: config
-                .enable_list_cache
-                .then(|| Store::new("list", capacity, policy)),
-            metadata: metadata.then(|| Store::new("metadata", capacity, policy)),
-            versions: metadata.then(|| Store::new("versions", capacity, policy)),
+            list: Store::new("list", list, capacity, policy),
+            metadata: Store::new("metadata", metadata, capacity, policy),
+            // Versions are metadata too: one switch for both.
+            versions: Store::new("versions", metadata, capacity, policy),
             policy,
         }))
     }
@@ -224,9 +225,9 @@ impl Caches {
     /// Entry counts, hits, misses and hit ratios, for `/api/v1/cache/stats`.
     pub async fn stats(&self) -> CacheStats {
         let stores = &self.0;
-        let list = Counts::of(stores.list.as_ref()).await;
-        let metadata = Counts::of(stores.metadata.as_ref()).await;
-        let versions = Counts::of(stores.versions.as_ref()).await;
+        let list = Counts::of(&stores.list).await;
+        let metadata = Counts::of(&stores.metadata).await;
+        let versions = Counts::of(&stores.versions).await;
         CacheStats {
             list_entries: list.entries,
             metadata_entries: metadata.entries,
@@ -252,18 +253,11 @@ struct Counts {
 }
 
 impl Counts {
-    async fn of<K: Hash + Eq + Send + Sync + 'static>(store: Option<&Store<K>>) -> Self {
-        match store {
-            Some(s) => Self {
-                entries: s.entry_count().await,
-                hits: s.hits.load(Ordering::Relaxed),
-                misses: s.misses.load(Ordering::Relaxed),
-            },
-            None => Self {
-                entries: 0,
-                hits: 0,
-                misses: 0,
-            },
+    async fn of<K: Hash + Eq + Send + Sync + 'static>(store: &Store<K>) -> Self {
+        Self {
+            entries: store.entry_count().await,
+            hits: store.hits.load(Ordering::Relaxed),
+            misses: store.misses.load(Ordering::Relaxed),
         }
     }
 
@@ -346,11 +340,11 @@ where
     fn call(&mut self, req: BackendRequest) -> ResponseFuture {
         let stores = &self.caches.0;
         let key = match &req {
-            BackendRequest::List(filter) if stores.list.is_some() => Key::List(filter.clone()),
-            BackendRequest::Get { key, source } if stores.metadata.is_some() => {
+            BackendRequest::List(filter) if stores.list.enabled => Key::List(filter.clone()),
+            BackendRequest::Get { key, source } if stores.metadata.enabled => {
                 Key::Metadata((key.clone(), *source))
             }
-            BackendRequest::Versions { key, source } if stores.versions.is_some() => {
+            BackendRequest::Versions { key, source } if stores.versions.enabled => {
                 Key::Versions((key.clone(), *source))
             }
             _ => return Box::pin(self.inner.call(req)),
@@ -364,9 +358,9 @@ where
             let stores = &caches.0;
             let policy = stores.policy;
             match key {
-                Key::List(k) => lookup(stores.list.as_ref(), k, policy, inner, req).await,
-                Key::Metadata(k) => lookup(stores.metadata.as_ref(), k, policy, inner, req).await,
-                Key::Versions(k) => lookup(stores.versions.as_ref(), k, policy, inner, req).await,
+                Key::List(k) => lookup(&stores.list, k, policy, inner, req).await,
+                Key::Metadata(k) => lookup(&stores.metadata, k, policy, inner, req).await,
+                Key::Versions(k) => lookup(&stores.versions, k, policy, inner, req).await,
             }
         })
     }
@@ -381,7 +375,7 @@ enum Key {
 
 /// Answers `req` from `store`, asking `inner` when the entry is missing or not fresh.
 async fn lookup<K, S>(
-    store: Option<&Store<K>>,
+    store: &Store<K>,
     key: K,
     policy: Policy,
     mut inner: S,
@@ -391,9 +385,6 @@ where
     K: Hash + Eq + Clone + Send + Sync + 'static,
     S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
 {
-    let Some(store) = store else {
-        return inner.call(req).await;
-    };
     let seen = store.entries.get(&key).await;
     if let Some(entry) = &seen {
         let now = Instant::now();
