@@ -1,6 +1,7 @@
 //! The cached path through the full stack, in process: `stack::app` with every layer the
 //! default configuration turns on (compression included), over a backend of 150
-//! extensions, cache warm. Plus the router and the version ordering alone.
+//! extensions, cache warm. Plus what a first rendering costs (the work a warm hit skips),
+//! the router and the version ordering alone.
 //!
 //! `cargo bench --bench cached_path -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -17,9 +18,11 @@ use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
 
+use extension_registry::api::representation::Representation;
 use extension_registry::api::RouteTable;
 use extension_registry::body;
 use extension_registry::config::Config;
+use extension_registry::middleware::compression::Coding;
 use extension_registry::registry::version::sort_newest_first;
 use extension_registry::registry::{
     BackendRequest, BackendResponse, BackendService, Extension, ExtensionType, RegistryError,
@@ -144,6 +147,19 @@ fn warm(rt: &Runtime, app: &HttpService, uri: &str, headers: Headers, expected: 
     assert_eq!(status, expected, "{uri}");
 }
 
+/// What a memo miss costs and every hit saves: rendering a 100-item page, its ETag and its
+/// gzip form.
+fn first_rendering(c: &mut Criterion) {
+    let page: Vec<Extension> = (0..100).map(extension).collect();
+    c.bench_function("rendering/list_100_json_etag_gzip", |b| {
+        b.iter(|| {
+            let representation =
+                Representation::new(serde_json::to_vec(black_box(&page)).expect("serialises"));
+            black_box(representation.encoded(Coding::Gzip).map(|e| e.bytes.len()))
+        })
+    });
+}
+
 fn router(c: &mut Criterion) {
     let routes = RouteTable::new();
     let paths = [
@@ -185,5 +201,11 @@ fn version_ordering(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, full_stack, router, version_ordering);
+criterion_group!(
+    benches,
+    full_stack,
+    first_rendering,
+    router,
+    version_ordering
+);
 criterion_main!(benches);
