@@ -11,7 +11,9 @@
 //! - [`body`]: the one response body type.
 //! - [`registry`]: the domain (extensions, names, version ordering, search), the
 //!   request/response vocabulary every backend speaks, and the service merging backends.
-//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory).
+//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
+//!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
+//!   OCI registries (catalog, tags, manifest annotations, blobs).
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;

@@ -54,9 +54,59 @@ pub fn stream_body(response: reqwest::Response) -> ArtifactBody {
     StreamBody::new(frames).boxed_unsync()
 }
 
+/// The target of the `rel="next"` link of an RFC 8288 `Link` header, as written: Gitea
+/// links are absolute, registries' relative to the host.
+pub fn next_link(header: &str) -> Option<&str> {
+    let mut rest = header;
+    while let Some(start) = rest.find('<') {
+        let after = &rest[start + 1..];
+        let end = after.find('>')?;
+        let tail = &after[end + 1..];
+        let params = &tail[..tail.find('<').unwrap_or(tail.len())];
+        let is_next = params
+            .split([';', ','])
+            .filter_map(|p| p.trim().split_once('='))
+            .any(|(k, v)| k.trim().eq_ignore_ascii_case("rel") && v.trim_matches('"') == "next");
+        if is_next {
+            return Some(&after[..end]);
+        }
+        rest = tail;
+    }
+    None
+}
+
+/// Whether a response is an HTML page: what a sign-in wall answers with instead of a file.
+pub fn is_html(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/html"))
+}
+
 /// A body of known bytes, for small answers built in memory.
 pub fn full_body(bytes: Bytes) -> ArtifactBody {
     http_body_util::Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_links_of_gitea_and_registries_are_found() {
+        let gitea = "<https://h/api/v1/orgs/o/repos?page=2>; rel=\"next\",<https://h/api/v1/orgs/o/repos?page=5>; rel=\"last\"";
+        assert_eq!(
+            next_link(gitea),
+            Some("https://h/api/v1/orgs/o/repos?page=2")
+        );
+        let registry = "</v2/_catalog?last=provisioning%2Fbuildkit-cluster&n=2>; rel=\"next\"";
+        assert_eq!(
+            next_link(registry),
+            Some("/v2/_catalog?last=provisioning%2Fbuildkit-cluster&n=2")
+        );
+        assert_eq!(next_link("</a?page=1>; rel=\"prev\""), None);
+    }
 }

@@ -1,0 +1,379 @@
+//! The Gitea/Forgejo releases backend: extensions are releases of the repositories
+//! `{name}_prov`, `{name}_taskserv`, `{name}_cluster` of one organization. A tower service
+//! speaking the domain's backend vocabulary; `client` holds the HTTP, `model` the JSON shapes
+//! and the release-to-version rules.
+
+mod client;
+mod model;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{future, StreamExt};
+use http_body_util::BodyExt;
+use reqwest::header::HeaderValue;
+use reqwest::Url;
+use tower::Service;
+
+use self::client::Api;
+use self::model::{Candidate, Release, Repository, ServerVersion};
+use crate::backend::http;
+use crate::config::{ConfigError, GiteaConfig, Secret};
+use crate::registry::{
+    version, Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionInfo,
+    ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source, VerifyingBody,
+    Version, VersionSelector,
+};
+
+/// The backend. Cheap to clone: the state is shared.
+#[derive(Clone)]
+pub struct Gitea {
+    /// Everything the requests share; one copy per backend, whatever the clones.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The instance's API.
+    api: Api,
+    /// The organization holding the extension repositories.
+    org: String,
+    /// Whether archived repositories still count as extensions.
+    include_archived: bool,
+    /// Most per-repository calls in flight at once.
+    max_concurrency: usize,
+}
+
+/// A repository that holds an extension, with the releases that qualify as its versions.
+struct Found {
+    /// The extension asked for (or listed).
+    key: ExtensionKey,
+    /// Its descriptive fields.
+    repo: Repository,
+    /// Its releases that qualify as versions.
+    candidates: Vec<Candidate>,
+}
+
+impl Gitea {
+    /// Builds the backend, reading the token file if one is configured.
+    pub fn new(config: &GiteaConfig) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: "[gitea]".into(),
+            message,
+        };
+        let mut root = Url::parse(&config.url).map_err(|e| err(format!("url: {e}")))?;
+        if root.cannot_be_a_base() || !matches!(root.scheme(), "http" | "https") {
+            return Err(err("url: must be an http or https URL".into()));
+        }
+        if !root.path().ends_with('/') {
+            root.set_path(&format!("{}/", root.path()));
+        }
+        let authorization = match &config.token_path {
+            None => None,
+            Some(path) => {
+                let token = Secret::from_file(path, "[gitea] token_path")?;
+                // Lowercase `token`: Forgejo and Gitea before 1.25 ignore other casings.
+                let mut value = HeaderValue::from_str(&format!("token {}", token.expose()))
+                    .map_err(|_| ConfigError {
+                        file: path.display().to_string(),
+                        message: "the token holds characters not allowed in a header".into(),
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let client = http::client(
+            Duration::from_secs(config.timeout_seconds),
+            config.verify_ssl,
+        )
+        .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                api: Api::new(client, root, authorization),
+                org: config.organization.clone(),
+                include_archived: config.include_archived,
+                max_concurrency: config.max_concurrency.max(1),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    async fn handle(&self, request: BackendRequest) -> Result<BackendResponse, RegistryError> {
+        Ok(match request {
+            BackendRequest::List(filter) => {
+                BackendResponse::List(Arc::new(self.list(&filter).await?))
+            }
+            BackendRequest::Get { key, .. } => {
+                BackendResponse::Extension(Arc::new(self.get(&key).await?))
+            }
+            BackendRequest::Versions { key, .. } => {
+                BackendResponse::Versions(Arc::new(self.versions(&key).await?))
+            }
+            BackendRequest::Download { key, version, .. } => {
+                BackendResponse::Artifact(self.download(&key, &version).await?)
+            }
+            BackendRequest::Health => {
+                BackendResponse::Health(HealthReport(vec![self.health().await]))
+            }
+        })
+    }
+
+    /// One extension at its current version, with that version's checksum.
+    async fn get(&self, key: &ExtensionKey) -> Result<Extension, RegistryError> {
+        let found = self.find(key).await?;
+        let shown = current(&found)?;
+        let latest = Version {
+            checksum: self.checksum_or_none(shown).await,
+            ..shown.version.clone()
+        };
+        Ok(extension(&found, shown, &latest))
+    }
+
+    /// Every version with its checksum, newest first.
+    async fn versions(&self, key: &ExtensionKey) -> Result<Vec<Version>, RegistryError> {
+        let found = self.find(key).await?;
+        let mut versions: Vec<Version> = futures_util::stream::iter(found.candidates)
+            .map(|c| async move {
+                Version {
+                    checksum: self.checksum_or_none(&c).await,
+                    ..c.version
+                }
+            })
+            .buffer_unordered(self.max_concurrency)
+            .collect()
+            .await;
+        version::sort_newest_first(&mut versions);
+        Ok(versions)
+    }
+
+    /// Every extension at its current version. Repositories that fail are logged and left out.
+    async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
+        if filter.source.is_some_and(|s| s != Source::Gitea) {
+            return Ok(Vec::new());
+        }
+        let repos: Vec<Repository> = self
+            .api
+            .pages(&["orgs", &self.org, "repos"], "organization repositories")
+            .await?
+            .ok_or_else(|| {
+                RegistryError::unavailable(
+                    Source::Gitea,
+                    format!("organization '{}' not found or not visible", self.org),
+                )
+            })?;
+        let wanted = repos.into_iter().filter_map(|repo| {
+            let key = self.key_of(&repo)?;
+            let wanted = filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
+            wanted.then_some((key, repo))
+        });
+        let listed = futures_util::stream::iter(wanted)
+            .map(|(key, repo)| async move {
+                let found = match self.candidates(&repo.name).await {
+                    Ok(Some(candidates)) => Found {
+                        key,
+                        repo,
+                        candidates,
+                    },
+                    Ok(None) => return None,
+                    Err(error) => {
+                        tracing::warn!(repo = %repo.name, %error, "repository left out of the listing");
+                        return None;
+                    }
+                };
+                let current = current(&found).ok()?;
+                Some(extension(&found, current, &current.version))
+            })
+            .buffer_unordered(self.max_concurrency)
+            .filter_map(future::ready)
+            .collect()
+            .await;
+        Ok(listed)
+    }
+
+    /// The key of an extension repository that should be shown, `None` for any other.
+    fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
+        let (ty, name) = model::split_repo_name(&repo.name)?;
+        if repo.archived && !self.include_archived {
+            return None;
+        }
+        match ExtensionName::parse(name) {
+            Ok(name) => Some(ExtensionKey { ty, name }),
+            Err(_) => {
+                tracing::warn!(repo = %repo.name, "repository name is not a valid extension name; ignored");
+                None
+            }
+        }
+    }
+
+    /// The releases of a repository that qualify as versions; `None` when it is not visible.
+    async fn candidates(&self, repo: &str) -> Result<Option<Vec<Candidate>>, RegistryError> {
+        let releases: Option<Vec<Release>> = self
+            .api
+            .pages(&["repos", &self.org, repo, "releases"], "releases")
+            .await?;
+        let name = model::split_repo_name(repo).map_or(repo, |(_, name)| name);
+        Ok(releases.map(|rs| {
+            rs.into_iter()
+                .filter_map(|r| r.into_candidate(repo, name))
+                .collect()
+        }))
+    }
+
+    /// One extension's repository and versions, or not found.
+    async fn find(&self, key: &ExtensionKey) -> Result<Found, RegistryError> {
+        let name = model::repo_name(key.ty, key.name.as_str());
+        let (repo, candidates) = future::try_join(
+            self.api
+                .object::<Repository>(&["repos", &self.org, &name], "repository"),
+            self.candidates(&name),
+        )
+        .await?;
+        match (repo, candidates) {
+            (Some(repo), Some(candidates))
+                if !candidates.is_empty() && self.key_of(&repo).as_ref() == Some(key) =>
+            {
+                Ok(Found {
+                    key: key.clone(),
+                    repo,
+                    candidates,
+                })
+            }
+            _ => Err(RegistryError::not_found(key)),
+        }
+    }
+
+    /// The checksum for metadata: a sidecar that cannot be read is logged and shown as unknown.
+    async fn checksum_or_none(&self, candidate: &Candidate) -> Option<String> {
+        self.checksum(candidate).await.unwrap_or_else(|error| {
+            tracing::warn!(url = %candidate.version.download_url, %error, "checksum file unreadable");
+            None
+        })
+    }
+
+    /// The artifact's digest from its sidecar, if the release has one.
+    async fn checksum(&self, candidate: &Candidate) -> Result<Option<String>, RegistryError> {
+        let Some(sidecar) = &candidate.sidecar else {
+            return Ok(None);
+        };
+        let url = match sidecar {
+            model::Sidecar::Single(url) | model::Sidecar::Sums(url) => url,
+        };
+        let what = format!("checksum of {}", candidate.artifact);
+        let text = self.api.small_text(url, &what).await?;
+        model::parse_sidecar(sidecar, &text, &candidate.artifact)
+            .map(Some)
+            .ok_or_else(|| {
+                RegistryError::unavailable(Source::Gitea, format!("{what}: no sha256 digest found"))
+            })
+    }
+
+    /// Streams a version's artifact, verified when its checksum is known. A checksum file that
+    /// exists but cannot be read fails the download: the bytes could not be vouched for.
+    async fn download(
+        &self,
+        key: &ExtensionKey,
+        selector: &VersionSelector,
+    ) -> Result<Artifact, RegistryError> {
+        let found = self.find(key).await?;
+        let chosen = match selector {
+            VersionSelector::Latest => current(&found)?,
+            VersionSelector::Exact(tag) => found
+                .candidate(tag.as_str())
+                .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
+        };
+        let checksum = self.checksum(chosen).await?;
+        let what = format!("{key} {}", chosen.version.version);
+        let response = self
+            .api
+            .download(&chosen.version.download_url, &what)
+            .await?;
+        let content_length = response.content_length();
+        let body = http::stream_body(response);
+        let body = match checksum {
+            None => body,
+            Some(checksum) => VerifyingBody::new(body, &checksum, Source::Gitea, what)
+                .map(BodyExt::boxed_unsync)
+                .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
+        };
+        Ok(Artifact {
+            filename: chosen.artifact.clone(),
+            content_length,
+            body,
+        })
+    }
+
+    async fn health(&self) -> BackendHealth {
+        let detail = match self
+            .api
+            .object::<ServerVersion>(&["version"], "version")
+            .await
+        {
+            Ok(Some(v)) => {
+                tracing::debug!(version = %v.version, "gitea answered");
+                None
+            }
+            Ok(None) => {
+                Some(RegistryError::unavailable(Source::Gitea, "version: HTTP 404").to_string())
+            }
+            Err(e) => Some(e.to_string()),
+        };
+        BackendHealth {
+            source: Source::Gitea,
+            healthy: detail.is_none(),
+            detail,
+        }
+    }
+}
+
+impl Found {
+    fn candidates_versions(&self) -> Vec<Version> {
+        self.candidates.iter().map(|c| c.version.clone()).collect()
+    }
+
+    fn candidate(&self, tag: &str) -> Option<&Candidate> {
+        self.candidates.iter().find(|c| c.version.version == tag)
+    }
+}
+
+/// The version an extension is shown at, chosen by the domain's ordering.
+fn current(found: &Found) -> Result<&Candidate, RegistryError> {
+    version::current(&found.candidates_versions())
+        .and_then(|v| found.candidate(&v.version))
+        .ok_or_else(|| RegistryError::not_found(&found.key))
+}
+
+/// The API view of an extension whose current version is `current` (shown as `latest`, which
+/// may carry a checksum).
+fn extension(found: &Found, current: &Candidate, latest: &Version) -> Extension {
+    let author = current
+        .author
+        .clone()
+        .filter(|a| !a.is_empty())
+        .or_else(|| found.repo.owner.as_ref().map(|o| o.login.clone()))
+        .unwrap_or_default();
+    let info = ExtensionInfo {
+        description: found.repo.description.clone().unwrap_or_default(),
+        author,
+        repository: found.repo.html_url.clone(),
+        tags: found.repo.topics.clone().unwrap_or_default(),
+    };
+    Extension::new(&found.key, Source::Gitea, info, latest)
+}
+
+impl Service<BackendRequest> for Gitea {
+    type Response = BackendResponse;
+    type Error = RegistryError;
+    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: BackendRequest) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.handle(request).await })
+    }
+}

@@ -1,0 +1,285 @@
+//! The parts of Gitea's JSON bodies the backend reads, and the rules that turn a release into a
+//! version: which asset is the artifact and which one carries its sha256. Unknown fields are
+//! ignored and optional ones may be missing, so newer Gitea and Forgejo versions parse alike.
+
+use serde::Deserialize;
+
+use crate::registry::{ExtensionType, Timestamp, Version};
+
+/// One repository of `GET /orgs/{org}/repos` or `GET /repos/{owner}/{repo}`.
+#[derive(Debug, Deserialize)]
+pub struct Repository {
+    /// Carries the extension's name and type in its suffix.
+    pub name: String,
+    /// Shown as the extension's description.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Shown as the extension's repository.
+    pub html_url: String,
+    /// Archived repositories are left out unless configured otherwise.
+    #[serde(default)]
+    pub archived: bool,
+    /// The author shown when a release carries none.
+    #[serde(default)]
+    pub owner: Option<User>,
+    /// Non-draft releases: a repository with none costs no releases call.
+    #[serde(default)]
+    pub release_counter: Option<u64>,
+    /// Shown as the extension's tags, so search finds them.
+    #[serde(default)]
+    pub topics: Option<Vec<String>>,
+}
+
+/// A user as embedded in repositories and releases.
+#[derive(Debug, Deserialize)]
+pub struct User {
+    /// Shown as the extension's author.
+    pub login: String,
+}
+
+/// One release of `GET /repos/{owner}/{repo}/releases`.
+#[derive(Debug, Deserialize)]
+pub struct Release {
+    /// The version string.
+    pub tag_name: String,
+    /// Drafts are never versions, even if a writer's token makes Gitea list them.
+    #[serde(default)]
+    pub draft: bool,
+    /// Equal to `created_at` on Gitea; either one dates the version.
+    #[serde(default)]
+    pub published_at: Option<String>,
+    /// The fallback date when `published_at` is missing.
+    #[serde(default)]
+    pub created_at: Option<String>,
+    /// Shown as the extension's author.
+    #[serde(default)]
+    pub author: Option<User>,
+    /// Where the artifact and its checksum are.
+    #[serde(default)]
+    pub assets: Option<Vec<Attachment>>,
+}
+
+/// One asset of a release.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Attachment {
+    /// Decides whether the asset is the artifact or its checksum.
+    pub name: String,
+    /// Shown as the version's size, in bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// Where the bytes are (a web route of the instance, or an external link on Forgejo).
+    pub browser_download_url: String,
+}
+
+/// The body of `GET /version`.
+#[derive(Debug, Deserialize)]
+pub struct ServerVersion {
+    /// Logged: which server answered the health probe.
+    pub version: String,
+}
+
+/// The repository suffix of each extension type.
+const SUFFIXES: [(&str, ExtensionType); 3] = [
+    ("_prov", ExtensionType::Provider),
+    ("_taskserv", ExtensionType::Taskserv),
+    ("_cluster", ExtensionType::Cluster),
+];
+
+/// Splits a repository name into the extension's type and name; `None` for other repositories.
+pub fn split_repo_name(repo: &str) -> Option<(ExtensionType, &str)> {
+    SUFFIXES.iter().find_map(|(suffix, ty)| {
+        repo.strip_suffix(suffix)
+            .filter(|name| !name.is_empty())
+            .map(|name| (*ty, name))
+    })
+}
+
+/// The repository that holds an extension.
+pub fn repo_name(ty: ExtensionType, name: &str) -> String {
+    let suffix = SUFFIXES
+        .iter()
+        .find(|(_, t)| *t == ty)
+        .map_or("", |(s, _)| *s);
+    format!("{name}{suffix}")
+}
+
+/// Where a version's sha256 can be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sidecar {
+    /// `<artifact>.sha256`: the digest is the first word.
+    Single(String),
+    /// `SHA256SUMS`: one `<digest>  <file>` line per file.
+    Sums(String),
+}
+
+/// A release that qualifies as a version: the version as the API shows it (without checksum),
+/// the artifact asset's name and where its checksum is, if anywhere.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// What the API shows for this version (its checksum is filled in on demand).
+    pub version: Version,
+    /// The artifact's file name, offered to clients and looked up in `SHA256SUMS`.
+    pub artifact: String,
+    /// The release author's login, if Gitea sent one.
+    pub author: Option<String>,
+    /// Where the artifact's sha256 can be read, if the release has it.
+    pub sidecar: Option<Sidecar>,
+}
+
+fn is_tarball(name: &str) -> bool {
+    name.ends_with(".tar.gz") || name.ends_with(".tgz")
+}
+
+impl Release {
+    /// The release as a version of extension `name` kept in `repo`, or `None` when it is a
+    /// draft, has no artifact asset or no readable date.
+    pub fn into_candidate(self, repo: &str, name: &str) -> Option<Candidate> {
+        if self.draft {
+            return None;
+        }
+        let assets = self.assets.unwrap_or_default();
+        let by_name = |wanted: &str| assets.iter().find(|a| a.name == wanted);
+        let artifact = by_name(&format!("{repo}.tar.gz"))
+            .or_else(|| by_name(&format!("{name}-{}.tar.gz", self.tag_name)))
+            .or_else(|| assets.iter().find(|a| is_tarball(&a.name)))?;
+        let published_at = [&self.published_at, &self.created_at]
+            .into_iter()
+            .flatten()
+            .find_map(|t| Timestamp::parse_rfc3339(t));
+        let Some(published_at) = published_at else {
+            tracing::warn!(repo, tag = %self.tag_name, "release has no readable date; left out");
+            return None;
+        };
+        // Both spellings are in use: `x-1.0.tar.gz.sha256` and `x-1.0.sha256`.
+        let stem = artifact
+            .name
+            .strip_suffix(".tar.gz")
+            .or_else(|| artifact.name.strip_suffix(".tgz"))
+            .unwrap_or(&artifact.name);
+        let sidecar = by_name(&format!("{}.sha256", artifact.name))
+            .or_else(|| by_name(&format!("{stem}.sha256")))
+            .map(|a| Sidecar::Single(a.browser_download_url.clone()))
+            .or_else(|| {
+                by_name("SHA256SUMS").map(|a| Sidecar::Sums(a.browser_download_url.clone()))
+            });
+        Some(Candidate {
+            version: Version {
+                version: self.tag_name,
+                published_at,
+                download_url: artifact.browser_download_url.clone(),
+                size: artifact.size,
+                checksum: None,
+            },
+            artifact: artifact.name.clone(),
+            author: self.author.map(|u| u.login),
+            sidecar,
+        })
+    }
+}
+
+/// Reads the digest of `artifact` from a sidecar's text, as `sha256:<hex>`.
+pub fn parse_sidecar(kind: &Sidecar, text: &str, artifact: &str) -> Option<String> {
+    let is_digest = |w: &str| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit());
+    let digest = match kind {
+        Sidecar::Single(_) => text.split_whitespace().next().filter(|w| is_digest(w)),
+        Sidecar::Sums(_) => text.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            let digest = words.next().filter(|w| is_digest(w))?;
+            // `sha256sum -b` marks binary files with a leading `*`.
+            let file = words.next()?.trim_start_matches('*');
+            (file == artifact).then_some(digest)
+        }),
+    }?;
+    Some(format!("sha256:{}", digest.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn asset(name: &str) -> Attachment {
+        Attachment {
+            name: name.into(),
+            size: 7,
+            browser_download_url: format!("https://h/o/r/releases/download/t/{name}"),
+        }
+    }
+
+    fn release(tag: &str, assets: &[&str]) -> Release {
+        Release {
+            tag_name: tag.into(),
+            draft: false,
+            published_at: Some("2025-03-14T10:26:53+01:00".into()),
+            created_at: None,
+            author: None,
+            assets: Some(assets.iter().map(|a| asset(a)).collect()),
+        }
+    }
+
+    #[test]
+    fn repo_names_carry_type_and_name() {
+        assert_eq!(
+            split_repo_name("aws_prov"),
+            Some((ExtensionType::Provider, "aws"))
+        );
+        assert_eq!(
+            split_repo_name("k8s_taskserv"),
+            Some((ExtensionType::Taskserv, "k8s"))
+        );
+        assert_eq!(
+            split_repo_name("web_cluster"),
+            Some((ExtensionType::Cluster, "web"))
+        );
+        assert_eq!(split_repo_name("_prov"), None);
+        assert_eq!(split_repo_name("docs"), None);
+        assert_eq!(repo_name(ExtensionType::Cluster, "web"), "web_cluster");
+    }
+
+    #[test]
+    fn the_artifact_is_chosen_in_rule_order() {
+        let pick = |assets: &[&str]| {
+            release("v1.0.0", assets)
+                .into_candidate("aws_prov", "aws")
+                .map(|c| c.artifact)
+        };
+        assert_eq!(
+            pick(&["a.tgz", "aws-v1.0.0.tar.gz", "aws_prov.tar.gz"]).as_deref(),
+            Some("aws_prov.tar.gz")
+        );
+        assert_eq!(
+            pick(&["a.tar.gz", "aws-v1.0.0.tar.gz"]).as_deref(),
+            Some("aws-v1.0.0.tar.gz")
+        );
+        assert_eq!(pick(&["notes.txt", "b.tgz"]).as_deref(), Some("b.tgz"));
+        assert_eq!(pick(&["notes.txt", "a.zip"]), None);
+    }
+
+    #[test]
+    fn sidecars_are_found_and_read() {
+        let c = release("1.0", &["x-1.0.tar.gz", "x-1.0.sha256"])
+            .into_candidate("x_prov", "x")
+            .unwrap();
+        assert!(matches!(c.sidecar, Some(Sidecar::Single(_))));
+        assert_eq!(c.version.published_at.to_string(), "2025-03-14T09:26:53Z");
+        let c = release("1.0", &["SHA256SUMS", "x-1.0.tar.gz"])
+            .into_candidate("x_prov", "x")
+            .unwrap();
+        let sums = c.sidecar.unwrap();
+        let hex = "AB".repeat(32);
+        let text = format!("{}  other.tar.gz\n{hex} *x-1.0.tar.gz\n", "cd".repeat(32));
+        assert_eq!(
+            parse_sidecar(&sums, &text, "x-1.0.tar.gz"),
+            Some(format!("sha256:{}", "ab".repeat(32)))
+        );
+        assert_eq!(parse_sidecar(&sums, &text, "y.tar.gz"), None);
+        let single = Sidecar::Single(String::new());
+        assert_eq!(parse_sidecar(&single, "nothex  x\n", "x"), None);
+    }
+
+    #[test]
+    fn drafts_are_never_versions() {
+        let mut r = release("1.0", &["x.tar.gz"]);
+        r.draft = true;
+        assert!(r.into_candidate("x_prov", "x").is_none());
+    }
+}

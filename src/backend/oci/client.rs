@@ -1,0 +1,575 @@
+//! Talking to one registry: URLs, the `WWW-Authenticate` challenge flow (basic, bearer token
+//! exchange, static token), the per-scope token cache, the bound on calls in flight, and the
+//! reading of error answers into [`CallError`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LINK, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode, Url};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use crate::backend::http::{next_link, transport_error};
+use crate::backend::oci::model::{describe_error_body, is_not_found_code};
+use crate::config::Secret;
+use crate::registry::{RegistryError, Source};
+
+/// Characters kept as they are in a path segment; `:` stays so digests read as the registry
+/// expects (`sha256:<hex>`).
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b':');
+
+/// The most bytes read from a metadata answer (catalog page, tag list, manifest, error body):
+/// a registry sending more is broken, and memory must stay bounded.
+const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
+
+/// Token lifetime when the token server does not say (the distribution token spec's default).
+const DEFAULT_TOKEN_SECONDS: u64 = 60;
+
+/// How a registry call failed, in the terms the backend decides on.
+#[derive(Debug)]
+pub enum CallError {
+    /// 404: no such repository, tag or blob (JSON `*_UNKNOWN` or a plain-text 404).
+    NotFound,
+    /// Refused after authenticating (401 again, or 403): this scope is not granted.
+    Denied,
+    /// This answer was unusable (5xx, malformed body); other calls may still work.
+    Broken(RegistryError),
+    /// The registry or its token server cannot be used at all (unreachable, timed out, or the
+    /// configured credentials rejected): no point in asking about other repositories.
+    Fatal(RegistryError),
+}
+
+impl CallError {
+    fn broken(reason: impl Into<String>) -> Self {
+        Self::Broken(RegistryError::unavailable(Source::Oci, reason))
+    }
+
+    fn transport(e: &reqwest::Error) -> Self {
+        Self::Fatal(transport_error(Source::Oci, e))
+    }
+}
+
+/// What a call is allowed to do, as the registry's token scopes name it.
+#[derive(Clone, Copy, Debug)]
+pub enum Scope<'a> {
+    Catalog,
+    Pull(&'a str),
+}
+
+impl Scope<'_> {
+    fn as_string(self) -> String {
+        match self {
+            Scope::Catalog => "registry:catalog:*".to_owned(),
+            Scope::Pull(repo) => format!("repository:{repo}:pull"),
+        }
+    }
+}
+
+/// A `WWW-Authenticate` challenge: the scheme (lowercase) and its parameters.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// `basic` or `bearer`: which credentials to answer with.
+    pub scheme: String,
+    /// `realm`, `service`, `scope`, `error`: where and what to ask a token for.
+    pub params: HashMap<String, String>,
+}
+
+/// Parses the first challenge of a `WWW-Authenticate` value (`Bearer realm="..",scope=".."`).
+/// Quoted values may hold commas (`scope="repository:x:pull,push"`).
+pub fn parse_challenge(value: &str) -> Option<Challenge> {
+    let value = value.trim();
+    let (scheme, mut rest) = value.split_once(' ').unwrap_or((value, ""));
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    loop {
+        rest = rest.trim_start_matches([' ', ',', '\t']);
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key.trim().to_ascii_lowercase();
+        let (val, remaining) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut val = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => val.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => val.push(c),
+                }
+            }
+            (val, &quoted[end..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        params.insert(key, val);
+        rest = remaining;
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+/// Bearer tokens by scope, each kept until shortly before it expires.
+#[derive(Default)]
+pub struct TokenCache {
+    /// The `Authorization` value and the instant it stops being sent, by scope.
+    tokens: HashMap<String, (HeaderValue, Instant)>,
+}
+
+impl TokenCache {
+    pub fn get(&self, scope: &str, now: Instant) -> Option<HeaderValue> {
+        let (value, until) = self.tokens.get(scope)?;
+        (now < *until).then(|| value.clone())
+    }
+
+    /// Keeps `value` for `expires_in` seconds less a margin (a tenth, at most 10 s), so a
+    /// token is never sent in the second it expires.
+    pub fn insert(&mut self, scope: String, value: HeaderValue, expires_in: u64, now: Instant) {
+        let margin = (expires_in / 10).clamp(1, 10);
+        let until = now + Duration::from_secs(expires_in.saturating_sub(margin));
+        self.tokens.retain(|_, (_, t)| *t > now);
+        self.tokens.insert(scope, (value, until));
+    }
+}
+
+/// The token server's answer; `access_token` is the OAuth2 spelling some servers use.
+#[derive(Deserialize)]
+struct TokenAnswer {
+    /// The token (distribution's spelling).
+    token: Option<String>,
+    /// The token (OAuth2's spelling).
+    access_token: Option<String>,
+    /// Seconds the token is valid; 60 when absent.
+    expires_in: Option<u64>,
+}
+
+/// Basic credentials: sent on a `Basic` challenge and to the token server.
+pub struct BasicCredentials {
+    /// `[oci] username`; also sent to the token server as `account`.
+    pub username: String,
+    /// Read from `[oci] password_path`; never logged.
+    pub password: Secret,
+}
+
+/// One registry, its credentials, and the state the auth flow keeps.
+pub struct Client {
+    /// The shared reqwest client (timeouts, redirects, TLS verification).
+    http: reqwest::Client,
+    /// `scheme://host[:port]/`: every path is resolved against it, and a `Link` or realm on
+    /// another origin is treated as foreign.
+    base: Url,
+    /// Used on a `Basic` challenge and for token exchange.
+    basic: Option<BasicCredentials>,
+    /// A token sent as `Bearer` on every call when configured.
+    static_token: Option<Secret>,
+    /// Set once the registry asked for basic credentials, so later calls send them at once
+    /// instead of paying a 401 round trip each.
+    basic_wanted: AtomicBool,
+    /// Tokens from the challenge flow, reused until shortly before they expire.
+    tokens: Mutex<TokenCache>,
+    /// Bounds the calls in flight towards this registry (`max_concurrency`).
+    permits: Semaphore,
+}
+
+impl Client {
+    pub fn new(
+        http: reqwest::Client,
+        base: Url,
+        basic: Option<BasicCredentials>,
+        static_token: Option<Secret>,
+        max_concurrency: usize,
+    ) -> Self {
+        Self {
+            http,
+            base,
+            basic,
+            static_token,
+            basic_wanted: AtomicBool::new(false),
+            tokens: Mutex::new(TokenCache::default()),
+            permits: Semaphore::new(max_concurrency),
+        }
+    }
+
+    /// The registry's host as references name it (`host[:port]`).
+    pub fn host(&self) -> String {
+        match (self.base.host_str(), self.base.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => String::new(),
+        }
+    }
+
+    /// `<base>/v2/<repo>/<rest...>`, every piece percent-encoded.
+    pub fn url(&self, repo: &str, rest: &[&str]) -> Url {
+        let mut path = String::from("v2");
+        for piece in repo.split('/').chain(rest.iter().copied()) {
+            path.push('/');
+            path.extend(utf8_percent_encode(piece, SEGMENT));
+        }
+        self.join(&path)
+    }
+
+    /// `<base>/v2/_catalog?n=<page>`.
+    pub fn catalog_url(&self, page: usize) -> Url {
+        self.join(&format!("v2/_catalog?n={page}"))
+    }
+
+    fn join(&self, relative: &str) -> Url {
+        // Cannot fail: `base` is an http(s) URL ending in '/' and `relative` a plain path.
+        self.base
+            .join(relative)
+            .unwrap_or_else(|_| self.base.clone())
+    }
+
+    /// GETs a JSON list that may be paged, following `Link: <...>; rel="next"` on this
+    /// registry; `items` takes each page apart.
+    pub async fn get_paged<T: serde::de::DeserializeOwned, I>(
+        &self,
+        first: Url,
+        scope: Scope<'_>,
+        what: &str,
+        items: impl Fn(T) -> Vec<I>,
+    ) -> Result<Vec<I>, CallError> {
+        let mut all = Vec::new();
+        let mut seen = HashSet::new();
+        let mut next = Some(first);
+        while let Some(url) = next {
+            if !seen.insert(url.clone()) {
+                return Err(CallError::broken(format!(
+                    "{what} pages link back to themselves"
+                )));
+            }
+            let (page, headers) = self.get_json(url, scope, what).await?;
+            all.extend(items(page));
+            next = self.next_page(&headers)?;
+        }
+        Ok(all)
+    }
+
+    /// The next page named by a `Link: <...>; rel="next"` header, if on this registry.
+    fn next_page(&self, headers: &HeaderMap) -> Result<Option<Url>, CallError> {
+        let link = headers.get(LINK).and_then(|l| l.to_str().ok());
+        let Some(target) = link.and_then(next_link) else {
+            return Ok(None);
+        };
+        let url = self
+            .base
+            .join(target)
+            .map_err(|_| CallError::broken("unreadable Link header"))?;
+        if url.origin() != self.base.origin() {
+            return Err(CallError::broken("Link header points to another host"));
+        }
+        Ok(Some(url))
+    }
+
+    /// `GET /v2/`, unauthenticated: 200 or 401 means the registry is up.
+    pub async fn ping(&self) -> Result<(), String> {
+        let response = self
+            .http
+            .get(self.join("v2/"))
+            .send()
+            .await
+            .map_err(|e| transport_error(Source::Oci, &e).to_string())?;
+        match response.status() {
+            StatusCode::OK | StatusCode::UNAUTHORIZED => Ok(()),
+            status => Err(format!("GET /v2/ answered {status}")),
+        }
+    }
+
+    /// A GET whose JSON answer is parsed into `T`; also returns the headers (for `Link`).
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        url: Url,
+        scope: Scope<'_>,
+        what: &str,
+    ) -> Result<(T, HeaderMap), CallError> {
+        let (body, headers) = self.get_bytes(url, scope, None, what).await?;
+        let parsed = serde_json::from_slice(&body)
+            .map_err(|e| CallError::broken(format!("malformed {what}: {e}")))?;
+        Ok((parsed, headers))
+    }
+
+    /// A GET whose whole (bounded) body is read.
+    pub async fn get_bytes(
+        &self,
+        url: Url,
+        scope: Scope<'_>,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<(Bytes, HeaderMap), CallError> {
+        let response = self.send(Method::GET, url, scope, accept, what).await?;
+        let headers = response.headers().clone();
+        let body = read_bounded(response).await?.ok_or_else(|| {
+            CallError::broken(format!("{what} larger than {MAX_METADATA_BYTES} bytes"))
+        })?;
+        Ok((body, headers))
+    }
+
+    /// Sends a request through the challenge flow and returns a 2xx response; any other
+    /// status becomes a [`CallError`].
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        scope: Scope<'_>,
+        accept: Option<&str>,
+        what: &str,
+    ) -> Result<reqwest::Response, CallError> {
+        let scope_key = scope.as_string();
+        let mut challenged = false;
+        loop {
+            let mut request = self.http.request(method.clone(), url.clone());
+            if let Some(accept) = accept {
+                request = request.header(ACCEPT, accept);
+            }
+            let (request, sent_basic) = self.authorize(request, &scope_key);
+            let response = {
+                let _permit = self.permits.acquire().await.map_err(|_| {
+                    CallError::Fatal(RegistryError::Internal("registry permits closed".into()))
+                })?;
+                request.send().await.map_err(|e| CallError::transport(&e))?
+            };
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            if status != StatusCode::UNAUTHORIZED {
+                return Err(failure(response, what).await);
+            }
+            if challenged {
+                // Basic credentials refused are wrong credentials, as htpasswd grants every
+                // user everything; a refused token is a scope this account is not granted.
+                return Err(if sent_basic {
+                    CallError::Fatal(RegistryError::BackendAuthFailed {
+                        backend: Source::Oci,
+                    })
+                } else {
+                    CallError::Denied
+                });
+            }
+            challenged = true;
+            let challenge = response
+                .headers()
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_challenge);
+            match challenge {
+                Some(c) if c.scheme == "bearer" => self.fetch_token(&c, scope_key.clone()).await?,
+                Some(c) if c.scheme == "basic" && self.basic.is_some() => {
+                    self.basic_wanted.store(true, Ordering::Relaxed);
+                }
+                _ => return Err(CallError::Denied),
+            }
+        }
+    }
+
+    /// Adds the credentials to send for `scope`, if any; says whether they were basic ones.
+    fn authorize(
+        &self,
+        request: reqwest::RequestBuilder,
+        scope: &str,
+    ) -> (reqwest::RequestBuilder, bool) {
+        if let Some(basic) = self.basic.as_ref() {
+            if self.basic_wanted.load(Ordering::Relaxed) {
+                return (with_basic(request, basic), true);
+            }
+        }
+        let cached = self
+            .tokens
+            .lock()
+            .ok()
+            .and_then(|t| t.get(scope, Instant::now()));
+        let bearer = cached.or_else(|| {
+            self.static_token
+                .as_ref()
+                .and_then(|t| sensitive(&format!("Bearer {}", t.expose())))
+        });
+        match bearer {
+            Some(value) => (request.header(AUTHORIZATION, value), false),
+            None => (request, false),
+        }
+    }
+
+    /// Gets a token from the challenge's realm and caches it under `scope_key`.
+    async fn fetch_token(&self, challenge: &Challenge, scope_key: String) -> Result<(), CallError> {
+        let Some(realm) = challenge.params.get("realm") else {
+            return Err(CallError::broken("bearer challenge without a realm"));
+        };
+        let mut realm = Url::parse(realm)
+            .map_err(|_| CallError::broken("bearer challenge with an unreadable realm"))?;
+        if !matches!(realm.scheme(), "http" | "https") {
+            return Err(CallError::broken("bearer challenge realm is not http(s)"));
+        }
+        if self.basic.is_none() && self.static_token.is_some() {
+            // The static token is the one credential there is, and it was just refused.
+            return Err(CallError::Denied);
+        }
+        {
+            let mut query = realm.query_pairs_mut();
+            if let Some(service) = challenge.params.get("service") {
+                query.append_pair("service", service);
+            }
+            let scopes = challenge
+                .params
+                .get("scope")
+                .map_or(scope_key.as_str(), String::as_str);
+            for scope in scopes.split(' ').filter(|s| !s.is_empty()) {
+                query.append_pair("scope", scope);
+            }
+            if let Some(basic) = &self.basic {
+                query.append_pair("account", &basic.username);
+            }
+        }
+        let mut request = self.http.get(realm.clone());
+        if let Some(basic) = &self.basic {
+            // Credentials travel to the token server only over TLS or to the registry's own
+            // host: a plain-HTTP realm elsewhere would expose them.
+            let same_host = realm.host_str() == self.base.host_str();
+            if realm.scheme() != "https" && !same_host {
+                return Err(CallError::broken(
+                    "refusing to send credentials to a plain-HTTP token server on another host",
+                ));
+            }
+            request = with_basic(request, basic);
+        }
+        let response = request.send().await.map_err(|e| CallError::transport(&e))?;
+        match response.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(CallError::Fatal(RegistryError::BackendAuthFailed {
+                    backend: Source::Oci,
+                }))
+            }
+            s => {
+                return Err(CallError::broken(format!("token server answered {s}")));
+            }
+        }
+        let body = read_bounded(response)
+            .await?
+            .ok_or_else(|| CallError::broken("token answer too large"))?;
+        let answer: TokenAnswer = serde_json::from_slice(&body)
+            .map_err(|_| CallError::broken("malformed token server answer"))?;
+        let token = answer
+            .token
+            .or(answer.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| CallError::broken("token server answer without a token"))?;
+        let value = sensitive(&format!("Bearer {token}"))
+            .ok_or_else(|| CallError::broken("token server sent a token unfit for a header"))?;
+        let expires_in = answer.expires_in.unwrap_or(DEFAULT_TOKEN_SECONDS);
+        if let Ok(mut tokens) = self.tokens.lock() {
+            tokens.insert(scope_key, value, expires_in, Instant::now());
+        }
+        Ok(())
+    }
+}
+
+/// reqwest marks the header it builds as sensitive.
+fn with_basic(
+    request: reqwest::RequestBuilder,
+    basic: &BasicCredentials,
+) -> reqwest::RequestBuilder {
+    request.basic_auth(&basic.username, Some(basic.password.expose()))
+}
+
+/// A header value marked sensitive, so it is left out of any debug output.
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(value).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Reads a body up to [`MAX_METADATA_BYTES`]; `None` when it is larger.
+async fn read_bounded(mut response: reqwest::Response) -> Result<Option<Bytes>, CallError> {
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| CallError::transport(&e))?
+    {
+        if body.len() + chunk.len() > MAX_METADATA_BYTES {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
+/// Turns a non-2xx answer into a [`CallError`], reading the registry's error body (JSON or the
+/// plain-text 404 some routes give).
+async fn failure(response: reqwest::Response, what: &str) -> CallError {
+    let status = response.status();
+    let body = match read_bounded(response).await {
+        Ok(body) => body.unwrap_or_default(),
+        Err(e) => return e,
+    };
+    let (code, text) = describe_error_body(&body);
+    match status {
+        StatusCode::NOT_FOUND if code.as_deref().is_none_or(is_not_found_code) => {
+            CallError::NotFound
+        }
+        StatusCode::FORBIDDEN => CallError::Denied,
+        _ => CallError::broken(format!("registry answered {status} for {what}: {text}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges_with_quoted_commas_are_parsed() {
+        let c = parse_challenge(
+            r#"Bearer realm="http://127.0.0.1:1/token",service="reg",scope="repository:p/a:pull,push",error="insufficient_scope""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "http://127.0.0.1:1/token");
+        assert_eq!(c.params["service"], "reg");
+        assert_eq!(c.params["scope"], "repository:p/a:pull,push");
+        assert_eq!(c.params["error"], "insufficient_scope");
+        let basic = parse_challenge(r#"Basic realm="provisioning-registry""#).unwrap();
+        assert_eq!(basic.scheme, "basic");
+        let bare = parse_challenge("Bearer realm=x, service=y").unwrap();
+        assert_eq!(
+            (
+                bare.params["realm"].as_str(),
+                bare.params["service"].as_str()
+            ),
+            ("x", "y")
+        );
+        assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn tokens_expire_shortly_before_their_lifetime() {
+        let mut cache = TokenCache::default();
+        let t0 = Instant::now();
+        let value = HeaderValue::from_static("Bearer abc");
+        cache.insert("s".into(), value.clone(), 60, t0);
+        assert_eq!(cache.get("s", t0 + Duration::from_secs(53)), Some(value));
+        assert_eq!(cache.get("s", t0 + Duration::from_secs(54)), None);
+        assert_eq!(cache.get("other", t0), None);
+        cache.insert("short".into(), HeaderValue::from_static("x"), 2, t0);
+        assert!(cache.get("short", t0).is_some());
+        assert!(cache.get("short", t0 + Duration::from_secs(1)).is_none());
+    }
+}

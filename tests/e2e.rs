@@ -1,0 +1,197 @@
+//! The whole application through a real socket, over real or simulated backends side by side:
+//! the Gitea simulator and the local directory.
+
+#[allow(dead_code)]
+#[path = "support/app.rs"]
+mod app;
+#[allow(dead_code)]
+#[path = "support/gitea_sim.rs"]
+mod gitea_sim;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use extension_registry::config::Config;
+use extension_registry::server;
+use gitea_sim::{artifact_bytes, sha256_hex, GiteaSim, SimConfig, SimRelease, SimRepo};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The service running on a loopback port until dropped.
+struct Running {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Running {
+    async fn start(config: &Config) -> Self {
+        let app = extension_registry::build(config).expect("configuration builds");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server::run(
+            listener,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Self {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn json(&self, path: &str) -> Value {
+        let response = reqwest::get(self.url(path)).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}@{}",
+                e["type"].as_str().unwrap(),
+                e["name"].as_str().unwrap(),
+                e["source"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn serves_gitea_releases_beside_the_local_directory() {
+    let sim = GiteaSim::start(
+        SimConfig::new("extensions")
+            .storage_redirect()
+            .repo(
+                SimRepo::new("aws_prov")
+                    .topic("cloud")
+                    .release(
+                        SimRelease::new("v2.0.0", 1_735_700_000)
+                            .artifact("aws")
+                            .sha256_sidecar(true),
+                    )
+                    .release(
+                        SimRelease::new("2.1.0-rc.1", 1_735_800_000)
+                            .artifact("aws")
+                            .prerelease(),
+                    )
+                    .release(SimRelease::new("1.0.0", 1_735_600_000).artifact("aws")),
+            )
+            .repo(
+                SimRepo::new("etcd_taskserv")
+                    .release(SimRelease::new("3.5.0", 1_735_600_000).artifact("etcd")),
+            )
+            .repo(SimRepo::new("notes")),
+    )
+    .await;
+    let mut config = app::local_config(&app::samples(), "");
+    config.gitea = Some(sim.gitea_config());
+    let service = Running::start(&config).await;
+
+    // List: both backends, in (type, name, source) order.
+    let providers = service.json("/api/v1/extensions?type=provider").await;
+    assert_eq!(
+        names(&providers),
+        [
+            "provider/aws@gitea",
+            "provider/aws@local",
+            "provider/local@local",
+            "provider/upcloud@local"
+        ]
+    );
+    let only_gitea = service.json("/api/v1/extensions?source=gitea").await;
+    assert_eq!(
+        names(&only_gitea),
+        ["provider/aws@gitea", "taskserv/etcd@gitea"]
+    );
+
+    // Get: Gitea comes first in precedence; ?source= picks the local one.
+    let aws = service.json("/api/v1/extensions/provider/aws").await;
+    assert_eq!(aws["source"], "gitea");
+    assert_eq!(aws["version"], "v2.0.0");
+    assert_eq!(aws["tags"], serde_json::json!(["cloud"]));
+    let expected = format!("sha256:{}", sha256_hex(&artifact_bytes("aws", "v2.0.0")));
+    assert_eq!(aws["checksum"], expected);
+    let local_aws = service
+        .json("/api/v1/extensions/provider/aws?source=local")
+        .await;
+    assert_eq!(local_aws["source"], "local");
+
+    // Versions, newest first, prerelease included.
+    let versions = service
+        .json("/api/v1/extensions/provider/aws/versions")
+        .await;
+    let tags: Vec<_> = versions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(tags, ["2.1.0-rc.1", "v2.0.0", "1.0.0"]);
+
+    // Search spans both backends.
+    let hits = service.json("/api/v1/extensions/search?q=etcd").await;
+    assert_eq!(names(&hits), ["taskserv/etcd@gitea"]);
+
+    // Download: streamed through the object-storage redirect, verified, byte for byte.
+    let response = reqwest::get(service.url("/api/v1/extensions/provider/aws/latest"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/octet-stream"
+    );
+    let bytes = response.bytes().await.unwrap();
+    assert_eq!(bytes, artifact_bytes("aws", "v2.0.0"));
+
+    // Gitea failing: what was never fetched is a 502 naming the backend, the local
+    // extensions still answer.
+    sim.set_mode(gitea_sim::Mode::ServerError);
+    let response =
+        reqwest::get(service.url("/api/v1/extensions/taskserv/etcd/versions?source=gitea"))
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 502);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"], "backend_unavailable");
+    assert!(
+        error["message"].as_str().unwrap().contains("gitea"),
+        "{error}"
+    );
+    let local = service
+        .json("/api/v1/extensions/cluster/web?source=local")
+        .await;
+    assert_eq!(local["name"], "web");
+
+    service.stop().await;
+}

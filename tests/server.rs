@@ -1,0 +1,244 @@
+//! The service through real sockets: `server::run` on port 0 with graceful shutdown, and the
+//! binary itself with its embedded default configuration and SIGTERM.
+
+#[allow(dead_code)]
+#[path = "support/app.rs"]
+mod app;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use extension_registry::registry::{Artifact, BackendRequest, BackendResponse};
+use extension_registry::server;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Sends a raw HTTP/1.1 request and returns the connection for reading the answer.
+async fn request(addr: std::net::SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    Ok(stream)
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections() {
+    // A download whose bytes the test releases one chunk at a time.
+    let (chunks_tx, chunks_rx) = mpsc::channel::<Bytes>(4);
+    let chunks_rx = std::sync::Arc::new(tokio::sync::Mutex::new(Some(chunks_rx)));
+    let config = app::local_config(&app::samples(), "");
+    let app = app::app_with(&config, move |req| {
+        let chunks_rx = chunks_rx.clone();
+        async move {
+            match req {
+                BackendRequest::Download { .. } => {
+                    let rx = chunks_rx.lock().await.take().expect("one download");
+                    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                        rx.recv()
+                            .await
+                            .map(|b| (Ok::<_, extension_registry::BoxError>(Frame::data(b)), rx))
+                    });
+                    Ok(BackendResponse::Artifact(Artifact {
+                        filename: "slow-1.0.0.tar.gz".into(),
+                        content_length: Some(10),
+                        body: StreamBody::new(frames).boxed_unsync(),
+                    }))
+                }
+                _ => Err(extension_registry::registry::RegistryError::not_found("x")),
+            }
+        }
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        listener,
+        app,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(30),
+    ));
+
+    let mut download = request(addr, "/api/v1/extensions/provider/slow/1.0.0")
+        .await
+        .unwrap();
+    chunks_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    let mut head = vec![0u8; 1024];
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("hello") {
+        let n = download.read(&mut head).await.unwrap();
+        assert!(n > 0, "connection closed early");
+        seen.extend_from_slice(&head[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 200"));
+
+    stop_tx.send(()).unwrap();
+    // Once the accept loop has stopped, connecting is refused. Connections that raced the
+    // stop are closed unanswered.
+    let mut refused = false;
+    for _ in 0..10_000 {
+        match request(addr, "/livez").await {
+            Err(_) => {
+                refused = true;
+                break;
+            }
+            Ok(mut stream) => {
+                let mut buf = Vec::new();
+                let _ = stream.read_to_end(&mut buf).await;
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+    assert!(
+        refused,
+        "new connections were still accepted after shutdown began"
+    );
+    assert!(
+        !server.is_finished(),
+        "the server stopped before the download finished"
+    );
+
+    chunks_tx.send(Bytes::from_static(b"world")).await.unwrap();
+    drop(chunks_tx);
+    download.read_to_end(&mut seen).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&seen).ends_with("helloworld"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn serves_the_samples_over_http1_and_h2c() {
+    let (app, _) = app::sample_app();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        listener,
+        app,
+        async {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+
+    let http1 = reqwest::Client::new();
+    let list: serde_json::Value = http1
+        .get(format!("http://{addr}/api/v1/extensions?type=provider"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2c
+        .get(format!(
+            "http://{addr}/api/v1/extensions/taskserv/kubernetes/latest"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let bytes = response.bytes().await.unwrap();
+    let file =
+        std::fs::read(app::samples().join("taskserv/kubernetes/1.29.0/kubernetes-1.29.0.tar.gz"))
+            .unwrap();
+    assert_eq!(&bytes[..], &file[..]);
+
+    stop_tx.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[test]
+fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_extension-registry"))
+        .args(["--host", "127.0.0.1", "--port", "0", "--json-log"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let address = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let json: serde_json::Value = serde_json::from_str(&line).ok()?;
+            (json["message"] == "listening").then(|| json["address"].as_str().unwrap().to_owned())
+        })
+        .expect("the binary logs its address");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let names = runtime.block_on(async {
+        let list: serde_json::Value =
+            reqwest::get(format!("http://{address}/api/v1/extensions?type=cluster"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(names, ["buildkit", "web"]);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(
+        rest.iter().any(|l| l.contains("request finished")),
+        "one log line per request: {rest:?}"
+    );
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+#[test]
+fn check_config_exits_0_when_valid_and_1_with_the_reason_otherwise() {
+    let bin = env!("CARGO_BIN_EXE_extension-registry");
+    let ok = Command::new(bin)
+        .args(["--check-config", "--config", "config.example.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[local]\npath = \".\"\nunknown_key = 1\n").unwrap();
+    let out = Command::new(bin)
+        .args(["--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("bad.toml") && text.contains("unknown_key"),
+        "{text}"
+    );
+}

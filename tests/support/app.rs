@@ -1,0 +1,114 @@
+//! Helpers for tests of the whole application: configurations, backends that count or fail,
+//! and one-call requests through the full stack.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use extension_registry::body;
+use extension_registry::config::Config;
+use extension_registry::registry::{
+    BackendRequest, BackendResponse, BackendService, RegistryError, Source,
+};
+use extension_registry::stack::{self, HttpService};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+/// The sample extensions shipped in the repository.
+pub fn samples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extensions")
+}
+
+/// A configuration with only the local backend at `root`, plus `extra` TOML.
+pub fn local_config(root: &Path, extra: &str) -> Config {
+    let text = format!("[local]\npath = {:?}\n{extra}", root.display().to_string());
+    Config::parse(&text, "test.toml", None).expect("test configuration is valid")
+}
+
+/// Wraps a backend so tests can see how often it was called.
+pub fn counting(inner: BackendService) -> (BackendService, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let service = tower::service_fn(move |req: BackendRequest| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        inner.clone().oneshot(req)
+    });
+    (BackendService::new(service), calls)
+}
+
+/// The local backend over `root`.
+pub fn local_backend(root: &Path) -> BackendService {
+    let config = local_config(root, "");
+    let local = extension_registry::backend::local::Local::new(config.local.as_ref().unwrap())
+        .expect("local root exists");
+    BackendService::new(local)
+}
+
+/// The app over the sample extensions, with a call counter on the backend.
+pub fn sample_app() -> (HttpService, Arc<AtomicUsize>) {
+    let (backend, calls) = counting(local_backend(&samples()));
+    let app = stack::app(
+        &local_config(&samples(), ""),
+        vec![(Source::Local, backend)],
+    );
+    (app, calls)
+}
+
+/// An app whose only backend answers every request with `answer`.
+pub fn app_with<F, Fut>(config: &Config, answer: F) -> HttpService
+where
+    F: Fn(BackendRequest) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<BackendResponse, RegistryError>> + Send + 'static,
+{
+    stack::app(
+        config,
+        vec![(
+            Source::Local,
+            BackendService::new(tower::service_fn(answer)),
+        )],
+    )
+}
+
+/// A response read whole.
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+    }
+}
+
+/// Sends one request through the whole stack.
+pub async fn send(app: &HttpService, method: &str, uri: &str) -> Answer {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(body::empty())
+        .expect("test request is valid");
+    let response = app.clone().oneshot(req).await.expect("infallible");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body streams").to_bytes();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(app: &HttpService, uri: &str) -> Answer {
+    send(app, "GET", uri).await
+}
