@@ -159,6 +159,12 @@ pub struct CacheConfig {
     pub enable_metadata_cache: bool,
     /// Cache listings.
     pub enable_list_cache: bool,
+    /// How long a "not found" answer is remembered, so repeated lookups of a missing
+    /// extension do not each reach the backends; 0 disables negative caching.
+    pub negative_ttl_seconds: u64,
+    /// How long past `ttl_seconds` an answer is kept to stand in for the backends when a
+    /// refresh fails with a backend fault; 0 disables stale-if-error.
+    pub stale_if_error_seconds: u64,
 }
 
 impl Default for CacheConfig {
@@ -168,6 +174,8 @@ impl Default for CacheConfig {
             ttl_seconds: 300,
             enable_metadata_cache: true,
             enable_list_cache: true,
+            negative_ttl_seconds: 30,
+            stale_if_error_seconds: 86400,
         }
     }
 }

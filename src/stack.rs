@@ -11,10 +11,14 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::Config;
+use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
+use crate::middleware::compression::{self, PrecompressedLayer};
+use crate::middleware::conditional::ConditionalLayer;
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
@@ -25,13 +29,17 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 
 /// Builds the application around the given backends (in precedence order).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    // First, so the counters layers register at construction go to the process recorder.
+    let metrics = telemetry::prometheus();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
+    let caches = Caches::new(&config.cache);
     let registry = ServiceBuilder::new()
-        // [middleware issue] cache layer: list, metadata and versions caches with
-        // single-flight, negative caching and stale-if-error; above the merge so one cached
-        // answer serves every backend combination.
+        // List, metadata and versions caches with single-flight, negative caching and
+        // stale-if-error; above the merge so one cached answer serves every backend
+        // combination.
+        .layer(CacheLayer::new(caches.clone()))
         //
         // Fans out over the backends and merges their answers.
         // [middleware issue] per-backend metrics go between the merge and each backend.
@@ -42,7 +50,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         routes: RouteTable::new(),
         health: HealthProbe::new(registry.clone(), sources),
         registry,
-        metrics: telemetry::prometheus(),
+        metrics,
+        caches,
+        renderings: Renderings::new(
+            config.cache.capacity,
+            Duration::from_secs(config.cache.ttl_seconds),
+        ),
         max_age: Duration::from_secs(config.cache.ttl_seconds),
     });
 
@@ -69,14 +82,29 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // A panic in a handler becomes a 500 JSON answer instead of a dropped connection.
         .layer(CatchPanicLayer)
         // [middleware issue] CORS here, above the rate limit, so 429s and errors carry CORS
-        // headers; then compression; then the rate limit, before any work is done; then load
-        // shedding at the concurrency limit.
+        // headers.
+        //
+        // Compression: below CORS so CORS headers are added to the final response either way,
+        // above the rate limit so 429 bodies get no special path. Rendered answers bring their
+        // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
+        // (errors, health, metrics text), never downloads.
+        .option_layer(config.server.enable_compression.then(|| {
+            ServiceBuilder::new()
+                .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+                .layer(compression::streaming())
+                .layer(PrecompressedLayer)
+                .into_inner()
+        }))
+        // [middleware issue] the rate limit, before any work is done; then load shedding at
+        // the concurrency limit.
         //
         // Bounds the time to the response head (not the streaming of a download's body): 504.
         .layer(tower::timeout::TimeoutLayer::new(
             config.server.request_timeout(),
         ))
-        // [middleware issue] conditional GET (ETag / 304) here, right above the router.
+        // Conditional GET right above the router: it sees the identity ETag of every rendered
+        // answer and turns a match into a 304 before compression or anything else touches it.
+        .layer(ConditionalLayer)
         .service(router);
     BoxCloneSyncService::new(service)
 }

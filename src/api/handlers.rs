@@ -30,11 +30,18 @@ pub struct Call<'a> {
     pub shared: &'a Shared,
     pub params: Params<'a>,
     pub query: Option<&'a str>,
+    /// Path and query: what names a rendered answer in the memo of renderings.
+    pub target: &'a str,
+}
+
+/// Serialises a value the API shows. These values always serialise.
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
 }
 
 /// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
-    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let bytes = to_json(value);
     let mut response = Response::new(body::empty());
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -60,7 +67,7 @@ impl Call<'_> {
             )),
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
-            Route::CacheStats => Ok(json(StatusCode::OK, &CacheStats::default())),
+            Route::CacheStats => Ok(json(StatusCode::OK, &self.shared.caches.stats().await)),
         }
     }
 
@@ -91,15 +98,25 @@ impl Call<'_> {
             headers.insert(CACHE_CONTROL, v);
         }
         if let Some(error) = stale {
-            let detail = format!(
-                "extension-registry; hit; fwd=stale; detail=\"{}\"",
-                error.to_string().replace(['"', '\\'], "'")
-            );
-            if let Ok(v) = HeaderValue::from_str(&detail) {
+            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(&error)) {
                 headers.insert("cache-status", v);
             }
         }
         response
+    }
+
+    /// The JSON 200 answer rendered from `value`, from the memo when this target was last
+    /// rendered from the same value.
+    async fn represent<T: std::any::Any + Send + Sync>(
+        &self,
+        value: &Arc<T>,
+        render: impl FnOnce(&T) -> Vec<u8>,
+    ) -> Response<Body> {
+        self.shared
+            .renderings
+            .get_or_render(self.target, value, render)
+            .await
+            .response()
     }
 
     async fn listing(
@@ -119,8 +136,11 @@ impl Call<'_> {
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
         let (all, stale) = self.listing(ty, source).await?;
-        let page = all.iter().skip(offset).take(limit).collect::<Vec<_>>();
-        let mut response = json(StatusCode::OK, &page);
+        let mut response = self
+            .represent(&all, |all| {
+                to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>())
+            })
+            .await;
         response
             .headers_mut()
             .insert("x-total-count", HeaderValue::from(all.len()));
@@ -139,8 +159,10 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
-        let hits = search(&all, q, limit);
-        Ok(self.cacheable(json(StatusCode::OK, &hits), stale))
+        let response = self
+            .represent(&all, |all| to_json(&search(all, q, limit)))
+            .await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn get(&self, query: &Query) -> Result<Response<Body>, ApiError> {
@@ -148,7 +170,8 @@ impl Call<'_> {
         let source = query.parsed("source", str::parse::<Source>)?;
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        Ok(self.cacheable(json(StatusCode::OK, &*extension), stale))
+        let response = self.represent(&extension, to_json).await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
@@ -156,7 +179,8 @@ impl Call<'_> {
         let source = query.parsed("source", str::parse::<Source>)?;
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
-        Ok(self.cacheable(json(StatusCode::OK, &*versions), stale))
+        let response = self.represent(&versions, to_json).await;
+        Ok(self.cacheable(response, stale))
     }
 
     async fn download(&self, query: &Query) -> Result<Response<Body>, ApiError> {
@@ -184,13 +208,23 @@ impl Call<'_> {
     }
 }
 
-/// The entry counts of the caches in front of the backends.
-#[derive(Default, Serialize)]
-struct CacheStats {
-    list_entries: u64,
-    metadata_entries: u64,
-    version_entries: u64,
-    total_entries: u64,
+/// The RFC 9211 `Cache-Status` of an answer served stale: the cache asked the backends
+/// (`fwd=stale`), they failed with `fwd-status`, and the kept answer was served. `detail` is an
+/// sf-string: printable ASCII with `"` and `\` escaped.
+fn stale_cache_status(error: &RegistryError) -> String {
+    let status = ApiError::from(error.clone()).status.as_u16();
+    let mut detail = String::new();
+    for c in error.to_string().chars() {
+        match c {
+            '"' | '\\' => {
+                detail.push('\\');
+                detail.push(c);
+            }
+            ' '..='~' => detail.push(c),
+            _ => detail.push('?'),
+        }
+    }
+    format!("extension-registry; fwd=stale; fwd-status={status}; detail=\"{detail}\"")
 }
 
 /// The streamed download response.

@@ -4,6 +4,7 @@
 mod handlers;
 mod health;
 pub mod query;
+pub mod representation;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,9 +19,11 @@ use tower::Service;
 
 use crate::body::{self, Body};
 use crate::error::ApiError;
+use crate::middleware::cache::Caches;
 use crate::registry::BackendService;
 
 pub use self::health::HealthProbe;
+use self::representation::Renderings;
 
 /// The routes, matched on the path alone; each answers GET and HEAD.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,6 +124,10 @@ pub struct Shared {
     pub health: HealthProbe,
     /// Renders the Prometheus exposition for `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The registry's caches, for `/cache/stats`.
+    pub caches: Caches,
+    /// Rendered answers with their ETags and compressed forms.
+    pub renderings: Renderings,
     /// `max-age` of cacheable answers.
     pub max_age: Duration,
 }
@@ -169,6 +176,7 @@ impl<B> Service<Request<B>> for Router {
                 shared: &shared,
                 params,
                 query: uri.query(),
+                target: uri.path_and_query().map_or(path, |p| p.as_str()),
             };
             let mut response = match call.handle(route).await {
                 Ok(response) => response,

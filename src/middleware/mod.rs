@@ -1,6 +1,9 @@
 //! The project's own tower layers. Layers tower and tower-http provide are configured in
 //! `crate::stack` directly.
 
+pub mod cache;
 pub mod catch_panic;
+pub mod compression;
+pub mod conditional;
 pub mod request_id;
 pub mod rescue;

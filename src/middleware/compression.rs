@@ -1,0 +1,427 @@
+//! Response compression: gzip, brotli or zstd, chosen from `Accept-Encoding` with its
+//! q-values, for JSON and text only.
+//!
+//! Compressing a 30 KB listing costs about twenty times what serving it from the cache
+//! does, so rendered answers are compressed once: a response carrying an
+//! `Arc<Representation>` gets the representation's memoised compressed form (this layer).
+//! Everything else (errors, health, metrics text) goes through tower-http's streaming
+//! compression, which never sees artifact downloads (`application/octet-stream`: already
+//! compressed) nor bodies too small to gain.
+
+use std::fmt;
+use std::future::Future;
+use std::io::{self, Write};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use http::header::{
+    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, VARY,
+};
+use http::{Extensions, Method, Request, Response, StatusCode, Version};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
+use tower_http::compression::CompressionLayer;
+
+use crate::api::representation::Representation;
+use crate::body::{self, Body};
+
+/// Below this many bytes, compression saves less than it costs on either end.
+pub const MIN_SIZE: usize = 1024;
+
+/// A content coding this service produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Identity,
+    Gzip,
+    Brotli,
+    Zstd,
+}
+
+impl Coding {
+    /// The codings that compress, in the order preferred when the client rates them equally.
+    pub const COMPRESSED: [Coding; 3] = [Self::Brotli, Self::Gzip, Self::Zstd];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Identity => "identity",
+            Self::Gzip => "gzip",
+            Self::Brotli => "br",
+            Self::Zstd => "zstd",
+        }
+    }
+
+    fn named(name: &str) -> Option<Self> {
+        [Self::Identity, Self::Gzip, Self::Brotli, Self::Zstd]
+            .into_iter()
+            .find(|c| name.eq_ignore_ascii_case(c.as_str()))
+            .or_else(|| name.eq_ignore_ascii_case("x-gzip").then_some(Self::Gzip))
+    }
+}
+
+impl fmt::Display for Coding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The coding to answer with for an `Accept-Encoding` value (RFC 9110 §12.5.3): the
+/// compressing coding with the highest q-value, `*` standing for those not named; identity
+/// when it is rated higher than all of them, or nothing compressing is acceptable.
+pub fn negotiate(accept: &[u8]) -> Coding {
+    let Ok(accept) = std::str::from_utf8(accept) else {
+        return Coding::Identity;
+    };
+    // Per coding in `Coding::COMPRESSED` order, then identity: the q-value named for it.
+    let mut named: [Option<f32>; 4] = [None; 4];
+    let mut wildcard = None;
+    for item in accept.split(',') {
+        let mut parts = item.split(';');
+        let name = parts.next().unwrap_or_default().trim();
+        let mut q = 1.0;
+        for param in parts {
+            if let Some((k, v)) = param.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("q") {
+                    q = v.trim().parse::<f32>().unwrap_or(0.0).clamp(0.0, 1.0);
+                }
+            }
+        }
+        if name == "*" {
+            wildcard = Some(q);
+        } else if let Some(coding) = Coding::named(name) {
+            let slot = Coding::COMPRESSED
+                .iter()
+                .position(|c| *c == coding)
+                .unwrap_or(3);
+            named[slot] = Some(q);
+        }
+    }
+    let mut best = (Coding::Identity, named[3].unwrap_or(0.0));
+    for (coding, q) in Coding::COMPRESSED.into_iter().zip(named) {
+        let q = q.or(wildcard).unwrap_or(0.0);
+        if q > 0.0 && (q > best.1 || (q == best.1 && best.0 == Coding::Identity)) {
+            best = (coding, q);
+        }
+    }
+    best.0
+}
+
+/// Compresses `data` with `coding`, at levels meant for compressing once and serving often.
+pub fn encode(coding: Coding, data: &[u8]) -> io::Result<Vec<u8>> {
+    match coding {
+        Coding::Identity => Ok(data.to_vec()),
+        Coding::Gzip => {
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(data)?;
+            encoder.finish()
+        }
+        Coding::Brotli => {
+            let params = brotli::enc::BrotliEncoderParams {
+                quality: 6,
+                size_hint: data.len(),
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            brotli::BrotliCompress(&mut &data[..], &mut out, &params)?;
+            Ok(out)
+        }
+        Coding::Zstd => zstd::bulk::compress(data, 3),
+    }
+}
+
+/// An entity-tag's text (between the quotes) with this layer's coding suffix removed, so a
+/// validator of a compressed form matches its identity form (`abc-gzip` → `abc`).
+pub fn without_coding(tag: &str) -> &str {
+    Coding::COMPRESSED
+        .iter()
+        .find_map(|c| tag.strip_suffix(c.as_str())?.strip_suffix('-'))
+        .unwrap_or(tag)
+}
+
+/// tower-http's streaming compression for responses without a representation: not for
+/// downloads, not for small bodies, not for what `PrecompressedLayer` already serves.
+pub fn streaming() -> CompressionLayer<impl Predicate> {
+    fn not_precomputed(_: StatusCode, _: Version, _: &HeaderMap, ext: &Extensions) -> bool {
+        ext.get::<Arc<Representation>>().is_none()
+    }
+    CompressionLayer::new().compress_when(
+        SizeAbove::new(MIN_SIZE as u64)
+            .and(NotForContentType::const_new("application/octet-stream"))
+            .and(not_precomputed),
+    )
+}
+
+/// Serves the memoised compressed form of responses carrying a representation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrecompressedLayer;
+
+impl<S> Layer<S> for PrecompressedLayer {
+    type Service = Precompressed<S>;
+
+    fn layer(&self, inner: S) -> Precompressed<S> {
+        Precompressed { inner }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Precompressed<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for Precompressed<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        ResponseFuture {
+            accept: req.headers().get(ACCEPT_ENCODING).cloned(),
+            head: req.method() == Method::HEAD,
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        // The request's `Accept-Encoding`.
+        accept: Option<HeaderValue>,
+        // A HEAD answer gets the headers of the chosen form but no body.
+        head: bool,
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        Poll::Ready(Ok(precompressed(
+            response,
+            this.accept.as_ref(),
+            *this.head,
+        )))
+    }
+}
+
+fn precompressed(
+    mut response: Response<Body>,
+    accept: Option<&HeaderValue>,
+    head: bool,
+) -> Response<Body> {
+    let Some(representation) = response.extensions().get::<Arc<Representation>>().cloned() else {
+        return response;
+    };
+    let status = response.status();
+    let headers = response.headers_mut();
+    if headers.contains_key(CONTENT_ENCODING)
+        || !(status == StatusCode::OK || status == StatusCode::NOT_MODIFIED)
+    {
+        return response;
+    }
+    let varies = headers
+        .get_all(VARY)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"accept-encoding"));
+    if !varies {
+        headers.append(VARY, HeaderValue::from_static("accept-encoding"));
+    }
+    let coding = accept.map_or(Coding::Identity, |a| negotiate(a.as_bytes()));
+    if coding == Coding::Identity || representation.json().len() < MIN_SIZE {
+        return response;
+    }
+    let Some(form) = representation.encoded(coding) else {
+        return response;
+    };
+    headers.insert(ETAG, form.etag.clone());
+    if status == StatusCode::OK {
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.as_str()));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(form.bytes.len()));
+        if !head {
+            *response.body_mut() = body::full(form.bytes.clone());
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use http::header::CONTENT_TYPE;
+    use http_body_util::BodyExt;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    use super::*;
+    use crate::BoxError;
+
+    #[test]
+    fn negotiation_honours_q_values() {
+        let cases = [
+            ("", Coding::Identity),
+            ("gzip", Coding::Gzip),
+            ("x-gzip", Coding::Gzip),
+            ("gzip, deflate, br, zstd", Coding::Brotli),
+            ("gzip;q=1.0, br;q=0.8", Coding::Gzip),
+            ("br;q=0, gzip;q=0.2", Coding::Gzip),
+            ("zstd, gzip;q=0.9", Coding::Zstd),
+            ("*", Coding::Brotli),
+            ("*;q=0.5, br;q=0, GZIP;Q=0.5", Coding::Gzip),
+            ("identity", Coding::Identity),
+            ("gzip;q=0.3, identity;q=0.5", Coding::Identity),
+            ("gzip;q=0", Coding::Identity),
+            ("deflate, compress", Coding::Identity),
+            ("gzip;q=nonsense", Coding::Identity),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(negotiate(accept.as_bytes()), expected, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn coding_suffixes_come_off_validators() {
+        assert_eq!(without_coding("abc-gzip"), "abc");
+        assert_eq!(without_coding("abc-br"), "abc");
+        assert_eq!(without_coding("abc-zstd"), "abc");
+        assert_eq!(without_coding("abcgzip"), "abcgzip");
+        assert_eq!(without_coding("abc"), "abc");
+    }
+
+    fn big_json() -> Vec<u8> {
+        serde_json::to_vec(&vec!["provider/aws"; 500]).unwrap()
+    }
+
+    /// The compression stack as `stack::app` builds it, over a handler answering `/rendered`
+    /// with a representation, `/download` with octet-stream bytes and anything else with
+    /// plain JSON.
+    fn app(
+        representation: Arc<Representation>,
+    ) -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
+        ServiceBuilder::new()
+            .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+            .layer(streaming())
+            .layer(PrecompressedLayer)
+            .service(tower::service_fn(move |req: Request<()>| {
+                let representation = representation.clone();
+                async move {
+                    let mut response = match req.uri().path() {
+                        "/rendered" => return Ok::<_, BoxError>(representation.response()),
+                        "/download" => Response::new(body::full(big_json())),
+                        _ => Response::new(body::full(serde_json::to_vec(&vec!["x"; 500])?)),
+                    };
+                    let content_type = match req.uri().path() {
+                        "/download" => "application/octet-stream",
+                        _ => "application/json",
+                    };
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+                    Ok(response)
+                }
+            }))
+    }
+
+    async fn get(
+        app: impl Service<Request<()>, Response = Response<Body>, Error = BoxError>,
+        path: &str,
+        accept: &str,
+    ) -> (http::response::Parts, bytes::Bytes) {
+        let req = Request::get(path)
+            .header(ACCEPT_ENCODING, accept)
+            .body(())
+            .unwrap();
+        let (parts, body) = app.oneshot(req).await.unwrap().into_parts();
+        (parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    fn gunzip(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut out)
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn a_rendered_answer_is_compressed_once_and_served_from_its_memo() {
+        let representation = Arc::new(Representation::new(big_json()));
+        let app = app(representation.clone());
+        let (first, body) = get(app.clone(), "/rendered", "gzip, br;q=0.5").await;
+        assert_eq!(first.headers[CONTENT_ENCODING], "gzip");
+        assert_eq!(first.headers[VARY], "accept-encoding");
+        assert_eq!(first.headers[CONTENT_LENGTH], body.len().to_string());
+        let tag = representation
+            .etag()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('"');
+        assert_eq!(first.headers[ETAG], format!("{tag}-gzip\""));
+        assert_eq!(gunzip(&body), big_json());
+
+        let memo = representation.encoded(Coding::Gzip).unwrap().bytes.as_ptr();
+        let (_, again) = get(app.clone(), "/rendered", "gzip").await;
+        assert_eq!(
+            again.as_ptr(),
+            memo,
+            "served the memoised bytes, not a new compression"
+        );
+
+        let (br, body) = get(app.clone(), "/rendered", "br").await;
+        assert_eq!(br.headers[CONTENT_ENCODING], "br");
+        let mut plain = Vec::new();
+        brotli::BrotliDecompress(&mut &body[..], &mut plain).unwrap();
+        assert_eq!(plain, big_json());
+
+        let (identity, body) = get(app, "/rendered", "identity").await;
+        assert!(identity.headers.get(CONTENT_ENCODING).is_none());
+        assert_eq!(identity.headers[VARY], "accept-encoding");
+        assert_eq!(identity.headers[ETAG], representation.etag());
+        assert_eq!(body, big_json());
+    }
+
+    #[tokio::test]
+    async fn downloads_stay_as_they_are_and_other_json_is_streamed_compressed() {
+        let app = app(Arc::new(Representation::new(big_json())));
+        let (download, body) = get(app.clone(), "/download", "gzip").await;
+        assert!(download.headers.get(CONTENT_ENCODING).is_none());
+        assert_eq!(body, big_json());
+
+        let (other, body) = get(app.clone(), "/other", "gzip").await;
+        assert_eq!(other.headers[CONTENT_ENCODING], "gzip");
+        assert_eq!(gunzip(&body), serde_json::to_vec(&vec!["x"; 500]).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_304_carries_the_validator_of_the_negotiated_form() {
+        let representation = Arc::new(Representation::new(big_json()));
+        let answer = representation.clone();
+        let not_modified = PrecompressedLayer.layer(tower::service_fn(move |_: Request<()>| {
+            let mut response = answer.response();
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            *response.body_mut() = body::empty();
+            async move { Ok::<_, BoxError>(response) }
+        }));
+        let (parts, body) = get(not_modified, "/rendered", "gzip").await;
+        assert_eq!(parts.status, StatusCode::NOT_MODIFIED);
+        assert!(body.is_empty());
+        assert!(parts.headers.get(CONTENT_ENCODING).is_none());
+        let gzip = representation.encoded(Coding::Gzip).unwrap();
+        assert_eq!(parts.headers[ETAG], gzip.etag);
+    }
+}
