@@ -2,5 +2,6 @@
 //! `crate::stack` directly.
 
 pub mod catch_panic;
+pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;
