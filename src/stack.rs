@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use tower::limit::ConcurrencyLimitLayer;
 use tower::load_shed::LoadShedLayer;
 use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -18,7 +18,9 @@ use tower_http::trace::TraceLayer;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
+use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::catch_panic::CatchPanicLayer;
+use crate::middleware::metrics::HttpMetricsLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::rescue::RescueLayer;
@@ -30,6 +32,15 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 
 /// Builds the application around the given backends (in precedence order).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    // Per-backend metrics between the merge and each backend, so each backend's calls,
+    // outcomes, latency and download bytes are seen as that backend answered them.
+    let backends = backends
+        .into_iter()
+        .map(|(source, backend)| {
+            let measured = BackendMetricsLayer::new(source).layer(backend);
+            (source, BackendService::new(measured))
+        })
+        .collect();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
@@ -38,8 +49,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // single-flight, negative caching and stale-if-error; above the merge so one cached
         // answer serves every backend combination.
         //
-        // Fans out over the backends and merges their answers.
-        // [middleware issue] per-backend metrics go between the merge and each backend.
+        // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
 
@@ -66,8 +76,9 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .on_response(telemetry::log_response)
                 .on_failure(()),
         )
-        // [middleware issue] HTTP metrics: here, so they see every final status, 429s included.
-        //
+        // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
+        // preflights included, each labelled by route template.
+        .layer(HttpMetricsLayer::new())
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work.

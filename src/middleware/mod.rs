@@ -1,7 +1,9 @@
 //! The project's own tower layers. Layers tower and tower-http provide are configured in
 //! `crate::stack` directly.
 
+pub mod backend_metrics;
 pub mod catch_panic;
+pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;
