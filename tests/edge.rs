@@ -113,6 +113,8 @@ async fn configured_origins_are_the_only_ones_allowed() {
         header(&allowed, "access-control-allow-origin"),
         "https://app.example.com"
     );
+    // Shared caches must not hand one origin's answer to another.
+    assert!(header(&allowed, "vary").contains("origin"));
     let mut other = get("/api/v1/extensions");
     other
         .headers_mut()
