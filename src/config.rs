@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub local: Option<LocalConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
 }
 
 /// `[server]`: the listening socket and the HTTP edge.
@@ -58,6 +61,9 @@ pub struct ServerConfig {
     pub shutdown_grace_seconds: u64,
     /// Longest time one request may take before it is answered 504.
     pub request_timeout_seconds: u64,
+    /// Most requests being worked on at once; beyond it requests are answered 503 at once
+    /// instead of queueing behind slow backends.
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +77,7 @@ impl Default for ServerConfig {
             enable_compression: true,
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 30,
+            max_concurrent_requests: 1024,
         }
     }
 }
@@ -180,6 +187,64 @@ impl Default for CacheConfig {
     }
 }
 
+/// `[rate_limit]`: requests per client, refused with 429 beyond the quota.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// On by default: the service is meant to be reachable publicly, and one client must not
+    /// be able to starve the others or hammer the backends.
+    pub enabled: bool,
+    /// Sustained requests per second one client may make.
+    pub requests_per_second: NonZeroU32,
+    /// Requests one client may make at once after being idle.
+    pub burst: NonZeroU32,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers name the client; from any other
+    /// peer those headers are ignored, so clients cannot pick their own key.
+    pub trusted_proxies: Vec<TrustedProxy>,
+    /// Paths never limited, so probes and scrapes keep working under load.
+    pub exempt_paths: Vec<String>,
+    /// Most clients tracked at once; beyond it new clients share one quota, so a flood of
+    /// distinct addresses cannot grow memory without limit.
+    pub max_clients: usize,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            requests_per_second: const { NonZeroU32::new(50).unwrap() },
+            burst: const { NonZeroU32::new(100).unwrap() },
+            trusted_proxies: Vec::new(),
+            exempt_paths: ["/api/v1/health", "/livez", "/readyz", "/api/v1/metrics"]
+                .map(String::from)
+                .to_vec(),
+            max_clients: 65_536,
+        }
+    }
+}
+
+/// One `trusted_proxies` entry: a CIDR, or a bare address meaning a network of one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct TrustedProxy(pub ipnet::IpNet);
+
+impl TryFrom<String> for TrustedProxy {
+    type Error = String;
+
+    fn try_from(entry: String) -> Result<Self, String> {
+        entry
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| entry.parse::<IpAddr>().map(ipnet::IpNet::from))
+            .map(|net| Self(net.trunc()))
+            .map_err(|_| {
+                format!(
+                    "trusted_proxies: '{entry}' is neither an address nor a CIDR \
+                     (e.g. \"10.0.0.0/8\", \"192.0.2.7\", \"fd00::/8\")"
+                )
+            })
+    }
+}
+
 fn default_backend_timeout() -> u64 {
     30
 }
@@ -256,6 +321,10 @@ impl Config {
             "[server] request_timeout_seconds",
             self.server.request_timeout_seconds,
         )?;
+        positive(
+            "[server] max_concurrent_requests",
+            self.server.max_concurrent_requests as u64,
+        )?;
         positive("[cache] capacity", self.cache.capacity)?;
         positive("[cache] ttl_seconds", self.cache.ttl_seconds)?;
         if let Some(origin) = self
@@ -266,6 +335,24 @@ impl Config {
         {
             return Err(format!(
                 "[server] cors_allowed_origins: '{origin}' is not a valid origin (e.g. \"https://app.example.com\")"
+            ));
+        }
+        if let Some(origin) = self
+            .server
+            .cors_allowed_origins
+            .iter()
+            .find(|o| *o != "*" && (o.ends_with('/') || !o.contains("://")))
+        {
+            return Err(format!(
+                "[server] cors_allowed_origins: '{origin}' is not an origin: write scheme://host[:port] \
+                 without a path or trailing slash (e.g. \"https://app.example.com\"), or \"*\" for any"
+            ));
+        }
+        let limit = &self.rate_limit;
+        positive("[rate_limit] max_clients", limit.max_clients as u64)?;
+        if let Some(path) = limit.exempt_paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(format!(
+                "[rate_limit] exempt_paths: '{path}' must be a path starting with '/' (e.g. \"/livez\")"
             ));
         }
         if let Some(g) = &self.gitea {

@@ -111,6 +111,7 @@ async fn serve(config: Config, check_only: bool) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(address = %bound, version = env!("CARGO_PKG_VERSION"), "listening");
+    tokio::spawn(telemetry::metrics_upkeep());
     server::run(
         listener,
         app,

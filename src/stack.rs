@@ -4,21 +4,28 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH};
+use http::{Method, Request, Response};
 use http_body_util::BodyExt;
+use tower::limit::ConcurrencyLimitLayer;
+use tower::load_shed::LoadShedLayer;
 use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
+use tower::{Layer, ServiceBuilder};
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
-use crate::config::Config;
+use crate::config::{Config, ServerConfig};
+use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::compression::{self, PrecompressedLayer};
 use crate::middleware::conditional::ConditionalLayer;
+use crate::middleware::metrics::HttpMetricsLayer;
+use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::RequestIds;
 use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
@@ -31,6 +38,15 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
+    // Per-backend metrics between the merge and each backend, so each backend's calls,
+    // outcomes, latency and download bytes are seen as that backend answered them.
+    let backends = backends
+        .into_iter()
+        .map(|(source, backend)| {
+            let measured = BackendMetricsLayer::new(source).layer(backend);
+            (source, BackendService::new(measured))
+        })
+        .collect();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
@@ -41,8 +57,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // combination.
         .layer(CacheLayer::new(caches.clone()))
         //
-        // Fans out over the backends and merges their answers.
-        // [middleware issue] per-backend metrics go between the merge and each backend.
+        // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
 
@@ -74,16 +89,18 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .on_response(telemetry::log_response)
                 .on_failure(()),
         )
-        // [middleware issue] HTTP metrics: here, so they see every final status, 429s included.
-        //
+        // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
+        // preflights included, each labelled by route template.
+        .layer(HttpMetricsLayer::new())
+        // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
+        // CORS headers too and browsers can read them; preflights are answered here, before
+        // the rate limit and any work.
+        .option_layer(config.server.enable_cors.then(|| cors(&config.server)))
         // Below this, services fail with BoxError; above it, the service is Infallible and
         // every failure is a JSON error response.
         .layer(RescueLayer)
         // A panic in a handler becomes a 500 JSON answer instead of a dropped connection.
         .layer(CatchPanicLayer)
-        // [middleware issue] CORS here, above the rate limit, so 429s and errors carry CORS
-        // headers.
-        //
         // Compression: below CORS so CORS headers are added to the final response either way,
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
         // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
@@ -95,9 +112,20 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .layer(PrecompressedLayer)
                 .into_inner()
         }))
-        // [middleware issue] the rate limit, before any work is done; then load shedding at
-        // the concurrency limit.
-        //
+        // Refuses clients over their quota with 429 before any work is done for them; above
+        // the concurrency limit so a flooding client cannot take the others' slots.
+        .option_layer(
+            config
+                .rate_limit
+                .enabled
+                .then(|| RateLimitLayer::new(&config.rate_limit)),
+        )
+        // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
+        // behind slow backends; the limit counts requests until their response head.
+        .layer(LoadShedLayer::new())
+        .layer(ConcurrencyLimitLayer::new(
+            config.server.max_concurrent_requests,
+        ))
         // Bounds the time to the response head (not the streaming of a download's body): 504.
         .layer(tower::timeout::TimeoutLayer::new(
             config.server.request_timeout(),
@@ -107,4 +135,35 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         .layer(ConditionalLayer)
         .service(router);
     BoxCloneSyncService::new(service)
+}
+
+/// CORS for a read-only public API: GET and HEAD from the configured origins (any by
+/// default), no credentials, and the response headers clients need readable.
+fn cors(server: &ServerConfig) -> CorsLayer {
+    let origins = &server.cors_allowed_origins;
+    let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow_origin)
+        .allow_methods([Method::GET, Method::HEAD])
+        .allow_headers([IF_NONE_MATCH, HeaderName::from_static("x-request-id")])
+        .expose_headers(
+            [
+                "x-total-count",
+                "etag",
+                "retry-after",
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "ratelimit-reset",
+                "x-request-id",
+                "cache-status",
+                "content-disposition",
+            ]
+            .map(HeaderName::from_static),
+        )
+        // Browsers cache the preflight answer (Chromium caps this at two hours).
+        .max_age(Duration::from_secs(86_400))
 }

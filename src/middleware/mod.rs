@@ -1,9 +1,12 @@
 //! The project's own tower layers. Layers tower and tower-http provide are configured in
 //! `crate::stack` directly.
 
+pub mod backend_metrics;
 pub mod cache;
 pub mod catch_panic;
 pub mod compression;
 pub mod conditional;
+pub mod metrics;
+pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;

@@ -1,0 +1,276 @@
+//! Per-backend metrics, between the merge and each backend: how often each backend is asked
+//! what, how it answers and how long it takes; the bytes of the downloads it streams, counted
+//! as they pass; and the extensions its listings return.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::registry::{
+    ArtifactBody, BackendRequest, BackendResponse, Extension, ExtensionType, RegistryError, Source,
+};
+use crate::BoxError;
+
+/// Counter of calls to a backend, by backend, operation and outcome.
+pub const BACKEND_REQUESTS_TOTAL: &str = "backend_requests_total";
+/// Histogram of the time a backend took to answer, by backend, operation and outcome.
+pub const BACKEND_REQUEST_DURATION_SECONDS: &str = "backend_request_duration_seconds";
+/// Counter of artifact bytes streamed from a backend, by backend.
+pub const DOWNLOAD_BYTES_TOTAL: &str = "download_bytes_total";
+/// Counter of the extensions backend listings returned, by backend and type.
+pub const EXTENSIONS_TOTAL: &str = "extensions_total";
+
+fn operation(req: &BackendRequest) -> &'static str {
+    match req {
+        BackendRequest::List(_) => "list",
+        BackendRequest::Get { .. } => "get",
+        BackendRequest::Versions { .. } => "versions",
+        BackendRequest::Download { .. } => "download",
+        BackendRequest::Health => "health",
+    }
+}
+
+fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(RegistryError::NotFound(_)) => "not_found",
+        Err(
+            RegistryError::InvalidType(_)
+            | RegistryError::InvalidName
+            | RegistryError::InvalidVersion
+            | RegistryError::InvalidParameter { .. },
+        ) => "invalid",
+        Err(RegistryError::BackendUnavailable { .. }) => "unavailable",
+        Err(RegistryError::BackendAuthFailed { .. }) => "auth_failed",
+        Err(RegistryError::BackendTimeout { .. }) => "timeout",
+        Err(RegistryError::Internal(_)) => "internal",
+    }
+}
+
+/// Adds [`BackendMetrics`] to one backend.
+#[derive(Clone, Copy, Debug)]
+pub struct BackendMetricsLayer {
+    backend: Source,
+}
+
+impl BackendMetricsLayer {
+    pub fn new(backend: Source) -> Self {
+        Self { backend }
+    }
+}
+
+impl<S> Layer<S> for BackendMetricsLayer {
+    type Service = BackendMetrics<S>;
+
+    fn layer(&self, inner: S) -> BackendMetrics<S> {
+        BackendMetrics {
+            inner,
+            backend: self.backend,
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone, Debug)]
+pub struct BackendMetrics<S> {
+    inner: S,
+    /// The `backend` label.
+    backend: Source,
+}
+
+impl<S> Service<BackendRequest> for BackendMetrics<S>
+where
+    S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
+{
+    type Response = BackendResponse;
+    type Error = RegistryError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: BackendRequest) -> Self::Future {
+        ResponseFuture {
+            backend: self.backend,
+            operation: operation(&req),
+            start: Instant::now(),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        backend: Source,
+        operation: &'static str,
+        start: Instant,
+    }
+}
+
+impl<F> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<BackendResponse, RegistryError>>,
+{
+    type Output = Result<BackendResponse, RegistryError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let backend = this.backend.as_str();
+        let labels = [
+            ("backend", backend),
+            ("operation", *this.operation),
+            ("outcome", outcome(&result)),
+        ];
+        metrics::counter!(BACKEND_REQUESTS_TOTAL, &labels).increment(1);
+        metrics::histogram!(BACKEND_REQUEST_DURATION_SECONDS, &labels).record(this.start.elapsed());
+        Poll::Ready(result.map(|response| match response {
+            BackendResponse::List(list) => {
+                count_extensions(backend, &list);
+                BackendResponse::List(list)
+            }
+            BackendResponse::Artifact(mut artifact) => {
+                artifact.body = CountingBody {
+                    inner: artifact.body,
+                    bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend),
+                }
+                .boxed_unsync();
+                BackendResponse::Artifact(artifact)
+            }
+            other => other,
+        }))
+    }
+}
+
+fn count_extensions(backend: &'static str, list: &[Extension]) {
+    for ty in ExtensionType::ALL {
+        let n = list.iter().filter(|e| e.ty == ty).count();
+        if n > 0 {
+            metrics::counter!(EXTENSIONS_TOTAL, "backend" => backend, "type" => ty.as_str())
+                .increment(n as u64);
+        }
+    }
+}
+
+pin_project! {
+    /// A download body that counts its bytes as they stream, so aborted and partial downloads
+    /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing.
+    struct CountingBody {
+        #[pin]
+        inner: ArtifactBody,
+        bytes: metrics::Counter,
+    }
+}
+
+impl http_body::Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
+            this.bytes.increment(data.len() as u64);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Artifact, ExtensionKey, ExtensionName, VersionSelector};
+    use crate::telemetry;
+    use tower::ServiceExt;
+
+    fn key() -> ExtensionKey {
+        ExtensionKey {
+            ty: ExtensionType::Provider,
+            name: ExtensionName::parse("aws").unwrap(),
+        }
+    }
+
+    async fn backend(req: BackendRequest) -> Result<BackendResponse, RegistryError> {
+        match req {
+            BackendRequest::Download { .. } => {
+                let chunks =
+                    ["abc", "defg"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c))));
+                let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+                Ok(BackendResponse::Artifact(Artifact {
+                    filename: "aws.tar.gz".into(),
+                    content_length: Some(1000),
+                    body: body.boxed_unsync(),
+                }))
+            }
+            BackendRequest::Get { .. } => Err(RegistryError::BackendTimeout {
+                backend: Source::Oci,
+            }),
+            _ => Err(RegistryError::not_found(key())),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_are_counted_per_backend_operation_and_outcome() {
+        let recorder = telemetry::recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let service = BackendMetricsLayer::new(Source::Oci).layer(tower::service_fn(backend));
+
+        let get = BackendRequest::Get {
+            key: key(),
+            source: None,
+        };
+        assert!(service.clone().oneshot(get).await.is_err());
+        let versions = BackendRequest::Versions {
+            key: key(),
+            source: None,
+        };
+        assert!(service.clone().oneshot(versions).await.is_err());
+        let download = BackendRequest::Download {
+            key: key(),
+            version: VersionSelector::Latest,
+            source: None,
+        };
+        let response = service.clone().oneshot(download).await.unwrap();
+        let body = response.into_artifact().unwrap().body;
+        // Nothing is counted before the bytes stream, and then what streamed, not the
+        // announced length.
+        assert!(handle
+            .render()
+            .contains(r#"download_bytes_total{backend="oci"} 0"#));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdefg");
+
+        let text = handle.render();
+        for line in [
+            r#"backend_requests_total{backend="oci",operation="get",outcome="timeout"} 1"#,
+            r#"backend_requests_total{backend="oci",operation="versions",outcome="not_found"} 1"#,
+            r#"backend_requests_total{backend="oci",operation="download",outcome="ok"} 1"#,
+            r#"backend_request_duration_seconds_count{backend="oci",operation="get",outcome="timeout"} 1"#,
+            r#"download_bytes_total{backend="oci"} 7"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.contains("# TYPE backend_request_duration_seconds histogram"));
+    }
+}

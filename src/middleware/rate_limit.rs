@@ -1,0 +1,713 @@
+//! Rate limiting per client: a GCRA quota (governor) keyed by the client's address. Over the
+//! quota the request is answered 429 from `call`, so nothing below does any work for it.
+//!
+//! The client is the connecting peer (`server::PeerAddr`), unless the peer is a trusted proxy:
+//! then the right-most address in `X-Forwarded-For` (or `Forwarded`) that is not itself a
+//! trusted proxy, so a client cannot choose its key by prepending addresses. IPv6 clients are
+//! keyed by their /64, since one host usually holds a whole /64.
+//!
+//! The per-client state is bounded: it is swept of idle clients at most once a second, and at
+//! `max_clients` new clients share one overflow quota instead of getting their own entry.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Add;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock, Reference};
+use governor::middleware::StateInformationMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
+use governor::{Quota, RateLimiter};
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use ipnet::IpNet;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::body::Body;
+use crate::config::RateLimitConfig;
+use crate::error::ApiError;
+use crate::server::PeerAddr;
+
+/// Counter of requests refused with 429.
+pub const RATE_LIMITED_TOTAL: &str = "rate_limited_total";
+
+/// How often idle clients are forgotten, at most.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The key of requests that arrive without a peer address (in-process callers): one shared
+/// quota, so they are limited too.
+const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+
+/// The key new clients share once `max_clients` are tracked; no real client has it.
+const OVERFLOW_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Governor's clock reading tokio's time, so the limiter follows `tokio::time::pause()` and
+/// `advance()` in tests like every other timed thing here.
+#[derive(Clone, Copy, Debug, Default)]
+struct TokioClock;
+
+/// A reading of [`TokioClock`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct TokioInstant(tokio::time::Instant);
+
+impl Add<Nanos> for TokioInstant {
+    type Output = Self;
+
+    fn add(self, nanos: Nanos) -> Self {
+        Self(self.0 + Duration::from(nanos))
+    }
+}
+
+impl Reference for TokioInstant {
+    fn duration_since(&self, earlier: Self) -> Nanos {
+        self.0.saturating_duration_since(earlier.0).into()
+    }
+
+    fn saturating_sub(&self, nanos: Nanos) -> Self {
+        self.0.checked_sub(nanos.into()).map_or(*self, Self)
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = TokioInstant;
+
+    fn now(&self) -> TokioInstant {
+        TokioInstant(tokio::time::Instant::now())
+    }
+}
+
+/// Governor's map of client states with a cap on the number of clients.
+struct BoundedStore {
+    /// One GCRA state per client key.
+    clients: DashMapStateStore<IpAddr>,
+    /// Beyond this many clients, new ones are keyed as [`OVERFLOW_CLIENT`].
+    max_clients: usize,
+}
+
+impl StateStore for BoundedStore {
+    type Key = IpAddr;
+
+    fn measure_and_replace<T, F, E>(&self, key: &IpAddr, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        // Known clients take one lookup more; only new ones pay for counting the map.
+        let key = if !self.clients.contains_key(key) && self.clients.len() >= self.max_clients {
+            &OVERFLOW_CLIENT
+        } else {
+            key
+        };
+        self.clients.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<IpAddr> for BoundedStore {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.clients.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.clients.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+type Limiter = RateLimiter<IpAddr, BoundedStore, TokioClock, StateInformationMiddleware>;
+
+/// What every clone of the layer shares.
+struct Limits {
+    limiter: Limiter,
+    /// The burst, advertised as `RateLimit-Limit`.
+    limit: u32,
+    /// Time to earn back one request.
+    per_request: Duration,
+    /// Peers whose forwarding headers are believed.
+    trusted: Vec<IpNet>,
+    /// Paths never limited.
+    exempt: Vec<String>,
+    /// When idle clients were last forgotten, in nanoseconds since `epoch`.
+    last_sweep: AtomicU64,
+    /// The origin of `last_sweep`.
+    epoch: tokio::time::Instant,
+    /// Whether the hint about forwarding headers from untrusted peers was logged.
+    hinted: AtomicBool,
+}
+
+/// The quota state a response reports in `RateLimit-*` headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Quotas {
+    limit: u32,
+    remaining: u32,
+    /// Whole seconds until the full burst is available again.
+    reset: u64,
+}
+
+fn whole_seconds_up(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl Quotas {
+    fn insert_into(self, headers: &mut HeaderMap) {
+        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        headers.insert(
+            RATELIMIT_REMAINING.clone(),
+            HeaderValue::from(self.remaining),
+        );
+        headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset));
+    }
+}
+
+/// What the limiter decided for one request.
+enum Decision {
+    Exempt,
+    Allowed(Quotas),
+    Refused { quotas: Quotas, retry_after: u64 },
+}
+
+impl Limits {
+    fn new(config: &RateLimitConfig) -> Self {
+        let burst = config.burst;
+        let quota = Quota::per_second(config.requests_per_second).allow_burst(burst);
+        let store = BoundedStore {
+            clients: DashMapStateStore::default(),
+            max_clients: config.max_clients,
+        };
+        Self {
+            limiter: RateLimiter::new(quota, store, TokioClock),
+            limit: burst.get(),
+            per_request: quota.replenish_interval(),
+            trusted: config.trusted_proxies.iter().map(|p| p.0).collect(),
+            exempt: config.exempt_paths.clone(),
+            last_sweep: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            hinted: AtomicBool::new(false),
+        }
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: see the module documentation.
+    fn client<B>(&self, req: &Request<B>) -> IpAddr {
+        let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() else {
+            return UNKNOWN_CLIENT;
+        };
+        let peer = peer.ip().to_canonical();
+        let headers = req.headers();
+        let forwarded_for = headers.contains_key(&X_FORWARDED_FOR);
+        if !self.is_trusted(peer) {
+            if self.trusted.is_empty()
+                && (forwarded_for || headers.contains_key(&FORWARDED))
+                && !self.hinted.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    %peer,
+                    "requests carry X-Forwarded-For/Forwarded but [rate_limit] trusted_proxies is \
+                     empty: clients are keyed by the connecting address; list your reverse \
+                     proxy in trusted_proxies if one fronts this service"
+                );
+            }
+            return peer;
+        }
+        let hops = if forwarded_for {
+            forwarded_chain(headers, &X_FORWARDED_FOR, x_forwarded_for_hops)
+        } else {
+            forwarded_chain(headers, &FORWARDED, forwarded_hops)
+        };
+        // Walk from the nearest hop outwards: the first one that is not a trusted proxy is the
+        // client. A hop that is not an address ("unknown", an obfuscated name) ends the walk
+        // at the trusted proxy that reported it.
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                Some(ip) if self.is_trusted(ip) => client = ip,
+                Some(ip) => return ip,
+                None => return client,
+            }
+        }
+        client
+    }
+
+    /// Forgets clients whose quota is full again, at most once per [`SWEEP_INTERVAL`].
+    fn sweep_if_due(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        let due = now.saturating_sub(last) >= SWEEP_INTERVAL.as_nanos() as u64;
+        if due
+            && self
+                .last_sweep
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+        }
+    }
+
+    fn decide<B>(&self, req: &Request<B>) -> Decision {
+        let path = req.uri().path();
+        if self.exempt.iter().any(|p| p == path) {
+            return Decision::Exempt;
+        }
+        self.sweep_if_due();
+        let key = client_key(self.client(req));
+        match self.limiter.check_key(&key) {
+            Ok(state) => {
+                let remaining = state.remaining_burst_capacity();
+                let used = self.limit.saturating_sub(remaining);
+                Decision::Allowed(Quotas {
+                    limit: self.limit,
+                    remaining,
+                    reset: whole_seconds_up(self.per_request * used),
+                })
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.limiter.clock().now());
+                let retry_after = whole_seconds_up(wait).max(1);
+                let full = wait + self.per_request * (self.limit - 1);
+                Decision::Refused {
+                    quotas: Quotas {
+                        limit: self.limit,
+                        remaining: 0,
+                        reset: whole_seconds_up(full).max(retry_after),
+                    },
+                    retry_after,
+                }
+            }
+        }
+    }
+}
+
+/// The key a client is limited by: IPv6 addresses by their /64.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        v4 => v4,
+    }
+}
+
+/// Every hop named by the `name` header lines, left (farthest) to right (nearest); `None` for
+/// a hop that is not an address.
+fn forwarded_chain<'h>(
+    headers: &'h HeaderMap,
+    name: &HeaderName,
+    hops: fn(&'h str) -> Vec<Option<IpAddr>>,
+) -> Vec<Option<IpAddr>> {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|line| match line.to_str() {
+            Ok(text) => hops(text),
+            Err(_) => vec![None],
+        })
+        .collect()
+}
+
+/// `X-Forwarded-For: 203.0.113.7, 10.0.0.2` (some proxies add ports).
+fn x_forwarded_for_hops(line: &str) -> Vec<Option<IpAddr>> {
+    line.split(',').map(|hop| parse_hop(hop.trim())).collect()
+}
+
+/// `Forwarded: for=203.0.113.7;proto=https, for="[2001:db8::1]:4711"` (RFC 7239).
+fn forwarded_hops(line: &str) -> Vec<Option<IpAddr>> {
+    line.split(',')
+        .map(|element| {
+            element
+                .split(';')
+                .filter_map(|pair| pair.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("for"))
+                .and_then(|(_, value)| parse_hop(value.trim().trim_matches('"')))
+        })
+        .collect()
+}
+
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            hop.strip_prefix('[')
+                .and_then(|rest| rest.split_once(']'))
+                .and_then(|(v6, _)| v6.parse::<Ipv6Addr>().ok())
+                .map(IpAddr::V6)
+        })?;
+    Some(ip.to_canonical())
+}
+
+/// Adds [`RateLimit`] to a stack.
+#[derive(Clone)]
+pub struct RateLimitLayer {
+    limits: Arc<Limits>,
+}
+
+impl RateLimitLayer {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        // Registered at zero so the series exists before the first refusal.
+        metrics::counter!(RATE_LIMITED_TOTAL).increment(0);
+        Self {
+            limits: Arc::new(Limits::new(config)),
+        }
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit {
+            inner,
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct RateLimit<S> {
+    inner: S,
+    limits: Arc<Limits>,
+}
+
+impl<S, B> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        match self.limits.decide(&req) {
+            Decision::Exempt => ResponseFuture::Passed {
+                inner: self.inner.call(req),
+                quotas: None,
+            },
+            Decision::Allowed(quotas) => ResponseFuture::Passed {
+                inner: self.inner.call(req),
+                quotas: Some(quotas),
+            },
+            Decision::Refused {
+                quotas,
+                retry_after,
+            } => {
+                metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+                let mut response = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many requests from this client; retry in {retry_after} s"),
+                )
+                .with_retry_after(retry_after)
+                .into_response();
+                quotas.insert_into(response.headers_mut());
+                ResponseFuture::Refused {
+                    response: Some(response),
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    #[project = ResponseFutureProj]
+    pub enum ResponseFuture<F> {
+        Passed {
+            #[pin]
+            inner: F,
+            quotas: Option<Quotas>,
+        },
+        Refused {
+            response: Option<Response<Body>>,
+        },
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ResponseFutureProj::Passed { inner, quotas } => {
+                let mut response = ready!(inner.poll(cx))?;
+                if let Some(quotas) = quotas.take() {
+                    quotas.insert_into(response.headers_mut());
+                }
+                Poll::Ready(Ok(response))
+            }
+            ResponseFutureProj::Refused { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => panic!("ResponseFuture polled after completion"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+
+    /// One request per second, `burst` at once.
+    fn config(burst: u32, extra: &str) -> RateLimitConfig {
+        let text = format!(
+            "[local]\npath = \".\"\n[rate_limit]\nrequests_per_second = 1\nburst = {burst}\n{extra}"
+        );
+        Config::parse(&text, "test", None).unwrap().rate_limit
+    }
+
+    /// A stack whose inner service counts its calls.
+    fn limited(
+        layer: &RateLimitLayer,
+    ) -> (
+        RateLimit<impl Service<Request<()>, Response = Response<Body>, Error = Infallible> + Clone>,
+        Arc<AtomicU64>,
+    ) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counter = calls.clone();
+        let inner = tower::service_fn(move |_: Request<()>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, Infallible>(Response::new(crate::body::empty())) }
+        });
+        (layer.layer(inner), calls)
+    }
+
+    fn request(path: &str, peer: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut req = Request::get(path).body(()).unwrap();
+        req.extensions_mut()
+            .insert(PeerAddr(format!("{peer}:40000").parse().unwrap()));
+        for (name, value) in headers {
+            req.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        req
+    }
+
+    fn header(response: &Response<Body>, name: &str) -> String {
+        response.headers()[name].to_str().unwrap().to_owned()
+    }
+
+    async fn respond<S>(service: &S, req: Request<()>) -> Response<Body>
+    where
+        S: Service<Request<()>, Response = Response<Body>, Error = Infallible> + Clone,
+    {
+        service.clone().oneshot(req).await.unwrap()
+    }
+
+    async fn status<S>(service: &S, req: Request<()>) -> StatusCode
+    where
+        S: Service<Request<()>, Response = Response<Body>, Error = Infallible> + Clone,
+    {
+        respond(service, req).await.status()
+    }
+
+    #[tokio::test]
+    async fn over_the_quota_answers_429_with_headers_without_calling_inner() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(2, ""));
+        let (service, calls) = limited(&layer);
+        let req = || request("/api/v1/extensions", "192.0.2.1", &[]);
+        let first = respond(&service, req()).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(header(&first, "ratelimit-limit"), "2");
+        assert_eq!(header(&first, "ratelimit-remaining"), "1");
+        assert_eq!(header(&first, "ratelimit-reset"), "1");
+        assert_eq!(status(&service, req()).await, StatusCode::OK);
+
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let refused = respond(&service, req()).await;
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            2,
+            "a 429 never reaches inner"
+        );
+        // 0.7 s until the next request: rounded up to whole seconds.
+        assert_eq!(header(&refused, "retry-after"), "1");
+        assert_eq!(header(&refused, "ratelimit-remaining"), "0");
+        assert_eq!(header(&refused, "ratelimit-reset"), "2");
+        let body = http_body_util::BodyExt::collect(refused.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["error"], "rate_limited");
+
+        // Another client has its own quota.
+        let other = request("/api/v1/extensions", "192.0.2.2", &[]);
+        assert_eq!(status(&service, other).await, StatusCode::OK);
+
+        // One request earned back per second.
+        tokio::time::advance(Duration::from_millis(700)).await;
+        assert_eq!(status(&service, req()).await, StatusCode::OK);
+        assert_eq!(status(&service, req()).await, StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[tokio::test]
+    async fn exempt_paths_are_never_limited_nor_labelled() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(1, ""));
+        let (service, calls) = limited(&layer);
+        for _ in 0..5 {
+            let response = respond(&service, request("/livez", "192.0.2.1", &[])).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert!(!response.headers().contains_key("ratelimit-limit"));
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 5);
+        // The probes did not use the client's quota.
+        let req = request("/api/v1/extensions", "192.0.2.1", &[]);
+        assert_eq!(status(&service, req).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+        tokio::time::pause();
+        let trusted = "trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.9\"]\n";
+        let layer = RateLimitLayer::new(&config(1, trusted));
+        let (service, _) = limited(&layer);
+        let (ok, refused) = (StatusCode::OK, StatusCode::TOO_MANY_REQUESTS);
+        let proxy = "10.1.2.3";
+        // (peer, X-Forwarded-For lines separated by '|', expected, case)
+        let cases = [
+            // Behind the proxy, clients are told apart by X-Forwarded-For.
+            (proxy, "203.0.113.1", ok, "first client"),
+            (proxy, "203.0.113.2", ok, "second client"),
+            (proxy, "203.0.113.1", refused, "first again"),
+            // Prepending a fake address gives no fresh quota: the right-most untrusted address
+            // (the one the proxy saw) is the key.
+            (proxy, "198.51.100.7, 203.0.113.1", refused, "prepended"),
+            // Trusted hops are skipped, whichever header line they are on.
+            (
+                proxy,
+                "198.51.100.8, 203.0.113.1|192.0.2.9, 10.9.9.9",
+                refused,
+                "chained proxies",
+            ),
+            // From an untrusted peer the header is ignored: spoofing does not escape the limit.
+            ("198.51.100.1", "203.0.113.50", ok, "direct"),
+            ("198.51.100.1", "203.0.113.51", refused, "direct, spoofed"),
+        ];
+        for (peer, lines, expected, case) in cases {
+            let headers: Vec<_> = lines.split('|').map(|l| ("x-forwarded-for", l)).collect();
+            let req = request("/api/v1/extensions", peer, &headers);
+            assert_eq!(status(&service, req).await, expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn forwarding_headers_are_parsed() {
+        let limits = Limits::new(&config(
+            1,
+            "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8:ffff::/48\"]\n",
+        ));
+        let client = |peer: &str, headers: &[(&str, &str)]| {
+            limits.client(&request("/api/v1/extensions", peer, headers))
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client(
+                "10.0.0.1",
+                &[(
+                    "forwarded",
+                    "for=198.51.100.3;proto=https, for=\"[2001:db8::1]:4711\""
+                )]
+            ),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client(
+                "10.0.0.1",
+                &[("x-forwarded-for", "203.0.113.9:5555, 10.2.2.2")]
+            ),
+            ip("203.0.113.9")
+        );
+        // A hop that is no address stops the walk at the proxy that reported it.
+        assert_eq!(
+            client(
+                "10.0.0.1",
+                &[("x-forwarded-for", "203.0.113.9, unknown, 10.2.2.2")]
+            ),
+            ip("10.2.2.2")
+        );
+        // Every hop trusted: the farthest one.
+        assert_eq!(
+            client("10.0.0.1", &[("x-forwarded-for", "10.3.3.3, 10.2.2.2")]),
+            ip("10.3.3.3")
+        );
+        // IPv4-mapped peers match IPv4 networks.
+        assert_eq!(
+            client("[::ffff:10.0.0.1]", &[("x-forwarded-for", "203.0.113.9")]),
+            ip("203.0.113.9")
+        );
+        assert_eq!(client("[2001:db8:ffff::1]", &[]), ip("2001:db8:ffff::1"));
+        assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        let no_peer = Request::get("/").body(()).unwrap();
+        assert_eq!(limits.client(&no_peer), UNKNOWN_CLIENT);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_distinct_clients_is_bounded() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(1, "max_clients = 8\n"));
+        let (service, _) = limited(&layer);
+        let mut statuses = Vec::new();
+        for i in 0..1000u32 {
+            let peer = Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            let req = request("/api/v1/extensions", &peer, &[]);
+            statuses.push(status(&service, req).await);
+        }
+        let limiter = &layer.limits.limiter;
+        assert!(
+            limiter.len() <= 9,
+            "8 clients and the overflow key, not {}",
+            limiter.len()
+        );
+        // The first 8 got their own quota, the 9th the shared overflow one, the rest were refused.
+        let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        assert_eq!(ok, 9);
+
+        // Once their quotas are full again, idle clients are forgotten and new ones get room.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let req = request("/api/v1/extensions", "198.51.100.1", &[]);
+        assert_eq!(status(&service, req).await, StatusCode::OK);
+        assert_eq!(limiter.len(), 1);
+    }
+
+    #[test]
+    fn trusted_proxies_are_validated() {
+        let text = "[local]\npath = \".\"\n[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n";
+        let error = Config::parse(text, "test", None).unwrap_err().to_string();
+        assert!(error.contains("trusted_proxies: '10.0.0.0/33'"), "{error}");
+    }
+}

@@ -1,0 +1,286 @@
+//! The HTTP edge as a whole: CORS on every kind of answer, the 429, 503 and 504 paths through
+//! the full stack, and the metrics they leave, in-process and through a real socket.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use extension_registry::body::{self, Body};
+use extension_registry::config::Config;
+use extension_registry::registry::{BackendRequest, BackendResponse, BackendService, Source};
+use extension_registry::server::{self, PeerAddr};
+use extension_registry::stack::{self, HttpService};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::Notify;
+use tower::ServiceExt;
+
+type Answer = Pin<Box<dyn Future<Output = BackendResponse> + Send>>;
+
+/// The whole app over one backend answering with `answer`; the counter says how often the
+/// backend was asked.
+fn app(extra_config: &str, answer: fn() -> Answer) -> (HttpService, Arc<AtomicUsize>) {
+    let text = format!("[local]\npath = \".\"\n{extra_config}");
+    let config = Config::parse(&text, "test", None).unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let backend = tower::service_fn(move |_: BackendRequest| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(answer().await) }
+    });
+    let backends = vec![(Source::Local, BackendService::new(backend))];
+    (stack::app(&config, backends), calls)
+}
+
+fn empty_list() -> Answer {
+    Box::pin(async { BackendResponse::List(Arc::new(Vec::new())) })
+}
+
+fn never() -> Answer {
+    Box::pin(std::future::pending())
+}
+
+fn get(uri: &str) -> Request<Body> {
+    let mut req = Request::get(uri)
+        .header("origin", "https://app.example.com")
+        .body(body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(PeerAddr("192.0.2.10:50000".parse().unwrap()));
+    req
+}
+
+async fn call(app: &HttpService, req: Request<Body>) -> Response<Body> {
+    app.clone().oneshot(req).await.unwrap()
+}
+
+async fn json(response: Response<Body>) -> serde_json::Value {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn header<'r>(response: &'r Response<Body>, name: &str) -> &'r str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn preflights_are_answered_without_touching_the_stack() {
+    let (app, calls) = app("[rate_limit]\nburst = 1\n", empty_list);
+    for _ in 0..3 {
+        let mut req = get("/api/v1/extensions");
+        *req.method_mut() = Method::OPTIONS;
+        let headers = req.headers_mut();
+        headers.insert("access-control-request-method", "GET".parse().unwrap());
+        headers.insert(
+            "access-control-request-headers",
+            "if-none-match".parse().unwrap(),
+        );
+        let response = call(&app, req).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(header(&response, "access-control-allow-origin"), "*");
+        assert_eq!(
+            header(&response, "access-control-allow-methods"),
+            "GET,HEAD"
+        );
+        assert!(header(&response, "access-control-allow-headers").contains("if-none-match"));
+        assert_eq!(header(&response, "access-control-max-age"), "86400");
+        assert!(!response
+            .headers()
+            .contains_key("access-control-allow-credentials"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // Nor do preflights use the client's quota.
+    assert_eq!(
+        call(&app, get("/api/v1/extensions")).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn configured_origins_are_the_only_ones_allowed() {
+    let config = "[server]\ncors_allowed_origins = [\"https://app.example.com\"]\n";
+    let (app, _) = app(config, empty_list);
+    let allowed = call(&app, get("/api/v1/extensions")).await;
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin"),
+        "https://app.example.com"
+    );
+    // Shared caches must not hand one origin's answer to another.
+    let vary: Vec<_> = allowed
+        .headers()
+        .get_all("vary")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(vary.iter().any(|v| v.contains("origin")), "{vary:?}");
+    let mut other = get("/api/v1/extensions");
+    other
+        .headers_mut()
+        .insert("origin", "https://evil.example.net".parse().unwrap());
+    let refused = call(&app, other).await;
+    assert!(!refused
+        .headers()
+        .contains_key("access-control-allow-origin"));
+}
+
+#[tokio::test]
+async fn a_429_carries_cors_and_rate_limit_headers() {
+    let (app, calls) = app(
+        "[rate_limit]\nrequests_per_second = 1\nburst = 1\n",
+        empty_list,
+    );
+    let ok = call(&app, get("/api/v1/extensions")).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let exposed = header(&ok, "access-control-expose-headers");
+    for name in [
+        "x-total-count",
+        "etag",
+        "retry-after",
+        "ratelimit-remaining",
+        "x-request-id",
+    ] {
+        assert!(exposed.contains(name), "{name} not exposed: {exposed}");
+    }
+    let refused = call(&app, get("/api/v1/extensions")).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "access-control-allow-origin"), "*");
+    assert_eq!(header(&refused, "retry-after"), "1");
+    assert_eq!(header(&refused, "ratelimit-limit"), "1");
+    assert_eq!(header(&refused, "ratelimit-remaining"), "0");
+    assert!(refused.headers().contains_key("x-request-id"));
+    assert_eq!(json(refused).await["error"], "rate_limited");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the 429 reached no backend"
+    );
+    // Probes are exempt.
+    assert_eq!(call(&app, get("/livez")).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_over_the_timeout_is_a_504_with_cors_headers() {
+    tokio::time::pause();
+    let (app, _) = app("[server]\nrequest_timeout_seconds = 2\n", never);
+    // The paused clock jumps to the deadline as soon as everything is idle.
+    let response = call(&app, get("/api/v1/extensions")).await;
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(header(&response, "access-control-allow-origin"), "*");
+    assert_eq!(json(response).await["error"], "timeout");
+}
+
+static RELEASE: Notify = Notify::const_new();
+static ENTERED: Notify = Notify::const_new();
+
+fn held() -> Answer {
+    Box::pin(async {
+        ENTERED.notify_one();
+        RELEASE.notified().await;
+        BackendResponse::List(Arc::new(Vec::new()))
+    })
+}
+
+#[tokio::test]
+async fn at_the_concurrency_limit_requests_are_shed_with_503() {
+    let (app, _) = app("[server]\nmax_concurrent_requests = 1\n", held);
+    let first = tokio::spawn(app.clone().oneshot(get("/api/v1/extensions")));
+    ENTERED.notified().await;
+
+    let shed = call(&app, get("/api/v1/extensions")).await;
+    assert_eq!(shed.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&shed, "retry-after"), "1");
+    assert_eq!(header(&shed, "access-control-allow-origin"), "*");
+    assert_eq!(json(shed).await["error"], "overloaded");
+
+    RELEASE.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    // The slot is free again (another listing, so the cache cannot answer it).
+    let next = tokio::spawn(app.clone().oneshot(get("/api/v1/extensions?type=cluster")));
+    ENTERED.notified().await;
+    RELEASE.notify_one();
+    assert_eq!(next.await.unwrap().unwrap().status(), StatusCode::OK);
+}
+
+/// Serves `app` on a loopback port until the returned sender is dropped.
+async fn serve(app: HttpService) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server::run(
+        listener,
+        app,
+        async {
+            stopped.await.ok();
+        },
+        Duration::from_secs(1),
+    ));
+    (addr, stop)
+}
+
+/// Through a real socket and the real local backend over the sample extensions: the client
+/// is keyed by its address, and every metric of the edge shows up in the exposition.
+#[tokio::test]
+async fn through_a_socket_clients_are_limited_and_metrics_are_exposed() {
+    let mut config = Config::embedded().unwrap();
+    config.rate_limit.requests_per_second = 1.try_into().unwrap();
+    config.rate_limit.burst = 8.try_into().unwrap();
+    let (addr, _stop) = serve(extension_registry::build(&config).unwrap()).await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    let fetch = |path: &str| client.get(format!("{base}{path}")).send();
+
+    let list = fetch("/api/v1/extensions").await.unwrap();
+    assert_eq!(list.status(), 200);
+    assert_eq!(list.headers()["ratelimit-remaining"], "7");
+    let download = fetch("/api/v1/extensions/cluster/web/0.3.0").await.unwrap();
+    assert_eq!(download.status(), 200);
+    let bytes = download.bytes().await.unwrap().len();
+    assert!(bytes > 0);
+    for _ in 0..6 {
+        fetch("/api/v1/extensions/provider/nope").await.unwrap();
+    }
+    let refused = fetch("/api/v1/extensions").await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+
+    // The metrics endpoint is exempt from the limit.
+    let metrics = fetch("/api/v1/metrics").await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    for line in [
+        r#"http_requests_total{method="GET",route="/api/v1/extensions",status="200"}"#,
+        r#"http_requests_total{method="GET",route="/api/v1/extensions",status="429"}"#,
+        r#"http_requests_total{method="GET",route="/api/v1/extensions/{type}/{name}",status="404"}"#,
+        r#"http_request_duration_seconds_bucket{route="/api/v1/extensions/{type}/{name}/{version}",le="+Inf"}"#,
+        r#"backend_requests_total{backend="local",operation="list",outcome="ok"}"#,
+        r#"backend_requests_total{backend="local",operation="get",outcome="not_found"}"#,
+        r#"backend_request_duration_seconds_bucket{backend="local",operation="download",outcome="ok",le="+Inf"}"#,
+        r#"extensions_total{backend="local",type="cluster"}"#,
+        "# HELP rate_limited_total",
+        "# TYPE http_request_duration_seconds histogram",
+    ] {
+        assert!(text.contains(line), "missing {line} in\n{text}");
+    }
+    let downloaded: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"download_bytes_total{backend="local"} "#))
+        .expect("download_bytes_total")
+        .parse()
+        .unwrap();
+    assert!(downloaded >= bytes as u64);
+    let limited: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("rate_limited_total "))
+        .expect("rate_limited_total")
+        .parse()
+        .unwrap();
+    assert!(limited >= 1);
+}
