@@ -245,8 +245,10 @@ impl TryFrom<String> for TrustedProxy {
     }
 }
 
+/// Below the default request timeout (30 s), so a backend that times out leaves the request
+/// time to be answered from a stale cache entry instead of a bare 504.
 fn default_backend_timeout() -> u64 {
-    30
+    10
 }
 
 fn default_max_concurrency() -> usize {
