@@ -4,10 +4,8 @@
 //! is ever served, symlinks included.
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
@@ -21,9 +19,9 @@ use tower::Service;
 
 use crate::config::{ConfigError, LocalConfig};
 use crate::registry::{
-    version, Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionInfo,
-    ExtensionKey, ExtensionName, ExtensionType, HealthReport, RegistryError, Source, Timestamp,
-    Version, VersionSelector, VersionTag,
+    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
+    ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, HealthReport, RegistryError, Source,
+    Timestamp, Version, VersionSelector, VersionTag,
 };
 
 /// Read size for streaming artifacts.
@@ -350,7 +348,7 @@ impl Local {
 impl Service<BackendRequest> for Local {
     type Response = BackendResponse;
     type Error = RegistryError;
-    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+    type Future = BackendFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
         Poll::Ready(Ok(()))

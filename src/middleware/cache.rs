@@ -13,9 +13,7 @@
 //! Freshness is judged on `tokio::time::Instant`, so tests drive it with a paused clock;
 //! moka's own expiry only frees the memory of entries that can no longer serve.
 
-use std::future::Future;
 use std::hash::Hash;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,8 +27,8 @@ use tower::{Layer, Service};
 
 use crate::config::CacheConfig;
 use crate::registry::{
-    BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter, RegistryError, Source,
-    Version,
+    BackendFuture, BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter,
+    RegistryError, Source, Version,
 };
 
 /// Key of the metadata and versions caches: the extension, and the backend when pinned.
@@ -318,9 +316,6 @@ pub struct Cache<S> {
     caches: Caches,
 }
 
-pub type ResponseFuture =
-    Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
-
 impl<S> Service<BackendRequest> for Cache<S>
 where
     S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>
@@ -331,13 +326,13 @@ where
 {
     type Response = BackendResponse;
     type Error = RegistryError;
-    type Future = ResponseFuture;
+    type Future = BackendFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: BackendRequest) -> ResponseFuture {
+    fn call(&mut self, req: BackendRequest) -> BackendFuture {
         let stores = &self.caches.0;
         let key = match &req {
             BackendRequest::List(filter) if stores.list.enabled => Key::List(filter.clone()),

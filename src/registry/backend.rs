@@ -1,6 +1,8 @@
 //! The request/response vocabulary every backend speaks. Backends are tower services from
 //! `BackendRequest` to `BackendResponse`, so the cache can wrap them and `Merge` can fan out.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use tower::util::BoxCloneSyncService;
@@ -12,6 +14,10 @@ use crate::registry::{
 
 /// A backend as the rest of the program holds it.
 pub type BackendService = BoxCloneSyncService<BackendRequest, BackendResponse, RegistryError>;
+
+/// The future of a backend call, for services whose `call` is an async block.
+pub type BackendFuture =
+    Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
 
 /// Which extensions a listing asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]

@@ -2,8 +2,6 @@
 //! fixed order, single lookups take the first backend (in precedence order) that has the
 //! extension, downloads try backends one at a time so only one stream is ever opened.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -11,8 +9,8 @@ use futures_util::future::join_all;
 use tower::{Service, ServiceExt};
 
 use crate::registry::{
-    BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport, RegistryError,
-    Source,
+    BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
+    RegistryError, Source,
 };
 
 /// Fans requests out over the backends, held in precedence order (Gitea, OCI, local).
@@ -64,7 +62,7 @@ fn first_found(
 impl Service<BackendRequest> for Merge {
     type Response = BackendResponse;
     type Error = RegistryError;
-    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+    type Future = BackendFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         // Each call clones the backends it needs and waits for their readiness itself.

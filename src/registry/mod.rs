@@ -11,7 +11,8 @@ pub mod version;
 
 pub use self::artifact::{Artifact, ArtifactBody, VerifyingBody};
 pub use self::backend::{
-    BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport, ListFilter,
+    BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
+    ListFilter,
 };
 pub use self::error::RegistryError;
 pub use self::merge::Merge;

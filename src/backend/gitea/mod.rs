@@ -6,8 +6,6 @@
 mod client;
 mod model;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,9 +21,9 @@ use self::model::{Candidate, Release, Repository, ServerVersion};
 use crate::backend::http;
 use crate::config::{ConfigError, GiteaConfig, Secret};
 use crate::registry::{
-    version, Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionInfo,
-    ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source, VerifyingBody,
-    Version, VersionSelector,
+    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
+    ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source,
+    VerifyingBody, Version, VersionSelector,
 };
 
 /// The backend. Cheap to clone: the state is shared.
@@ -366,7 +364,7 @@ fn extension(found: &Found, current: &Candidate, latest: &Version) -> Extension 
 impl Service<BackendRequest> for Gitea {
     type Response = BackendResponse;
     type Error = RegistryError;
-    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+    type Future = BackendFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))

@@ -7,7 +7,6 @@ mod client;
 mod model;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,9 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::backend::http;
 use crate::config::{ConfigError, OciConfig, Secret};
 use crate::registry::{
-    version, Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionInfo,
-    ExtensionKey, HealthReport, ListFilter, RegistryError, Source, VerifyingBody, Version,
-    VersionSelector, VersionTag,
+    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
+    ExtensionInfo, ExtensionKey, HealthReport, ListFilter, RegistryError, Source, VerifyingBody,
+    Version, VersionSelector, VersionTag,
 };
 
 use self::client::{BasicCredentials, CallError, Client, Scope};
@@ -617,7 +616,7 @@ fn registry_error(e: CallError, key: &ExtensionKey) -> RegistryError {
 impl tower::Service<BackendRequest> for OciBackend {
     type Response = BackendResponse;
     type Error = RegistryError;
-    type Future = Pin<Box<dyn Future<Output = Result<BackendResponse, RegistryError>> + Send>>;
+    type Future = BackendFuture;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
