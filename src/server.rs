@@ -21,6 +21,9 @@ use crate::body::Body;
 use crate::stack::HttpService;
 use crate::BoxError;
 
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,8 +53,10 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
-                    // Out of file descriptors and the like: keep serving the others.
+                    // Out of file descriptors and the like: keep serving the others, and pause
+                    // so a persistent failure does not spin the accept loop.
                     tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },

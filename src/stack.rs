@@ -31,6 +31,9 @@ use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
 
+/// Memory for rendered and compressed JSON answers (see `api::representation`).
+const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
@@ -68,7 +71,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         metrics,
         caches,
         renderings: Renderings::new(
-            config.cache.capacity,
+            RENDERINGS_MAX_BYTES,
             Duration::from_secs(config.cache.ttl_seconds),
         ),
         max_age: Duration::from_secs(config.cache.ttl_seconds),

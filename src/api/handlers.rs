@@ -30,8 +30,6 @@ pub struct Call<'a> {
     pub shared: &'a Shared,
     pub params: Params<'a>,
     pub query: Option<&'a str>,
-    /// Path and query: what names a rendered answer in the memo of renderings.
-    pub target: &'a str,
 }
 
 /// Serialises a value the API shows. These values always serialise.
@@ -86,14 +84,18 @@ impl Call<'_> {
         Ok((response, stale))
     }
 
-    /// Marks an answer as cacheable by clients and intermediaries, and says when it is stale.
+    /// Marks an answer as cacheable by clients and intermediaries for the cache TTL; a stale
+    /// answer says so and must be revalidated, so downstream caches do not keep it longer.
     fn cacheable(
         &self,
         mut response: Response<Body>,
         stale: Option<RegistryError>,
     ) -> Response<Body> {
         let headers = response.headers_mut();
-        let max_age = self.shared.max_age.as_secs();
+        let max_age = match stale {
+            Some(_) => 0,
+            None => self.shared.max_age.as_secs(),
+        };
         if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
             headers.insert(CACHE_CONTROL, v);
         }
@@ -105,16 +107,18 @@ impl Call<'_> {
         response
     }
 
-    /// The JSON 200 answer rendered from `value`, from the memo when this target was last
-    /// rendered from the same value.
+    /// The JSON 200 answer rendered from `value`, from the memo when the answer named `key`
+    /// was last rendered from the same value. `key` is built from the validated parameters,
+    /// so spellings of one request that differ in ignored parameters share one rendering.
     async fn represent<T: std::any::Any + Send + Sync>(
         &self,
+        key: String,
         value: &Arc<T>,
         render: impl FnOnce(&T) -> Vec<u8>,
     ) -> Response<Body> {
         self.shared
             .renderings
-            .get_or_render(self.target, value, render)
+            .get_or_render(key, value, render)
             .await
             .response()
     }
@@ -137,9 +141,11 @@ impl Call<'_> {
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
         let (all, stale) = self.listing(ty, source).await?;
         let mut response = self
-            .represent(&all, |all| {
-                to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>())
-            })
+            .represent(
+                format!("list {ty:?} {source:?} {offset} {limit}"),
+                &all,
+                |all| to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>()),
+            )
             .await;
         response
             .headers_mut()
@@ -160,7 +166,9 @@ impl Call<'_> {
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
         let response = self
-            .represent(&all, |all| to_json(&search(all, q, limit)))
+            .represent(format!("search {ty:?} {limit} {q}"), &all, |all| {
+                to_json(&search(all, q, limit))
+            })
             .await;
         Ok(self.cacheable(response, stale))
     }
@@ -168,18 +176,20 @@ impl Call<'_> {
     async fn get(&self, query: &Query) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
+        let memo_key = format!("get {key} {source:?}");
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        let response = self.represent(&extension, to_json).await;
+        let response = self.represent(memo_key, &extension, to_json).await;
         Ok(self.cacheable(response, stale))
     }
 
     async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
+        let memo_key = format!("versions {key} {source:?}");
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
-        let response = self.represent(&versions, to_json).await;
+        let response = self.represent(memo_key, &versions, to_json).await;
         Ok(self.cacheable(response, stale))
     }
 

@@ -176,7 +176,6 @@ impl<B> Service<Request<B>> for Router {
                 shared: &shared,
                 params,
                 query: uri.query(),
-                target: uri.path_and_query().map_or(path, |p| p.as_str()),
             };
             let mut response = match call.handle(route).await {
                 Ok(response) => response,

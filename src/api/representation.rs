@@ -103,26 +103,31 @@ struct Rendering {
 }
 
 impl Renderings {
-    /// Keeps up to `capacity` renderings; one unused for `idle` is dropped with the domain
-    /// value it holds.
-    pub fn new(capacity: u64, idle: Duration) -> Self {
+    /// Keeps renderings worth at most `max_bytes` (the JSON counted twice, for the compressed
+    /// forms it may gain), so however many distinct answers clients ask for, the memo stays
+    /// bounded in memory; one unused for `idle` is dropped with the domain value it holds.
+    pub fn new(max_bytes: u64, idle: Duration) -> Self {
         Self {
             memo: moka::future::Cache::builder()
-                .max_capacity(capacity)
+                .weigher(|key: &String, kept: &Arc<Rendering>| {
+                    let bytes = key.len() + 2 * kept.representation.identity.bytes.len();
+                    u32::try_from(bytes).unwrap_or(u32::MAX)
+                })
+                .max_capacity(max_bytes)
                 .time_to_idle(idle)
                 .build(),
         }
     }
 
-    /// The representation of `source` at `target`, rendered by `render` only when `target`
-    /// was last rendered from another value.
+    /// The representation of `source` named `key`, rendered by `render` only when `key` was
+    /// last rendered from another value.
     pub async fn get_or_render<T: Any + Send + Sync>(
         &self,
-        target: &str,
+        key: String,
         source: &Arc<T>,
         render: impl FnOnce(&T) -> Vec<u8>,
     ) -> Arc<Representation> {
-        if let Some(kept) = self.memo.get(target).await {
+        if let Some(kept) = self.memo.get(&key).await {
             if std::ptr::addr_eq(Arc::as_ptr(&kept.source), Arc::as_ptr(source)) {
                 return kept.representation.clone();
             }
@@ -131,7 +136,7 @@ impl Renderings {
         let source: Arc<dyn Any + Send + Sync> = source.clone();
         self.memo
             .insert(
-                target.to_owned(),
+                key,
                 Arc::new(Rendering {
                     source,
                     representation: representation.clone(),
@@ -148,22 +153,39 @@ mod tests {
 
     #[tokio::test]
     async fn a_rendering_is_reused_while_the_value_is_the_same_arc() {
-        let renderings = Renderings::new(10, Duration::from_secs(60));
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1, 2, 3]);
         let render = |v: &Vec<i32>| serde_json::to_vec(v).unwrap();
-        let first = renderings.get_or_render("/x?a=1", &value, render).await;
+        let first = renderings.get_or_render("a".into(), &value, render).await;
         let again = renderings
-            .get_or_render("/x?a=1", &value, |_| unreachable!())
+            .get_or_render("a".into(), &value, |_| unreachable!())
             .await;
         assert!(Arc::ptr_eq(&first, &again));
 
-        let other_target = renderings.get_or_render("/x?a=2", &value, render).await;
+        let other_target = renderings.get_or_render("b".into(), &value, render).await;
         assert!(!Arc::ptr_eq(&first, &other_target));
 
         let refreshed = Arc::new(vec![1, 2, 3, 4]);
-        let third = renderings.get_or_render("/x?a=1", &refreshed, render).await;
+        let third = renderings
+            .get_or_render("a".into(), &refreshed, render)
+            .await;
         assert_eq!(&third.json()[..], b"[1,2,3,4]");
         assert_ne!(first.etag(), third.etag());
+    }
+
+    #[tokio::test]
+    async fn the_memo_stays_within_its_byte_budget_whatever_clients_ask() {
+        let budget = 64 * 1024;
+        let renderings = Renderings::new(budget, Duration::from_secs(60));
+        let value = Arc::new(vec![7u8; 4096]);
+        for i in 0..200 {
+            renderings
+                .get_or_render(format!("search {i}"), &value, |v| v.clone())
+                .await;
+        }
+        renderings.memo.run_pending_tasks().await;
+        assert!(renderings.memo.weighted_size() <= budget);
+        assert!(renderings.memo.entry_count() < 200);
     }
 
     #[test]

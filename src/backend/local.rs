@@ -21,7 +21,7 @@ use crate::config::{ConfigError, LocalConfig};
 use crate::registry::{
     version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
     ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, HealthReport, RegistryError, Source,
-    Timestamp, Version, VersionSelector, VersionTag,
+    Timestamp, VerifyingBody, Version, VersionSelector, VersionTag,
 };
 
 /// Read size for streaming artifacts.
@@ -322,11 +322,21 @@ impl Local {
                     .await
                     .map_err(|e| unavailable(format!("cannot open an artifact: {e}")))?;
                 let frames = ReaderStream::with_capacity(file, CHUNK);
-                let body = StreamBody::new(futures_util::TryStreamExt::map_ok(frames, Frame::data))
-                    .map_err(Into::into)
+                let body = StreamBody::new(futures_util::TryStreamExt::map_ok(frames, Frame::data));
+                let filename = format!("{name}-{}.tar.gz", found.version.version);
+                // The advertised checksum is remembered by size and mtime; a file rewritten in
+                // place with both kept is caught here rather than served as if it matched.
+                let body = found
+                    .version
+                    .checksum
+                    .as_deref()
+                    .and_then(|sum| VerifyingBody::new(body, sum, Source::Local, filename.clone()))
+                    .ok_or_else(|| {
+                        RegistryError::Internal("a local artifact without a sha256 checksum".into())
+                    })?
                     .boxed_unsync();
                 Ok(BackendResponse::Artifact(Artifact {
-                    filename: format!("{name}-{}.tar.gz", found.version.version),
+                    filename,
                     content_length: Some(found.version.size),
                     body,
                 }))

@@ -106,9 +106,14 @@ where
         loop {
             match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => {
+                    // An empty frame must not take the place of the held one: that would
+                    // release every real byte before the digest is known.
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
+                    if data.is_empty() {
+                        continue;
+                    }
                     this.hasher.update(&data);
                     if let Some(previous) = this.held.replace(data) {
                         return Poll::Ready(Some(Ok(Frame::data(previous))));
@@ -192,6 +197,25 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.to_string().contains("sha256 mismatch"), "{err}");
         assert!(body.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_empty_last_frame_does_not_release_the_held_bytes() {
+        let mut body = VerifyingBody::new(
+            chunks(&[b"ab", b"cd", b""]),
+            &sha(b"abce"),
+            Source::Oci,
+            "x".into(),
+        )
+        .unwrap();
+        let mut released = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => released.extend_from_slice(&frame.into_data().unwrap()),
+                Err(_) => break,
+            }
+        }
+        assert_eq!(released, b"ab");
     }
 
     #[test]
