@@ -248,7 +248,10 @@ async fn serves_a_real_oci_registry_beside_the_local_directory() {
         app::samples().display().to_string(),
         registry.oci_toml("provisioning", Some(registry::READER))
     );
-    let config = Config::parse(&toml, "e2e.toml", None).unwrap();
+    let mut config = Config::parse(&toml, "e2e.toml", None).unwrap();
+    // Every answer is stale at once, so each request asks the backends again and what the
+    // cache falls back on when the registry is gone shows.
+    config.cache.ttl_seconds = 0;
     let service = Running::start(&config).await;
 
     let all = service.json("/api/v1/extensions?type=provider").await;
@@ -311,6 +314,19 @@ async fn serves_a_real_oci_registry_beside_the_local_directory() {
     );
     let local = service.json("/api/v1/extensions/cluster/buildkit").await;
     assert_eq!(local["source"], "local");
+    // The listing does not shrink to what the local backend has: the complete one kept from
+    // before is served, marked stale.
+    let listing = reqwest::get(service.url("/api/v1/extensions?type=provider"))
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), 200);
+    let cache_status = listing.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(cache_status.contains("fwd=stale"), "{cache_status}");
+    let listing: Value = listing.json().await.unwrap();
+    assert_eq!(names(&listing)[0], "provider/aws@oci");
     let health = reqwest::get(service.url("/api/v1/health")).await.unwrap();
     assert_eq!(health.status(), 200);
     let health: Value = health.json().await.unwrap();

@@ -408,22 +408,35 @@ where
             if changed {
                 return Op::Nop;
             }
-            let result = inner.call(req).await.and_then(Value::from_response);
+            // A degraded answer (some backend failed, the others answered) counts as a
+            // failure: the complete answer kept from before is served stale in its place, and
+            // only with nothing kept does the degraded one stand, never as fresh.
+            let (result, degraded) = match inner.call(req).await {
+                Ok(BackendResponse::Stale { response, error }) => {
+                    (Value::from_response(*response), Some(error))
+                }
+                other => (other.and_then(Value::from_response), None),
+            };
             let now = Instant::now();
-            let entry = match result {
-                Ok(value) => Entry {
+            let kept = current.and_then(|c| match &c.answer {
+                Some((Ok(value), at)) => Some((Ok(value.clone()), *at)),
+                _ => None,
+            });
+            let entry = match (result, degraded) {
+                (Ok(value), None) => Entry {
                     answer: Some((Ok(value), now)),
                     failure: None,
                 },
-                Err(e) if e.is_not_found() => Entry {
+                (Ok(value), Some(e)) => Entry {
+                    answer: kept.or(Some((Ok(value), now))),
+                    failure: Some(e),
+                },
+                (Err(e), _) if e.is_not_found() => Entry {
                     answer: Some((Err(e), now)),
                     failure: None,
                 },
-                Err(e) => Entry {
-                    answer: current.and_then(|c| match &c.answer {
-                        Some((Ok(value), at)) => Some((Ok(value.clone()), *at)),
-                        _ => None,
-                    }),
+                (Err(e), _) => Entry {
+                    answer: kept,
                     failure: Some(e),
                 },
             };

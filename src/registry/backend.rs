@@ -59,8 +59,9 @@ pub enum BackendResponse {
     Versions(Arc<Vec<Version>>),
     Artifact(Artifact),
     Health(HealthReport),
-    /// An answer kept from before, served because the backend failed with `error`: only the
-    /// cache produces it, and the HTTP edge says so in `Cache-Status`.
+    /// An answer served although a backend failed with `error`: kept from before by the
+    /// cache, or (from the merge) complete but for what the failed backend would have added.
+    /// The HTTP edge says so in `Cache-Status`.
     Stale {
         response: Box<BackendResponse>,
         error: RegistryError,

@@ -40,8 +40,8 @@ async fn ask(
 }
 
 /// The answer for a lookup that every candidate backend was asked: the first success in
-/// precedence order; else a backend fault if there was one (a backend that failed might have
-/// had it); else not found.
+/// precedence order (marked degraded when a backend before it failed, as that one might
+/// have had the extension); else a backend fault if there was one; else not found.
 fn first_found(
     results: Vec<Result<BackendResponse, RegistryError>>,
     not_found: RegistryError,
@@ -49,7 +49,7 @@ fn first_found(
     let mut fault = None;
     for result in results {
         match result {
-            Ok(found) => return Ok(found),
+            Ok(found) => return Ok(degraded(found, fault)),
             Err(e) if e.is_not_found() => {}
             Err(e) => {
                 fault.get_or_insert(e);
@@ -140,7 +140,19 @@ async fn list(
             .cmp(&(b.ty, &b.name, b.source))
             .then_with(|| a.version.cmp(&b.version))
     });
-    Ok(BackendResponse::List(Arc::new(merged)))
+    Ok(degraded(BackendResponse::List(Arc::new(merged)), fault))
+}
+
+/// An answer missing what a failed backend would have added is marked with that failure, so
+/// the cache keeps serving the complete answer it has rather than taking this one as fresh.
+fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendResponse {
+    match fault {
+        Some(error) => BackendResponse::Stale {
+            response: Box::new(response),
+            error,
+        },
+        None => response,
+    }
 }
 
 async fn health(
