@@ -111,6 +111,26 @@ fn describe_metrics() {
          by that of backend_requests_total{operation=\"list\",outcome=\"ok\"} for the \
          size of a listing"
     );
+    describe_counter!(
+        "cache_hits_total",
+        Unit::Count,
+        "Lookups answered fresh from a cache, by cache (list, metadata, versions)"
+    );
+    describe_counter!(
+        "cache_misses_total",
+        Unit::Count,
+        "Lookups that had to ask the backends, by cache"
+    );
+    describe_counter!(
+        "stale_served_total",
+        Unit::Count,
+        "Answers served stale because the backends failed, by cache"
+    );
+    describe_counter!(
+        "download_digest_mismatch_total",
+        Unit::Count,
+        "Downloads aborted because the bytes did not match the expected sha256, by backend"
+    );
 }
 
 /// Folds histogram samples into buckets every few seconds; runs until the process ends.
