@@ -16,7 +16,7 @@ connections=${CONNECTIONS:-32}
 threads=${THREADS:-2}
 target=${TARGET:-/api/v1/extensions}
 log_level=${LOG_LEVEL:-warn,extension_registry=info,extension_registry::telemetry=warn}
-binary=./target/release/extension-registry
+binary=${CARGO_TARGET_DIR:-./target}/release/extension-registry
 work=$(mktemp -d)
 pid=
 

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib=${1:-256}
-bin=target/release/extension-registry
+bin=${CARGO_TARGET_DIR:-target}/release/extension-registry
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 work=$(mktemp -d)
 pids=()
