@@ -48,12 +48,35 @@ impl Api {
         url
     }
 
-    /// Sends a GET, with the token only when `url` is on the configured instance (browser
-    /// download URLs may point elsewhere, e.g. Forgejo's external assets).
+    /// Whether the token may go with a request to `url`: only to the configured instance, and
+    /// there only to the API and to release assets. A download URL is written by whoever
+    /// publishes a release (Forgejo's external assets are free-form links), so a link to any
+    /// other page of the instance must not be fetched with the service's token.
+    fn carries_token(&self, url: &Url) -> bool {
+        if url.origin() != self.root.origin() {
+            return false;
+        }
+        let Some(rest) = url.path().strip_prefix(self.root.path()) else {
+            return false;
+        };
+        let mut segments = rest.split('/');
+        let release_asset = matches!(
+            (
+                segments.next(),
+                segments.next(),
+                segments.next(),
+                segments.next()
+            ),
+            (Some(_), Some(_), Some("releases"), Some("download"))
+        );
+        rest.starts_with("api/v1/") || rest.starts_with("attachments/") || release_asset
+    }
+
+    /// Sends a GET, with the token only where [`Api::carries_token`] allows it.
     async fn get(&self, url: Url) -> Result<Response, RegistryError> {
         let mut request = self.http.get(url.clone());
         if let Some(value) = &self.authorization {
-            if url.origin() == self.root.origin() {
+            if self.carries_token(&url) {
                 request = request.header(AUTHORIZATION, value.clone());
             }
         }
@@ -214,6 +237,29 @@ mod tests {
             Some("https://h/a?page=2")
         );
         assert_eq!(page_of("https://h/a?limit=50"), None);
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_api_and_release_assets_of_the_instance() {
+        let api = Api::new(
+            reqwest::Client::new(),
+            Url::parse("https://h.test/git/").unwrap(),
+            None,
+        );
+        let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap());
+        assert!(carries("https://h.test/git/api/v1/orgs/o/repos"));
+        assert!(carries(
+            "https://h.test/git/o/aws_prov/releases/download/1.0.0/aws.tar.gz"
+        ));
+        assert!(carries("https://h.test/git/attachments/0b6a1c2e"));
+        assert!(!carries(
+            "https://h.test/git/o/private_repo/archive/main.tar.gz"
+        ));
+        assert!(!carries("https://h.test/git/user/settings"));
+        assert!(!carries("https://h.test/elsewhere/api/v1/x"));
+        assert!(!carries("https://h.test:8443/git/api/v1/x"));
+        assert!(!carries("http://h.test/git/api/v1/x"));
+        assert!(!carries("https://storage.test/git/api/v1/x"));
     }
 
     #[test]
