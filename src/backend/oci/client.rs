@@ -146,9 +146,24 @@ impl TokenCache {
         let margin = (expires_in / 10).clamp(1, 10);
         let until = now + Duration::from_secs(expires_in.saturating_sub(margin));
         self.tokens.retain(|_, (_, t)| *t > now);
+        // Scopes follow the extension names clients ask for: past the bound, the token closest
+        // to expiry makes room, so a stream of distinct names cannot grow the cache.
+        if self.tokens.len() >= MAX_TOKENS && !self.tokens.contains_key(&scope) {
+            let soonest = self
+                .tokens
+                .iter()
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(k, _)| k.clone());
+            if let Some(soonest) = soonest {
+                self.tokens.remove(&soonest);
+            }
+        }
         self.tokens.insert(scope, (value, until));
     }
 }
+
+/// Most bearer tokens kept at once.
+const MAX_TOKENS: usize = 1024;
 
 /// The token server's answer; `access_token` is the OAuth2 spelling some servers use.
 #[derive(Deserialize)]
@@ -557,6 +572,25 @@ mod tests {
             ("x", "y")
         );
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn the_token_cache_is_bounded_whatever_scopes_are_asked_for() {
+        let mut cache = TokenCache::default();
+        let now = Instant::now();
+        let value = HeaderValue::from_static("Bearer t");
+        for i in 0..(MAX_TOKENS + 500) {
+            cache.insert(
+                format!("repository:ns/x{i}-provider:pull"),
+                value.clone(),
+                300 + i as u64,
+                now,
+            );
+        }
+        assert_eq!(cache.tokens.len(), MAX_TOKENS);
+        let newest = format!("repository:ns/x{}-provider:pull", MAX_TOKENS + 499);
+        assert!(cache.get(&newest, now).is_some());
+        assert!(cache.get("repository:ns/x0-provider:pull", now).is_none());
     }
 
     #[test]
