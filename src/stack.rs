@@ -59,7 +59,6 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // stale-if-error; above the merge so one cached answer serves every backend
         // combination.
         .layer(CacheLayer::new(caches.clone()))
-        //
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
