@@ -48,13 +48,7 @@ async fn lists_in_a_stable_order_with_paging_and_total() {
 
     let page = get(&app, "/api/v1/extensions?limit=3&offset=2").await;
     assert_eq!(page.header("x-total-count"), "8");
-    let page_names: Vec<_> = page
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_owned())
-        .collect();
+    let page_names = app::field(&page.json(), "name");
     assert_eq!(page_names, ["upcloud", "cilium", "containerd"]);
 
     let taskservs = get(&app, "/api/v1/extensions?type=taskserv&source=local").await;
@@ -97,22 +91,12 @@ async fn versions_are_newest_first() {
     let versions = get(&app, "/api/v1/extensions/provider/aws/versions")
         .await
         .json();
-    let tags: Vec<_> = versions
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["version"].as_str().unwrap())
-        .collect();
+    let tags = app::field(&versions, "version");
     assert_eq!(tags, ["2.0.0-rc.1", "v1.2.0", "1.1.0", "1.0.0"]);
     let cilium = get(&app, "/api/v1/extensions/taskserv/cilium/versions")
         .await
         .json();
-    let tags: Vec<_> = cilium
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["version"].as_str().unwrap())
-        .collect();
+    let tags = app::field(&cilium, "version");
     assert_eq!(tags, ["1.15.3", "1.15.0", "nightly"]);
     for key in [
         "version",
@@ -155,12 +139,7 @@ async fn downloads_stream_the_file_bytes() {
 async fn searches_rank_name_matches_before_description_matches() {
     let (app, _) = app::sample_app();
     let hits = get(&app, "/api/v1/extensions/search?q=KUBE").await.json();
-    let names: Vec<_> = hits
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let names = app::field(&hits, "name");
     assert_eq!(names, ["kubernetes", "cilium"]);
     let typed = get(&app, "/api/v1/extensions/search?q=a&type=cluster&limit=1")
         .await
@@ -497,12 +476,7 @@ async fn symlinks_leaving_the_root_are_refused() {
         vec![(Source::Local, backend)],
     );
     let list = get(&app, "/api/v1/extensions").await.json();
-    let names: Vec<_> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap())
-        .collect();
+    let names = app::field(&list, "name");
     assert_eq!(names, ["ok"]);
     for uri in [
         "/api/v1/extensions/provider/leak/1.0.0",

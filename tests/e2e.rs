@@ -152,12 +152,7 @@ async fn serves_gitea_releases_beside_the_local_directory() {
     let versions = service
         .json("/api/v1/extensions/provider/aws/versions")
         .await;
-    let tags: Vec<_> = versions
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["version"].as_str().unwrap())
-        .collect();
+    let tags = app::field(&versions, "version");
     assert_eq!(tags, ["2.1.0-rc.1", "v2.0.0", "1.0.0"]);
 
     // Search spans both backends.
@@ -280,12 +275,7 @@ async fn serves_a_real_oci_registry_beside_the_local_directory() {
     let versions = service
         .json("/api/v1/extensions/taskserv/vault/versions")
         .await;
-    let tags: Vec<_> = versions
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["version"].as_str().unwrap())
-        .collect();
+    let tags = app::field(&versions, "version");
     assert_eq!(tags, ["1.16.1", "1.15.0"], "latest is not a version");
 
     let hits = service

@@ -71,6 +71,20 @@ where
     )
 }
 
+/// One string field of every item of a JSON array, in order.
+pub fn field(list: &serde_json::Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("not a JSON array: {list}"))
+        .iter()
+        .map(|item| {
+            item[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no string {key} in {item}"))
+                .to_owned()
+        })
+        .collect()
+}
+
 /// A response read whole.
 pub struct Answer {
     pub status: StatusCode,
