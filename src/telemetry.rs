@@ -1,5 +1,6 @@
 //! Logs and metrics plumbing: the tracing subscriber (human or JSON lines), the per-request
-//! span and log line, and the process-wide Prometheus recorder.
+//! span and log line, the process-wide Prometheus recorder and the process metrics (memory,
+//! file descriptors, CPU) it exports.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -8,6 +9,7 @@ use http::{Request, Response};
 use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
+use metrics_process::Collector;
 use tracing::Span;
 use tracing_subscriber::EnvFilter;
 
@@ -34,7 +36,7 @@ const DURATION_BUCKETS: [f64; 14] = [
 ];
 
 /// How often histogram samples are folded into their buckets when nobody scrapes, so they
-/// cannot pile up in memory.
+/// cannot pile up in memory, and the process metrics are read again.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A Prometheus recorder as this service configures it: durations as histograms (with
@@ -63,6 +65,7 @@ pub fn prometheus() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed");
             }
             describe_metrics();
+            describe_process_metrics();
             handle
         })
         .clone()
@@ -133,14 +136,37 @@ fn describe_metrics() {
     );
 }
 
-/// Folds histogram samples into buckets every few seconds; runs until the process ends.
+/// Folds histogram samples into buckets and reads the process metrics every few seconds; runs
+/// until the process ends.
 pub async fn metrics_upkeep() {
     let handle = prometheus();
     let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
     loop {
         tick.tick().await;
         handle.run_upkeep();
+        collect_process_metrics();
     }
+}
+
+/// The collector of the standard process metrics: `process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, `process_virtual_memory_max_bytes`, `process_open_fds`,
+/// `process_max_fds`, `process_cpu_seconds_total`, `process_threads` and
+/// `process_start_time_seconds`, read from `/proc` on Linux.
+fn process_collector() -> &'static Collector {
+    static COLLECTOR: OnceLock<Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(Collector::default)
+}
+
+/// Help text of the process metrics, and their first values, so that a scrape right after
+/// start shows them.
+fn describe_process_metrics() {
+    process_collector().describe();
+    collect_process_metrics();
+}
+
+/// Reads the process metrics again (a few files under `/proc/self`).
+fn collect_process_metrics() {
+    process_collector().collect();
 }
 
 /// The span every request runs in: method, path and request id.
@@ -165,4 +191,44 @@ pub fn log_response<B>(response: &Response<B>, latency: Duration, _span: &Span) 
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request finished"
     );
+}
+
+#[cfg(test)]
+mod process_metrics_tests {
+    use super::*;
+
+    /// The value of an unlabelled sample in a Prometheus exposition.
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no sample of {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn process_metrics_are_exported_with_help_and_live_values() {
+        let recorder = recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, describe_process_metrics);
+        let text = handle.render();
+        for name in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+            "process_cpu_seconds_total",
+            "process_threads",
+            "process_start_time_seconds",
+        ] {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no help for {name}"
+            );
+        }
+        // This test's own process: some memory, stdin/stdout/stderr open, at least one thread.
+        assert!(sample(&text, "process_resident_memory_bytes") > 1_000_000.0);
+        assert!(sample(&text, "process_open_fds") >= 3.0);
+        assert!(sample(&text, "process_max_fds") >= sample(&text, "process_open_fds"));
+        assert!(sample(&text, "process_threads") >= 1.0);
+    }
 }
