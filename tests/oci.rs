@@ -703,3 +703,52 @@ async fn a_stopped_registry_is_reported_unavailable() {
         "{health:?}"
     );
 }
+
+#[tokio::test]
+async fn a_name_a_ghcr_style_registry_refuses_is_not_found_when_absent_from_the_list() {
+    let reg = Registry::start(Auth::Token {
+        anonymous_pull: true,
+        lifetime: 300,
+    })
+    .await;
+    reg.push("provisioning/aws-provider", "1.0.0", &artifact(90, 10), &[])
+        .await;
+    reg.grant_existing_repositories_only();
+    let aws = key(ExtensionType::Provider, "aws");
+    let missing = key(ExtensionType::Provider, "nosuch");
+    let not_found = |e: RegistryError| e.is_not_found();
+    let auth_failed = RegistryError::BackendAuthFailed {
+        backend: Source::Oci,
+    };
+
+    // With the catalog: valid credentials, yet the registry answers 401 for the missing name.
+    let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
+    assert_eq!(get(&reader, &aws).await.unwrap().version, "1.0.0");
+    assert!(not_found(get(&reader, &missing).await.unwrap_err()));
+    assert!(not_found(versions(&reader, &missing).await.unwrap_err()));
+    assert!(not_found(
+        download(&reader, &missing, "latest").await.unwrap_err()
+    ));
+    assert!(not_found(
+        download(&reader, &missing, "1.0.0").await.unwrap_err()
+    ));
+    // Wrong credentials are still wrong credentials.
+    let wrong = OciBackend::new(&reg.oci_config(NS, Some((READER.0, "wrong")))).unwrap();
+    assert_eq!(get(&wrong, &missing).await.unwrap_err(), auth_failed);
+
+    // Anonymous: no catalog, so the configured list decides; a listed name that is refused
+    // stays a refusal, and without a list nothing can tell absence from refusal.
+    let mut config = reg.oci_config(NS, None);
+    config.repositories = Some(vec!["aws-provider".into(), "listed-provider".into()]);
+    let anonymous = OciBackend::new(&config).unwrap();
+    assert_eq!(get(&anonymous, &aws).await.unwrap().version, "1.0.0");
+    assert!(not_found(get(&anonymous, &missing).await.unwrap_err()));
+    assert_eq!(
+        get(&anonymous, &key(ExtensionType::Provider, "listed"))
+            .await
+            .unwrap_err(),
+        auth_failed
+    );
+    let unlisted = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    assert_eq!(get(&unlisted, &missing).await.unwrap_err(), auth_failed);
+}

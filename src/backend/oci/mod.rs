@@ -315,8 +315,23 @@ impl Inner {
         match self.current_in(key, &repo).await {
             Ok(Some(found)) => Ok(found),
             Ok(None) => Err(RegistryError::not_found(key)),
-            Err(e) => Err(registry_error(e, key)),
+            Err(e) => Err(self.lookup_error(e, key, &repo).await),
         }
+    }
+
+    /// The domain error for a failed lookup of `key` in `repo`. A refusal is a 404 when `repo`
+    /// is absent from the catalog (or the configured list): registries like GHCR answer 401 for
+    /// a repository that does not exist, even to a valid token. When the list cannot be read
+    /// either, the refusal stands.
+    async fn lookup_error(&self, e: CallError, key: &ExtensionKey, repo: &str) -> RegistryError {
+        if matches!(e, CallError::Denied) {
+            if let Ok(known) = self.repositories().await {
+                if !known.iter().any(|r| r == repo) {
+                    return RegistryError::not_found(key);
+                }
+            }
+        }
+        registry_error(e, key)
     }
 
     /// The extension at its current version. Only the tags that can be current are resolved:
@@ -360,10 +375,14 @@ impl Inner {
         repo: &str,
         key: &ExtensionKey,
     ) -> Result<Vec<Resolved>, RegistryError> {
-        let tags = self.tags(repo).await.map_err(|e| registry_error(e, key))?;
-        self.resolve_tags(repo, key, tags)
-            .await
-            .map_err(|e| registry_error(e, key))
+        let outcome = match self.tags(repo).await {
+            Ok(tags) => self.resolve_tags(repo, key, tags).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(resolved) => Ok(resolved),
+            Err(e) => Err(self.lookup_error(e, key, repo).await),
+        }
     }
 
     /// Resolves tags concurrently. A tag whose manifest is broken or holds no artifact layer
@@ -522,11 +541,12 @@ impl Inner {
         let repo = self.repository(key)?;
         let resolved = match selector {
             VersionSelector::Latest => self.current(key).await?.1,
-            VersionSelector::Exact(tag) if is_version_tag(tag.as_str()) => self
-                .resolve(&repo, tag)
-                .await
-                .map_err(|e| registry_error(e, key))?
-                .ok_or_else(|| RegistryError::not_found(key))?,
+            VersionSelector::Exact(tag) if is_version_tag(tag.as_str()) => {
+                match self.resolve(&repo, tag).await {
+                    Ok(found) => found.ok_or_else(|| RegistryError::not_found(key))?,
+                    Err(e) => return Err(self.lookup_error(e, key, &repo).await),
+                }
+            }
             VersionSelector::Exact(_) => return Err(RegistryError::not_found(key)),
         };
         let response = self
