@@ -962,3 +962,49 @@ async fn simulator_paginates_like_gitea() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["message"], "GetOrgByName");
 }
+
+#[tokio::test]
+async fn oversized_json_pages_and_sidecars_are_refused() {
+    // A description just over the 16 MiB cap makes both the organization page and the
+    // repository object too large; the sidecar is a good digest padded past its 64 KiB cap.
+    let artifact = artifact_bytes("padded", "1.0.0");
+    let padded = format!(
+        "{}  padded-1.0.0.tar.gz\n{}",
+        sha256_hex(&artifact),
+        "# padding\n".repeat(7 * 1024)
+    );
+    let mut big = SimRepo::new("big_prov").release(SimRelease::new("1.0.0", T0).artifact("big"));
+    big.description = "x".repeat(16 * 1024 * 1024);
+    let sim = GiteaSim::start(
+        SimConfig::new(ORG).repo(big).repo(
+            SimRepo::new("padded_prov").release(
+                SimRelease::new("1.0.0", T0)
+                    .artifact("padded")
+                    .asset("padded-1.0.0.tar.gz.sha256", padded),
+            ),
+        ),
+    )
+    .await;
+    let b = backend(&sim.gitea_config());
+    // (Only lengths are unwrapped: a failure must not print 16 MiB.)
+    for err in [
+        list(&b).await.map(|l| l.len()).unwrap_err(),
+        get(&b, &provider("big"))
+            .await
+            .map(|e| e.version.clone())
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 16777216 bytes")),
+            "{err}"
+        );
+    }
+    assert_eq!(get(&b, &provider("padded")).await.unwrap().checksum, None);
+    let err = download(&b, &provider("padded"), "1.0.0")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 65536 bytes")),
+        "{err}"
+    );
+}

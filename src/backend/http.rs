@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -13,6 +13,11 @@ use crate::BoxError;
 
 /// How many redirects a download may follow (object storage answers with one or two).
 pub const MAX_REDIRECTS: usize = 5;
+
+/// The most bytes read whole from a metadata answer (a Gitea JSON page, a registry catalog page,
+/// tag list, manifest or error body): an answer that is larger is broken or hostile, and memory
+/// must stay bounded whatever a backend sends.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 
 /// Builds the client a backend uses for all its calls.
 ///
@@ -27,6 +32,25 @@ pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, re
         .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
+}
+
+/// Reads a whole body of at most `cap` bytes; `None` when it is larger, known from
+/// `Content-Length` before any byte is read, or else as soon as the bytes pass the cap.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 /// Maps a transport error to the domain: timeouts are 504s, everything else a 502. The text

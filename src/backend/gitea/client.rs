@@ -5,15 +5,18 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, LINK};
 use reqwest::{Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use crate::backend::http::{is_html, next_link, transport_error};
+use crate::backend::http::{is_html, next_link, read_capped, transport_error, MAX_METADATA_BYTES};
 use crate::registry::{RegistryError, Source};
 
 /// Items per page. Gitea's default cap (`MAX_RESPONSE_ITEMS`); a lower cap cuts it silently,
 /// which is harmless as pagination follows the server's `Link`, not our arithmetic.
 const PAGE_LIMIT: &str = "50";
 
-/// Largest checksum file read, so a wrong asset cannot make us buffer an artifact.
-const MAX_SIDECAR_BYTES: usize = 1 << 20;
+/// Largest checksum file read. A `.sha256` file is one line (~100 bytes) and a `SHA256SUMS`
+/// line about 70 bytes plus the file name, so 64 KiB holds the sums of several hundred files,
+/// far more than a release carries; anything larger is not a checksum file, and reading it
+/// would only spend memory.
+const MAX_SIDECAR_BYTES: usize = 64 * 1024;
 
 fn unavailable(reason: String) -> RegistryError {
     RegistryError::unavailable(Source::Gitea, reason)
@@ -168,21 +171,12 @@ impl Api {
 
     /// The text of a small asset (a checksum file), read whole up to a cap.
     pub async fn small_text(&self, url: &str, what: &str) -> Result<String, RegistryError> {
-        let mut response = self.download(url, what).await?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
+        let response = self.download(url, what).await?;
+        let bytes = read_capped(response, MAX_SIDECAR_BYTES)
             .await
             .map_err(|e| transport_error(Source::Gitea, &e))?
-        {
-            if bytes.len() + chunk.len() > MAX_SIDECAR_BYTES {
-                return Err(unavailable(format!(
-                    "{what}: larger than {MAX_SIDECAR_BYTES} bytes"
-                )));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        String::from_utf8(bytes).map_err(|_| unavailable(format!("{what}: not UTF-8 text")))
+            .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_SIDECAR_BYTES} bytes")))?;
+        String::from_utf8(bytes.into()).map_err(|_| unavailable(format!("{what}: not UTF-8 text")))
     }
 }
 
@@ -203,11 +197,12 @@ fn api_status(response: Response, what: &str) -> Result<Option<Response>, Regist
     }
 }
 
+/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`].
 async fn decode<T: DeserializeOwned>(response: Response, what: &str) -> Result<T, RegistryError> {
-    let bytes = response
-        .bytes()
+    let bytes = read_capped(response, MAX_METADATA_BYTES)
         .await
-        .map_err(|e| transport_error(Source::Gitea, &e))?;
+        .map_err(|e| transport_error(Source::Gitea, &e))?
+        .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_METADATA_BYTES} bytes")))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| unavailable(format!("{what}: malformed or unexpected JSON ({e})")))
 }

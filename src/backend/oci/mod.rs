@@ -32,8 +32,10 @@ use self::model::{
 /// Catalog page size asked for: distribution's maximum (`n` above 1000 is a 400).
 pub const CATALOG_PAGE: usize = 1000;
 
-/// Distinct manifests remembered by digest. They never change, so this only bounds memory.
-const MANIFEST_CACHE_CAPACITY: u64 = 10_000;
+/// Bytes of parsed manifests remembered by digest (each weighed by [`ManifestDoc::weight`]).
+/// They never change, so this only bounds memory: a registry can hand out manifests of up to
+/// 16 MiB, and a count alone would let a few thousand of them hold gigabytes.
+pub const MANIFEST_MEMO_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The OCI backend as a tower service; clones share one client, token cache and manifest cache.
 #[derive(Clone)]
@@ -122,10 +124,20 @@ impl OciBackend {
                 repositories: config.repositories.clone(),
                 max_concurrency,
                 catalog_page: catalog_page.max(1),
-                manifests: moka::future::Cache::new(MANIFEST_CACHE_CAPACITY),
+                manifests: manifest_memo(MANIFEST_MEMO_BYTES),
             }),
         })
     }
+}
+
+/// The memo of parsed manifests by digest, holding at most `bytes` of them by weight.
+fn manifest_memo(bytes: u64) -> moka::future::Cache<String, Arc<ManifestDoc>> {
+    moka::future::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|digest: &String, doc: &Arc<ManifestDoc>| {
+            u32::try_from(digest.len() + doc.weight()).unwrap_or(u32::MAX)
+        })
+        .build()
 }
 
 /// The registry's base URL: an explicit scheme is kept; a bare `host[:port]` is HTTPS unless
@@ -651,6 +663,33 @@ impl tower::Service<BackendRequest> for OciBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_manifest_memo_is_bounded_by_bytes_not_by_count() {
+        let annotations = |i: usize| serde_json::json!({ "org.opencontainers.image.description": format!("{i}{}", "x".repeat(1 << 20)) });
+        let memo = manifest_memo(MANIFEST_MEMO_BYTES);
+        for i in 0..100 {
+            let doc: ManifestDoc = serde_json::from_value(serde_json::json!({
+                "layers": [{"mediaType": "application/gzip", "digest": format!("sha256:{i:064x}")}],
+                "annotations": annotations(i),
+            }))
+            .unwrap();
+            memo.insert(format!("sha256:{i:064}"), Arc::new(doc)).await;
+        }
+        memo.run_pending_tasks().await;
+        // 100 manifests of 1 MiB each: a count bound would keep them all.
+        assert!(
+            memo.weighted_size() <= MANIFEST_MEMO_BYTES,
+            "{}",
+            memo.weighted_size()
+        );
+        assert!(
+            memo.weighted_size() >= MANIFEST_MEMO_BYTES / 2,
+            "{}",
+            memo.weighted_size()
+        );
+        assert!(memo.entry_count() < 40, "{}", memo.entry_count());
+    }
 
     #[test]
     fn registry_addresses_pick_their_scheme() {
