@@ -4,6 +4,8 @@
 
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/swagger.rs"]
 mod swagger;
 
@@ -692,9 +694,10 @@ async fn server_errors_and_malformed_json_are_backend_failures() {
     });
     let err = list(&unknown_org).await.unwrap_err();
     assert!(
-        err.to_string().contains("organization 'nosuch' not found"),
+        err.to_string().contains("organization was not found"),
         "{err}"
     );
+    assert!(!err.to_string().contains("nosuch"), "{err}");
     // One broken repository is left out; the others are listed.
     let listed = list(&b).await.unwrap();
     assert_eq!(listed.len(), 4);
@@ -1007,4 +1010,30 @@ async fn oversized_json_pages_and_sidecars_are_refused() {
         matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 65536 bytes")),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn upstream_names_stay_in_the_log_and_out_of_the_clients_answer() {
+    let org = "acme-internal-4711";
+    let sim = GiteaSim::start(SimConfig::new(ORG).token(TOKEN).repos(seeded_org(1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs::LogCapture::start();
+    let toml = format!(
+        "[gitea]\nurl = {:?}\norganization = {org:?}\ntoken_path = {:?}\n",
+        sim.url(),
+        token_file(dir.path(), TOKEN)
+    );
+    let failure = logs::backend_failure(&toml, "/api/v1/extensions").await;
+    let message = &failure.message;
+    assert!(
+        message.starts_with("gitea backend unavailable"),
+        "{message}"
+    );
+    assert!(
+        !failure.body.contains(org) && !failure.body.contains(&sim.url()),
+        "{message}"
+    );
+    // The operator still finds it, under the request's id.
+    logs.assert_line_with(&[org, &failure.request_id]);
+    logs.assert_free_of(&[TOKEN]);
 }

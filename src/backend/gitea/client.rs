@@ -197,14 +197,17 @@ fn api_status(response: Response, what: &str) -> Result<Option<Response>, Regist
     }
 }
 
-/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`].
+/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`]. What the parser says about
+/// the bytes is logged (with the request's id), not returned: it may quote them.
 async fn decode<T: DeserializeOwned>(response: Response, what: &str) -> Result<T, RegistryError> {
     let bytes = read_capped(response, MAX_METADATA_BYTES)
         .await
         .map_err(|e| transport_error(Source::Gitea, &e))?
         .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_METADATA_BYTES} bytes")))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| unavailable(format!("{what}: malformed or unexpected JSON ({e})")))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        tracing::warn!(%what, error = %e, "gitea answered malformed or unexpected JSON");
+        unavailable(format!("{what}: malformed or unexpected JSON"))
+    })
 }
 
 /// The `page` query parameter of a link.

@@ -157,9 +157,11 @@ impl Inner {
             .pages(&["orgs", &self.org, "repos"], "organization repositories")
             .await?
             .ok_or_else(|| {
+                // The name stays in the log: clients learn only what kind of failure it is.
+                tracing::warn!(organization = %self.org, "gitea organization not found or not visible");
                 RegistryError::unavailable(
                     Source::Gitea,
-                    format!("organization '{}' not found or not visible", self.org),
+                    "the configured organization was not found or is not visible",
                 )
             })?;
         let wanted = repos.into_iter().filter_map(|repo| {

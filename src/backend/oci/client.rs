@@ -313,8 +313,10 @@ impl Client {
         what: &str,
     ) -> Result<(T, HeaderMap), CallError> {
         let (body, headers) = self.get_bytes(url, scope, None, what).await?;
-        let parsed = serde_json::from_slice(&body)
-            .map_err(|e| CallError::broken(format!("malformed {what}: {e}")))?;
+        let parsed = serde_json::from_slice(&body).map_err(|e| {
+            tracing::warn!(%what, error = %e, "malformed registry answer");
+            CallError::broken(format!("malformed {what}"))
+        })?;
         Ok((parsed, headers))
     }
 
@@ -529,7 +531,12 @@ async fn failure(response: reqwest::Response, what: &str) -> CallError {
             CallError::NotFound
         }
         StatusCode::FORBIDDEN => CallError::Denied,
-        _ => CallError::broken(format!("registry answered {status} for {what}: {text}")),
+        // The registry's own words stay in the log, under the request's id: they may name
+        // repositories, paths or accounts the client has no business seeing.
+        _ => {
+            tracing::warn!(%status, %what, error = %text, "registry error answer");
+            CallError::broken(format!("registry answered {status} for {what}"))
+        }
     }
 }
 

@@ -540,8 +540,10 @@ impl Inner {
         if expected.is_some_and(|e| e != digest) {
             return Err(broken("manifest bytes do not match their digest"));
         }
-        let doc = serde_json::from_slice(&body)
-            .map_err(|e| broken(&format!("malformed manifest: {e}")))?;
+        let doc = serde_json::from_slice(&body).map_err(|e| {
+            tracing::warn!(repo, reference, error = %e, "malformed manifest");
+            broken("malformed manifest")
+        })?;
         Ok((doc, digest))
     }
 

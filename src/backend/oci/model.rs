@@ -173,12 +173,12 @@ pub struct ErrorEntry {
     /// `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, ...: what tells "not found" apart.
     #[serde(default)]
     pub code: String,
-    /// Human text, shown in the error the client gets.
+    /// Human text, logged with the request id (never sent to the client).
     #[serde(default)]
     pub message: String,
 }
 
-/// The first error of a registry error body, or the start of a plain-text body, for messages.
+/// The first error of a registry error body, or the start of a plain-text body, for the log.
 /// Returns the error code separately so callers can tell "not found" codes apart.
 pub fn describe_error_body(body: &[u8]) -> (Option<String>, String) {
     if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {
