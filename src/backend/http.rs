@@ -22,14 +22,19 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 /// Builds the client a backend uses for all its calls.
 ///
 /// `timeout` bounds connecting and each read, not a whole transfer, so a large artifact that
-/// keeps streaming is never cut off while a stalled backend still is. reqwest drops
-/// `Authorization` when a redirect leaves the origin, so credentials never reach object storage.
-pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, reqwest::Error> {
+/// keeps streaming is never cut off while a stalled backend still is. `redirects` is the
+/// backend's redirect policy: reqwest's own following drops `Authorization` only when a redirect
+/// leaves the origin, so a backend that must re-check every hop passes `Policy::none()`.
+pub fn client(
+    timeout: Duration,
+    verify_tls: bool,
+    redirects: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("extension-registry/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout)
         .read_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .redirect(redirects)
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
 }

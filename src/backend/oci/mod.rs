@@ -111,9 +111,11 @@ impl OciBackend {
             }
             None => None,
         };
+        // reqwest follows a blob's redirect to storage and drops credentials there.
         let http = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
+            reqwest::redirect::Policy::limited(http::MAX_REDIRECTS),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         let max_concurrency = config.max_concurrency.max(1);
