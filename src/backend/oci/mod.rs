@@ -670,29 +670,43 @@ mod tests {
 
     #[tokio::test]
     async fn the_manifest_memo_is_bounded_by_bytes_not_by_count() {
-        let annotations = |i: usize| serde_json::json!({ "org.opencontainers.image.description": format!("{i}{}", "x".repeat(1 << 20)) });
         let memo = manifest_memo(MANIFEST_MEMO_BYTES);
         for i in 0..100 {
+            let description = format!("{i}{}", "x".repeat(1 << 20));
             let doc: ManifestDoc = serde_json::from_value(serde_json::json!({
                 "layers": [{"mediaType": "application/gzip", "digest": format!("sha256:{i:064x}")}],
-                "annotations": annotations(i),
+                "annotations": {"org.opencontainers.image.description": description},
             }))
             .unwrap();
-            memo.insert(format!("sha256:{i:064}"), Arc::new(doc)).await;
+            memo.insert(format!("sha256:{i:064x}"), Arc::new(doc)).await;
         }
         memo.run_pending_tasks().await;
         // 100 manifests of 1 MiB each: a count bound would keep them all.
-        assert!(
-            memo.weighted_size() <= MANIFEST_MEMO_BYTES,
-            "{}",
-            memo.weighted_size()
-        );
-        assert!(
-            memo.weighted_size() >= MANIFEST_MEMO_BYTES / 2,
-            "{}",
-            memo.weighted_size()
-        );
+        let weight = memo.weighted_size();
+        assert!(weight <= MANIFEST_MEMO_BYTES, "{weight}");
+        assert!(weight >= MANIFEST_MEMO_BYTES / 2, "{weight}");
         assert!(memo.entry_count() < 40, "{}", memo.entry_count());
+    }
+
+    #[test]
+    fn a_typical_manifest_weighs_about_its_heap_size() {
+        // Config and artifact layer, a title and three annotations: what publishers push.
+        let digest = |c: &str| format!("sha256:{}", c.repeat(64));
+        let doc: ManifestDoc = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.provisioning.extension.config.v1+json",
+                       "digest": digest("a"), "size": 40},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": digest("b"), "size": 48213,
+                        "annotations": {"org.opencontainers.image.title": "aws-provider-1.2.0.tar.gz"}}],
+            "annotations": {"org.opencontainers.image.description": "AWS provider extension",
+                            "org.opencontainers.image.authors": "provisioning team",
+                            "org.opencontainers.image.created": "2025-03-14T09:26:53Z"},
+        }))
+        .unwrap();
+        let weight = doc.weight();
+        // So the 32 MiB memo holds tens of thousands of such manifests.
+        assert!((500..2000).contains(&weight), "{weight}");
     }
 
     #[test]
