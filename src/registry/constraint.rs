@@ -392,7 +392,7 @@ impl Constraint {
 
     /// The available versions nearest to what the constraint asks for, at most `n`, for
     /// telling a client why nothing matched: the semver versions around the first version
-    /// the constraint names, highest first; for a tag, the newest versions.
+    /// the constraint names, highest first; for a tag, or among tags only, the first `n`.
     pub fn nearest<'v>(&self, versions: &'v [Version], n: usize) -> Vec<&'v str> {
         let pivot = match &self.kind {
             Kind::Alternatives(sets) => sets
@@ -402,17 +402,17 @@ impl Constraint {
                 .next(),
             Kind::Tag(_) => None,
         };
-        let Some(pivot) = pivot else {
+        let mut semvers: Vec<(Semver, &str)> = versions
+            .iter()
+            .filter_map(|v| parse_semver(&v.version).map(|s| (s, v.version.as_str())))
+            .collect();
+        let Some(pivot) = pivot.filter(|_| !semvers.is_empty()) else {
             return versions
                 .iter()
                 .take(n)
                 .map(|v| v.version.as_str())
                 .collect();
         };
-        let mut semvers: Vec<(Semver, &str)> = versions
-            .iter()
-            .filter_map(|v| parse_semver(&v.version).map(|s| (s, v.version.as_str())))
-            .collect();
         semvers.sort_by(|a, b| precedence(&b.0, &a.0));
         // The first version below the pivot, with up to n/2 above it and the rest below.
         let split = semvers
@@ -634,5 +634,9 @@ mod tests {
             nearest("stable"),
             ["2.1.0", "2.0.0", "2.0.0-rc.1", "1.10.0"]
         );
+        // Only tags: the first of them, whatever the constraint.
+        let tags = &vs[vs.len() - 1..];
+        let nearest = Constraint::parse("^1").unwrap().nearest(tags, 4);
+        assert_eq!(nearest, ["nightly"]);
     }
 }
