@@ -758,6 +758,44 @@ mod tests {
         assert_eq!(limiter.len(), 1);
     }
 
+    #[tokio::test]
+    async fn a_handler_can_charge_more_all_or_none() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(5, ""));
+        // The body says how many more requests the handler charges.
+        let service = layer.layer(tower::service_fn(|req: Request<u32>| async move {
+            let charge = req
+                .extensions()
+                .get::<QuotaCharge>()
+                .expect("set by the layer");
+            Ok::<_, Infallible>(match charge.charge(*req.body()) {
+                Ok(()) => Response::new(crate::body::empty()),
+                Err(e) => e.into_response(),
+            })
+        }));
+        let send = |extra: u32| {
+            let req = request("/api/v1/resolve", "192.0.2.1", &[]).map(|()| extra);
+            service.clone().oneshot(req)
+        };
+        assert_eq!(send(2).await.unwrap().status(), StatusCode::OK);
+        // 2 left: the layer takes 1, the handler's 3 do not fit and are not taken.
+        let refused = send(3).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.headers().contains_key("retry-after"));
+        assert_eq!(send(0).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            send(0).await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        // From a full quota, a charge beyond the burst costs the whole burst.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(send(100).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            send(0).await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
     #[test]
     fn trusted_proxies_are_validated() {
         let text = "[local]\npath = \".\"\n[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n";
