@@ -1,10 +1,12 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
-//! from the registry service; the handlers for each route; request validation; health probes.
+//! from the registry service; the handlers for each route; version-constraint resolution;
+//! request validation; health probes.
 
 mod handlers;
 mod health;
 pub mod query;
 pub mod representation;
+pub mod resolve;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,12 +22,15 @@ use tower::Service;
 use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::middleware::cache::Caches;
+use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::BackendService;
+use crate::BoxError;
 
 pub use self::health::HealthProbe;
 use self::representation::Renderings;
 
-/// The routes, matched on the path alone; each answers GET and HEAD.
+/// The routes, matched on the path alone; each answers GET and HEAD, but the batch resolve,
+/// which answers POST only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     List,
@@ -33,6 +38,8 @@ pub enum Route {
     Get,
     Versions,
     Download,
+    Resolve,
+    ResolveBatch,
     Health,
     Livez,
     Readyz,
@@ -49,6 +56,8 @@ impl Route {
             Self::Get => "/api/v1/extensions/{type}/{name}",
             Self::Versions => "/api/v1/extensions/{type}/{name}/versions",
             Self::Download => "/api/v1/extensions/{type}/{name}/{version}",
+            Self::Resolve => "/api/v1/resolve/{type}/{name}",
+            Self::ResolveBatch => "/api/v1/resolve",
             Self::Health => "/api/v1/health",
             Self::Livez => "/livez",
             Self::Readyz => "/readyz",
@@ -57,12 +66,22 @@ impl Route {
         }
     }
 
-    const ALL: [Route; 10] = [
+    /// The methods the route answers, as a 405's `Allow` lists them.
+    pub fn allow(self) -> &'static str {
+        match self {
+            Self::ResolveBatch => "POST",
+            _ => ALLOW,
+        }
+    }
+
+    const ALL: [Route; 12] = [
         Self::List,
         Self::Search,
         Self::Get,
         Self::Versions,
         Self::Download,
+        Self::Resolve,
+        Self::ResolveBatch,
         Self::Health,
         Self::Livez,
         Self::Readyz,
@@ -148,7 +167,12 @@ impl Router {
 
 const ALLOW: &str = "GET, HEAD";
 
-impl<B> Service<Request<B>> for Router {
+impl<B> Service<Request<B>> for Router
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -161,6 +185,8 @@ impl<B> Service<Request<B>> for Router {
         let shared = self.shared.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let quota = req.extensions().get::<QuotaCharge>().cloned();
+        let body = req.into_body();
         Box::pin(async move {
             let path = uri.path();
             if let Err(e) = query::check_target(path, uri.query()) {
@@ -169,15 +195,23 @@ impl<B> Service<Request<B>> for Router {
             let Some((route, params)) = shared.routes.at(path) else {
                 return Ok(ApiError::route_not_found().into_response());
             };
-            if method != Method::GET && method != Method::HEAD {
-                return Ok(ApiError::method_not_allowed(ALLOW).into_response());
+            let allowed = match route {
+                Route::ResolveBatch => method == Method::POST,
+                _ => method == Method::GET || method == Method::HEAD,
+            };
+            if !allowed {
+                return Ok(ApiError::method_not_allowed(route.allow()).into_response());
             }
             let call = handlers::Call {
                 shared: &shared,
                 params,
                 query: uri.query(),
             };
-            let mut response = match call.handle(route).await {
+            let answer = match route {
+                Route::ResolveBatch => resolve::batch(&shared, body, quota).await,
+                _ => call.handle(route).await,
+            };
+            let mut response = match answer {
                 Ok(response) => response,
                 Err(e) => e.into_response(),
             };
