@@ -84,7 +84,6 @@ impl Gitea {
         let client = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-            reqwest::redirect::Policy::none(),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
