@@ -348,6 +348,7 @@ mod tests {
             tag: "v1.0/rc 1".into(),
             name: "aws 1.tar.gz".into(),
             uuid: Some("8f14e45f-ceea-467f-a0e6-3a1b2c9d7e11".into()),
+            stamp: None,
         };
         let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap(), Grant::Asset(&asset));
         assert!(carries(
