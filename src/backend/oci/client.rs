@@ -206,7 +206,8 @@ impl BasicCredentials {
 
 /// One registry, its credentials, and the state the auth flow keeps.
 pub struct Client {
-    /// The shared reqwest client (timeouts, redirects, TLS verification).
+    /// The shared reqwest client (timeouts, TLS verification); it follows no redirect,
+    /// [`send_per_hop`] does.
     http: reqwest::Client,
     /// `scheme://host[:port]/`: every path is resolved against it, and a `Link` or realm on
     /// another origin is treated as foreign.
