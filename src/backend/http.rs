@@ -1,5 +1,6 @@
-//! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to map its
-//! errors to the domain's, and to turn a response into a streamed artifact body.
+//! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to follow
+//! redirects deciding the credential hop by hop, to map its errors to the domain's, and to turn
+//! a response into a streamed artifact body.
 
 use std::time::Duration;
 
@@ -7,11 +8,13 @@ use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{Method, Url};
 
 use crate::registry::{ArtifactBody, RegistryError, Source};
 use crate::BoxError;
 
-/// How many redirects a download may follow (object storage answers with one or two).
+/// How many redirects one backend request may follow (object storage answers with one or two).
 pub const MAX_REDIRECTS: usize = 5;
 
 /// The most bytes read whole from a metadata answer (a Gitea JSON page, a registry catalog page,
@@ -22,21 +25,85 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 /// Builds the client a backend uses for all its calls.
 ///
 /// `timeout` bounds connecting and each read, not a whole transfer, so a large artifact that
-/// keeps streaming is never cut off while a stalled backend still is. `redirects` is the
-/// backend's redirect policy: reqwest's own following drops `Authorization` only when a redirect
-/// leaves the origin, so a backend that must re-check every hop passes `Policy::none()`.
-pub fn client(
-    timeout: Duration,
-    verify_tls: bool,
-    redirects: reqwest::redirect::Policy,
-) -> Result<reqwest::Client, reqwest::Error> {
+/// keeps streaming is never cut off while a stalled backend still is. The client follows no
+/// redirect: reqwest's own following keeps `Authorization` on any redirect within the origin,
+/// so [`send_per_hop`] follows them, deciding the credential at every hop.
+pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("extension-registry/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout)
         .read_timeout(timeout)
-        .redirect(redirects)
+        .redirect(reqwest::redirect::Policy::none())
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
+}
+
+/// Why [`send_per_hop`] got no answer.
+#[derive(Debug)]
+pub enum HopError {
+    /// A hop could not be sent or answered (connect, timeout, protocol).
+    Transport(reqwest::Error),
+    /// The redirects led nowhere usable: a loop, more than [`MAX_REDIRECTS`], or a `Location`
+    /// that is not an http(s) URL.
+    Redirect(String),
+}
+
+impl HopError {
+    /// The domain error, naming `backend`.
+    pub fn into_registry_error(self, backend: Source) -> RegistryError {
+        match self {
+            Self::Transport(e) => transport_error(backend, &e),
+            Self::Redirect(reason) => RegistryError::unavailable(backend, reason),
+        }
+    }
+}
+
+/// Sends a GET or HEAD and follows its redirects itself, up to [`MAX_REDIRECTS`], with the
+/// same method and `headers` on every hop. `credential` (an `Authorization` value) goes only
+/// with a hop `may_carry` accepts: a redirect is written by whoever answers, so a hop that does
+/// not qualify (object storage's presigned URL, another path of the same host) is followed
+/// without it, never with it. A loop or a longer chain is an error.
+pub async fn send_per_hop(
+    http: &reqwest::Client,
+    method: &Method,
+    first: Url,
+    headers: &HeaderMap,
+    credential: Option<&HeaderValue>,
+    may_carry: impl Fn(&Url) -> bool,
+) -> Result<reqwest::Response, HopError> {
+    let mut visited: Vec<Url> = Vec::new();
+    let mut url = first;
+    loop {
+        if visited.contains(&url) {
+            return Err(HopError::Redirect("redirect loop".into()));
+        }
+        if visited.len() > MAX_REDIRECTS {
+            return Err(HopError::Redirect(format!(
+                "more than {MAX_REDIRECTS} redirects"
+            )));
+        }
+        let mut request = http
+            .request(method.clone(), url.clone())
+            .headers(headers.clone());
+        if let Some(value) = credential.filter(|_| may_carry(&url)) {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let response = request.send().await.map_err(HopError::Transport)?;
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok());
+        let next = match location {
+            Some(location) if response.status().is_redirection() => url
+                .join(location)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| HopError::Redirect("redirect to an unusable location".into()))?,
+            _ => return Ok(response),
+        };
+        visited.push(url);
+        url = next;
+    }
 }
 
 /// Reads a whole body of at most `cap` bytes; `None` when it is larger, known from
@@ -65,8 +132,6 @@ pub fn transport_error(backend: Source, e: &reqwest::Error) -> RegistryError {
         RegistryError::BackendTimeout { backend }
     } else if e.is_connect() {
         RegistryError::unavailable(backend, "cannot connect")
-    } else if e.is_redirect() {
-        RegistryError::unavailable(backend, format!("more than {MAX_REDIRECTS} redirects"))
     } else if e.is_decode() || e.is_body() {
         RegistryError::unavailable(backend, "malformed or interrupted response body")
     } else {

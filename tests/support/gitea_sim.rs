@@ -418,6 +418,8 @@ struct State {
     rendezvous: Option<tokio::sync::Barrier>,
     /// Every request to either host, in order, with whether it carried credentials.
     seen: Mutex<Vec<Seen>>,
+    /// Assets replaced while running (see [`GiteaSim::reupload`]).
+    reuploads: Mutex<Reuploads>,
 }
 
 /// Counts a releases request as in flight while it lives (also when its connection is cut).
@@ -483,6 +485,7 @@ impl GiteaSim {
             releases_in_flight: Mutex::new(0),
             rendezvous,
             seen: Mutex::new(Vec::new()),
+            reuploads: Mutex::new(Reuploads::default()),
         });
         let tasks = vec![
             tokio::spawn(serve(gitea, Arc::clone(&state), false)),
@@ -1022,10 +1025,14 @@ impl State {
     fn release_json(&self, repo: &SimRepo, release: &SimRelease) -> Value {
         let full = format!("{}/{}", self.config.org, repo.name);
         let tag = utf8_percent_encode(&release.tag, PATH_PIECE).to_string();
-        let mut assets: Vec<&SimAsset> = release.assets.iter().collect();
+        let mut assets: Vec<SimAsset> = release
+            .assets
+            .iter()
+            .map(|a| self.current_asset(repo, release, a))
+            .collect();
         assets.sort_by(|a, b| a.name.cmp(&b.name));
         let assets: Vec<Value> = assets
-            .into_iter()
+            .iter()
             .map(|a| {
                 let mut v = json!({
                     "id": a.id, "name": a.name, "size": a.bytes.len(), "download_count": 0,
@@ -1092,10 +1099,12 @@ impl State {
                         .max_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id))),
                     None => None,
                 };
-                let Some(asset) = release.and_then(|r| r.assets.iter().find(|a| a.name == *file))
+                let Some((release, asset)) =
+                    release.and_then(|r| Some((r, r.assets.iter().find(|a| a.name == *file)?)))
                 else {
                     return text(StatusCode::NOT_FOUND, "Not found.");
                 };
+                let asset = &self.current_asset(repo, release, asset);
                 if let Some(reply) = self.hop_reply(asset) {
                     return reply;
                 }
@@ -1142,7 +1151,8 @@ impl State {
             .path()
             .strip_prefix("/bucket/")
             .unwrap_or_default();
-        match self.asset_by_uuid(wanted) {
+        let reuploaded = self.reuploaded_by_uuid(wanted);
+        match reuploaded.as_ref().or_else(|| self.asset_by_uuid(wanted)) {
             Some(asset) => reply(
                 StatusCode::OK,
                 "application/octet-stream",
@@ -1349,4 +1359,53 @@ fn found_redirect(location: &str) -> Reply {
     let mut r = redirect(location);
     *r.status_mut() = StatusCode::FOUND;
     r
+}
+
+// Re-uploads: an asset deleted and uploaded again under the same name while the simulator
+// runs, as a publisher fixing a release does. Gitea gives the new file a new attachment (new id
+// and UUID, its own size); the by-name URL stays the same. Kept apart from the routes above.
+
+/// The assets replaced so far.
+#[derive(Default)]
+struct Reuploads {
+    /// The current asset by `(repository, tag, name)`.
+    by_name: std::collections::HashMap<(String, String, String), SimAsset>,
+    /// Ids handed out so far, above every seeded one.
+    issued: u64,
+}
+
+impl GiteaSim {
+    /// Replaces the asset `name` of release `tag` of `repo` with `bytes`, under a new id.
+    pub fn reupload(&self, repo: &str, tag: &str, name: &str, bytes: impl Into<Bytes>) {
+        let mut reuploads = self.state.reuploads.lock().expect("reuploads");
+        reuploads.issued += 1;
+        let asset = SimAsset {
+            name: name.into(),
+            bytes: bytes.into(),
+            id: 1_000_000 + reuploads.issued,
+            hop: None,
+        };
+        reuploads
+            .by_name
+            .insert((repo.into(), tag.into(), name.into()), asset);
+    }
+}
+
+impl State {
+    /// `asset` of `release` as it is now: its re-upload, if any.
+    fn current_asset(&self, repo: &SimRepo, release: &SimRelease, asset: &SimAsset) -> SimAsset {
+        let key = (repo.name.clone(), release.tag.clone(), asset.name.clone());
+        let reuploads = self.reuploads.lock().expect("reuploads");
+        reuploads.by_name.get(&key).unwrap_or(asset).clone()
+    }
+
+    /// A re-uploaded asset by its UUID.
+    fn reuploaded_by_uuid(&self, wanted: &str) -> Option<SimAsset> {
+        let reuploads = self.reuploads.lock().expect("reuploads");
+        reuploads
+            .by_name
+            .values()
+            .find(|a| uuid(a.id) == wanted)
+            .cloned()
+    }
 }

@@ -111,17 +111,23 @@ impl OciBackend {
             }
             None => None,
         };
-        // reqwest follows a blob's redirect to storage and drops credentials there.
+        // The client follows a blob's redirect to storage itself, without the credentials.
         let http = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-            reqwest::redirect::Policy::limited(http::MAX_REDIRECTS),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         let max_concurrency = config.max_concurrency.max(1);
         Ok(Self {
             inner: Arc::new(Inner {
-                client: Client::new(http, base, basic, static_token, max_concurrency),
+                client: Client::new(
+                    http,
+                    base,
+                    namespace.clone(),
+                    basic,
+                    static_token,
+                    max_concurrency,
+                ),
                 namespace,
                 repositories: config.repositories.clone(),
                 max_concurrency,
