@@ -163,6 +163,7 @@ fn cors(server: &ServerConfig) -> CorsLayer {
                 "x-request-id",
                 "cache-status",
                 "content-disposition",
+                "repr-digest",
             ]
             .map(HeaderName::from_static),
         )

@@ -46,6 +46,7 @@ async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections(
                     Ok(BackendResponse::Artifact(Artifact {
                         filename: "slow-1.0.0.tar.gz".into(),
                         content_length: Some(10),
+                        checksum: None,
                         body: StreamBody::new(frames).boxed_unsync(),
                     }))
                 }

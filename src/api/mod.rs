@@ -176,6 +176,7 @@ impl<B> Service<Request<B>> for Router {
                 shared: &shared,
                 params,
                 query: uri.query(),
+                head: method == Method::HEAD,
             };
             let mut response = match call.handle(route).await {
                 Ok(response) => response,
