@@ -70,10 +70,10 @@ pub async fn run_with(
     serve(listener, app, shutdown, config, config.shutdown_grace()).await
 }
 
-/// At `max_connections`, a new connection is accepted and closed at once with a reset (and
-/// counted), rather than left in the kernel's backlog: the client learns at once instead of
-/// waiting on a connection nothing reads, and the process never holds more descriptors than
-/// the limit.
+/// The accept loop. At `max_connections`, a new connection is accepted and closed at once
+/// with a reset (and counted), rather than left in the kernel's backlog: the client learns at
+/// once instead of waiting on a connection nothing reads, and the process never holds more
+/// descriptors than the limit.
 async fn serve(
     listener: TcpListener,
     app: HttpService,
@@ -89,6 +89,10 @@ async fn serve(
     let slots = Arc::new(Semaphore::new(
         config.max_connections.min(Semaphore::MAX_PERMITS),
     ));
+    // Shown from the start, so dashboards and alerts see zeros rather than nothing.
+    metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
+    metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(0);
+    metrics::counter!(send_timeout::DOWNLOAD_STALLED_TOTAL).increment(0);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

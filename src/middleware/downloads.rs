@@ -36,6 +36,8 @@ pub struct DownloadsLayer {
 
 impl DownloadsLayer {
     pub fn new(max: usize) -> Self {
+        // Shown from the start, so dashboards see a zero rather than nothing.
+        metrics::gauge!(DOWNLOADS_IN_FLIGHT).increment(0.0);
         Self {
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
             routes: Arc::new(RouteTable::new()),
