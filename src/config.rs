@@ -64,6 +64,25 @@ pub struct ServerConfig {
     /// Most requests being worked on at once; beyond it requests are answered 503 at once
     /// instead of queueing behind slow backends.
     pub max_concurrent_requests: usize,
+    /// How long a new connection may take to send its first complete request head (protocol
+    /// detection included), and an HTTP/1 request head once its first byte has arrived;
+    /// past it the connection is closed, so an empty or trickling connection is not held.
+    pub header_read_timeout_seconds: u64,
+    /// How long a connection with no request in flight (idle HTTP/1 keep-alive, HTTP/2 with
+    /// no open stream) stays open.
+    pub keepalive_timeout_seconds: u64,
+    /// Most streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub http2_max_concurrent_streams: u32,
+    /// Most connections open at once; beyond it new connections are closed at once (reset),
+    /// so idle sockets cannot exhaust the process's file descriptors.
+    pub max_connections: usize,
+    /// How long a response body may wait for the client to take its next bytes (a client that
+    /// does not read, an HTTP/2 stream whose window stays shut) before it is aborted and its
+    /// upstream released.
+    pub send_timeout_seconds: u64,
+    /// Most downloads streaming at once (HTTP/2 streams each count); beyond it a download is
+    /// answered 503 at once.
+    pub max_concurrent_downloads: usize,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +97,12 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 30,
             max_concurrent_requests: 1024,
+            header_read_timeout_seconds: 10,
+            keepalive_timeout_seconds: 60,
+            http2_max_concurrent_streams: 128,
+            max_connections: 10_000,
+            send_timeout_seconds: 60,
+            max_concurrent_downloads: 256,
         }
     }
 }
@@ -89,6 +114,18 @@ impl ServerConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
+    }
+
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.keepalive_timeout_seconds)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.send_timeout_seconds)
     }
 }
 
@@ -327,6 +364,29 @@ impl Config {
             "[server] max_concurrent_requests",
             self.server.max_concurrent_requests as u64,
         )?;
+        let server = &self.server;
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                server.header_read_timeout_seconds,
+            ),
+            (
+                "keepalive_timeout_seconds",
+                server.keepalive_timeout_seconds,
+            ),
+            (
+                "http2_max_concurrent_streams",
+                server.http2_max_concurrent_streams.into(),
+            ),
+            ("max_connections", server.max_connections as u64),
+            ("send_timeout_seconds", server.send_timeout_seconds),
+            (
+                "max_concurrent_downloads",
+                server.max_concurrent_downloads as u64,
+            ),
+        ] {
+            positive(&format!("[server] {key}"), value)?;
+        }
         positive("[cache] capacity", self.cache.capacity)?;
         positive("[cache] ttl_seconds", self.cache.ttl_seconds)?;
         if let Some(origin) = self

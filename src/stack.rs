@@ -24,6 +24,7 @@ use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::compression::{self, PrecompressedLayer};
 use crate::middleware::conditional::ConditionalLayer;
+use crate::middleware::downloads::DownloadsLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::RequestIds;
@@ -122,6 +123,11 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .enabled
                 .then(|| RateLimitLayer::new(&config.rate_limit)),
         )
+        // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
+        // until its body is dropped (the concurrency limit below lets go at the response
+        // head): past it 503 at once, before any backend is asked. Below the rate limit so a
+        // flooding client is refused there first.
+        .layer(DownloadsLayer::new(config.server.max_concurrent_downloads))
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
         // behind slow backends; the limit counts requests until their response head.
         .layer(LoadShedLayer::new())
@@ -163,6 +169,7 @@ fn cors(server: &ServerConfig) -> CorsLayer {
                 "x-request-id",
                 "cache-status",
                 "content-disposition",
+                "repr-digest",
             ]
             .map(HeaderName::from_static),
         )

@@ -74,8 +74,9 @@ pub fn prometheus() -> PrometheusHandle {
 /// Help text and units of the metrics the HTTP edge, the rate limit and the per-backend
 /// layer emit.
 fn describe_metrics() {
-    use crate::middleware::{backend_metrics as backend, metrics as http, rate_limit};
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use crate::middleware::{backend_metrics as backend, downloads, metrics as http, rate_limit};
+    use crate::server::{self, send_timeout};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
     describe_counter!(
         http::HTTP_REQUESTS_TOTAL,
@@ -129,11 +130,51 @@ fn describe_metrics() {
         Unit::Count,
         "Answers served stale because the backends failed, by cache"
     );
+    describe_gauge!(
+        server::HTTP_CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open now"
+    );
+    describe_counter!(
+        server::HTTP_CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Connections closed at once because max_connections were open"
+    );
+    describe_gauge!(
+        downloads::DOWNLOADS_IN_FLIGHT,
+        Unit::Count,
+        "Downloads streaming now, HTTP/2 streams each counted; at most max_concurrent_downloads"
+    );
+    describe_counter!(
+        send_timeout::DOWNLOAD_STALLED_TOTAL,
+        Unit::Count,
+        "Downloads aborted because the client took no bytes for send_timeout_seconds"
+    );
     describe_counter!(
         "download_digest_mismatch_total",
         Unit::Count,
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
     );
+}
+
+/// Something held (a connection's or a download's slot) and counted in a gauge while it lives.
+pub struct Gauged<T> {
+    _held: T,
+    gauge: metrics::Gauge,
+}
+
+impl<T> Gauged<T> {
+    pub fn new(held: T, gauge: &'static str) -> Self {
+        let gauge = metrics::gauge!(gauge);
+        gauge.increment(1);
+        Self { _held: held, gauge }
+    }
+}
+
+impl<T> Drop for Gauged<T> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1);
+    }
 }
 
 /// Folds histogram samples into buckets and reads the process metrics every few seconds; runs

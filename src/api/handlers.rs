@@ -17,8 +17,8 @@ use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::registry::{
-    search, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName, ExtensionType,
-    ListFilter, RegistryError, Source, VersionSelector,
+    search, sha256_digest, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName,
+    ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
 };
 
 /// Most items a listing or search returns at once.
@@ -31,6 +31,8 @@ pub struct Call<'a> {
     pub shared: &'a Shared,
     pub params: Params<'a>,
     pub query: Option<&'a str>,
+    /// A HEAD request: a download is answered from metadata, without opening its stream.
+    pub head: bool,
 }
 
 /// Serialises a value the API shows. These values always serialise.
@@ -210,13 +212,20 @@ impl Call<'_> {
         let key = self.key()?;
         let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
         let source = query.parsed("source", str::parse::<Source>)?;
-        let (response, _) = self
-            .ask(BackendRequest::Download {
+        let request = if self.head {
+            BackendRequest::DownloadHead {
                 key,
                 version,
                 source,
-            })
-            .await?;
+            }
+        } else {
+            BackendRequest::Download {
+                key,
+                version,
+                source,
+            }
+        };
+        let (response, _) = self.ask(request).await?;
         Ok(artifact_response(response.into_artifact()?))
     }
 
@@ -250,7 +259,8 @@ fn stale_cache_status(error: &RegistryError) -> String {
     format!("extension-registry; fwd=stale; fwd-status={status}; detail=\"{detail}\"")
 }
 
-/// The streamed download response.
+/// The streamed download response (or, for HEAD, its head alone): `Content-Length` and
+/// `Repr-Digest` (RFC 9530) from the backend's metadata when it has them.
 fn artifact_response(artifact: Artifact) -> Response<Body> {
     let filename: String = artifact
         .filename
@@ -276,5 +286,16 @@ fn artifact_response(artifact: Artifact) -> Response<Body> {
     if let Some(len) = artifact.content_length {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
+    if let Some(digest) = artifact.checksum.as_deref().and_then(repr_digest) {
+        headers.insert("repr-digest", digest);
+    }
     response
+}
+
+/// `sha-256=:<base64>:` for a `sha256:<hex>` checksum.
+fn repr_digest(checksum: &str) -> Option<HeaderValue> {
+    use base64::Engine;
+    let digest = sha256_digest(checksum)?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(digest);
+    HeaderValue::from_str(&format!("sha-256=:{encoded}:")).ok()
 }

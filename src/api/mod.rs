@@ -206,6 +206,7 @@ where
                 shared: &shared,
                 params,
                 query: uri.query(),
+                head: method == Method::HEAD,
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,

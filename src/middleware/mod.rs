@@ -6,6 +6,7 @@ pub mod cache;
 pub mod catch_panic;
 pub mod compression;
 pub mod conditional;
+pub mod downloads;
 pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;

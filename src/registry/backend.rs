@@ -47,6 +47,13 @@ pub enum BackendRequest {
         version: VersionSelector,
         source: Option<Source>,
     },
+    /// What `Download` would answer, from metadata alone (name, size, checksum), with an
+    /// empty body: no stream is opened. For HEAD.
+    DownloadHead {
+        key: ExtensionKey,
+        version: VersionSelector,
+        source: Option<Source>,
+    },
     /// Whether the backend answers.
     Health,
 }

@@ -76,7 +76,8 @@ impl Service<BackendRequest> for Merge {
                 BackendRequest::List(f) => f.source,
                 BackendRequest::Get { source, .. }
                 | BackendRequest::Versions { source, .. }
-                | BackendRequest::Download { source, .. } => *source,
+                | BackendRequest::Download { source, .. }
+                | BackendRequest::DownloadHead { source, .. } => *source,
                 BackendRequest::Health => None,
             };
             let candidates: Vec<_> = backends
@@ -91,7 +92,8 @@ impl Service<BackendRequest> for Merge {
                     let asks = candidates.into_iter().map(|(_, b)| ask(b, req.clone()));
                     first_found(join_all(asks).await, not_found)
                 }
-                BackendRequest::Download { ref key, .. } => {
+                BackendRequest::Download { ref key, .. }
+                | BackendRequest::DownloadHead { ref key, .. } => {
                     let mut results = Vec::new();
                     for (_, backend) in candidates {
                         let result = ask(backend, req.clone()).await;

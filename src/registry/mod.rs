@@ -11,7 +11,7 @@ mod model;
 mod search;
 pub mod version;
 
-pub use self::artifact::{Artifact, ArtifactBody, VerifyingBody};
+pub use self::artifact::{sha256_digest, Artifact, ArtifactBody, VerifyingBody};
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
     ListFilter,

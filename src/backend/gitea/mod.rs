@@ -145,7 +145,10 @@ impl Inner {
                 BackendResponse::Versions(Arc::new(self.versions(&key).await?))
             }
             BackendRequest::Download { key, version, .. } => {
-                BackendResponse::Artifact(self.download(&key, &version).await?)
+                BackendResponse::Artifact(self.download(&key, &version, true).await?)
+            }
+            BackendRequest::DownloadHead { key, version, .. } => {
+                BackendResponse::Artifact(self.download(&key, &version, false).await?)
             }
             BackendRequest::Health => {
                 BackendResponse::Health(HealthReport(vec![self.health().await]))
@@ -314,12 +317,15 @@ impl Inner {
         Ok(Some(digest))
     }
 
-    /// Streams a version's artifact, verified when its checksum is known. A checksum file that
-    /// exists but cannot be read fails the download: the bytes could not be vouched for.
+    /// Streams a version's artifact, verified when its checksum is known; with `open` false,
+    /// only describes it (for HEAD). A checksum file that exists but cannot be read fails the
+    /// download: the bytes could not be vouched for. The length is the asset's size from the
+    /// release; a download answering another length is refused.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
+        open: bool,
     ) -> Result<Artifact, RegistryError> {
         let found = self.find(key).await?;
         let chosen = match selector {
@@ -329,19 +335,33 @@ impl Inner {
                 .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
         };
         let checksum = self.checksum(chosen).await?;
+        let size = chosen.version.size;
+        if !open {
+            return Ok(Artifact::head(
+                chosen.artifact.name.clone(),
+                Some(size),
+                checksum,
+            ));
+        }
         let what = format!("{key} {}", chosen.version.version);
         let response = self.api.download(&chosen.artifact, &what).await?;
-        let content_length = response.content_length();
+        if response.content_length().is_some_and(|len| len != size) {
+            return Err(RegistryError::unavailable(
+                Source::Gitea,
+                format!("{what}: the download's length differs from the asset's size"),
+            ));
+        }
         let body = http::stream_body(response);
-        let body = match checksum {
+        let body = match &checksum {
             None => body,
-            Some(checksum) => VerifyingBody::new(body, &checksum, Source::Gitea, what)
+            Some(checksum) => VerifyingBody::new(body, checksum, Source::Gitea, what)
                 .map(BodyExt::boxed_unsync)
                 .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
         };
         Ok(Artifact {
             filename: chosen.artifact.name.clone(),
-            content_length,
+            content_length: Some(size),
+            checksum,
             body,
         })
     }
