@@ -74,7 +74,9 @@ pub fn prometheus() -> PrometheusHandle {
 /// Help text and units of the metrics the HTTP edge, the rate limit and the per-backend
 /// layer emit.
 fn describe_metrics() {
-    use crate::middleware::{backend_metrics as backend, downloads, metrics as http, rate_limit};
+    use crate::middleware::{
+        backend_metrics as backend, breaker, downloads, metrics as http, rate_limit,
+    };
     use crate::server::{self, send_timeout};
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
@@ -118,7 +120,8 @@ fn describe_metrics() {
     describe_counter!(
         "cache_hits_total",
         Unit::Count,
-        "Lookups answered fresh from a cache, by cache (list, metadata, versions)"
+        "Lookups answered from a cache without waiting for the backends (fresh, or stale \
+         while refreshed or backing off), by cache (list, metadata, versions)"
     );
     describe_counter!(
         "cache_misses_total",
@@ -149,6 +152,11 @@ fn describe_metrics() {
         send_timeout::DOWNLOAD_STALLED_TOTAL,
         Unit::Count,
         "Downloads aborted because the client took no bytes for send_timeout_seconds"
+    );
+    describe_gauge!(
+        breaker::BACKEND_CIRCUIT_STATE,
+        "State of each backend's circuit breaker: 0 closed, 1 half-open (probing), 2 open \
+         (not called until its cool-down ends)"
     );
     describe_counter!(
         "download_digest_mismatch_total",

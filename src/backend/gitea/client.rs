@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 
 use super::model::AssetLink;
 use crate::backend::http::{
-    is_html, next_link, read_capped, send_per_hop, transport_error, MAX_METADATA_BYTES,
+    is_html, next_link, read_capped, send_per_hop, throttled, transport_error, MAX_METADATA_BYTES,
 };
 use crate::registry::{RegistryError, Source};
 
@@ -215,6 +215,9 @@ impl Api {
         let response = self.get(url, Grant::Asset(asset)).await?;
         let status = response.status();
         if !status.is_success() {
+            if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+                return Err(throttled);
+            }
             return Err(match status {
                 StatusCode::UNAUTHORIZED => RegistryError::BackendAuthFailed {
                     backend: Source::Gitea,
@@ -244,6 +247,9 @@ impl Api {
 /// Maps an API answer: 2xx passes, 404 is `None`, everything else an error naming `what`.
 fn api_status(response: Response, what: &str) -> Result<Option<Response>, RegistryError> {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+        return Err(throttled);
+    }
     match status {
         s if s.is_success() => Ok(Some(response)),
         StatusCode::NOT_FOUND => Ok(None),

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use crate::backend::http::{
-    next_link, read_capped, send_per_hop, transport_error, HopError, MAX_METADATA_BYTES,
+    next_link, read_capped, send_per_hop, throttled, transport_error, HopError, MAX_METADATA_BYTES,
 };
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
@@ -602,6 +602,9 @@ async fn read_bounded(response: reqwest::Response) -> Result<Option<Bytes>, Call
 /// plain-text 404 some routes give).
 async fn failure(response: reqwest::Response, what: &str) -> CallError {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Oci, &response, what) {
+        return CallError::Fatal(throttled);
+    }
     let body = match read_bounded(response).await {
         Ok(body) => body.unwrap_or_default(),
         Err(e) => return e,
