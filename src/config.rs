@@ -39,6 +39,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
 }
 
 /// `[server]`: the listening socket and the HTTP edge.
@@ -62,8 +64,12 @@ pub struct ServerConfig {
     /// Longest time one request may take before it is answered 504.
     pub request_timeout_seconds: u64,
     /// Most requests being worked on at once; beyond it requests are answered 503 at once
-    /// instead of queueing behind slow backends.
+    /// instead of queueing behind slow backends. The `[rate_limit] exempt_paths` (probes,
+    /// scrapes) are not counted.
     pub max_concurrent_requests: usize,
+    /// How often the backends are probed in the background for `/api/v1/health` and
+    /// `/readyz`, which answer from the last probe.
+    pub probe_interval_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +84,7 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 30,
             max_concurrent_requests: 1024,
+            probe_interval_seconds: 5,
         }
     }
 }
@@ -89,6 +96,10 @@ impl ServerConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_secs(self.probe_interval_seconds)
     }
 }
 
@@ -172,6 +183,13 @@ pub struct CacheConfig {
     /// How long past `ttl_seconds` an answer is kept to stand in for the backends when a
     /// refresh fails with a backend fault; 0 disables stale-if-error.
     pub stale_if_error_seconds: u64,
+    /// How long past `ttl_seconds` an answer is still served at once, marked stale, while
+    /// one background refresh per key fetches the new one; 0 disables it (requests then
+    /// wait for the refresh).
+    pub stale_while_revalidate_seconds: u64,
+    /// Most background refreshes running at once; a stale answer found while all are busy is
+    /// served without starting another.
+    pub max_background_refreshes: usize,
 }
 
 impl Default for CacheConfig {
@@ -183,6 +201,8 @@ impl Default for CacheConfig {
             enable_list_cache: true,
             negative_ttl_seconds: 30,
             stale_if_error_seconds: 86400,
+            stale_while_revalidate_seconds: 60,
+            max_background_refreshes: 16,
         }
     }
 }
@@ -219,6 +239,30 @@ impl Default for RateLimitConfig {
                 .map(String::from)
                 .to_vec(),
             max_clients: 65_536,
+        }
+    }
+}
+
+/// `[circuit_breaker]`: per backend, stop calling a backend that keeps failing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive faults (timeouts, 5xx, refused connections, malformed answers) after which
+    /// a backend's breaker opens; while open, requests needing it are answered from the cache
+    /// or with 503 at once.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open the first time; each failed probe doubles it.
+    pub open_seconds: u64,
+    /// The longest the breaker stays open before letting a probe through.
+    pub max_open_seconds: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_seconds: 10,
+            max_open_seconds: 300,
         }
     }
 }
@@ -329,6 +373,26 @@ impl Config {
         )?;
         positive("[cache] capacity", self.cache.capacity)?;
         positive("[cache] ttl_seconds", self.cache.ttl_seconds)?;
+        positive(
+            "[cache] max_background_refreshes",
+            self.cache.max_background_refreshes as u64,
+        )?;
+        positive(
+            "[server] probe_interval_seconds",
+            self.server.probe_interval_seconds,
+        )?;
+        let breaker = &self.circuit_breaker;
+        positive(
+            "[circuit_breaker] failure_threshold",
+            breaker.failure_threshold.into(),
+        )?;
+        positive("[circuit_breaker] open_seconds", breaker.open_seconds)?;
+        if breaker.max_open_seconds < breaker.open_seconds {
+            return Err(format!(
+                "[circuit_breaker] max_open_seconds: must be at least open_seconds ({})",
+                breaker.open_seconds
+            ));
+        }
         if let Some(origin) = self
             .server
             .cors_allowed_origins

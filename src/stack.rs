@@ -7,10 +7,8 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use tower::limit::ConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceBuilder};
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -20,10 +18,12 @@ use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
 use crate::middleware::backend_metrics::BackendMetricsLayer;
+use crate::middleware::breaker::{BreakerLayer, Gate};
 use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::compression::{self, PrecompressedLayer};
 use crate::middleware::conditional::ConditionalLayer;
+use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::RequestIds;
@@ -41,23 +41,36 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
-    // Per-backend metrics between the merge and each backend, so each backend's calls,
-    // outcomes, latency and download bytes are seen as that backend answered them.
+    // One circuit breaker per backend, read by the health endpoint too.
+    let gates: Vec<Gate> = backends
+        .iter()
+        .map(|(source, _)| Gate::new(*source, &config.circuit_breaker))
+        .collect();
     let backends = backends
         .into_iter()
-        .map(|(source, backend)| {
-            let measured = BackendMetricsLayer::new(source).layer(backend);
-            (source, BackendService::new(measured))
+        .zip(&gates)
+        .map(|((source, backend), gate)| {
+            let backend = ServiceBuilder::new()
+                // The circuit breaker, right below the merge: a backend that keeps failing is
+                // not called for a cool-down, so the merge gets its error at once and serves
+                // the others' answers (and the cache above a stale one).
+                .layer(BreakerLayer::new(gate.clone()))
+                // Per-backend metrics below the breaker, so each backend's calls, outcomes,
+                // latency and download bytes are what that backend answered, and calls the
+                // breaker refused are not counted as calls.
+                .layer(BackendMetricsLayer::new(source))
+                .service(backend);
+            (source, BackendService::new(backend))
         })
         .collect();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
-    let caches = Caches::new(&config.cache);
+    let caches = Caches::new(&config.cache, config.server.request_timeout());
     let registry = ServiceBuilder::new()
-        // List, metadata and versions caches with single-flight, negative caching and
-        // stale-if-error; above the merge so one cached answer serves every backend
-        // combination.
+        // List, metadata and versions caches with single-flight, negative caching,
+        // stale-while-revalidate, stale-if-error and a backoff per failing key; above the
+        // merge so one cached answer serves every backend combination.
         .layer(CacheLayer::new(caches.clone()))
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
@@ -65,7 +78,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
 
     let router = Router::new(Shared {
         routes: RouteTable::new(),
-        health: HealthProbe::new(registry.clone(), sources),
+        health: HealthProbe::new(
+            registry.clone(),
+            sources,
+            gates,
+            config.server.probe_interval(),
+        ),
         registry,
         metrics,
         caches,
@@ -123,10 +141,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .then(|| RateLimitLayer::new(&config.rate_limit)),
         )
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
-        // behind slow backends; the limit counts requests until their response head.
-        .layer(LoadShedLayer::new())
-        .layer(ConcurrencyLimitLayer::new(
+        // behind slow backends; the limit counts requests until their response head. The
+        // exempt paths (probes, scrapes) answer without backend work and are not counted, so
+        // polling them can never fill the service.
+        .layer(LoadShedLayer::new(
             config.server.max_concurrent_requests,
+            &config.rate_limit.exempt_paths,
         ))
         // Bounds the time to the response head (not the streaming of a download's body): 504.
         .layer(tower::timeout::TimeoutLayer::new(

@@ -71,8 +71,8 @@ pub fn prometheus() -> PrometheusHandle {
 /// Help text and units of the metrics the HTTP edge, the rate limit and the per-backend
 /// layer emit.
 fn describe_metrics() {
-    use crate::middleware::{backend_metrics as backend, metrics as http, rate_limit};
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use crate::middleware::{backend_metrics as backend, breaker, metrics as http, rate_limit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
     describe_counter!(
         http::HTTP_REQUESTS_TOTAL,
@@ -114,7 +114,8 @@ fn describe_metrics() {
     describe_counter!(
         "cache_hits_total",
         Unit::Count,
-        "Lookups answered fresh from a cache, by cache (list, metadata, versions)"
+        "Lookups answered from a cache without waiting for the backends (fresh, or stale \
+         while refreshed or backing off), by cache (list, metadata, versions)"
     );
     describe_counter!(
         "cache_misses_total",
@@ -125,6 +126,11 @@ fn describe_metrics() {
         "stale_served_total",
         Unit::Count,
         "Answers served stale because the backends failed, by cache"
+    );
+    describe_gauge!(
+        breaker::BACKEND_CIRCUIT_STATE,
+        "State of each backend's circuit breaker: 0 closed, 1 half-open (probing), 2 open \
+         (not called until its cool-down ends)"
     );
     describe_counter!(
         "download_digest_mismatch_total",

@@ -151,13 +151,14 @@ async fn searches_rank_name_matches_before_description_matches() {
 #[tokio::test]
 async fn health_liveness_readiness_metrics_and_cache_stats_answer() {
     let (app, _) = app::sample_app();
+    app::probed(&app).await;
     let health = get(&app, "/api/v1/health").await;
     assert_eq!(health.status, StatusCode::OK);
     let json = health.json();
     assert_eq!(json["status"], "healthy");
     assert_eq!(
         json["backends"]["local"],
-        serde_json::json!({"enabled": true, "healthy": true})
+        serde_json::json!({"enabled": true, "healthy": true, "circuit": "closed"})
     );
     assert_eq!(json["backends"]["gitea"]["enabled"], false);
     assert!(json["uptime"].is_u64() && json["version"].is_string());
@@ -187,6 +188,7 @@ async fn unhealthy_backends_make_health_503_and_readyz_503() {
             _ => Err(RegistryError::unavailable(Source::Local, "down")),
         }
     });
+    app::probed(&app).await;
     let health = get(&app, "/api/v1/health").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(health.json()["status"], "unhealthy");

@@ -14,8 +14,8 @@ use tower::ServiceExt;
 use extension_registry::body;
 use extension_registry::config::Config;
 use extension_registry::registry::{
-    BackendRequest, BackendResponse, BackendService, Extension, ExtensionType, RegistryError,
-    Source, Timestamp,
+    BackendRequest, BackendResponse, BackendService, Extension, ExtensionType, HealthReport,
+    RegistryError, Source, Timestamp,
 };
 use extension_registry::stack::{self, HttpService};
 
@@ -32,6 +32,9 @@ impl Backend {
         BackendService::new(tower::service_fn(move |req: BackendRequest| {
             let this = this.clone();
             async move {
+                if req == BackendRequest::Health {
+                    return Ok(BackendResponse::Health(HealthReport(Vec::new())));
+                }
                 this.calls.fetch_add(1, Ordering::SeqCst);
                 if this.failing.load(Ordering::SeqCst) {
                     return Err(RegistryError::unavailable(Source::Local, "disk \"gone\""));
@@ -75,6 +78,8 @@ fn config(ttl_seconds: u64) -> Config {
     )
     .unwrap();
     config.cache.ttl_seconds = ttl_seconds;
+    // Every refresh is waited for, so what a failing backend leaves shows at once.
+    config.cache.stale_while_revalidate_seconds = 0;
     config
 }
 

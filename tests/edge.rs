@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use extension_registry::body::{self, Body};
 use extension_registry::config::Config;
-use extension_registry::registry::{BackendRequest, BackendResponse, BackendService, Source};
+use extension_registry::registry::{
+    BackendRequest, BackendResponse, BackendService, HealthReport, Source,
+};
 use extension_registry::server::{self, PeerAddr};
 use extension_registry::stack::{self, HttpService};
 use http::{Method, Request, Response, StatusCode};
@@ -21,15 +23,23 @@ use tower::ServiceExt;
 type Answer = Pin<Box<dyn Future<Output = BackendResponse> + Send>>;
 
 /// The whole app over one backend answering with `answer`; the counter says how often the
-/// backend was asked.
+/// backend was asked. The background health probes are answered at once and not counted.
 fn app(extra_config: &str, answer: fn() -> Answer) -> (HttpService, Arc<AtomicUsize>) {
     let text = format!("[local]\npath = \".\"\n{extra_config}");
     let config = Config::parse(&text, "test", None).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
-    let backend = tower::service_fn(move |_: BackendRequest| {
-        counter.fetch_add(1, Ordering::SeqCst);
-        async move { Ok(answer().await) }
+    let backend = tower::service_fn(move |req: BackendRequest| {
+        let probe = req == BackendRequest::Health;
+        if !probe {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            Ok(match probe {
+                true => BackendResponse::Health(HealthReport(Vec::new())),
+                false => answer().await,
+            })
+        }
     });
     let backends = vec![(Source::Local, BackendService::new(backend))];
     (stack::app(&config, backends), calls)

@@ -75,22 +75,16 @@ impl Call<'_> {
         Ok(ExtensionKey { ty, name })
     }
 
-    async fn ask(
-        &self,
-        req: BackendRequest,
-    ) -> Result<(BackendResponse, Option<RegistryError>), ApiError> {
+    /// The answer, and whether it is stale.
+    async fn ask(&self, req: BackendRequest) -> Result<(BackendResponse, Stale), ApiError> {
         let response = self.shared.registry.clone().oneshot(req).await?;
-        let stale = response.stale_error().cloned();
+        let stale = response.is_stale().then(|| response.stale_error().cloned());
         Ok((response, stale))
     }
 
     /// Marks an answer as cacheable by clients and intermediaries for the cache TTL; a stale
     /// answer says so and must be revalidated, so downstream caches do not keep it longer.
-    fn cacheable(
-        &self,
-        mut response: Response<Body>,
-        stale: Option<RegistryError>,
-    ) -> Response<Body> {
+    fn cacheable(&self, mut response: Response<Body>, stale: Stale) -> Response<Body> {
         let headers = response.headers_mut();
         let max_age = match stale {
             Some(_) => 0,
@@ -100,7 +94,7 @@ impl Call<'_> {
             headers.insert(CACHE_CONTROL, v);
         }
         if let Some(error) = stale {
-            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(&error)) {
+            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(error.as_ref())) {
                 headers.insert("cache-status", v);
             }
         }
@@ -127,7 +121,7 @@ impl Call<'_> {
         &self,
         ty: Option<ExtensionType>,
         source: Option<Source>,
-    ) -> Result<(Arc<Vec<crate::registry::Extension>>, Option<RegistryError>), ApiError> {
+    ) -> Result<(Arc<Vec<crate::registry::Extension>>, Stale), ApiError> {
         let (response, stale) = self
             .ask(BackendRequest::List(ListFilter { ty, source }))
             .await?;
@@ -218,10 +212,17 @@ impl Call<'_> {
     }
 }
 
-/// The RFC 9211 `Cache-Status` of an answer served stale: the cache asked the backends
-/// (`fwd=stale`), they failed with `fwd-status`, and the kept answer was served. `detail` is an
-/// sf-string: printable ASCII with `"` and `\` escaped.
-fn stale_cache_status(error: &RegistryError) -> String {
+/// Whether an answer is stale, and why: `Some(Some(error))` when it stands in for a backend
+/// failure, `Some(None)` when it is served while a refresh runs, `None` when fresh.
+type Stale = Option<Option<RegistryError>>;
+
+/// The RFC 9211 `Cache-Status` of an answer served stale (`fwd=stale`): while a refresh runs,
+/// or because the backends failed with `fwd-status` and the kept answer was served. `detail`
+/// is an sf-string: printable ASCII with `"` and `\` escaped.
+fn stale_cache_status(error: Option<&RegistryError>) -> String {
+    let Some(error) = error else {
+        return "extension-registry; fwd=stale".to_owned();
+    };
     let status = ApiError::from(error.clone()).status.as_u16();
     let mut detail = String::new();
     for c in error.to_string().chars() {

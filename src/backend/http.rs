@@ -1,7 +1,7 @@
 //! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to map its
 //! errors to the domain's, and to turn a response into a streamed artifact body.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -43,6 +43,51 @@ pub fn transport_error(backend: Source, e: &reqwest::Error) -> RegistryError {
     } else {
         RegistryError::unavailable(backend, "request failed")
     }
+}
+
+/// The longest `Retry-After` believed: a proxy asking for days is taken to mean an hour, so a
+/// misconfigured header cannot switch a backend off for longer than that.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// An upstream `429` or `503` with `Retry-After`: the backend asks not to be called for that
+/// long, and its circuit breaker honours it. `None` for any other answer.
+pub fn throttled(
+    backend: Source,
+    response: &reqwest::Response,
+    what: &str,
+) -> Option<RegistryError> {
+    let status = response.status();
+    if !matches!(status.as_u16(), 429 | 503) {
+        return None;
+    }
+    let header = response.headers().get(reqwest::header::RETRY_AFTER)?;
+    let retry_after = parse_retry_after(header.to_str().ok()?, SystemTime::now())?;
+    Some(RegistryError::BackendSuspended {
+        backend,
+        reason: format!(
+            "{what}: HTTP {status} asking to retry after {} s",
+            retry_after.as_secs()
+        ),
+        retry_after,
+    })
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as a wait from
+/// `now`, at most [`MAX_RETRY_AFTER`]; `None` when unreadable.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let date =
+                time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822)
+                    .ok()?;
+            SystemTime::from(date)
+                .duration_since(now)
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Streams a response's body as an artifact body, without buffering it.
@@ -94,6 +139,63 @@ pub fn full_body(bytes: Bytes) -> ArtifactBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(status: u16, retry_after: Option<&str>) -> reqwest::Response {
+        let mut response = http::Response::builder().status(status);
+        if let Some(value) = retry_after {
+            response = response.header("retry-after", value);
+        }
+        reqwest::Response::from(response.body("").unwrap())
+    }
+
+    #[test]
+    fn only_429_and_503_with_retry_after_suspend_the_backend() {
+        let throttled = |status, retry_after| {
+            throttled(
+                Source::Gitea,
+                &answer(status, retry_after),
+                "releases of aws_prov",
+            )
+        };
+        let Some(RegistryError::BackendSuspended {
+            backend: Source::Gitea,
+            reason,
+            retry_after,
+        }) = throttled(429, Some("7"))
+        else {
+            panic!("a 429 with Retry-After suspends");
+        };
+        assert_eq!(retry_after, Duration::from_secs(7));
+        assert!(
+            reason.contains("429") && reason.contains("aws_prov"),
+            "{reason}"
+        );
+        assert_eq!(
+            throttled(503, Some("30")).and_then(|e| e.retry_after()),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(throttled(503, None), None);
+        assert_eq!(throttled(429, Some("later")), None);
+        assert_eq!(throttled(500, Some("30")), None);
+        assert_eq!(throttled(200, Some("30")), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date_and_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let parse = |v| parse_retry_after(v, now);
+        assert_eq!(parse("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        // 784111777 is Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example.
+        assert_eq!(
+            parse("Sun, 06 Nov 1994 08:50:07 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse("Sun, 06 Nov 1994 08:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse("99999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse("-5"), None);
+    }
 
     #[test]
     fn next_links_of_gitea_and_registries_are_found() {

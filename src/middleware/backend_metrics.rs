@@ -47,7 +47,9 @@ fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
             | RegistryError::InvalidVersion
             | RegistryError::InvalidParameter { .. },
         ) => "invalid",
-        Err(RegistryError::BackendUnavailable { .. }) => "unavailable",
+        Err(RegistryError::BackendUnavailable { .. } | RegistryError::BackendSuspended { .. }) => {
+            "unavailable"
+        }
         Err(RegistryError::BackendAuthFailed { .. }) => "auth_failed",
         Err(RegistryError::BackendTimeout { .. }) => "timeout",
         Err(RegistryError::Internal(_)) => "internal",

@@ -149,7 +149,7 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
     match fault {
         Some(error) => BackendResponse::Stale {
             response: Box::new(response),
-            error,
+            error: Some(error),
         },
         None => response,
     }

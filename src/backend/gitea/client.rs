@@ -5,7 +5,7 @@ use reqwest::header::{HeaderValue, AUTHORIZATION, LINK};
 use reqwest::{Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use crate::backend::http::{is_html, next_link, transport_error};
+use crate::backend::http::{is_html, next_link, throttled, transport_error};
 use crate::registry::{RegistryError, Source};
 
 /// Items per page. Gitea's default cap (`MAX_RESPONSE_ITEMS`); a lower cap cuts it silently,
@@ -151,6 +151,9 @@ impl Api {
         let response = self.get(url).await?;
         let status = response.status();
         if !status.is_success() {
+            if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+                return Err(throttled);
+            }
             return Err(match status {
                 StatusCode::UNAUTHORIZED => RegistryError::BackendAuthFailed {
                     backend: Source::Gitea,
@@ -189,6 +192,9 @@ impl Api {
 /// Maps an API answer: 2xx passes, 404 is `None`, everything else an error naming `what`.
 fn api_status(response: Response, what: &str) -> Result<Option<Response>, RegistryError> {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+        return Err(throttled);
+    }
     match status {
         s if s.is_success() => Ok(Some(response)),
         StatusCode::NOT_FOUND => Ok(None),

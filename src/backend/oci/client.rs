@@ -14,7 +14,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::backend::http::{next_link, transport_error};
+use crate::backend::http::{next_link, throttled, transport_error};
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
 use crate::registry::{RegistryError, Source};
@@ -532,6 +532,9 @@ async fn read_bounded(mut response: reqwest::Response) -> Result<Option<Bytes>, 
 /// plain-text 404 some routes give).
 async fn failure(response: reqwest::Response, what: &str) -> CallError {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Oci, &response, what) {
+        return CallError::Fatal(throttled);
+    }
     let body = match read_bounded(response).await {
         Ok(body) => body.unwrap_or_default(),
         Err(e) => return e,
