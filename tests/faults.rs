@@ -178,6 +178,7 @@ struct Answer {
     status: u16,
     cache_control: Option<String>,
     cache_status: Option<String>,
+    retry_after: Option<String>,
     body: Value,
 }
 
@@ -206,6 +207,7 @@ async fn answer(http: &reqwest::Client, url: String) -> Answer {
             .map(|v| v.to_str().unwrap().to_owned())
     };
     let (cache_control, cache_status) = (header("cache-control"), header("cache-status"));
+    let retry_after = header("retry-after");
     let status = response.status().as_u16();
     let body = tokio::time::timeout(PROMPT, response.json())
         .await
@@ -215,6 +217,7 @@ async fn answer(http: &reqwest::Client, url: String) -> Answer {
         status,
         cache_control,
         cache_status,
+        retry_after,
         body,
     }
 }
@@ -342,6 +345,30 @@ async fn wrong_credentials_401() {
         "rejected the configured credentials",
     );
     gitea_row_failing_fast(|sim| sim.set_fault(Fault::RevokedToken), 2, cold).await;
+}
+
+/// 429 and 503 with `Retry-After`: the instance is not asked again before that time, for the
+/// warm key or any other, and a cold key gets a 503 saying when to come back.
+async fn retry_after_row(fault: Fault) {
+    let (sim, service) = gitea_row(|sim| sim.set_fault(fault), 2).await;
+    let asked = || gitea_calls(&sim) + sim.requests_about("gcp_prov");
+    let before = asked();
+    let cold = service.get(COLD).await;
+    cold.assert_error(503, "backend_unavailable", "gitea");
+    let seconds: u64 = cold.retry_after.as_deref().unwrap_or("0").parse().unwrap();
+    assert!((1..=120).contains(&seconds), "{cold:?}");
+    assert_eq!(asked(), before, "asked before its Retry-After");
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn too_many_requests_429_with_retry_after() {
+    retry_after_row(Fault::TooManyRequests(120)).await;
+}
+
+#[tokio::test]
+async fn unavailable_503_with_retry_after() {
+    retry_after_row(Fault::Maintenance(120)).await;
 }
 
 // ---------------------------------------------------------------------------------------------
