@@ -11,7 +11,9 @@
 //!   refresh; when it fails with a backend fault the old answer is served as
 //!   `BackendResponse::Stale` (logged, counted in `stale_served_total`), and when it takes
 //!   longer than the request may wait the old answer is served and the refresh finishes in
-//!   the background.
+//!   the background. Once a refresh of the key has failed, the backends are known sick and
+//!   are not waited for: the old answer is served at once while the next try runs in the
+//!   background.
 //! - Past that, only the refresh's outcome stands.
 //!
 //! Concurrent refreshes of one key are one backend call: whoever comes while a key is being
@@ -157,8 +159,17 @@ impl Policy {
         if entry.backoff.is_some_and(|(_, until)| now < until) {
             return Judgement::BackingOff;
         }
+        let known_sick = entry
+            .failure
+            .as_ref()
+            .is_some_and(RegistryError::is_backend_fault);
         match &entry.answer {
             Some((Ok(_), at)) if now < *at + self.ttl + self.stale_while_revalidate => {
+                Judgement::Revalidate
+            }
+            // The last refresh failed: the backends are known sick, so the stale answer is
+            // served at once while the next try runs in the background.
+            Some((Ok(_), at)) if known_sick && now < *at + self.ttl + self.stale_if_error => {
                 Judgement::Revalidate
             }
             Some((Ok(_), at)) => Judgement::Refresh {
@@ -1008,16 +1019,25 @@ mod tests {
         tokio::time::advance(Duration::from_millis(999)).await;
         cache.clone().oneshot(get("aws")).await.unwrap();
         assert_eq!(backend.calls(), 2);
-        // After it, one refresh; it fails again: the next backoff is 2 to 2.5 s.
+        // After it, one refresh, in the background: a key whose backends are known to fail is
+        // not waited for, however slow they are now (on the paused clock, any wait at all
+        // would end the timeout).
         tokio::time::advance(Duration::from_millis(251)).await;
-        cache.clone().oneshot(get("aws")).await.unwrap();
-        assert_eq!(backend.calls(), 3);
+        backend.hold();
+        let at_once =
+            tokio::time::timeout(Duration::from_millis(1), cache.clone().oneshot(get("aws")));
+        let response = at_once.await.expect("not waited for").unwrap();
+        assert_eq!(response.stale_error(), Some(&unavailable()));
+        until(|| backend.calls() == 3).await;
+        // It fails again: the next backoff is 2 to 2.5 s.
+        backend.release();
+        until(|| lock(&cache.caches.0.metadata.refreshing).is_empty()).await;
         tokio::time::advance(Duration::from_millis(1999)).await;
         cache.clone().oneshot(get("aws")).await.unwrap();
         assert_eq!(backend.calls(), 3);
         tokio::time::advance(Duration::from_millis(501)).await;
         cache.clone().oneshot(get("aws")).await.unwrap();
-        assert_eq!(backend.calls(), 4);
+        until(|| backend.calls() == 4).await;
 
         // A cold key has its error at once meanwhile.
         let cold = cache.clone().oneshot(get("gcp")).await.unwrap_err();
