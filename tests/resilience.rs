@@ -22,7 +22,7 @@ use bytes::Bytes;
 use extension_registry::config::GiteaConfig;
 use extension_registry::registry::{
     BackendHealth, BackendRequest, BackendResponse, BackendService, Extension, ExtensionType,
-    HealthReport, RegistryError, Source, Timestamp,
+    HealthReport, RegistryError, Source, Timestamp, HEALTH_PROBE_TIMEOUT,
 };
 use extension_registry::stack::{self, HttpService};
 use futures_util::future::join_all;
@@ -281,6 +281,35 @@ async fn a_failing_backend_is_cut_off_by_its_breaker_and_let_back_in_by_a_probe(
         metric_line(metrics, "backend_circuit_state{backend=\"oci\"} 0"),
         "{metrics}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_backend_that_never_answers_its_probe_leaves_the_others_healthy() {
+    let silent = tower::service_fn(|req: BackendRequest| async move {
+        if req == BackendRequest::Health {
+            std::future::pending::<()>().await;
+        }
+        Err::<BackendResponse, _>(RegistryError::not_found("anything"))
+    });
+    let config = local_config(&samples(), NO_RATE_LIMIT);
+    let answering = Flaky::default().service(Source::Local);
+    let app = stack::app(
+        &config,
+        vec![
+            (Source::Gitea, BackendService::new(silent)),
+            (Source::Local, answering),
+        ],
+    );
+    tokio::task::yield_now().await;
+    tokio::time::advance(HEALTH_PROBE_TIMEOUT).await;
+    app::probed(&app).await;
+    let health = get(&app, "/api/v1/health").await;
+    assert_eq!(health.status, StatusCode::OK);
+    let health = health.json();
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert_eq!(health["backends"]["local"]["healthy"], true, "{health}");
+    assert_eq!(health["backends"]["gitea"]["healthy"], false, "{health}");
+    assert_eq!(get(&app, "/readyz").await.status, StatusCode::OK);
 }
 
 /// A "Gitea" behind a proxy answering every API call `429` with `Retry-After: 120`, counting

@@ -15,10 +15,13 @@ use tower::ServiceExt;
 use crate::api::handlers::json;
 use crate::body::Body;
 use crate::middleware::breaker::{CircuitState, Gate};
-use crate::registry::{BackendHealth, BackendRequest, BackendService, HealthReport, Source};
+use crate::registry::{
+    BackendHealth, BackendRequest, BackendService, HealthReport, Source, HEALTH_PROBE_TIMEOUT,
+};
 
-/// How long a probe may take before the backends count as unhealthy.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a probe may take before every backend counts as unhealthy: a backstop, a little
+/// longer than the merge's bound on each backend's probe, whose report names the slow one.
+const PROBE_TIMEOUT: Duration = HEALTH_PROBE_TIMEOUT.saturating_add(Duration::from_secs(1));
 
 /// Probes the backends in the background and keeps the last answer.
 pub struct HealthProbe {

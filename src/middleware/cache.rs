@@ -97,6 +97,23 @@ struct Entry {
 }
 
 impl Entry {
+    /// The remembered failure, a suspension's `Retry-After` counting down with the backoff.
+    fn waiting(&self, error: &RegistryError, now: Instant) -> RegistryError {
+        match (error, self.backoff) {
+            (
+                RegistryError::BackendSuspended {
+                    backend, reason, ..
+                },
+                Some((_, until)),
+            ) => RegistryError::BackendSuspended {
+                backend: *backend,
+                reason: reason.clone(),
+                retry_after: until.saturating_duration_since(now),
+            },
+            _ => error.clone(),
+        }
+    }
+
     /// The kept answer served in place of a fresh one: marked with the backend failure it
     /// stands in for, if any.
     fn stale(&self) -> Option<BackendResponse> {
@@ -183,7 +200,7 @@ impl Policy {
     fn keep(&self, entry: &Entry) -> Duration {
         match &entry.answer {
             Some((Ok(_), _)) => self.ttl + self.stale_if_error.max(self.stale_while_revalidate),
-            Some((Err(_), _)) => self.negative_ttl.max(self.backoff_bound()),
+            Some((Err(_), _)) => self.negative_ttl,
             // Only failures so far: kept while its backoff runs, so the requests meanwhile
             // share it; the next attempt replaces it.
             None => self.ttl.max(self.backoff_bound()),
@@ -269,7 +286,7 @@ impl Policy {
                     error: Some(error.clone()),
                 })
             }
-            (Some(error), _) => Err(error.clone()),
+            (Some(error), _) => Err(entry.waiting(error, now)),
             (None, None) => Err(RegistryError::Internal(
                 "cache entry without answer or failure".into(),
             )),
@@ -1064,9 +1081,11 @@ mod tests {
         );
         assert_eq!(backend.calls(), 6);
         tokio::time::advance(Duration::from_secs(59)).await;
+        let waiting = cache.clone().oneshot(get("gcp")).await.unwrap_err();
         assert_eq!(
-            cache.clone().oneshot(get("gcp")).await.unwrap_err(),
-            suspended
+            waiting.retry_after(),
+            Some(Duration::from_secs(1)),
+            "counts down"
         );
         assert_eq!(backend.calls(), 6);
         backend.fail_with(None);

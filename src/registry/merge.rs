@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tower::{Service, ServiceExt};
@@ -12,6 +13,10 @@ use crate::registry::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
     RegistryError, Source,
 };
+
+/// How long each backend's health probe may take: one slow backend is reported unhealthy
+/// without holding back the others' reports.
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fans requests out over the backends, held in precedence order (Gitea, OCI, local).
 #[derive(Clone)]
@@ -158,9 +163,20 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
 async fn health(
     candidates: Vec<(Source, BackendService)>,
 ) -> Result<BackendResponse, RegistryError> {
-    let asks = candidates
-        .iter()
-        .map(|(_, b)| ask(b.clone(), BackendRequest::Health));
+    let asks = candidates.iter().map(|(source, b)| async move {
+        let probe = ask(b.clone(), BackendRequest::Health);
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::unavailable(
+                    *source,
+                    format!(
+                        "no answer to the health probe within {} s",
+                        HEALTH_PROBE_TIMEOUT.as_secs()
+                    ),
+                ))
+            })
+    });
     let results = join_all(asks).await;
     let report = candidates
         .iter()

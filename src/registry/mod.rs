@@ -15,7 +15,7 @@ pub use self::backend::{
     ListFilter,
 };
 pub use self::error::RegistryError;
-pub use self::merge::Merge;
+pub use self::merge::{Merge, HEALTH_PROBE_TIMEOUT};
 pub use self::model::{
     Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, Source, Timestamp,
     Version, VersionSelector, VersionTag,
