@@ -212,12 +212,17 @@ impl Gate {
     fn record(&self, admission: Admission, result: Result<(), &RegistryError>) {
         let mut breaker = self.lock();
         let policy = self.0.policy;
-        if let Err(e) = result {
-            if let Some(wait) = e.retry_after() {
-                let reason = format!("{e}; not called again before it said");
-                self.open(&mut breaker, wait.max(MIN_SUSPENSION), reason);
-                return;
-            }
+        // The backend's own words, not the whole message: the refusals built from this
+        // reason name the backend already.
+        if let Err(RegistryError::BackendSuspended {
+            reason,
+            retry_after,
+            ..
+        }) = result
+        {
+            let reason = format!("{reason}; not called again before it said");
+            self.open(&mut breaker, (*retry_after).max(MIN_SUSPENSION), reason);
+            return;
         }
         let sick = result.err().filter(|e| e.is_backend_sickness());
         match (admission, &breaker.state, sick) {
