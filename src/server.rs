@@ -27,10 +27,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a client may take to send a request head.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The address of the client on the other end of the connection, for rate limiting keyed per
-/// client. Set on every request by the accept loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
+pub use crate::middleware::rate_limit::PeerAddr;
 
 /// Serves `app` on `listener` until `shutdown` completes, then waits at most `grace` for
 /// in-flight requests.
