@@ -146,7 +146,8 @@ impl Router {
     }
 }
 
-const ALLOW: &str = "GET, HEAD";
+/// The methods every path answers; the whole API is read-only.
+pub const ALLOW: &str = "GET, HEAD";
 
 impl<B> Service<Request<B>> for Router {
     type Response = Response<Body>;
@@ -161,7 +162,16 @@ impl<B> Service<Request<B>> for Router {
         let shared = self.shared.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let host = query::check_host(&req);
         Box::pin(async move {
+            if let Err(e) = host {
+                return Ok(e.into_response());
+            }
+            // Before the path is looked at: every path, unknown ones and `*` included,
+            // answers GET and HEAD only.
+            if method != Method::GET && method != Method::HEAD {
+                return Ok(ApiError::method_not_allowed(ALLOW).into_response());
+            }
             let path = uri.path();
             if let Err(e) = query::check_target(path, uri.query()) {
                 return Ok(e.into_response());
@@ -169,9 +179,6 @@ impl<B> Service<Request<B>> for Router {
             let Some((route, params)) = shared.routes.at(path) else {
                 return Ok(ApiError::route_not_found().into_response());
             };
-            if method != Method::GET && method != Method::HEAD {
-                return Ok(ApiError::method_not_allowed(ALLOW).into_response());
-            }
             let call = handlers::Call {
                 shared: &shared,
                 params,

@@ -7,6 +7,7 @@ pub mod catch_panic;
 pub mod compression;
 pub mod conditional;
 pub mod metrics;
+pub mod preflight;
 pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;
