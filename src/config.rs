@@ -255,9 +255,12 @@ pub struct RateLimitConfig {
     pub requests_per_second: NonZeroU32,
     /// Requests one client may make at once after being idle.
     pub burst: NonZeroU32,
-    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers name the client; from any other
-    /// peer those headers are ignored, so clients cannot pick their own key.
+    /// Proxies whose `client_ip_header` names the client; from any other peer the header is
+    /// ignored, so clients cannot pick their own key.
     pub trusted_proxies: Vec<TrustedProxy>,
+    /// The one header trusted proxies name the client in; the others are never read, so a
+    /// proxy that writes one and passes a client's copy of another through cannot be fooled.
+    pub client_ip_header: ClientIpHeader,
     /// Paths never limited, so probes and scrapes keep working under load.
     pub exempt_paths: Vec<String>,
     /// Most clients tracked at once; beyond it new clients share one quota, so a flood of
@@ -272,6 +275,7 @@ impl Default for RateLimitConfig {
             requests_per_second: const { NonZeroU32::new(50).unwrap() },
             burst: const { NonZeroU32::new(100).unwrap() },
             trusted_proxies: Vec::new(),
+            client_ip_header: ClientIpHeader::XForwardedFor,
             exempt_paths: ["/api/v1/health", "/livez", "/readyz", "/api/v1/metrics"]
                 .map(String::from)
                 .to_vec(),
@@ -302,6 +306,18 @@ impl Default for CircuitBreakerConfig {
             max_open_seconds: 300,
         }
     }
+}
+
+/// `[rate_limit] client_ip_header`: how the trusted proxy in front names the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For: client, proxy, ...`, each proxy appending the address it saw.
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy` (RFC 7239).
+    Forwarded,
+    /// `X-Real-IP: client`, one address set by the proxy.
+    XRealIp,
 }
 
 /// One `trusted_proxies` entry: a CIDR, or a bare address meaning a network of one.

@@ -43,10 +43,7 @@ pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "http_connections_refused_total
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// The address of the client on the other end of the connection, for rate limiting keyed per
-/// client. Set on every request by the accept loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
+pub use crate::middleware::rate_limit::PeerAddr;
 
 /// Serves `app` on `listener` with the default `[server]` limits until `shutdown` completes,
 /// then waits at most `grace` for in-flight requests.

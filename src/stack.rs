@@ -26,8 +26,9 @@ use crate::middleware::conditional::ConditionalLayer;
 use crate::middleware::downloads::DownloadsLayer;
 use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
+use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
-use crate::middleware::request_id::RequestIds;
+use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
@@ -99,7 +100,9 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Tracing wraps the body type; box it back so the outside sees one body type.
         .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
         // Outermost: every response, errors and 429s included, carries the request id, and the
-        // id exists before the trace span is opened so the span can record it.
+        // id exists before the trace span is opened so the span can record it. A client's id
+        // is kept only when short and safe to echo and log; otherwise one is generated.
+        .map_request(request_id::screen)
         .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
         .layer(PropagateRequestIdLayer::x_request_id())
         // One span and one log line per request, with the final status of whatever answered.
@@ -113,6 +116,9 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
         // preflights included, each labelled by route template.
         .layer(HttpMetricsLayer::new())
+        // Right above CORS, which takes every OPTIONS for a preflight: an OPTIONS that is not
+        // one gets 405 with Allow, like any other method the read-only API does not answer.
+        .layer(PreflightOnlyLayer)
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work.
@@ -125,10 +131,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Compression: below CORS so CORS headers are added to the final response either way,
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
         // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
-        // (errors, health, metrics text), never downloads.
+        // (errors, health, metrics text), never downloads. Both see only the coding negotiated
+        // once, so they agree, and a client refusing every coding gets identity, never 406.
         .option_layer(config.server.enable_compression.then(|| {
             ServiceBuilder::new()
                 .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+                .map_request(compression::negotiated)
                 .layer(compression::streaming())
                 .layer(PrecompressedLayer)
                 .into_inner()

@@ -13,9 +13,11 @@ use tower::ServiceExt;
 
 use crate::api::query::{decode_segment, Query};
 use crate::api::resolve::Filter;
+use crate::api::representation::{Keep, MemoStats, Rendered};
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;
+use crate::middleware::cache::CacheStats;
 use crate::registry::{
     search, sha256_digest, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName,
     ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
@@ -40,6 +42,23 @@ pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// A value rendered for the memo, without a total.
+pub(super) fn rendered<T: Serialize + ?Sized>(value: &T) -> Rendered {
+    Rendered {
+        json: to_json(value),
+        total: None,
+    }
+}
+
+/// The body of `/api/v1/cache/stats`: the caches' counts and the rendered-answer memo's.
+#[derive(Serialize)]
+struct Stats {
+    #[serde(flatten)]
+    caches: CacheStats,
+    #[serde(flatten)]
+    rendered: MemoStats,
+}
+
 /// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
 pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
     let bytes = to_json(value);
@@ -60,7 +79,10 @@ impl Call<'_> {
             Route::Search => self.search(&query).await,
             Route::Get => self.get(&query).await,
             Route::Versions => self.versions(&query).await,
-            Route::Download => self.download(&query).await,
+            Route::Download => self
+                .download(&query)
+                .await
+                .map_err(|e| self.version_not_found(e)),
             Route::Resolve => self.resolve(&query).await,
             // Answered by the router, which hands the batch handler the request body.
             Route::ResolveBatch => Err(ApiError::internal()),
@@ -71,7 +93,23 @@ impl Call<'_> {
             )),
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
-            Route::CacheStats => Ok(json(StatusCode::OK, &self.shared.caches.stats().await)),
+            Route::CacheStats => Ok(self.stats().await),
+        }
+    }
+
+    /// A download's "not found" names the version asked for (`provider/aws 9.9.9 not found`):
+    /// the backends only know that nothing matched.
+    fn version_not_found(&self, error: ApiError) -> ApiError {
+        if error.status != StatusCode::NOT_FOUND {
+            return error;
+        }
+        match (self.key(), decode_segment(self.params.version)) {
+            (Ok(key), Ok(version)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{key} {version} not found"),
+            ),
+            _ => error,
         }
     }
 
@@ -116,14 +154,14 @@ impl Call<'_> {
     pub(super) async fn represent<T: std::any::Any + Send + Sync>(
         &self,
         key: String,
+        keep: Keep,
         value: &Arc<T>,
-        render: impl FnOnce(&T) -> Vec<u8>,
+        render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
         self.shared
             .renderings
-            .get_or_render(key, value, render)
+            .respond(key, keep, value, render)
             .await
-            .response()
     }
 
     async fn listing(
@@ -143,16 +181,20 @@ impl Call<'_> {
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
         let (all, stale) = self.listing(ty, source).await?;
-        let mut response = self
-            .represent(
-                format!("list {ty:?} {source:?} {offset} {limit}"),
-                &all,
-                |all| to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>()),
-            )
+        // Keyed by the items the page holds, not by how it was asked for: every empty page
+        // (past the end, `limit=0`) is one entry, and so is every spelling of a last page.
+        let total = all.len();
+        let page = offset.min(total)..offset.saturating_add(limit).min(total);
+        let key = match page.is_empty() {
+            true => format!("list {ty:?} {source:?} empty"),
+            false => format!("list {ty:?} {source:?} {page:?}"),
+        };
+        let response = self
+            .represent(key, Keep::Always, &all, |all| Rendered {
+                json: to_json(&all[page]),
+                total: Some(total),
+            })
             .await;
-        response
-            .headers_mut()
-            .insert("x-total-count", HeaderValue::from(all.len()));
         Ok(self.cacheable(response, stale))
     }
 
@@ -168,9 +210,10 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
+        let key = format!("search {ty:?} {limit} {q}");
         let response = self
-            .represent(format!("search {ty:?} {limit} {q}"), &all, |all| {
-                to_json(&search(all, q, limit))
+            .represent(key, Keep::FromSecondAsk, &all, |all| {
+                rendered(&search(all, q, limit))
             })
             .await;
         Ok(self.cacheable(response, stale))
@@ -182,7 +225,9 @@ impl Call<'_> {
         let memo_key = format!("get {key} {source:?}");
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        let response = self.represent(memo_key, &extension, to_json).await;
+        let response = self
+            .represent(memo_key, Keep::Always, &extension, rendered)
+            .await;
         Ok(self.cacheable(response, stale))
     }
 
@@ -197,9 +242,9 @@ impl Call<'_> {
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
         let response = self
-            .represent(memo_key, &versions, |all| match &filter {
-                Some(filter) => to_json(&filter.select(all)),
-                None => to_json(all),
+            .represent(memo_key, Keep::Always, &versions, |all| match &filter {
+                Some(filter) => rendered(&filter.select(all)),
+                None => rendered(all),
             })
             .await;
         Ok(self.cacheable(response, stale))
@@ -224,6 +269,14 @@ impl Call<'_> {
         };
         let (response, _) = self.ask(request).await?;
         Ok(artifact_response(response.into_artifact()?))
+    }
+
+    async fn stats(&self) -> Response<Body> {
+        let stats = Stats {
+            caches: self.shared.caches.stats().await,
+            rendered: self.shared.renderings.stats().await,
+        };
+        json(StatusCode::OK, &stats)
     }
 
     fn metrics(&self) -> Response<Body> {

@@ -10,6 +10,7 @@ pub mod conditional;
 pub mod downloads;
 pub mod load_shed;
 pub mod metrics;
+pub mod preflight;
 pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;
