@@ -333,8 +333,8 @@ async fn truncated_body() {
 
 #[tokio::test]
 async fn redirect_loop() {
-    // Each of the two calls follows five redirects before giving up.
-    let cold = (502, "backend_unavailable", "more than 5 redirects");
+    // Each hop is followed by hand and a target seen before ends the chain as a loop.
+    let cold = (502, "backend_unavailable", "redirect loop");
     gitea_row_failing_fast(|sim| sim.set_fault(Fault::RedirectLoop), 12, cold).await;
 }
 
