@@ -48,30 +48,9 @@ blob="http://127.0.0.1:$reg_port/v2/$repo/blobs/$digest"
 proxy=
 if command -v nginx >/dev/null; then
   ngx_port=$(free_port)
-  mkdir -p "$work/nginx"
-  cat > "$work/nginx/nginx.conf" <<CONF
-$( [ "$(id -u)" = 0 ] && echo "user root;" )
-worker_processes 1;
-error_log $work/nginx/error.log warn;
-pid $work/nginx/nginx.pid;
-daemon off;
-events { worker_connections 64; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
-  server {
-    listen 127.0.0.1:$ngx_port;
-    location / {
-      proxy_pass http://127.0.0.1:$reg_port;
-      proxy_http_version 1.1;
-      proxy_buffers 16 64k;
-      proxy_max_temp_file_size 0;
-    }
-  }
-}
-CONF
-  nginx -e "$work/nginx/error.log" -p "$work/nginx" -c "$work/nginx/nginx.conf" &
+  nginx_config "$work/nginx" "$ngx_port" "" \
+    "location / { proxy_pass http://127.0.0.1:$reg_port; proxy_http_version 1.1; proxy_buffers 16 64k; proxy_max_temp_file_size 0; }"
+  bash -c "source benches/registry.sh; nginx_run $work/nginx" &
   ngx=$!
   pids+=("$ngx")
   wait_http "http://127.0.0.1:$ngx_port/v2/"
@@ -79,20 +58,12 @@ CONF
 fi
 
 hz=$(getconf CLK_TCK)
-# utime+stime (clock ticks) of a process and its children (nginx's worker).
-ticks() {
-  local total=0 p
-  for p in $1 $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo "$total"
-}
 # "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID.
 fetch() {
   local before after speed
-  before=$(ticks "$2")
+  before=$(cpu_ticks "$2")
   speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
-  after=$(ticks "$2")
+  after=$(cpu_ticks "$2")
   awk -v s="$speed" -v t=$((after - before)) -v hz="$hz" -v mib="$size_mib" \
     'BEGIN {printf "%.0f MiB/s, %.3f CPU s/GiB", s / 1048576, t / hz * 1024 / mib}'
 }
