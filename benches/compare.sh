@@ -14,8 +14,9 @@
 #   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64)
 # Needs wrk, curl, python3 (free ports); nginx optional (Debian nginx-light). Builds the
 # release binary and the baseline, unless BASELINE names a baseline binary already built
-# (then the release binary in target/ is used as it is). Everything listens on 127.0.0.1 and
-# stops on exit.
+# (then the release binary in target/ is used as it is). PRELOAD names a shared library to
+# preload into the service alone, e.g. another malloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
+# to measure it without a rebuild. Everything listens on 127.0.0.1 and stops on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/registry.sh
@@ -74,7 +75,7 @@ path = "$root"
 requests_per_second = 4000000000
 burst = 4000000000
 TOML
-"${on_server[@]}" "$service" --config "$work/service.toml" \
+"${on_server[@]}" env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$service" --config "$work/service.toml" \
   --log-level warn,extension_registry=info,extension_registry::telemetry=warn >"$work/service.log" 2>&1 &
 svc=$!; pids+=("$svc")
 wait_http "http://127.0.0.1:$svc_port/livez"
