@@ -8,10 +8,12 @@
 //! `CAPTURE.headers` (a `curl -D` dump of the service's answer) and `CAPTURE.body`; a request
 //! whose path and query is URI gets them, anything else 404.
 //! Headers hyper writes itself (`date`, `content-length`, `connection`) are not replayed.
-//! Run without arguments (as `cargo bench` and `cargo test` do), it only prints this usage.
+//! Run without an address first (as `cargo bench` and `cargo test` run it), it only prints
+//! this usage.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -69,9 +71,10 @@ fn answer(answers: &HashMap<String, Answer>, req: &Request<Incoming>) -> Respons
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // Anything else (cargo's `--bench`, a test filter) is not a server's command line.
     let Some((addr, routes)) = args
         .split_first()
-        .filter(|(addr, _)| !addr.starts_with('-'))
+        .and_then(|(addr, routes)| Some((addr.parse::<SocketAddr>().ok()?, routes)))
     else {
         eprintln!("usage: baseline ADDR URI=CAPTURE... (see benches/compare.sh)");
         return;
@@ -85,9 +88,7 @@ async fn main() {
             })
             .collect(),
     );
-    let listener = tokio::net::TcpListener::bind(addr.as_str())
-        .await
-        .expect("bind");
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
