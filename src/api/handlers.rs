@@ -280,6 +280,7 @@ impl Call<'_> {
     }
 
     fn metrics(&self) -> Response<Body> {
+        self.shared.caches.record_entries();
         let text = self.shared.metrics.render();
         let mut response = Response::new(body::full(text));
         response.headers_mut().insert(
