@@ -12,8 +12,8 @@ use serde::Serialize;
 use tower::ServiceExt;
 
 use crate::api::query::{decode_segment, Query};
-use crate::api::resolve::Filter;
 use crate::api::representation::{Keep, MemoStats, Rendered};
+use crate::api::resolve::Filter;
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;
