@@ -16,6 +16,8 @@
 //! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
 //!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
 //!   OCI registries (catalog, tags, manifest annotations, blobs).
+//! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
+//!   everything, on this replica and (through a bus) on the others.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;
@@ -23,6 +25,7 @@ pub mod backend;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod invalidation;
 pub mod middleware;
 pub mod registry;
 pub mod server;

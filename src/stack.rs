@@ -17,6 +17,7 @@ use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
+use crate::invalidation::Invalidator;
 use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::breaker::{BreakerLayer, Gate};
 use crate::middleware::cache::{CacheLayer, Caches};
@@ -89,6 +90,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         ),
         registry,
         metrics,
+        invalidator: Invalidator::new(caches.clone()),
         caches,
         renderings: Renderings::new(
             RENDERINGS_MAX_BYTES,

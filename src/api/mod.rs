@@ -21,6 +21,7 @@ use tower::Service;
 
 use crate::body::{self, Body};
 use crate::error::ApiError;
+use crate::invalidation::Invalidator;
 use crate::middleware::cache::Caches;
 use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::BackendService;
@@ -147,6 +148,8 @@ pub struct Shared {
     pub caches: Caches,
     /// Rendered answers with their ETags and compressed forms.
     pub renderings: Renderings,
+    /// Drops cached answers when extensions change upstream.
+    pub invalidator: Invalidator,
     /// `max-age` of cacheable answers.
     pub max_age: Duration,
 }

@@ -41,6 +41,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::config::CacheConfig;
+use crate::invalidation::{Dropped, Scope};
 use crate::registry::{
     BackendFuture, BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter,
     RegistryError, Source, Version,
@@ -328,6 +329,9 @@ struct Store<K> {
     /// The keys being refreshed now; each receiver closes when its refresh ends. At most one
     /// per key, so bounded by the keys requested at once plus the background refreshes.
     refreshing: Mutex<HashMap<K, watch::Receiver<()>>>,
+    /// Moved on by every invalidation of this store: a refresh begun under an older one may
+    /// have read what the invalidation announced as changed, so its answer is not kept.
+    generation: AtomicU64,
     /// Counted here too, for `/cache/stats`, as the Prometheus recorder may be absent.
     hits: AtomicU64,
     misses: AtomicU64,
@@ -347,6 +351,8 @@ struct Store<K> {
 struct Refresh<K: Hash + Eq> {
     store: Arc<Store<K>>,
     key: K,
+    /// The store's generation when the refresh began.
+    generation: u64,
     /// Closes the waiters' receivers when dropped, after the key left `refreshing`.
     done: watch::Sender<()>,
 }
@@ -380,6 +386,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
                 .expire_after(Expiry(policy))
                 .build(),
             refreshing: Mutex::default(),
+            generation: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             hits_total: metrics::counter!("cache_hits_total", "cache" => name),
@@ -417,8 +424,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
         Flight::Lead(Refresh {
             store: self.clone(),
             key: key.clone(),
+            generation: self.generation.load(Ordering::Acquire),
             done,
         })
+    }
+
+    /// Drops the entries whose key `matches`, and keeps no refresh already under way (for
+    /// any key: it may have read before the change); returns how many were dropped.
+    async fn invalidate(&self, matches: impl Fn(&K) -> bool) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let doomed: Vec<Arc<K>> = self
+            .entries
+            .iter()
+            .filter_map(|(key, _)| matches(&key).then_some(key))
+            .collect();
+        for key in &doomed {
+            self.entries.invalidate(key.as_ref()).await;
+        }
+        doomed.len() as u64
     }
 
     /// Logs and counts an answer standing in for a failed backend.
@@ -491,6 +514,26 @@ impl Caches {
             ),
         ] {
             gauge.set(count as f64);
+        }
+    }
+
+    /// Drops what `scope` covers: its extensions' metadata and versions (pinned to a source
+    /// or not) and every listing that may hold them. See [`crate::invalidation`].
+    pub async fn invalidate(&self, scope: &Scope) -> Dropped {
+        let stores = &self.0;
+        Dropped {
+            listings: stores
+                .list
+                .invalidate(|filter| scope.covers_listing(filter))
+                .await,
+            metadata: stores
+                .metadata
+                .invalidate(|(key, _)| scope.covers(key))
+                .await,
+            versions: stores
+                .versions
+                .invalidate(|(key, _)| scope.covers(key))
+                .await,
         }
     }
 
@@ -767,6 +810,10 @@ where
         async move {
             let outcome = ask.await;
             let store = &refresh.store;
+            if store.generation.load(Ordering::Acquire) != refresh.generation {
+                // Invalidated meanwhile: its waiters find no new entry and ask again.
+                return;
+            }
             let current = store.entries.get(&refresh.key).await;
             let entry = policy.next(current.as_deref(), outcome, Instant::now());
             store
@@ -980,6 +1027,80 @@ mod tests {
             tokio::task::yield_now().await;
         }
         panic!("the background refresh never ended");
+    }
+
+    fn aws() -> ExtensionKey {
+        ExtensionKey {
+            ty: ExtensionType::Provider,
+            name: ExtensionName::parse("aws").unwrap(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalidation_drops_what_its_scope_covers_and_nothing_else() {
+        let backend = Backend::new();
+        let cache = backend.service();
+        let list = BackendRequest::List(ListFilter {
+            ty: Some(ExtensionType::Taskserv),
+            source: None,
+        });
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        cache.clone().oneshot(list.clone()).await.unwrap();
+        assert_eq!(backend.calls(), 2);
+
+        let other = ExtensionKey {
+            name: ExtensionName::parse("gcp").unwrap(),
+            ..aws()
+        };
+        let dropped = cache.caches.invalidate(&Scope::Extension(other)).await;
+        assert_eq!(
+            dropped,
+            Dropped::default(),
+            "a provider leaves taskserv listings alone"
+        );
+        assert_eq!(
+            version(cache.clone().oneshot(get("aws")).await.unwrap()),
+            "1.0.1"
+        );
+
+        let dropped = cache.caches.invalidate(&Scope::Extension(aws())).await;
+        assert_eq!((dropped.metadata, dropped.listings), (1, 0));
+        assert_eq!(
+            version(cache.clone().oneshot(get("aws")).await.unwrap()),
+            "1.0.3"
+        );
+
+        let dropped = cache.caches.invalidate(&Scope::All).await;
+        assert_eq!((dropped.metadata, dropped.listings), (1, 1));
+        cache.clone().oneshot(list).await.unwrap();
+        assert_eq!(backend.calls(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_under_way_when_invalidated_is_not_kept_and_its_waiters_ask_again() {
+        let backend = Backend::new();
+        let cache = backend.service();
+        backend.hold();
+        let waiting = tokio::spawn(cache.clone().oneshot(get("aws")));
+        until(|| backend.calls() == 1).await;
+
+        cache
+            .caches
+            .invalidate(&Scope::Type(ExtensionType::Provider))
+            .await;
+        backend.release();
+
+        let answer = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            version(answer),
+            "1.0.2",
+            "the answer read before the change is not served"
+        );
+        assert_eq!(
+            version(cache.clone().oneshot(get("aws")).await.unwrap()),
+            "1.0.2"
+        );
+        assert_eq!(backend.calls(), 2);
     }
 
     #[tokio::test(start_paused = true)]
