@@ -170,13 +170,14 @@ async fn oci_downloads_pass_ranges_to_the_registry() {
 }
 
 async fn gitea_app(ranges: Ranges, storage_redirect: bool) -> (GiteaSim, HttpService) {
-    let mut sim = SimConfig::new("extensions").ranges(ranges).repo(
+    let mut sim = SimConfig::new("extensions").repo(
         SimRepo::new("aws_prov").release(
             SimRelease::new("1.0.0", 1_735_600_000)
                 .artifact("aws")
                 .sha256_sidecar(true),
         ),
     );
+    sim.ranges = ranges;
     if storage_redirect {
         sim = sim.storage_redirect();
     }

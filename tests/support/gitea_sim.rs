@@ -346,11 +346,6 @@ impl SimConfig {
         }
     }
 
-    pub fn ranges(mut self, ranges: Ranges) -> Self {
-        self.ranges = ranges;
-        self
-    }
-
     pub fn repos(mut self, repos: Vec<SimRepo>) -> Self {
         self.repos = repos;
         self
