@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH};
+use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
@@ -198,7 +198,12 @@ fn cors(server: &ServerConfig) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow_origin)
         .allow_methods([Method::GET, Method::HEAD])
-        .allow_headers([IF_NONE_MATCH, HeaderName::from_static("x-request-id")])
+        .allow_headers([
+            IF_NONE_MATCH,
+            RANGE,
+            IF_RANGE,
+            HeaderName::from_static("x-request-id"),
+        ])
         .expose_headers(
             [
                 "x-total-count",
@@ -211,6 +216,8 @@ fn cors(server: &ServerConfig) -> CorsLayer {
                 "cache-status",
                 "content-disposition",
                 "repr-digest",
+                "accept-ranges",
+                "content-range",
             ]
             .map(HeaderName::from_static),
         )

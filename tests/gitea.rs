@@ -77,6 +77,7 @@ async fn download(b: &Gitea, k: &ExtensionKey, v: &str) -> Result<Artifact, Regi
         key: k.clone(),
         version: VersionSelector::parse(v).unwrap(),
         source: Some(Source::Gitea),
+        range: None,
     };
     ask(b, req).await?.into_artifact()
 }

@@ -1,10 +1,11 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
 //! from the registry service; the handlers for each route; version-constraint resolution;
-//! request validation; health probes.
+//! request validation; `Range` of downloads; health probes.
 
 mod handlers;
 mod health;
 pub mod query;
+pub mod range;
 pub mod representation;
 pub mod resolve;
 
@@ -201,6 +202,10 @@ where
         let uri = req.uri().clone();
         let host = query::check_host(&req);
         let quota = req.extensions().get::<QuotaCharge>().cloned();
+        // Range is defined for GET alone (RFC 9110 §14.2): a HEAD describes the whole.
+        let range = (method == Method::GET)
+            .then(|| range::requested(req.headers()))
+            .flatten();
         let body = req.into_body();
         Box::pin(async move {
             if let Err(e) = host {
@@ -229,6 +234,7 @@ where
                 params,
                 query: uri.query(),
                 head: method == Method::HEAD,
+                range,
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,

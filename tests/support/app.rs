@@ -111,11 +111,21 @@ impl Answer {
 
 /// Sends one request through the whole stack.
 pub async fn send(app: &HttpService, method: &str, uri: &str) -> Answer {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(body::empty())
-        .expect("test request is valid");
+    send_with(app, method, uri, &[]).await
+}
+
+/// Sends one request with `headers` through the whole stack.
+pub async fn send_with(
+    app: &HttpService,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(body::empty()).expect("test request is valid");
     let response = app.clone().oneshot(req).await.expect("infallible");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body streams").to_bytes();
