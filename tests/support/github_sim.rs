@@ -611,6 +611,15 @@ impl State {
                 Some(repo) => {
                     let mut full =
                         self.examples["full-repository-default-response"]["value"].clone();
+                    // The upstream example itself strays from its schema: it lacks the required
+                    // `language` and its fork parents carry undeclared fields. Our repositories
+                    // are not forks, so those optional parts are left out.
+                    if let Some(fields) = full.as_object_mut() {
+                        for fork_only in ["parent", "source", "template_repository"] {
+                            fields.remove(fork_only);
+                        }
+                        fields.insert("language".into(), Value::Null);
+                    }
                     merge(&mut full, self.repo_fields(repo));
                     Answer::Json(full, None)
                 }
