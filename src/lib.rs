@@ -14,9 +14,11 @@
 //! - [`registry`]: the domain (extensions, names, version ordering, version constraints in
 //!   [`registry::constraint`], search), the request/response vocabulary every backend
 //!   speaks (downloads whole or one byte range), and the service merging backends.
-//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
+//! - [`backend`]: one tower service per backend kind (Gitea, OCI, GitHub, local directory);
 //!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
-//!   OCI registries (catalog, tags, manifest annotations, blobs).
+//!   OCI registries (catalog, tags, manifest annotations, blobs), [`backend::github`] from
+//!   GitHub releases (rate limits, conditional requests); [`backend::forge`] holds the naming,
+//!   artifact and checksum rules the two forges share.
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.

@@ -278,6 +278,15 @@ fn describe_metrics() {
         Unit::Count,
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
     );
+    describe_gauge!(
+        crate::backend::github::BACKEND_RATE_LIMIT_REMAINING,
+        "Requests the upstream says are left in its rate-limit window, by backend (GitHub)"
+    );
+    describe_counter!(
+        crate::backend::github::BACKEND_REVALIDATIONS_TOTAL,
+        Unit::Count,
+        "Conditional upstream requests by outcome: not_modified (304, answer reused) or changed"
+    );
 }
 
 /// Something held (a connection's or a download's slot) and counted in a gauge while it lives.

@@ -6,6 +6,7 @@
 mod gitea_sim;
 #[path = "support/logs.rs"]
 mod logs;
+#[allow(dead_code)]
 #[path = "support/swagger.rs"]
 mod swagger;
 

@@ -1073,7 +1073,7 @@ mod tests {
         let dropped = cache.caches.invalidate(&Scope::All).await;
         assert_eq!((dropped.metadata, dropped.listings), (1, 1));
         cache.clone().oneshot(list).await.unwrap();
-        assert_eq!(backend.calls(), 5);
+        assert_eq!(backend.calls(), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,7 +18,7 @@ use tower::Service;
 
 use self::client::Api;
 use self::model::{AssetStamp, Candidate, Release, Repository, ServerVersion};
-use crate::backend::http;
+use crate::backend::{forge, http};
 use crate::config::{ConfigError, GiteaConfig, Secret};
 use crate::registry::{
     select, version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse,
@@ -235,7 +235,7 @@ impl Inner {
 
     /// The key of an extension repository that should be shown, `None` for any other.
     fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
-        let (ty, name) = model::split_repo_name(&repo.name)?;
+        let (ty, name) = forge::split_repo_name(&repo.name)?;
         if repo.archived && !self.include_archived {
             return None;
         }
@@ -254,7 +254,7 @@ impl Inner {
             .api
             .pages(&["repos", self.api.org(), repo, "releases"], "releases")
             .await?;
-        let name = model::split_repo_name(repo).map_or(repo, |(_, name)| name);
+        let name = forge::split_repo_name(repo).map_or(repo, |(_, name)| name);
         Ok(releases.map(|rs| {
             rs.into_iter()
                 .filter_map(|r| r.into_candidate(repo, name))
@@ -264,7 +264,7 @@ impl Inner {
 
     /// One extension's repository and versions, or not found.
     async fn find(&self, key: &ExtensionKey) -> Result<Found, RegistryError> {
-        let name = model::repo_name(key.ty, key.name.as_str());
+        let name = forge::repo_name(key.ty, key.name.as_str());
         let (repo, candidates) = future::try_join(
             self.api
                 .object::<Repository>(&["repos", self.api.org(), &name], "repository"),
@@ -310,8 +310,8 @@ impl Inner {
         }
         let what = format!("checksum of {}", candidate.artifact.name);
         let text = self.api.small_text(sidecar.asset(), &what).await?;
-        let digest =
-            model::parse_sidecar(sidecar, &text, &candidate.artifact.name).ok_or_else(|| {
+        let digest = forge::parse_sidecar(sidecar.kind(), &text, &candidate.artifact.name)
+            .ok_or_else(|| {
                 RegistryError::unavailable(Source::Gitea, format!("{what}: no sha256 digest found"))
             })?;
         if let Some(key) = key {
