@@ -89,6 +89,7 @@ async fn download(b: &Github, k: &ExtensionKey, v: &str) -> Result<Artifact, Reg
         key: k.clone(),
         version: VersionSelector::parse(v).unwrap(),
         source: Some(Source::Github),
+        range: None,
     };
     ask(b, req).await?.into_artifact()
 }

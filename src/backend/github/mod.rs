@@ -26,7 +26,7 @@ use crate::config::{ConfigError, GithubConfig, Secret};
 use crate::registry::{
     version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
     ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source,
-    VerifyingBody, Version, VersionSelector,
+    Served, VerifyingBody, Version, VersionSelector,
 };
 
 /// Bytes of checksums remembered by the checksum file they were read from (only for releases
@@ -367,6 +367,8 @@ impl Inner {
             content_length: Some(size),
             checksum,
             body,
+            // Ranges are not asked of GitHub's storage yet: the whole body, verified.
+            served: Served::Whole,
         })
     }
 
