@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML configuration, one struct per section, validated with clear errors.
 //! - [`server`]: the accept loop (HTTP/1.1 and h2c) and graceful shutdown.
 //! - [`stack`]: the one function composing every layer around the router and the backends.
-//! - [`api`]: the HTTP edge: router, request validation, handlers, health probes.
+//! - [`api`]: the HTTP edge: router, request validation, handlers, health probes, and the
+//!   OpenAPI 3.1 document of all of it (served at `/api/v1/openapi.json`).
 //! - [`middleware`]: the project's own tower layers.
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.

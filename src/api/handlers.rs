@@ -11,6 +11,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use tower::ServiceExt;
 
+use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
@@ -66,6 +67,7 @@ impl Call<'_> {
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
             Route::CacheStats => Ok(json(StatusCode::OK, &self.shared.caches.stats().await)),
+            Route::OpenApi => Ok(openapi::response()),
         }
     }
 

@@ -1,8 +1,10 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
-//! from the registry service; the handlers for each route; request validation; health probes.
+//! from the registry service; the handlers for each route; request validation; health probes;
+//! the OpenAPI document describing all of it.
 
 mod handlers;
 mod health;
+pub mod openapi;
 pub mod query;
 pub mod representation;
 
@@ -38,6 +40,7 @@ pub enum Route {
     Readyz,
     Metrics,
     CacheStats,
+    OpenApi,
 }
 
 impl Route {
@@ -54,10 +57,11 @@ impl Route {
             Self::Readyz => "/readyz",
             Self::Metrics => "/api/v1/metrics",
             Self::CacheStats => "/api/v1/cache/stats",
+            Self::OpenApi => "/api/v1/openapi.json",
         }
     }
 
-    const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Self::List,
         Self::Search,
         Self::Get,
@@ -68,6 +72,7 @@ impl Route {
         Self::Readyz,
         Self::Metrics,
         Self::CacheStats,
+        Self::OpenApi,
     ];
 }
 
