@@ -10,8 +10,9 @@
 //! - [`middleware`]: the project's own tower layers.
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.
-//! - [`registry`]: the domain (extensions, names, version ordering, search), the
-//!   request/response vocabulary every backend speaks, and the service merging backends.
+//! - [`registry`]: the domain (extensions, names, version ordering, version constraints in
+//!   [`registry::constraint`], search), the request/response vocabulary every backend
+//!   speaks, and the service merging backends.
 //! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
 //!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
 //!   OCI registries (catalog, tags, manifest annotations, blobs).

@@ -4,6 +4,8 @@
 
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/swagger.rs"]
 mod swagger;
 
@@ -21,8 +23,8 @@ use extension_registry::registry::{
 };
 use extension_registry::BoxError;
 use gitea_sim::{
-    artifact_bytes, seeded_extensions, seeded_org, sha256_hex, token_file, GiteaSim, Mode,
-    SimConfig, SimRelease, SimRepo,
+    artifact_bytes, seeded_extensions, seeded_org, sha256_hex, token_file, GiteaSim, Hop, Mode,
+    Seen, SimConfig, SimRelease, SimRepo,
 };
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -692,9 +694,10 @@ async fn server_errors_and_malformed_json_are_backend_failures() {
     });
     let err = list(&unknown_org).await.unwrap_err();
     assert!(
-        err.to_string().contains("organization 'nosuch' not found"),
+        err.to_string().contains("organization was not found"),
         "{err}"
     );
+    assert!(!err.to_string().contains("nosuch"), "{err}");
     // One broken repository is left out; the others are listed.
     let listed = list(&b).await.unwrap();
     assert_eq!(listed.len(), 4);
@@ -961,4 +964,248 @@ async fn simulator_paginates_like_gitea() {
     assert_eq!(r.status(), 404);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["message"], "GetOrgByName");
+}
+
+/// Whether every request of `seen` went without credentials; false for none at all (then the
+/// check would prove nothing).
+fn all_anonymous(seen: &[Seen]) -> bool {
+    !seen.is_empty() && seen.iter().all(|s| !s.authorization)
+}
+
+/// An instance holding a private repository `secret_prov` (release `1.0.0` with its artifact)
+/// beside `repo`, and a backend holding the token that can read both.
+async fn beside_a_secret(config: SimConfig, repo: SimRepo) -> (GiteaSim, Gitea, tempfile::TempDir) {
+    let sim = GiteaSim::start(
+        config
+            .token(TOKEN)
+            .repo(repo)
+            .repo(private_with_checksum("secret_prov", "secret")),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = backend(&sim.gitea_config_with_token(dir.path()));
+    (sim, b, dir)
+}
+
+const SECRET_ARCHIVE: &str = "api/v1/repos/extensions/secret_prov/archive/main.tar.gz";
+const SECRET_ASSET: &str = "extensions/secret_prov/releases/download/1.0.0/secret-1.0.0.tar.gz";
+
+#[tokio::test]
+async fn an_external_asset_pointing_at_a_private_archive_gets_no_token() {
+    // Forgejo: whoever publishes a release may make an asset a link to anything, here the
+    // API archive of a private repository the service's token can read.
+    let release = SimRelease::new("1.0.0", T0).hop_asset(
+        "ext-1.0.0.tar.gz",
+        "",
+        Hop::External(SECRET_ARCHIVE.into()),
+    );
+    let (sim, b, _dir) = beside_a_secret(
+        SimConfig::new(ORG).forgejo(),
+        SimRepo::new("ext_prov").release(release),
+    )
+    .await;
+    assert_eq!(
+        get(&b, &provider("ext")).await.unwrap().download_url,
+        format!("{}{SECRET_ARCHIVE}", sim.url())
+    );
+    let err = download(&b, &provider("ext"), "1.0.0").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RegistryError::BackendUnavailable {
+                backend: Source::Gitea,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(all_anonymous(&sim.seen_at("/archive/")), "{:?}", sim.seen());
+}
+
+#[tokio::test]
+async fn a_same_host_redirect_to_another_repository_drops_the_token() {
+    let logs = logs::LogCapture::start();
+    let release = SimRelease::new("1.0.0", T0)
+        .hop_asset("hop-1.0.0.tar.gz", "", Hop::Redirect(SECRET_ASSET.into()))
+        .hop_asset(
+            "hop-1.0.0.tar.gz.sha256",
+            "",
+            Hop::Redirect(SECRET_ARCHIVE.into()),
+        );
+    let (sim, b, _dir) = beside_a_secret(
+        SimConfig::new(ORG),
+        SimRepo::new("hop_prov").release(release),
+    )
+    .await;
+    let err = download(&b, &provider("hop"), "1.0.0").await.unwrap_err();
+    assert!(err.is_backend_fault(), "{err}");
+    // The checksum sidecar is fetched first and follows the same rule: its first hop is the
+    // release's own asset (token), the second another repository's archive (none).
+    let sidecar = sim.seen_at("hop-1.0.0.tar.gz.sha256");
+    assert_eq!(sidecar.len(), 1);
+    assert!(sidecar[0].authorization);
+    assert!(all_anonymous(&sim.seen_at("/archive/")), "{:?}", sim.seen());
+
+    // Without a sidecar, the artifact's own hop carries the token, the redirect to the
+    // private repository's asset does not, so nothing of it is served.
+    let release = SimRelease::new("1.0.0", T0).hop_asset(
+        "hop-1.0.0.tar.gz",
+        "",
+        Hop::Redirect(SECRET_ASSET.into()),
+    );
+    let (sim, b, _dir) = beside_a_secret(
+        SimConfig::new(ORG),
+        SimRepo::new("hop_prov").release(release),
+    )
+    .await;
+    let err = download(&b, &provider("hop"), "1.0.0").await.unwrap_err();
+    assert!(err.to_string().contains("HTTP 404"), "{err}");
+    let own = sim.seen_at("hop_prov/releases/download/1.0.0/hop-1.0.0.tar.gz");
+    assert_eq!(own.len(), 1);
+    assert!(own[0].authorization);
+    assert!(
+        all_anonymous(&sim.seen_at(SECRET_ASSET)),
+        "{:?}",
+        sim.seen()
+    );
+    logs.assert_free_of(&[TOKEN]);
+}
+
+#[tokio::test]
+async fn a_private_repositorys_own_assets_are_fetched_with_the_token_in_both_url_forms() {
+    // Two releases: one with by-name URLs, one with `attachments/{uuid}` URLs (what Gitea
+    // writes when two assets of a release share a name). Both with a checksum sidecar.
+    let repo = SimRepo::new("own_prov")
+        .private()
+        .release(
+            SimRelease::new("1.0.0", T0)
+                .artifact("own")
+                .sha256_sidecar(true),
+        )
+        .release(
+            SimRelease::new("2.0.0", T0 + 10)
+                .artifact("own")
+                .sha256_sidecar(true)
+                .uuid_urls(),
+        );
+    let (sim, b, _dir) = beside_a_secret(SimConfig::new(ORG), repo).await;
+    for (version, form) in [("1.0.0", "/releases/download/"), ("2.0.0", "/attachments/")] {
+        let a = download(&b, &provider("own"), version).await.unwrap();
+        assert_eq!(bytes_of(a).await.unwrap(), artifact_bytes("own", version));
+        let hops = sim.seen_at(form);
+        // The sidecar and the artifact, each straight from the instance, with the token.
+        assert_eq!(hops.len(), 2, "{version}: {hops:?}");
+        assert!(hops.iter().all(|s| s.authorization), "{version}: {hops:?}");
+    }
+    let latest = get(&b, &provider("own")).await.unwrap();
+    assert_eq!(latest.version, "2.0.0");
+    assert!(latest.download_url.contains("/attachments/"));
+    assert!(latest.checksum.is_some());
+}
+
+#[tokio::test]
+async fn redirect_chains_are_followed_up_to_five_hops_without_the_token() {
+    let release = |tag: &str, hop: Hop| {
+        SimRelease::new(tag, T0).hop_asset(
+            &format!("chain-{tag}.tar.gz"),
+            artifact_bytes("chain", tag),
+            hop,
+        )
+    };
+    let repo = SimRepo::new("chain_prov")
+        .private()
+        // The asset route, then 4 hops on the same host: 5 redirects.
+        .release(release("1.0.0", Hop::Redirect("hops/4/{uuid}".into())))
+        // One more: 6.
+        .release(release("2.0.0", Hop::Redirect("hops/5/{uuid}".into())))
+        .release(release("3.0.0", Hop::Redirect("loop".into())));
+    let (sim, b, _dir) = beside_a_secret(SimConfig::new(ORG), repo).await;
+    let a = download(&b, &provider("chain"), "1.0.0").await.unwrap();
+    assert_eq!(bytes_of(a).await.unwrap(), artifact_bytes("chain", "1.0.0"));
+    assert_eq!(sim.seen_at("/hops/").len(), 5);
+    assert!(all_anonymous(&sim.seen_at("/hops/")), "{:?}", sim.seen());
+
+    for (version, reason) in [
+        ("2.0.0", "more than 5 redirects"),
+        ("3.0.0", "redirect loop"),
+    ] {
+        let err = download(&b, &provider("chain"), version).await.unwrap_err();
+        assert!(
+            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason: r } if r == reason),
+            "{version}: {err}"
+        );
+    }
+    assert!(all_anonymous(&sim.seen_at("loop")), "{:?}", sim.seen());
+}
+
+#[tokio::test]
+async fn oversized_json_pages_and_sidecars_are_refused() {
+    // A description just over the 16 MiB cap makes both the organization page and the
+    // repository object too large; the sidecar is a good digest padded past its 64 KiB cap.
+    let artifact = artifact_bytes("padded", "1.0.0");
+    let padded = format!(
+        "{}  padded-1.0.0.tar.gz\n{}",
+        sha256_hex(&artifact),
+        "# padding\n".repeat(7 * 1024)
+    );
+    let mut big = SimRepo::new("big_prov").release(SimRelease::new("1.0.0", T0).artifact("big"));
+    big.description = "x".repeat(16 * 1024 * 1024);
+    let sim = GiteaSim::start(
+        SimConfig::new(ORG).repo(big).repo(
+            SimRepo::new("padded_prov").release(
+                SimRelease::new("1.0.0", T0)
+                    .artifact("padded")
+                    .asset("padded-1.0.0.tar.gz.sha256", padded),
+            ),
+        ),
+    )
+    .await;
+    let b = backend(&sim.gitea_config());
+    // (Only lengths are unwrapped: a failure must not print 16 MiB.)
+    for err in [
+        list(&b).await.map(|l| l.len()).unwrap_err(),
+        get(&b, &provider("big"))
+            .await
+            .map(|e| e.version.clone())
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 16777216 bytes")),
+            "{err}"
+        );
+    }
+    assert_eq!(get(&b, &provider("padded")).await.unwrap().checksum, None);
+    let err = download(&b, &provider("padded"), "1.0.0")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 65536 bytes")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_names_stay_in_the_log_and_out_of_the_clients_answer() {
+    let org = "acme-internal-4711";
+    let sim = GiteaSim::start(SimConfig::new(ORG).token(TOKEN).repos(seeded_org(1))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let logs = logs::LogCapture::start();
+    let toml = format!(
+        "[gitea]\nurl = {:?}\norganization = {org:?}\ntoken_path = {:?}\n",
+        sim.url(),
+        token_file(dir.path(), TOKEN)
+    );
+    let failure = logs::backend_failure(&toml, "/api/v1/extensions").await;
+    let message = &failure.message;
+    assert!(
+        message.starts_with("gitea backend unavailable"),
+        "{message}"
+    );
+    assert!(
+        !failure.body.contains(org) && !failure.body.contains(&sim.url()),
+        "{message}"
+    );
+    // The operator still finds it, under the request's id.
+    logs.assert_line_with(&[org, &failure.request_id]);
+    logs.assert_free_of(&[TOKEN]);
 }

@@ -3,11 +3,12 @@
 //! indexes, tag rules, downloads verified against the layer digest, basic and bearer-token auth,
 //! the static repository list, a corrupted registry disk and a registry that went away.
 
+#[path = "support/logs.rs"]
+mod logs;
 #[path = "support/registry/mod.rs"]
 mod registry;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use extension_registry::backend::oci::OciBackend;
 use extension_registry::registry::{
@@ -98,53 +99,6 @@ async fn download_bytes(
     );
     let bytes = body.collect().await.unwrap().to_bytes().to_vec();
     (artifact, bytes)
-}
-
-/// Everything logged on this thread, at every level, while the guard lives: the tests look
-/// for secrets in it. (`#[tokio::test]` runs the backend's tasks on the test's thread.)
-struct LogCapture {
-    lines: Arc<Mutex<Vec<u8>>>,
-    _guard: tracing::subscriber::DefaultGuard,
-}
-
-/// Appends to the shared buffer; one per event, as `fmt` asks its writer factory.
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogCapture {
-    fn start() -> Self {
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_writer(move || LogWriter(writer.clone()))
-            .finish();
-        LogCapture {
-            lines,
-            _guard: tracing::subscriber::set_default(subscriber),
-        }
-    }
-
-    fn assert_free_of(&self, secrets: &[&str]) {
-        let text = String::from_utf8_lossy(&self.lines.lock().unwrap()).into_owned();
-        assert!(
-            !text.is_empty(),
-            "nothing was logged: the check would prove nothing"
-        );
-        for secret in secrets {
-            assert!(!text.contains(secret), "a secret was logged");
-        }
-    }
 }
 
 /// Deterministic bytes standing in for a `.tar.gz`.
@@ -466,7 +420,7 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
         .await;
     let aws = key(ExtensionType::Provider, "aws");
 
-    let logs = LogCapture::start();
+    let logs = logs::LogCapture::start();
     let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
     let before = reg.tokens_issued();
     let calls_before = reg.requests().len();
@@ -521,7 +475,7 @@ async fn a_static_token_is_sent_as_is() {
     );
     let mut config = reg.oci_config(NS, None);
     config.auth_token_path = Some(reg.secret_file("static.token", &token));
-    let logs = LogCapture::start();
+    let logs = logs::LogCapture::start();
     let backend = OciBackend::new(&config).unwrap();
     let before = reg.tokens_issued();
     assert_eq!(list(&backend, None).await.unwrap().len(), 1);
@@ -702,4 +656,94 @@ async fn a_stopped_registry_is_reported_unavailable() {
             .is_some_and(|d| d.contains("cannot connect")),
         "{health:?}"
     );
+}
+
+#[tokio::test]
+async fn a_name_a_ghcr_style_registry_refuses_is_not_found_when_absent_from_the_list() {
+    let reg = Registry::start(Auth::Token {
+        anonymous_pull: true,
+        lifetime: 300,
+    })
+    .await;
+    reg.push("provisioning/aws-provider", "1.0.0", &artifact(90, 10), &[])
+        .await;
+    reg.grant_existing_repositories_only();
+    let aws = key(ExtensionType::Provider, "aws");
+    let missing = key(ExtensionType::Provider, "nosuch");
+    let not_found = |e: RegistryError| e.is_not_found();
+    let auth_failed = RegistryError::BackendAuthFailed {
+        backend: Source::Oci,
+    };
+
+    // With the catalog: valid credentials, yet the registry answers 401 for the missing name.
+    let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();
+    assert_eq!(get(&reader, &aws).await.unwrap().version, "1.0.0");
+    assert!(not_found(get(&reader, &missing).await.unwrap_err()));
+    assert!(not_found(versions(&reader, &missing).await.unwrap_err()));
+    assert!(not_found(
+        download(&reader, &missing, "latest").await.unwrap_err()
+    ));
+    assert!(not_found(
+        download(&reader, &missing, "1.0.0").await.unwrap_err()
+    ));
+    // Wrong credentials are still wrong credentials.
+    let wrong = OciBackend::new(&reg.oci_config(NS, Some((READER.0, "wrong")))).unwrap();
+    assert_eq!(get(&wrong, &missing).await.unwrap_err(), auth_failed);
+
+    // Anonymous: no catalog, so the configured list decides; a listed name that is refused
+    // stays a refusal, and without a list nothing can tell absence from refusal.
+    let mut config = reg.oci_config(NS, None);
+    config.repositories = Some(vec!["aws-provider".into(), "listed-provider".into()]);
+    let anonymous = OciBackend::new(&config).unwrap();
+    assert_eq!(get(&anonymous, &aws).await.unwrap().version, "1.0.0");
+    assert!(not_found(get(&anonymous, &missing).await.unwrap_err()));
+    assert_eq!(
+        get(&anonymous, &key(ExtensionType::Provider, "listed"))
+            .await
+            .unwrap_err(),
+        auth_failed
+    );
+    let unlisted = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    assert_eq!(get(&unlisted, &missing).await.unwrap_err(), auth_failed);
+}
+
+#[tokio::test]
+async fn a_registry_error_body_stays_in_the_log_and_out_of_the_clients_answer() {
+    let reg = Registry::start(Auth::Anonymous).await;
+    reg.push("provisioning/k8s-taskserv", "1.0.0", &artifact(95, 10), &[])
+        .await;
+    // The repository's tag directory replaced by a file: the registry cannot list the tags.
+    let tags = reg
+        .dir()
+        .join("data/docker/registry/v2/repositories/provisioning/k8s-taskserv/_manifests/tags");
+    std::fs::remove_dir_all(&tags).unwrap();
+    std::fs::write(&tags, b"").unwrap();
+    // What the registry says about it, asked directly.
+    let raw = reqwest::Client::new()
+        .get(format!(
+            "{}/v2/provisioning/k8s-taskserv/tags/list",
+            reg.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(raw.status().is_server_error(), "{}", raw.status());
+    let raw: serde_json::Value = raw.json().await.unwrap();
+    let upstream = raw["errors"][0]["message"].as_str().unwrap().to_owned();
+    assert!(!upstream.is_empty(), "{raw}");
+
+    let logs = logs::LogCapture::start();
+    let failure =
+        logs::backend_failure(&reg.oci_toml(NS, None), "/api/v1/extensions/taskserv/k8s").await;
+    let message = &failure.message;
+    assert!(message.starts_with("oci backend unavailable"), "{message}");
+    assert!(
+        !failure.body.contains(&upstream),
+        "{message} holds {upstream}"
+    );
+    assert!(
+        !failure.body.contains(reg.dir().to_str().unwrap()),
+        "{message}"
+    );
+    logs.assert_line_with(&[&upstream, &failure.request_id]);
 }

@@ -13,6 +13,7 @@ use tower::ServiceExt;
 
 use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
+use crate::api::resolve::Filter;
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;
@@ -34,7 +35,7 @@ pub struct Call<'a> {
 }
 
 /// Serialises a value the API shows. These values always serialise.
-fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
@@ -59,6 +60,9 @@ impl Call<'_> {
             Route::Get => self.get(&query).await,
             Route::Versions => self.versions(&query).await,
             Route::Download => self.download(&query).await,
+            Route::Resolve => self.resolve(&query).await,
+            // Answered by the router, which hands the batch handler the request body.
+            Route::ResolveBatch => Err(ApiError::internal()),
             Route::Health => Ok(self.shared.health.health_response().await),
             Route::Livez => Ok(json(
                 StatusCode::OK,
@@ -71,13 +75,13 @@ impl Call<'_> {
         }
     }
 
-    fn key(&self) -> Result<ExtensionKey, ApiError> {
+    pub(super) fn key(&self) -> Result<ExtensionKey, ApiError> {
         let ty = decode_segment(self.params.ty)?.parse::<ExtensionType>()?;
         let name = ExtensionName::parse(&decode_segment(self.params.name)?)?;
         Ok(ExtensionKey { ty, name })
     }
 
-    async fn ask(
+    pub(super) async fn ask(
         &self,
         req: BackendRequest,
     ) -> Result<(BackendResponse, Option<RegistryError>), ApiError> {
@@ -88,7 +92,7 @@ impl Call<'_> {
 
     /// Marks an answer as cacheable by clients and intermediaries for the cache TTL; a stale
     /// answer says so and must be revalidated, so downstream caches do not keep it longer.
-    fn cacheable(
+    pub(super) fn cacheable(
         &self,
         mut response: Response<Body>,
         stale: Option<RegistryError>,
@@ -112,7 +116,7 @@ impl Call<'_> {
     /// The JSON 200 answer rendered from `value`, from the memo when the answer named `key`
     /// was last rendered from the same value. `key` is built from the validated parameters,
     /// so spellings of one request that differ in ignored parameters share one rendering.
-    async fn represent<T: std::any::Any + Send + Sync>(
+    pub(super) async fn represent<T: std::any::Any + Send + Sync>(
         &self,
         key: String,
         value: &Arc<T>,
@@ -188,10 +192,19 @@ impl Call<'_> {
     async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
-        let memo_key = format!("versions {key} {source:?}");
+        let filter = Filter::from_query(query)?;
+        let memo_key = format!(
+            "versions {key} {source:?} {}",
+            filter.as_ref().map(Filter::memo_key).unwrap_or_default()
+        );
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
-        let response = self.represent(memo_key, &versions, to_json).await;
+        let response = self
+            .represent(memo_key, &versions, |all| match &filter {
+                Some(filter) => to_json(&filter.select(all)),
+                None => to_json(all),
+            })
+            .await;
         Ok(self.cacheable(response, stale))
     }
 

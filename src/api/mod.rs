@@ -1,12 +1,13 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
-//! from the registry service; the handlers for each route; request validation; health probes;
-//! the OpenAPI document describing all of it.
+//! from the registry service; the handlers for each route; version-constraint resolution;
+//! request validation; health probes; the OpenAPI document describing all of it.
 
 mod handlers;
 mod health;
 pub mod openapi;
 pub mod query;
 pub mod representation;
+pub mod resolve;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,12 +23,15 @@ use tower::Service;
 use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::middleware::cache::Caches;
+use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::BackendService;
+use crate::BoxError;
 
 pub use self::health::HealthProbe;
 use self::representation::Renderings;
 
-/// The routes, matched on the path alone; each answers GET and HEAD.
+/// The routes, matched on the path alone; each answers GET and HEAD, but the batch resolve,
+/// which answers POST only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     List,
@@ -35,6 +39,8 @@ pub enum Route {
     Get,
     Versions,
     Download,
+    Resolve,
+    ResolveBatch,
     Health,
     Livez,
     Readyz,
@@ -52,6 +58,8 @@ impl Route {
             Self::Get => "/api/v1/extensions/{type}/{name}",
             Self::Versions => "/api/v1/extensions/{type}/{name}/versions",
             Self::Download => "/api/v1/extensions/{type}/{name}/{version}",
+            Self::Resolve => "/api/v1/resolve/{type}/{name}",
+            Self::ResolveBatch => "/api/v1/resolve",
             Self::Health => "/api/v1/health",
             Self::Livez => "/livez",
             Self::Readyz => "/readyz",
@@ -61,12 +69,22 @@ impl Route {
         }
     }
 
-    pub const ALL: [Route; 11] = [
+    /// The methods the route answers, as a 405's `Allow` lists them.
+    pub fn allow(self) -> &'static str {
+        match self {
+            Self::ResolveBatch => "POST",
+            _ => ALLOW,
+        }
+    }
+
+    pub const ALL: [Route; 13] = [
         Self::List,
         Self::Search,
         Self::Get,
         Self::Versions,
         Self::Download,
+        Self::Resolve,
+        Self::ResolveBatch,
         Self::Health,
         Self::Livez,
         Self::Readyz,
@@ -153,7 +171,12 @@ impl Router {
 
 const ALLOW: &str = "GET, HEAD";
 
-impl<B> Service<Request<B>> for Router {
+impl<B> Service<Request<B>> for Router
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -166,6 +189,8 @@ impl<B> Service<Request<B>> for Router {
         let shared = self.shared.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let quota = req.extensions().get::<QuotaCharge>().cloned();
+        let body = req.into_body();
         Box::pin(async move {
             let path = uri.path();
             if let Err(e) = query::check_target(path, uri.query()) {
@@ -174,15 +199,23 @@ impl<B> Service<Request<B>> for Router {
             let Some((route, params)) = shared.routes.at(path) else {
                 return Ok(ApiError::route_not_found().into_response());
             };
-            if method != Method::GET && method != Method::HEAD {
-                return Ok(ApiError::method_not_allowed(ALLOW).into_response());
+            let allowed = match route {
+                Route::ResolveBatch => method == Method::POST,
+                _ => method == Method::GET || method == Method::HEAD,
+            };
+            if !allowed {
+                return Ok(ApiError::method_not_allowed(route.allow()).into_response());
             }
             let call = handlers::Call {
                 shared: &shared,
                 params,
                 query: uri.query(),
             };
-            let mut response = match call.handle(route).await {
+            let answer = match route {
+                Route::ResolveBatch => resolve::batch(&shared, body, quota).await,
+                _ => call.handle(route).await,
+            };
+            let mut response = match answer {
                 Ok(response) => response,
                 Err(e) => e.into_response(),
             };

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -14,19 +14,48 @@ use crate::BoxError;
 /// How many redirects a download may follow (object storage answers with one or two).
 pub const MAX_REDIRECTS: usize = 5;
 
+/// The most bytes read whole from a metadata answer (a Gitea JSON page, a registry catalog page,
+/// tag list, manifest or error body): an answer that is larger is broken or hostile, and memory
+/// must stay bounded whatever a backend sends.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
+
 /// Builds the client a backend uses for all its calls.
 ///
 /// `timeout` bounds connecting and each read, not a whole transfer, so a large artifact that
-/// keeps streaming is never cut off while a stalled backend still is. reqwest drops
-/// `Authorization` when a redirect leaves the origin, so credentials never reach object storage.
-pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, reqwest::Error> {
+/// keeps streaming is never cut off while a stalled backend still is. `redirects` is the
+/// backend's redirect policy: reqwest's own following drops `Authorization` only when a redirect
+/// leaves the origin, so a backend that must re-check every hop passes `Policy::none()`.
+pub fn client(
+    timeout: Duration,
+    verify_tls: bool,
+    redirects: reqwest::redirect::Policy,
+) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("extension-registry/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout)
         .read_timeout(timeout)
-        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+        .redirect(redirects)
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
+}
+
+/// Reads a whole body of at most `cap` bytes; `None` when it is larger, known from
+/// `Content-Length` before any byte is read, or else as soon as the bytes pass the cap.
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Bytes>, reqwest::Error> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
 }
 
 /// Maps a transport error to the domain: timeouts are 504s, everything else a 502. The text

@@ -6,11 +6,16 @@
 //! trusted proxy, so a client cannot choose its key by prepending addresses. IPv6 clients are
 //! keyed by their /64, since one host usually holds a whole /64.
 //!
+//! A request that costs more than one (a batch resolve of n requirements costs n) is charged
+//! one here, before its body is read, and the rest by its handler through the [`QuotaCharge`]
+//! this layer puts in the request's extensions.
+//!
 //! The per-client state is bounded: it is swept of idle clients at most once a second, and at
 //! `max_clients` new clients share one overflow quota instead of getting their own entry.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::ops::Add;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,8 +185,12 @@ impl Quotas {
 /// What the limiter decided for one request.
 enum Decision {
     Exempt,
-    Allowed(Quotas),
-    Refused { quotas: Quotas, retry_after: u64 },
+    /// Let through; the key the client was charged under.
+    Allowed(Quotas, IpAddr),
+    Refused {
+        quotas: Quotas,
+        retry_after: u64,
+    },
 }
 
 impl Limits {
@@ -276,15 +285,18 @@ impl Limits {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let used = self.limit.saturating_sub(remaining);
-                Decision::Allowed(Quotas {
-                    limit: self.limit,
-                    remaining,
-                    reset: whole_seconds_up(self.per_request * used),
-                })
+                Decision::Allowed(
+                    Quotas {
+                        limit: self.limit,
+                        remaining,
+                        reset: whole_seconds_up(self.per_request * used),
+                    },
+                    key,
+                )
             }
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
-                let retry_after = whole_seconds_up(wait).max(1);
+                let retry_after = retry_after(wait);
                 let full = wait + self.per_request * (self.limit - 1);
                 Decision::Refused {
                     quotas: Quotas {
@@ -295,6 +307,49 @@ impl Limits {
                     retry_after,
                 }
             }
+        }
+    }
+}
+
+fn retry_after(wait: Duration) -> u64 {
+    whole_seconds_up(wait).max(1)
+}
+
+/// The 429 answer, counted.
+fn refusal(retry_after: u64) -> ApiError {
+    metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!("too many requests from this client; retry in {retry_after} s"),
+    )
+    .with_retry_after(retry_after)
+}
+
+/// The quota of the client a request was let through for, so its handler can charge the
+/// request more than the one request the layer took (see the module documentation).
+#[derive(Clone)]
+pub struct QuotaCharge {
+    limits: Arc<Limits>,
+    key: IpAddr,
+}
+
+impl QuotaCharge {
+    /// Takes `extra` more requests from the client's quota, all or none. The charge is capped
+    /// at the burst less the one already taken, so that any request can be paid for from a
+    /// full quota; over the quota it is the 429 the layer answers.
+    pub fn charge(&self, extra: u32) -> Result<(), ApiError> {
+        let Some(n) = NonZeroU32::new(extra.min(self.limits.limit - 1)) else {
+            return Ok(());
+        };
+        match self.limits.limiter.check_key_n(&self.key, n) {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(not_until)) => {
+                let now = self.limits.limiter.clock().now();
+                Err(refusal(retry_after(not_until.wait_time_from(now))))
+            }
+            // Unreachable: n is below the burst.
+            Err(_) => Err(refusal(retry_after(self.limits.per_request * n.get()))),
         }
     }
 }
@@ -402,28 +457,27 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         match self.limits.decide(&req) {
             Decision::Exempt => ResponseFuture::Passed {
                 inner: self.inner.call(req),
                 quotas: None,
             },
-            Decision::Allowed(quotas) => ResponseFuture::Passed {
-                inner: self.inner.call(req),
-                quotas: Some(quotas),
-            },
+            Decision::Allowed(quotas, key) => {
+                req.extensions_mut().insert(QuotaCharge {
+                    limits: self.limits.clone(),
+                    key,
+                });
+                ResponseFuture::Passed {
+                    inner: self.inner.call(req),
+                    quotas: Some(quotas),
+                }
+            }
             Decision::Refused {
                 quotas,
                 retry_after,
             } => {
-                metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
-                let mut response = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("too many requests from this client; retry in {retry_after} s"),
-                )
-                .with_retry_after(retry_after)
-                .into_response();
+                let mut response = refusal(retry_after).into_response();
                 quotas.insert_into(response.headers_mut());
                 ResponseFuture::Refused {
                     response: Some(response),
@@ -702,6 +756,44 @@ mod tests {
         let req = request("/api/v1/extensions", "198.51.100.1", &[]);
         assert_eq!(status(&service, req).await, StatusCode::OK);
         assert_eq!(limiter.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_handler_can_charge_more_all_or_none() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(5, ""));
+        // The body says how many more requests the handler charges.
+        let service = layer.layer(tower::service_fn(|req: Request<u32>| async move {
+            let charge = req
+                .extensions()
+                .get::<QuotaCharge>()
+                .expect("set by the layer");
+            Ok::<_, Infallible>(match charge.charge(*req.body()) {
+                Ok(()) => Response::new(crate::body::empty()),
+                Err(e) => e.into_response(),
+            })
+        }));
+        let send = |extra: u32| {
+            let req = request("/api/v1/resolve", "192.0.2.1", &[]).map(|()| extra);
+            service.clone().oneshot(req)
+        };
+        assert_eq!(send(2).await.unwrap().status(), StatusCode::OK);
+        // 2 left: the layer takes 1, the handler's 3 do not fit and are not taken.
+        let refused = send(3).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.headers().contains_key("retry-after"));
+        assert_eq!(send(0).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            send(0).await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        // From a full quota, a charge beyond the burst costs the whole burst.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(send(100).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            send(0).await.unwrap().status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
     }
 
     #[test]

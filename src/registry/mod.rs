@@ -1,8 +1,10 @@
-//! The domain: what an extension is, how versions are ordered, how search ranks, the
-//! request/response vocabulary every backend speaks, and the service that merges backends.
+//! The domain: what an extension is, how versions are ordered and constrained, how search
+//! ranks, the request/response vocabulary every backend speaks, and the service that merges
+//! backends.
 
 mod artifact;
 mod backend;
+pub mod constraint;
 mod error;
 mod merge;
 mod model;

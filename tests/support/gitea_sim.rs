@@ -78,6 +78,8 @@ pub struct SimAsset {
     pub bytes: Bytes,
     /// Assigned at start; also makes the asset's UUID.
     id: u64,
+    /// How its download routes answer instead of serving the bytes (see [`Hop`]).
+    pub hop: Option<Hop>,
 }
 
 /// One release.
@@ -97,6 +99,9 @@ pub struct SimRelease {
     pub assets: Vec<SimAsset>,
     /// Assigned at start, in seeding order.
     id: u64,
+    /// Its assets' `browser_download_url` is `{ROOT_URL}attachments/{uuid}`, as Gitea writes
+    /// it when two assets of a release share a name.
+    pub uuid_urls: bool,
 }
 
 impl SimRelease {
@@ -109,6 +114,7 @@ impl SimRelease {
             author: Some("release-bot".into()),
             assets: Vec::new(),
             id: 0,
+            uuid_urls: false,
         }
     }
 
@@ -132,6 +138,7 @@ impl SimRelease {
             name: name.into(),
             bytes: bytes.into(),
             id: 0,
+            hop: None,
         });
         self
     }
@@ -409,6 +416,8 @@ struct State {
     releases_in_flight: Mutex<u64>,
     /// Where releases requests meet, per `SimConfig::releases_rendezvous`.
     rendezvous: Option<tokio::sync::Barrier>,
+    /// Every request to either host, in order, with whether it carried credentials.
+    seen: Mutex<Vec<Seen>>,
 }
 
 /// Counts a releases request as in flight while it lives (also when its connection is cut).
@@ -473,6 +482,7 @@ impl GiteaSim {
             calls: Mutex::new(Calls::default()),
             releases_in_flight: Mutex::new(0),
             rendezvous,
+            seen: Mutex::new(Vec::new()),
         });
         let tasks = vec![
             tokio::spawn(serve(gitea, Arc::clone(&state), false)),
@@ -724,6 +734,7 @@ impl State {
     }
 
     async fn route(&self, req: &Request<Incoming>) -> Reply {
+        self.record(req, false);
         let path = req.uri().path();
         let Some(rel) = path.strip_prefix(self.config.sub_path.as_str()) else {
             return text(StatusCode::NOT_FOUND, "Not found.");
@@ -761,6 +772,9 @@ impl State {
                 )
             }
             Mode::MalformedJson => {}
+        }
+        if let Some(reply) = self.hop_route(&segments, caller) {
+            return reply;
         }
         if let ["api", "v1", "repos", _, _, "releases"] = segments.as_slice() {
             let _in_flight = InFlight::new(self);
@@ -1022,6 +1036,7 @@ impl State {
                 if self.config.forgejo {
                     merge(&mut v, json!({"type": "attachment"}));
                 }
+                self.hop_asset_json(&mut v, release, a);
                 v
             })
             .collect();
@@ -1081,6 +1096,9 @@ impl State {
                 else {
                     return text(StatusCode::NOT_FOUND, "Not found.");
                 };
+                if let Some(reply) = self.hop_reply(asset) {
+                    return reply;
+                }
                 if self.config.storage_redirect {
                     return redirect(&format!(
                         "{}bucket/{}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=300&X-Amz-Signature={}",
@@ -1113,6 +1131,7 @@ impl State {
     }
 
     fn storage_route(&self, req: &Request<Incoming>) -> Reply {
+        self.record(req, true);
         let has_auth = req.headers().contains_key(AUTHORIZATION);
         self.count(|c| {
             c.storage += 1;
@@ -1123,14 +1142,7 @@ impl State {
             .path()
             .strip_prefix("/bucket/")
             .unwrap_or_default();
-        let asset = self
-            .config
-            .repos
-            .iter()
-            .flat_map(|r| &r.releases)
-            .flat_map(|r| &r.assets)
-            .find(|a| uuid(a.id) == wanted);
-        match asset {
+        match self.asset_by_uuid(wanted) {
             Some(asset) => reply(
                 StatusCode::OK,
                 "application/octet-stream",
@@ -1153,4 +1165,188 @@ fn merge(value: &mut Value, extra: Value) {
     if let (Value::Object(target), Value::Object(extra)) = (value, extra) {
         target.extend(extra);
     }
+}
+
+// Redirects, external assets, attachment routes and a request log: what a client that sends a
+// token must survive (CONTRACT.md §4.6 and §7). Kept apart from the routes above.
+
+/// How an asset's download routes answer instead of serving its bytes. Targets are paths
+/// relative to ROOT_URL (or absolute URLs); `{uuid}` stands for the asset's UUID.
+#[derive(Clone, Debug)]
+pub enum Hop {
+    /// A Forgejo external asset: `browser_download_url` is this link, `size` 0, `type`
+    /// `"external"`, and the by-name route answers `303` to it.
+    External(String),
+    /// The by-name and UUID routes answer `302` to this target on the same host.
+    Redirect(String),
+}
+
+impl SimAsset {
+    /// Where this asset's hop leads, with `{uuid}` filled in.
+    fn hop_target(&self, root: &str) -> Option<String> {
+        let target = match self.hop.as_ref()? {
+            Hop::External(t) | Hop::Redirect(t) => t.replace("{uuid}", &uuid(self.id)),
+        };
+        Some(if target.starts_with("http") {
+            target
+        } else {
+            format!("{root}{target}")
+        })
+    }
+}
+
+impl SimRelease {
+    /// Adds an asset whose download routes answer with `hop` instead of bytes.
+    pub fn hop_asset(mut self, name: &str, bytes: impl Into<Bytes>, hop: Hop) -> Self {
+        self = self.asset(name, bytes);
+        if let Some(last) = self.assets.last_mut() {
+            last.hop = Some(hop);
+        }
+        self
+    }
+
+    /// Writes `browser_download_url` in the `attachments/{uuid}` form for every asset.
+    pub fn uuid_urls(mut self) -> Self {
+        self.uuid_urls = true;
+        self
+    }
+}
+
+/// One request the simulator saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// Whether it went to the object storage host.
+    pub storage: bool,
+    /// Its path and query, as sent.
+    pub target: String,
+    /// Whether it carried an `Authorization` header.
+    pub authorization: bool,
+}
+
+impl GiteaSim {
+    /// Every request seen so far, in order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().expect("seen").clone()
+    }
+
+    /// The requests whose path contains `part`.
+    pub fn seen_at(&self, part: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.target.contains(part))
+            .collect()
+    }
+}
+
+impl State {
+    fn record(&self, req: &Request<Incoming>, storage: bool) {
+        let seen = Seen {
+            storage,
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(String::new, ToString::to_string),
+            authorization: req.headers().contains_key(AUTHORIZATION),
+        };
+        self.seen.lock().expect("seen").push(seen);
+    }
+
+    /// The routes added for hops: `attachments/{uuid}`, a repository's archive through the
+    /// API, a redirect chain `hops/{n}/{uuid}` (n redirects, then the asset's bytes without any
+    /// check, like object storage) and `loop`, which redirects to itself.
+    fn hop_route(&self, segments: &[&str], caller: Caller) -> Option<Reply> {
+        match segments {
+            ["attachments", wanted] => {
+                if caller == Caller::Invalid {
+                    return Some(text(
+                        StatusCode::UNAUTHORIZED,
+                        "Failed to authenticate user",
+                    ));
+                }
+                let found = self.config.repos.iter().find_map(|repo| {
+                    let asset = repo
+                        .releases
+                        .iter()
+                        .filter(|r| !r.draft)
+                        .flat_map(|r| &r.assets)
+                        .find(|a| uuid(a.id) == *wanted)?;
+                    Some((repo, asset))
+                });
+                Some(match found {
+                    Some((repo, asset)) if self.can_read(repo, caller) => self
+                        .hop_reply(asset)
+                        .unwrap_or_else(|| self.asset_reply(asset)),
+                    _ => text(StatusCode::NOT_FOUND, "Not found."),
+                })
+            }
+            ["api", "v1", "repos", owner, name, "archive", archive] => {
+                if caller == Caller::Invalid {
+                    return Some(self.unauthorized_json());
+                }
+                Some(match self.repo(owner, name, caller) {
+                    Some(repo) => reply(
+                        StatusCode::OK,
+                        "application/octet-stream",
+                        format!("archive {archive} of {}\n", repo.name),
+                    ),
+                    None => self.not_found_json(),
+                })
+            }
+            ["hops", n, wanted] => {
+                let n: u32 = n.parse().ok()?;
+                if n > 0 {
+                    return Some(found_redirect(&format!(
+                        "{}hops/{}/{wanted}",
+                        self.root,
+                        n - 1
+                    )));
+                }
+                Some(self.asset_reply(self.asset_by_uuid(wanted)?))
+            }
+            ["loop"] => Some(found_redirect(&format!("{}loop", self.root))),
+            _ => None,
+        }
+    }
+
+    /// Any asset of any release, by its UUID.
+    fn asset_by_uuid(&self, wanted: &str) -> Option<&SimAsset> {
+        self.config
+            .repos
+            .iter()
+            .flat_map(|r| &r.releases)
+            .flat_map(|r| &r.assets)
+            .find(|a| uuid(a.id) == wanted)
+    }
+
+    /// The answer of an asset's download routes when it has a hop.
+    fn hop_reply(&self, asset: &SimAsset) -> Option<Reply> {
+        let target = asset.hop_target(&self.root)?;
+        Some(match asset.hop {
+            Some(Hop::External(_)) => redirect(&target),
+            _ => found_redirect(&target),
+        })
+    }
+
+    /// Rewrites an asset's JSON for its release's URL form and its hop.
+    fn hop_asset_json(&self, value: &mut Value, release: &SimRelease, asset: &SimAsset) {
+        if release.uuid_urls {
+            merge(
+                value,
+                json!({"browser_download_url": format!("{}attachments/{}", self.root, uuid(asset.id))}),
+            );
+        }
+        if let (Some(Hop::External(_)), Some(target)) = (&asset.hop, asset.hop_target(&self.root)) {
+            merge(
+                value,
+                json!({"browser_download_url": target, "size": 0, "type": "external"}),
+            );
+        }
+    }
+}
+
+/// A `302 Found`, as a reverse proxy or a moved route answers.
+fn found_redirect(location: &str) -> Reply {
+    let mut r = redirect(location);
+    *r.status_mut() = StatusCode::FOUND;
+    r
 }

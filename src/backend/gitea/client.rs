@@ -1,41 +1,76 @@
-//! HTTP towards one Gitea/Forgejo instance: the token on calls to that instance only, pagination
-//! by `Link: rel="next"`, and the mapping of statuses and bodies to the domain's errors.
+//! HTTP towards one Gitea/Forgejo instance: the token only on the API calls the backend builds
+//! and on a release asset's own download routes, re-checked on every redirect hop; pagination
+//! by `Link: rel="next"`; bodies read with a cap; and the mapping of statuses and bodies to the
+//! domain's errors.
 
-use reqwest::header::{HeaderValue, AUTHORIZATION, LINK};
+use percent_encoding::percent_decode_str;
+use reqwest::header::{HeaderValue, AUTHORIZATION, LINK, LOCATION};
 use reqwest::{Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
-use crate::backend::http::{is_html, next_link, transport_error};
+use super::model::AssetLink;
+use crate::backend::http::{
+    is_html, next_link, read_capped, transport_error, MAX_METADATA_BYTES, MAX_REDIRECTS,
+};
 use crate::registry::{RegistryError, Source};
 
 /// Items per page. Gitea's default cap (`MAX_RESPONSE_ITEMS`); a lower cap cuts it silently,
 /// which is harmless as pagination follows the server's `Link`, not our arithmetic.
 const PAGE_LIMIT: &str = "50";
 
-/// Largest checksum file read, so a wrong asset cannot make us buffer an artifact.
-const MAX_SIDECAR_BYTES: usize = 1 << 20;
+/// Largest checksum file read. A `.sha256` file is one line (~100 bytes) and a `SHA256SUMS`
+/// line about 70 bytes plus the file name, so 64 KiB holds the sums of several hundred files,
+/// far more than a release carries; anything larger is not a checksum file, and reading it
+/// would only spend memory.
+const MAX_SIDECAR_BYTES: usize = 64 * 1024;
 
-fn unavailable(reason: String) -> RegistryError {
+fn unavailable(reason: impl Into<String>) -> RegistryError {
     RegistryError::unavailable(Source::Gitea, reason)
+}
+
+/// Which URLs a request may carry the token to, on its first hop and on every redirect.
+#[derive(Clone, Copy, Debug)]
+enum Grant<'a> {
+    /// An API call the backend builds: the token goes to API routes of those shapes, for the
+    /// configured organization, on the instance.
+    Api,
+    /// A release asset: the token goes only to that asset's own download routes on the
+    /// instance, `{org}/{repo}/releases/download/{tag}/{name}` and `attachments/{uuid}`.
+    Asset(&'a AssetLink),
 }
 
 /// One instance, reached through one client.
 pub struct Api {
-    /// The shared client (connect and read timeouts, redirect policy).
+    /// The shared client (connect and read timeouts); it follows no redirect, [`Api::get`]
+    /// does, checking each hop.
     http: reqwest::Client,
     /// `ROOT_URL`, ending in `/`; also the one origin the token may be sent to.
     root: Url,
+    /// The organization holding the extension repositories: the only owner whose API routes
+    /// and release assets the token is sent to.
+    org: String,
     /// `token <PAT>`, marked sensitive so it is never printed; `None` is anonymous.
     authorization: Option<HeaderValue>,
 }
 
 impl Api {
-    pub fn new(http: reqwest::Client, root: Url, authorization: Option<HeaderValue>) -> Self {
+    pub fn new(
+        http: reqwest::Client,
+        root: Url,
+        org: String,
+        authorization: Option<HeaderValue>,
+    ) -> Self {
         Self {
             http,
             root,
+            org,
             authorization,
         }
+    }
+
+    /// The organization holding the extension repositories.
+    pub fn org(&self) -> &str {
+        &self.org
     }
 
     /// `{ROOT_URL}api/v1/<segments>`, each segment percent-encoded.
@@ -48,42 +83,97 @@ impl Api {
         url
     }
 
-    /// Whether the token may go with a request to `url`: only to the configured instance, and
-    /// there only to the API and to release assets. A download URL is written by whoever
-    /// publishes a release (Forgejo's external assets are free-form links), so a link to any
-    /// other page of the instance must not be fetched with the service's token.
-    fn carries_token(&self, url: &Url) -> bool {
-        if url.origin() != self.root.origin() {
+    /// Whether the token may go with a request to `url` under `grant`. A download URL is
+    /// written by whoever publishes a release (Forgejo's external assets are free-form links)
+    /// and a redirect by whoever answers, so anything but the instance's API routes the backend
+    /// calls and the asset's own download routes (another repository's archive, raw file or
+    /// asset; another asset's attachment) must not be fetched with the service's token.
+    fn carries_token(&self, url: &Url, grant: Grant<'_>) -> bool {
+        if url.origin() != self.root.origin()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
             return false;
         }
         let Some(rest) = url.path().strip_prefix(self.root.path()) else {
             return false;
         };
-        let mut segments = rest.split('/');
-        let release_asset = matches!(
-            (
-                segments.next(),
-                segments.next(),
-                segments.next(),
-                segments.next()
-            ),
-            (Some(_), Some(_), Some("releases"), Some("download"))
-        );
-        rest.starts_with("api/v1/") || rest.starts_with("attachments/") || release_asset
-    }
-
-    /// Sends a GET, with the token only where [`Api::carries_token`] allows it.
-    async fn get(&self, url: Url) -> Result<Response, RegistryError> {
-        let mut request = self.http.get(url.clone());
-        if let Some(value) = &self.authorization {
-            if self.carries_token(&url) {
-                request = request.header(AUTHORIZATION, value.clone());
+        let decoded: Option<Vec<String>> = rest
+            .split('/')
+            .map(|s| {
+                percent_decode_str(s)
+                    .decode_utf8()
+                    .ok()
+                    .map(|s| s.into_owned())
+            })
+            .collect();
+        let Some(decoded) = decoded else {
+            return false;
+        };
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
+        let org = |o: &str| o.eq_ignore_ascii_case(&self.org);
+        match grant {
+            Grant::Api => match segments.as_slice() {
+                ["api", "v1", "version"] => true,
+                ["api", "v1", "orgs", o, "repos"] => org(o),
+                ["api", "v1", "repos", o, _] | ["api", "v1", "repos", o, _, "releases"] => org(o),
+                _ => false,
+            },
+            Grant::Asset(asset) => {
+                url.query().is_none()
+                    && match segments.as_slice() {
+                        [o, repo, "releases", "download", tag, name] => {
+                            org(o)
+                                && repo.eq_ignore_ascii_case(&asset.repo)
+                                && *tag == asset.tag
+                                && *name == asset.name
+                        }
+                        ["attachments", uuid] => asset.uuid.as_deref() == Some(*uuid),
+                        _ => false,
+                    }
             }
         }
-        request
-            .send()
-            .await
-            .map_err(|e| transport_error(Source::Gitea, &e))
+    }
+
+    /// Sends a GET and follows its redirects itself, up to [`MAX_REDIRECTS`], deciding at
+    /// every hop whether the token goes with it: a hop [`Api::carries_token`] refuses is sent
+    /// without it (object storage's presigned URLs need none), never with it. A loop or a
+    /// longer chain is a backend failure.
+    async fn get(&self, first: Url, grant: Grant<'_>) -> Result<Response, RegistryError> {
+        let mut visited: Vec<Url> = Vec::new();
+        let mut url = first;
+        loop {
+            if visited.contains(&url) {
+                return Err(unavailable("redirect loop"));
+            }
+            if visited.len() > MAX_REDIRECTS {
+                return Err(unavailable(format!("more than {MAX_REDIRECTS} redirects")));
+            }
+            let mut request = self.http.get(url.clone());
+            if let Some(value) = &self.authorization {
+                if self.carries_token(&url, grant) {
+                    request = request.header(AUTHORIZATION, value.clone());
+                }
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|e| transport_error(Source::Gitea, &e))?;
+            let location = response
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok());
+            let next = match location {
+                Some(location) if response.status().is_redirection() => url
+                    .join(location)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https"))
+                    .ok_or_else(|| unavailable("redirect to an unusable location"))?,
+                _ => return Ok(response),
+            };
+            visited.push(url);
+            url = next;
+        }
     }
 
     /// One JSON object; `Ok(None)` when Gitea answers 404 (missing, or private and not
@@ -93,7 +183,7 @@ impl Api {
         segments: &[&str],
         what: &str,
     ) -> Result<Option<T>, RegistryError> {
-        let response = self.get(self.api_url(segments)).await?;
+        let response = self.get(self.api_url(segments), Grant::Api).await?;
         match api_status(response, what)? {
             Some(response) => decode(response, what).await.map(Some),
             None => Ok(None),
@@ -114,7 +204,7 @@ impl Api {
             url.query_pairs_mut()
                 .append_pair("limit", PAGE_LIMIT)
                 .append_pair("page", &page.to_string());
-            let Some(response) = api_status(self.get(url).await?, what)? else {
+            let Some(response) = api_status(self.get(url, Grant::Api).await?, what)? else {
                 return Ok(None);
             };
             // Only the page number is taken from the link: its host is the server's own idea
@@ -143,12 +233,12 @@ impl Api {
         }
     }
 
-    /// Starts a download: a 2xx answer that is not an HTML page (a sign-in page is what an
-    /// instance requiring sign-in ends on), else an error.
-    pub async fn download(&self, url: &str, what: &str) -> Result<Response, RegistryError> {
-        let url = Url::parse(url)
+    /// Starts the download of a release asset: a 2xx answer that is not an HTML page (a
+    /// sign-in page is what an instance requiring sign-in ends on), else an error.
+    pub async fn download(&self, asset: &AssetLink, what: &str) -> Result<Response, RegistryError> {
+        let url = Url::parse(&asset.url)
             .map_err(|_| unavailable(format!("{what}: the download URL is not a URL")))?;
-        let response = self.get(url).await?;
+        let response = self.get(url, Grant::Asset(asset)).await?;
         let status = response.status();
         if !status.is_success() {
             return Err(match status {
@@ -167,22 +257,13 @@ impl Api {
     }
 
     /// The text of a small asset (a checksum file), read whole up to a cap.
-    pub async fn small_text(&self, url: &str, what: &str) -> Result<String, RegistryError> {
-        let mut response = self.download(url, what).await?;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
+    pub async fn small_text(&self, asset: &AssetLink, what: &str) -> Result<String, RegistryError> {
+        let response = self.download(asset, what).await?;
+        let bytes = read_capped(response, MAX_SIDECAR_BYTES)
             .await
             .map_err(|e| transport_error(Source::Gitea, &e))?
-        {
-            if bytes.len() + chunk.len() > MAX_SIDECAR_BYTES {
-                return Err(unavailable(format!(
-                    "{what}: larger than {MAX_SIDECAR_BYTES} bytes"
-                )));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        String::from_utf8(bytes).map_err(|_| unavailable(format!("{what}: not UTF-8 text")))
+            .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_SIDECAR_BYTES} bytes")))?;
+        String::from_utf8(bytes.into()).map_err(|_| unavailable(format!("{what}: not UTF-8 text")))
     }
 }
 
@@ -203,13 +284,17 @@ fn api_status(response: Response, what: &str) -> Result<Option<Response>, Regist
     }
 }
 
+/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`]. What the parser says about
+/// the bytes is logged (with the request's id), not returned: it may quote them.
 async fn decode<T: DeserializeOwned>(response: Response, what: &str) -> Result<T, RegistryError> {
-    let bytes = response
-        .bytes()
+    let bytes = read_capped(response, MAX_METADATA_BYTES)
         .await
-        .map_err(|e| transport_error(Source::Gitea, &e))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| unavailable(format!("{what}: malformed or unexpected JSON ({e})")))
+        .map_err(|e| transport_error(Source::Gitea, &e))?
+        .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_METADATA_BYTES} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        tracing::warn!(%what, error = %e, "gitea answered malformed or unexpected JSON");
+        unavailable(format!("{what}: malformed or unexpected JSON"))
+    })
 }
 
 /// The `page` query parameter of a link.
@@ -239,36 +324,84 @@ mod tests {
         assert_eq!(page_of("https://h/a?limit=50"), None);
     }
 
-    #[test]
-    fn the_token_goes_only_to_the_api_and_release_assets_of_the_instance() {
-        let api = Api::new(
+    fn api(root: &str) -> Api {
+        Api::new(
             reqwest::Client::new(),
-            Url::parse("https://h.test/git/").unwrap(),
+            Url::parse(root).unwrap(),
+            "o".into(),
             None,
-        );
-        let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap());
-        assert!(carries("https://h.test/git/api/v1/orgs/o/repos"));
+        )
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_api_calls_the_backend_builds() {
+        let api = api("https://h.test/git/");
+        let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap(), Grant::Api);
         assert!(carries(
-            "https://h.test/git/o/aws_prov/releases/download/1.0.0/aws.tar.gz"
+            "https://h.test/git/api/v1/orgs/o/repos?limit=50&page=2"
         ));
-        assert!(carries("https://h.test/git/attachments/0b6a1c2e"));
-        assert!(!carries(
-            "https://h.test/git/o/private_repo/archive/main.tar.gz"
+        assert!(carries("https://h.test/git/api/v1/orgs/O/repos"));
+        assert!(carries("https://h.test/git/api/v1/repos/o/aws_prov"));
+        assert!(carries(
+            "https://h.test/git/api/v1/repos/o/aws_prov/releases?page=1"
         ));
-        assert!(!carries("https://h.test/git/user/settings"));
-        assert!(!carries("https://h.test/elsewhere/api/v1/x"));
-        assert!(!carries("https://h.test:8443/git/api/v1/x"));
-        assert!(!carries("http://h.test/git/api/v1/x"));
-        assert!(!carries("https://storage.test/git/api/v1/x"));
+        assert!(carries("https://h.test/git/api/v1/version"));
+        for refused in [
+            "https://h.test/git/api/v1/repos/o/secret/archive/main.tar.gz",
+            "https://h.test/git/api/v1/repos/o/secret/raw/README.md",
+            "https://h.test/git/api/v1/repos/o/secret/media/x",
+            "https://h.test/git/api/v1/repos/other/aws_prov/releases",
+            "https://h.test/git/api/v1/orgs/other/repos",
+            "https://h.test/git/api/v1/user",
+            "https://h.test/git/o/aws_prov/releases/download/1.0.0/aws.tar.gz",
+            "https://h.test/git/user/settings",
+            "https://h.test/elsewhere/api/v1/version",
+            "https://h.test:8443/git/api/v1/version",
+            "http://h.test/git/api/v1/version",
+            "https://storage.test/git/api/v1/version",
+            "https://u:p@h.test/git/api/v1/version",
+        ] {
+            assert!(!carries(refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn the_token_goes_only_to_the_assets_own_download_routes() {
+        let api = api("https://h.test/git/");
+        let asset = AssetLink {
+            url: String::new(),
+            repo: "aws_prov".into(),
+            tag: "v1.0/rc 1".into(),
+            name: "aws 1.tar.gz".into(),
+            uuid: Some("8f14e45f-ceea-467f-a0e6-3a1b2c9d7e11".into()),
+        };
+        let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap(), Grant::Asset(&asset));
+        assert!(carries(
+            "https://h.test/git/o/aws_prov/releases/download/v1.0%2Frc%201/aws%201.tar.gz"
+        ));
+        assert!(carries(
+            "https://h.test/git/attachments/8f14e45f-ceea-467f-a0e6-3a1b2c9d7e11"
+        ));
+        for refused in [
+            // Another repository's asset, archive or API route of the same instance.
+            "https://h.test/git/o/secret_prov/releases/download/v1.0%2Frc%201/aws%201.tar.gz",
+            "https://h.test/git/other/aws_prov/releases/download/v1.0%2Frc%201/aws%201.tar.gz",
+            "https://h.test/git/o/aws_prov/releases/download/v2/aws%201.tar.gz",
+            "https://h.test/git/o/aws_prov/releases/download/v1.0%2Frc%201/other.tar.gz",
+            "https://h.test/git/o/aws_prov/releases/download/v1.0/rc%201/aws%201.tar.gz",
+            "https://h.test/git/o/aws_prov/archive/main.tar.gz",
+            "https://h.test/git/api/v1/repos/o/secret/archive/main.tar.gz",
+            "https://h.test/git/attachments/00000000-0000-0000-0000-000000000000",
+            "https://h.test/git/o/aws_prov/releases/download/v1.0%2Frc%201/aws%201.tar.gz?x=1",
+            "https://storage.test/git/attachments/8f14e45f-ceea-467f-a0e6-3a1b2c9d7e11",
+        ] {
+            assert!(!carries(refused), "{refused}");
+        }
     }
 
     #[test]
     fn api_urls_keep_the_sub_path_and_encode_pieces() {
-        let api = Api::new(
-            reqwest::Client::new(),
-            Url::parse("https://h/git/").unwrap(),
-            None,
-        );
+        let api = api("https://h/git/");
         assert_eq!(
             api.api_url(&["repos", "o", "a/b?c"]).as_str(),
             "https://h/git/api/v1/repos/o/a%2Fb%3Fc"

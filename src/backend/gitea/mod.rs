@@ -34,10 +34,8 @@ pub struct Gitea {
 }
 
 struct Inner {
-    /// The instance's API.
+    /// The instance's API, for the configured organization.
     api: Api,
-    /// The organization holding the extension repositories.
-    org: String,
     /// Whether archived repositories still count as extensions.
     include_archived: bool,
     /// Most per-repository calls in flight at once.
@@ -82,15 +80,16 @@ impl Gitea {
                 Some(value)
             }
         };
+        // No redirect is followed by reqwest: `Api` follows them, checking every hop.
         let client = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
+            reqwest::redirect::Policy::none(),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                api: Api::new(client, root, authorization),
-                org: config.organization.clone(),
+                api: Api::new(client, root, config.organization.clone(), authorization),
                 include_archived: config.include_archived,
                 max_concurrency: config.max_concurrency.max(1),
             }),
@@ -154,12 +153,14 @@ impl Inner {
         }
         let repos: Vec<Repository> = self
             .api
-            .pages(&["orgs", &self.org, "repos"], "organization repositories")
+            .pages(&["orgs", self.api.org(), "repos"], "organization repositories")
             .await?
             .ok_or_else(|| {
+                // The name stays in the log: clients learn only what kind of failure it is.
+                tracing::warn!(organization = %self.api.org(), "gitea organization not found or not visible");
                 RegistryError::unavailable(
                     Source::Gitea,
-                    format!("organization '{}' not found or not visible", self.org),
+                    "the configured organization was not found or is not visible",
                 )
             })?;
         let wanted = repos.into_iter().filter_map(|repo| {
@@ -210,7 +211,7 @@ impl Inner {
     async fn candidates(&self, repo: &str) -> Result<Option<Vec<Candidate>>, RegistryError> {
         let releases: Option<Vec<Release>> = self
             .api
-            .pages(&["repos", &self.org, repo, "releases"], "releases")
+            .pages(&["repos", self.api.org(), repo, "releases"], "releases")
             .await?;
         let name = model::split_repo_name(repo).map_or(repo, |(_, name)| name);
         Ok(releases.map(|rs| {
@@ -225,7 +226,7 @@ impl Inner {
         let name = model::repo_name(key.ty, key.name.as_str());
         let (repo, candidates) = future::try_join(
             self.api
-                .object::<Repository>(&["repos", &self.org, &name], "repository"),
+                .object::<Repository>(&["repos", self.api.org(), &name], "repository"),
             self.candidates(&name),
         )
         .await?;
@@ -256,12 +257,9 @@ impl Inner {
         let Some(sidecar) = &candidate.sidecar else {
             return Ok(None);
         };
-        let url = match sidecar {
-            model::Sidecar::Single(url) | model::Sidecar::Sums(url) => url,
-        };
-        let what = format!("checksum of {}", candidate.artifact);
-        let text = self.api.small_text(url, &what).await?;
-        model::parse_sidecar(sidecar, &text, &candidate.artifact)
+        let what = format!("checksum of {}", candidate.artifact.name);
+        let text = self.api.small_text(sidecar.asset(), &what).await?;
+        model::parse_sidecar(sidecar, &text, &candidate.artifact.name)
             .map(Some)
             .ok_or_else(|| {
                 RegistryError::unavailable(Source::Gitea, format!("{what}: no sha256 digest found"))
@@ -284,10 +282,7 @@ impl Inner {
         };
         let checksum = self.checksum(chosen).await?;
         let what = format!("{key} {}", chosen.version.version);
-        let response = self
-            .api
-            .download(&chosen.version.download_url, &what)
-            .await?;
+        let response = self.api.download(&chosen.artifact, &what).await?;
         let content_length = response.content_length();
         let body = http::stream_body(response);
         let body = match checksum {
@@ -297,7 +292,7 @@ impl Inner {
                 .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
         };
         Ok(Artifact {
-            filename: chosen.artifact.clone(),
+            filename: chosen.artifact.name.clone(),
             content_length,
             body,
         })

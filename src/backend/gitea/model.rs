@@ -69,6 +69,26 @@ pub struct Attachment {
     pub size: u64,
     /// Where the bytes are (a web route of the instance, or an external link on Forgejo).
     pub browser_download_url: String,
+    /// The asset's own id in the `{ROOT_URL}attachments/{uuid}` form of its URL.
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+/// A release asset as its release's own asset list gives it: the URL to fetch, and what the
+/// client needs to tell whether a URL is this asset's own download route on the instance (the
+/// only web URLs the token may be sent to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssetLink {
+    /// `browser_download_url`, as the release gives it (also what the API shows).
+    pub url: String,
+    /// The repository the release belongs to.
+    pub repo: String,
+    /// The release's tag.
+    pub tag: String,
+    /// The asset's file name.
+    pub name: String,
+    /// The asset's uuid, for the `attachments/{uuid}` form; `None` if Gitea sent none.
+    pub uuid: Option<String>,
 }
 
 /// The body of `GET /version`.
@@ -107,19 +127,27 @@ pub fn repo_name(ty: ExtensionType, name: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sidecar {
     /// `<artifact>.sha256`: the digest is the first word.
-    Single(String),
+    Single(AssetLink),
     /// `SHA256SUMS`: one `<digest>  <file>` line per file.
-    Sums(String),
+    Sums(AssetLink),
+}
+
+impl Sidecar {
+    pub fn asset(&self) -> &AssetLink {
+        match self {
+            Sidecar::Single(asset) | Sidecar::Sums(asset) => asset,
+        }
+    }
 }
 
 /// A release that qualifies as a version: the version as the API shows it (without checksum),
-/// the artifact asset's name and where its checksum is, if anywhere.
+/// the artifact asset and where its checksum is, if anywhere.
 #[derive(Clone, Debug)]
 pub struct Candidate {
     /// What the API shows for this version (its checksum is filled in on demand).
     pub version: Version,
-    /// The artifact's file name, offered to clients and looked up in `SHA256SUMS`.
-    pub artifact: String,
+    /// The artifact asset; its name is offered to clients and looked up in `SHA256SUMS`.
+    pub artifact: AssetLink,
     /// The release author's login, if Gitea sent one.
     pub author: Option<String>,
     /// Where the artifact's sha256 can be read, if the release has it.
@@ -156,12 +184,18 @@ impl Release {
             .strip_suffix(".tar.gz")
             .or_else(|| artifact.name.strip_suffix(".tgz"))
             .unwrap_or(&artifact.name);
+        let link = |a: &Attachment| AssetLink {
+            url: a.browser_download_url.clone(),
+            repo: repo.to_owned(),
+            tag: self.tag_name.clone(),
+            name: a.name.clone(),
+            uuid: a.uuid.clone(),
+        };
         let sidecar = by_name(&format!("{}.sha256", artifact.name))
             .or_else(|| by_name(&format!("{stem}.sha256")))
-            .map(|a| Sidecar::Single(a.browser_download_url.clone()))
-            .or_else(|| {
-                by_name("SHA256SUMS").map(|a| Sidecar::Sums(a.browser_download_url.clone()))
-            });
+            .map(|a| Sidecar::Single(link(a)))
+            .or_else(|| by_name("SHA256SUMS").map(|a| Sidecar::Sums(link(a))));
+        let artifact_link = link(artifact);
         Some(Candidate {
             version: Version {
                 version: self.tag_name,
@@ -170,7 +204,7 @@ impl Release {
                 size: artifact.size,
                 checksum: None,
             },
-            artifact: artifact.name.clone(),
+            artifact: artifact_link,
             author: self.author.map(|u| u.login),
             sidecar,
         })
@@ -202,6 +236,7 @@ mod tests {
             name: name.into(),
             size: 7,
             browser_download_url: format!("https://h/o/r/releases/download/t/{name}"),
+            uuid: None,
         }
     }
 
@@ -240,7 +275,7 @@ mod tests {
         let pick = |assets: &[&str]| {
             release("v1.0.0", assets)
                 .into_candidate("aws_prov", "aws")
-                .map(|c| c.artifact)
+                .map(|c| c.artifact.name)
         };
         assert_eq!(
             pick(&["a.tgz", "aws-v1.0.0.tar.gz", "aws_prov.tar.gz"]).as_deref(),
@@ -272,7 +307,7 @@ mod tests {
             Some(format!("sha256:{}", "ab".repeat(32)))
         );
         assert_eq!(parse_sidecar(&sums, &text, "y.tar.gz"), None);
-        let single = Sidecar::Single(String::new());
+        let single = Sidecar::Single(c.artifact.clone());
         assert_eq!(parse_sidecar(&single, "nothex  x\n", "x"), None);
     }
 

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LINK, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::backend::http::{next_link, transport_error};
+use crate::backend::http::{next_link, read_capped, transport_error, MAX_METADATA_BYTES};
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
 use crate::registry::{RegistryError, Source};
@@ -27,10 +27,6 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~')
     .remove(b':');
-
-/// The most bytes read from a metadata answer (catalog page, tag list, manifest, error body):
-/// a registry sending more is broken, and memory must stay bounded.
-const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 
 /// Token lifetime when the token server does not say (the distribution token spec's default).
 const DEFAULT_TOKEN_SECONDS: u64 = 60;
@@ -317,8 +313,10 @@ impl Client {
         what: &str,
     ) -> Result<(T, HeaderMap), CallError> {
         let (body, headers) = self.get_bytes(url, scope, None, what).await?;
-        let parsed = serde_json::from_slice(&body)
-            .map_err(|e| CallError::broken(format!("malformed {what}: {e}")))?;
+        let parsed = serde_json::from_slice(&body).map_err(|e| {
+            tracing::warn!(%what, error = %e, "malformed registry answer");
+            CallError::broken(format!("malformed {what}"))
+        })?;
         Ok((parsed, headers))
     }
 
@@ -513,19 +511,10 @@ fn sensitive(value: &str) -> Option<HeaderValue> {
 }
 
 /// Reads a body up to [`MAX_METADATA_BYTES`]; `None` when it is larger.
-async fn read_bounded(mut response: reqwest::Response) -> Result<Option<Bytes>, CallError> {
-    let mut body = BytesMut::new();
-    while let Some(chunk) = response
-        .chunk()
+async fn read_bounded(response: reqwest::Response) -> Result<Option<Bytes>, CallError> {
+    read_capped(response, MAX_METADATA_BYTES)
         .await
-        .map_err(|e| CallError::transport(&e))?
-    {
-        if body.len() + chunk.len() > MAX_METADATA_BYTES {
-            return Ok(None);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Some(body.freeze()))
+        .map_err(|e| CallError::transport(&e))
 }
 
 /// Turns a non-2xx answer into a [`CallError`], reading the registry's error body (JSON or the
@@ -542,7 +531,12 @@ async fn failure(response: reqwest::Response, what: &str) -> CallError {
             CallError::NotFound
         }
         StatusCode::FORBIDDEN => CallError::Denied,
-        _ => CallError::broken(format!("registry answered {status} for {what}: {text}")),
+        // The registry's own words stay in the log, under the request's id: they may name
+        // repositories, paths or accounts the client has no business seeing.
+        _ => {
+            tracing::warn!(%status, %what, error = %text, "registry error answer");
+            CallError::broken(format!("registry answered {status} for {what}"))
+        }
     }
 }
 

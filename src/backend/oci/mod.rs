@@ -32,8 +32,10 @@ use self::model::{
 /// Catalog page size asked for: distribution's maximum (`n` above 1000 is a 400).
 pub const CATALOG_PAGE: usize = 1000;
 
-/// Distinct manifests remembered by digest. They never change, so this only bounds memory.
-const MANIFEST_CACHE_CAPACITY: u64 = 10_000;
+/// Bytes of parsed manifests remembered by digest (each weighed by [`ManifestDoc::weight`]).
+/// They never change, so this only bounds memory: a registry can hand out manifests of up to
+/// 16 MiB, and a count alone would let a few thousand of them hold gigabytes.
+pub const MANIFEST_MEMO_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The OCI backend as a tower service; clones share one client, token cache and manifest cache.
 #[derive(Clone)]
@@ -109,9 +111,11 @@ impl OciBackend {
             }
             None => None,
         };
+        // reqwest follows a blob's redirect to storage and drops credentials there.
         let http = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
+            reqwest::redirect::Policy::limited(http::MAX_REDIRECTS),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         let max_concurrency = config.max_concurrency.max(1);
@@ -122,10 +126,20 @@ impl OciBackend {
                 repositories: config.repositories.clone(),
                 max_concurrency,
                 catalog_page: catalog_page.max(1),
-                manifests: moka::future::Cache::new(MANIFEST_CACHE_CAPACITY),
+                manifests: manifest_memo(MANIFEST_MEMO_BYTES),
             }),
         })
     }
+}
+
+/// The memo of parsed manifests by digest, holding at most `bytes` of them by weight.
+fn manifest_memo(bytes: u64) -> moka::future::Cache<String, Arc<ManifestDoc>> {
+    moka::future::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|digest: &String, doc: &Arc<ManifestDoc>| {
+            u32::try_from(digest.len() + doc.weight()).unwrap_or(u32::MAX)
+        })
+        .build()
 }
 
 /// The registry's base URL: an explicit scheme is kept; a bare `host[:port]` is HTTPS unless
@@ -315,8 +329,23 @@ impl Inner {
         match self.current_in(key, &repo).await {
             Ok(Some(found)) => Ok(found),
             Ok(None) => Err(RegistryError::not_found(key)),
-            Err(e) => Err(registry_error(e, key)),
+            Err(e) => Err(self.lookup_error(e, key, &repo).await),
         }
+    }
+
+    /// The domain error for a failed lookup of `key` in `repo`. A refusal is a 404 when `repo`
+    /// is absent from the catalog (or the configured list): registries like GHCR answer 401 for
+    /// a repository that does not exist, even to a valid token. When the list cannot be read
+    /// either, the refusal stands.
+    async fn lookup_error(&self, e: CallError, key: &ExtensionKey, repo: &str) -> RegistryError {
+        if matches!(e, CallError::Denied) {
+            if let Ok(known) = self.repositories().await {
+                if !known.iter().any(|r| r == repo) {
+                    return RegistryError::not_found(key);
+                }
+            }
+        }
+        registry_error(e, key)
     }
 
     /// The extension at its current version. Only the tags that can be current are resolved:
@@ -360,10 +389,14 @@ impl Inner {
         repo: &str,
         key: &ExtensionKey,
     ) -> Result<Vec<Resolved>, RegistryError> {
-        let tags = self.tags(repo).await.map_err(|e| registry_error(e, key))?;
-        self.resolve_tags(repo, key, tags)
-            .await
-            .map_err(|e| registry_error(e, key))
+        let outcome = match self.tags(repo).await {
+            Ok(tags) => self.resolve_tags(repo, key, tags).await,
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(resolved) => Ok(resolved),
+            Err(e) => Err(self.lookup_error(e, key, repo).await),
+        }
     }
 
     /// Resolves tags concurrently. A tag whose manifest is broken or holds no artifact layer
@@ -509,8 +542,10 @@ impl Inner {
         if expected.is_some_and(|e| e != digest) {
             return Err(broken("manifest bytes do not match their digest"));
         }
-        let doc = serde_json::from_slice(&body)
-            .map_err(|e| broken(&format!("malformed manifest: {e}")))?;
+        let doc = serde_json::from_slice(&body).map_err(|e| {
+            tracing::warn!(repo, reference, error = %e, "malformed manifest");
+            broken("malformed manifest")
+        })?;
         Ok((doc, digest))
     }
 
@@ -522,11 +557,12 @@ impl Inner {
         let repo = self.repository(key)?;
         let resolved = match selector {
             VersionSelector::Latest => self.current(key).await?.1,
-            VersionSelector::Exact(tag) if is_version_tag(tag.as_str()) => self
-                .resolve(&repo, tag)
-                .await
-                .map_err(|e| registry_error(e, key))?
-                .ok_or_else(|| RegistryError::not_found(key))?,
+            VersionSelector::Exact(tag) if is_version_tag(tag.as_str()) => {
+                match self.resolve(&repo, tag).await {
+                    Ok(found) => found.ok_or_else(|| RegistryError::not_found(key))?,
+                    Err(e) => return Err(self.lookup_error(e, key, &repo).await),
+                }
+            }
             VersionSelector::Exact(_) => return Err(RegistryError::not_found(key)),
         };
         let response = self
@@ -631,6 +667,47 @@ impl tower::Service<BackendRequest> for OciBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_manifest_memo_is_bounded_by_bytes_not_by_count() {
+        let memo = manifest_memo(MANIFEST_MEMO_BYTES);
+        for i in 0..100 {
+            let description = format!("{i}{}", "x".repeat(1 << 20));
+            let doc: ManifestDoc = serde_json::from_value(serde_json::json!({
+                "layers": [{"mediaType": "application/gzip", "digest": format!("sha256:{i:064x}")}],
+                "annotations": {"org.opencontainers.image.description": description},
+            }))
+            .unwrap();
+            memo.insert(format!("sha256:{i:064x}"), Arc::new(doc)).await;
+        }
+        memo.run_pending_tasks().await;
+        // 100 manifests of 1 MiB each: a count bound would keep them all.
+        let weight = memo.weighted_size();
+        assert!(weight <= MANIFEST_MEMO_BYTES, "{weight}");
+        assert!(weight >= MANIFEST_MEMO_BYTES / 2, "{weight}");
+        assert!(memo.entry_count() < 40, "{}", memo.entry_count());
+    }
+
+    #[test]
+    fn a_typical_manifest_weighs_about_its_heap_size() {
+        // Config and artifact layer, a title and three annotations: what publishers push.
+        let digest = |c: &str| format!("sha256:{}", c.repeat(64));
+        let doc: ManifestDoc = serde_json::from_value(serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.provisioning.extension.config.v1+json",
+                       "digest": digest("a"), "size": 40},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": digest("b"), "size": 48213,
+                        "annotations": {"org.opencontainers.image.title": "aws-provider-1.2.0.tar.gz"}}],
+            "annotations": {"org.opencontainers.image.description": "AWS provider extension",
+                            "org.opencontainers.image.authors": "provisioning team",
+                            "org.opencontainers.image.created": "2025-03-14T09:26:53Z"},
+        }))
+        .unwrap();
+        let weight = doc.weight();
+        // So the 32 MiB memo holds tens of thousands of such manifests.
+        assert!((500..2000).contains(&weight), "{weight}");
+    }
 
     #[test]
     fn registry_addresses_pick_their_scheme() {

@@ -89,6 +89,37 @@ impl ManifestDoc {
     }
 }
 
+/// What each string held in a document costs beyond its bytes: its `String` and the
+/// allocator's bookkeeping, or its share of a `BTreeMap` node.
+const STRING_OVERHEAD: usize = 40;
+
+impl ManifestDoc {
+    /// The heap bytes this document holds, near enough to bound a memo by bytes: its strings,
+    /// each with [`STRING_OVERHEAD`], and its descriptors.
+    pub fn weight(&self) -> usize {
+        let strings = |m: &BTreeMap<String, String>| -> usize {
+            m.iter()
+                .map(|(k, v)| k.len() + v.len() + 2 * STRING_OVERHEAD)
+                .sum()
+        };
+        let descriptor = |d: &Descriptor| {
+            std::mem::size_of::<Descriptor>()
+                + d.media_type.len()
+                + d.digest.len()
+                + 2 * STRING_OVERHEAD
+                + strings(&d.annotations)
+        };
+        std::mem::size_of::<Self>()
+            + self
+                .layers
+                .iter()
+                .chain(&self.manifests)
+                .map(descriptor)
+                .sum::<usize>()
+            + strings(&self.annotations)
+    }
+}
+
 impl Descriptor {
     pub fn title(&self) -> Option<&str> {
         self.annotations.get(ANNOTATION_TITLE).map(String::as_str)
@@ -142,12 +173,12 @@ pub struct ErrorEntry {
     /// `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`, ...: what tells "not found" apart.
     #[serde(default)]
     pub code: String,
-    /// Human text, shown in the error the client gets.
+    /// Human text, logged with the request id (never sent to the client).
     #[serde(default)]
     pub message: String,
 }
 
-/// The first error of a registry error body, or the start of a plain-text body, for messages.
+/// The first error of a registry error body, or the start of a plain-text body, for the log.
 /// Returns the error code separately so callers can tell "not found" codes apart.
 pub fn describe_error_body(body: &[u8]) -> (Option<String>, String) {
     if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body) {

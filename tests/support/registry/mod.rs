@@ -291,6 +291,16 @@ impl Registry {
             .collect()
     }
 
+    /// Makes the token server grant nothing on repositories that hold no manifest, as GHCR's
+    /// does: the registry then answers 401 for a missing repository even with valid
+    /// credentials.
+    pub fn grant_existing_repositories_only(&self) {
+        self.token_server
+            .as_ref()
+            .expect("registry with token auth")
+            .grant_existing_repositories_only();
+    }
+
     /// Tokens handed out by the token server (0 without token auth).
     pub fn tokens_issued(&self) -> usize {
         self.token_server.as_ref().map_or(0, TokenServer::issued)
@@ -387,6 +397,9 @@ impl Registry {
         manifest: &Value,
     ) -> String {
         let body = serde_json::to_vec(manifest).expect("manifest JSON");
+        if let Some(server) = &self.token_server {
+            server.note_repository(repo);
+        }
         let put = self
             .push_auth(
                 repo,

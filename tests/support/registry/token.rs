@@ -2,13 +2,14 @@
 //! loopback port, ES256 JWTs signed by a key whose self-signed certificate the registry trusts
 //! (`rootcertbundle`) and which each token carries in its `x5c` header, as distribution 2.8
 //! requires. Grants exactly the actions asked for that the account holds, like a strict
-//! production token server.
+//! production token server; optionally only on repositories that exist, as GHCR's does (the
+//! registry then answers 401 for a missing repository, even to valid credentials).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -60,6 +61,10 @@ struct State {
     lifetime: u64,
     /// Token requests answered 200, so tests can see the client's cache at work.
     issued: AtomicUsize,
+    /// When set, token requests are granted nothing on repositories outside `existing`.
+    existing_only: AtomicBool,
+    /// Repositories that hold a manifest, as the push helper reports them.
+    existing: Mutex<HashSet<String>>,
 }
 
 #[derive(Serialize)]
@@ -105,6 +110,8 @@ impl TokenServer {
             anonymous_pull,
             lifetime,
             issued: AtomicUsize::new(0),
+            existing_only: AtomicBool::new(false),
+            existing: Mutex::new(HashSet::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -141,7 +148,18 @@ impl TokenServer {
     /// A token for `scopes` on behalf of `account`, minted directly (the push helper uses it).
     pub fn mint(&self, account: &str, scopes: &[String]) -> String {
         let grants = self.state.accounts.get(account).cloned();
-        self.state.token(account, grants.as_ref(), scopes)
+        self.state.token(account, grants.as_ref(), scopes, false)
+    }
+
+    /// From now on, grants nothing on a repository that does not exist, like GHCR.
+    pub fn grant_existing_repositories_only(&self) {
+        self.state.existing_only.store(true, Ordering::SeqCst);
+    }
+
+    /// Records that `repo` exists (holds a manifest).
+    pub fn note_repository(&self, repo: &str) {
+        let mut existing = self.state.existing.lock().expect("existing repositories");
+        existing.insert(repo.to_owned());
     }
 }
 
@@ -194,13 +212,24 @@ impl State {
                 }
                 None => (String::new(), None),
             };
-        let token = self.token(&subject, account.as_ref(), &scopes);
+        let existing_only = self.existing_only.load(Ordering::SeqCst);
+        let token = self.token(&subject, account.as_ref(), &scopes, existing_only);
         self.issued.fetch_add(1, Ordering::SeqCst);
         let body = serde_json::json!({"token": token, "expires_in": self.lifetime});
         reply(StatusCode::OK, body.to_string())
     }
 
-    fn token(&self, subject: &str, account: Option<&Account>, scopes: &[String]) -> String {
+    fn token(
+        &self,
+        subject: &str,
+        account: Option<&Account>,
+        scopes: &[String],
+        existing_only: bool,
+    ) -> String {
+        let exists = |name: &str| {
+            let existing = self.existing.lock().expect("existing repositories");
+            !existing_only || existing.contains(name)
+        };
         let access = scopes
             .iter()
             .filter_map(|scope| {
@@ -212,6 +241,8 @@ impl State {
                     } else {
                         Vec::new()
                     }
+                } else if !exists(name) {
+                    Vec::new()
                 } else {
                     asked
                         .split(',')

@@ -1,0 +1,318 @@
+//! Version-constraint resolution: `GET /api/v1/resolve/{type}/{name}?constraint=` answers the
+//! highest version satisfying a constraint, `POST /api/v1/resolve` a whole plan of
+//! requirements in one round trip, and `?constraint=` on the versions route filters the list
+//! by the same rules ([`crate::registry::constraint`]). Every answer comes from the cached
+//! versions of each extension.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+
+use super::handlers::{json, to_json, Call};
+use super::query::Query;
+use super::Shared;
+use crate::body::Body;
+use crate::error::ApiError;
+use crate::middleware::rate_limit::QuotaCharge;
+use crate::registry::constraint::Constraint;
+use crate::registry::{
+    BackendRequest, ExtensionKey, ExtensionName, ExtensionType, Source, Version,
+};
+use crate::BoxError;
+
+/// Most requirements one batch may hold.
+pub const MAX_REQUIREMENTS: usize = 200;
+/// Largest batch body accepted.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a client may take to send a batch body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requirements of one batch resolved at once.
+pub const BATCH_CONCURRENCY: usize = 8;
+/// How many available versions a `no_matching_version` message lists.
+const NEAREST: usize = 5;
+
+/// The `constraint` and `prerelease` parameters, parsed.
+pub struct Filter {
+    constraint: Constraint,
+    /// As the client wrote it (trimmed), for messages and memo keys.
+    text: String,
+    prerelease: bool,
+}
+
+impl Filter {
+    fn new(text: &str, prerelease: bool) -> Result<Self, ApiError> {
+        let constraint = Constraint::parse(text).map_err(|e| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_constraint", e.to_string())
+        })?;
+        Ok(Self {
+            constraint,
+            text: text.trim().to_owned(),
+            prerelease,
+        })
+    }
+
+    /// The filter a query asks for, if it has a `constraint`.
+    pub fn from_query(query: &Query) -> Result<Option<Self>, ApiError> {
+        let prerelease = match query.get("prerelease") {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(_) => {
+                return Err(ApiError::invalid_parameter(
+                    "prerelease",
+                    "must be true or false",
+                ))
+            }
+        };
+        query
+            .get("constraint")
+            .map(|text| Self::new(text, prerelease))
+            .transpose()
+    }
+
+    /// Names the filter in memo keys.
+    pub fn memo_key(&self) -> String {
+        format!("{} {}", self.prerelease, self.text)
+    }
+
+    /// The versions that pass, in the order given.
+    pub fn select<'v>(&self, versions: &'v [Version]) -> Vec<&'v Version> {
+        self.constraint.select(versions, self.prerelease)
+    }
+
+    /// The highest version that passes, or the `no_matching_version` error naming the
+    /// versions nearest to what was asked.
+    fn pick(&self, key: &ExtensionKey, versions: &[Version]) -> Result<Resolved, ApiError> {
+        if let Some(best) = self.constraint.best(versions, self.prerelease) {
+            return Ok(Resolved {
+                ty: key.ty,
+                name: key.name.as_str().to_owned(),
+                version: best.clone(),
+            });
+        }
+        let mut message = format!("no version of {key} satisfies '{}'", self.text);
+        if !self.prerelease {
+            if let Some(pre) = self.constraint.best(versions, true) {
+                message.push_str(&format!(
+                    " (prerelease {} would, with prerelease=true)",
+                    pre.version
+                ));
+            }
+        }
+        let nearest = self.constraint.nearest(versions, NEAREST);
+        if nearest.is_empty() {
+            message.push_str("; it has no versions");
+        } else {
+            message.push_str(&format!("; nearest available: {}", nearest.join(", ")));
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_matching_version",
+            message,
+        ))
+    }
+}
+
+/// A resolved requirement: the extension's identity and the version object.
+#[derive(Clone, Debug, Serialize)]
+pub struct Resolved {
+    #[serde(rename = "type")]
+    ty: ExtensionType,
+    name: String,
+    #[serde(flatten)]
+    version: Version,
+}
+
+impl Call<'_> {
+    /// `GET /api/v1/resolve/{type}/{name}?constraint=…[&source=…][&prerelease=true]`.
+    pub(super) async fn resolve(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+        let key = self.key()?;
+        let source = query.parsed("source", str::parse::<Source>)?;
+        let filter = match Filter::from_query(query)? {
+            Some(filter) => filter,
+            // Required here: refused as an empty one, with the same explanation.
+            None => Filter::new("", false)?,
+        };
+        let memo_key = format!("resolve {key} {source:?} {}", filter.memo_key());
+        let (response, stale) = self
+            .ask(BackendRequest::Versions {
+                key: key.clone(),
+                source,
+            })
+            .await?;
+        let versions = response.into_versions()?;
+        let resolved = filter.pick(&key, &versions)?;
+        let response = self
+            .represent(memo_key, &versions, |_| to_json(&resolved))
+            .await;
+        Ok(self.cacheable(response, stale))
+    }
+}
+
+/// The body of `POST /api/v1/resolve`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plan {
+    requirements: Vec<Requirement>,
+    #[serde(default)]
+    prerelease: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Requirement {
+    #[serde(rename = "type")]
+    ty: String,
+    name: String,
+    constraint: String,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+/// One requirement that could not be resolved, named as the client wrote it.
+#[derive(Serialize)]
+struct Failure {
+    #[serde(rename = "type")]
+    ty: String,
+    name: String,
+    error: &'static str,
+    message: String,
+}
+
+#[derive(Serialize)]
+struct Answer {
+    resolved: Vec<Resolved>,
+    errors: Vec<Failure>,
+}
+
+fn invalid_body(reason: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_body",
+        format!(
+            "{reason}; the body is {{\"requirements\": [{{\"type\", \"name\", \"constraint\", \
+             \"source\"?}}], \"prerelease\"?: bool}} with 1 to {MAX_REQUIREMENTS} requirements"
+        ),
+    )
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!("the body is larger than {MAX_BODY_BYTES} bytes"),
+    )
+}
+
+/// Reads a body of at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`].
+async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
+        return Err(too_large());
+    }
+    let read = Limited::new(body, MAX_BODY_BYTES).collect();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
+        Ok(Err(_)) => Err(invalid_body("the body could not be read")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// `POST /api/v1/resolve`: resolves every requirement, at most [`BATCH_CONCURRENCY`] at once,
+/// and answers 200 with the results and the failures, each in request order. A batch of n
+/// requirements costs n requests of the client's quota (see `QuotaCharge`).
+pub(super) async fn batch<B>(
+    shared: &Shared,
+    body: B,
+    quota: Option<QuotaCharge>,
+) -> Result<Response<Body>, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let bytes = read_body(body).await?;
+    let plan: Plan = serde_json::from_slice(&bytes).map_err(invalid_body)?;
+    let n = plan.requirements.len();
+    if n == 0 {
+        return Err(invalid_body("requirements is empty"));
+    }
+    if n > MAX_REQUIREMENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_requirements",
+            format!("{n} requirements; a batch holds at most {MAX_REQUIREMENTS}"),
+        ));
+    }
+    if let Some(quota) = quota {
+        // The rate-limit layer took one request already.
+        quota.charge(u32::try_from(n - 1).unwrap_or(u32::MAX))?;
+    }
+    let prerelease = plan.prerelease;
+    let outcomes: Vec<_> = stream::iter(plan.requirements)
+        .map(|requirement| async move {
+            let outcome = resolve_one(shared, &requirement, prerelease).await;
+            (requirement, outcome)
+        })
+        .buffered(BATCH_CONCURRENCY)
+        .collect()
+        .await;
+    let mut answer = Answer {
+        resolved: Vec::new(),
+        errors: Vec::new(),
+    };
+    for (requirement, outcome) in outcomes {
+        match outcome {
+            Ok(resolved) => answer.resolved.push(resolved),
+            Err(e) => answer.errors.push(Failure {
+                ty: requirement.ty,
+                name: requirement.name,
+                error: e.code,
+                message: e.message,
+            }),
+        }
+    }
+    Ok(json(StatusCode::OK, &answer))
+}
+
+/// One requirement of a batch, validated like the single route's request.
+async fn resolve_one(
+    shared: &Shared,
+    requirement: &Requirement,
+    prerelease: bool,
+) -> Result<Resolved, ApiError> {
+    let key = ExtensionKey {
+        ty: requirement.ty.parse()?,
+        name: ExtensionName::parse(&requirement.name)?,
+    };
+    let source = requirement
+        .source
+        .as_deref()
+        .map(str::parse::<Source>)
+        .transpose()?;
+    let filter = Filter::new(&requirement.constraint, prerelease)?;
+    let versions = shared
+        .registry
+        .clone()
+        .oneshot(BackendRequest::Versions {
+            key: key.clone(),
+            source,
+        })
+        .await?
+        .into_versions()?;
+    filter.pick(&key, &versions)
+}
