@@ -96,14 +96,18 @@ fn the_document_names_exactly_the_routes_and_every_status_of_the_stack() {
     routes.sort_unstable();
     assert_eq!(documented, routes, "document paths vs. the route table");
 
-    for (path, item) in paths {
-        let methods: Vec<&String> = item.as_object().unwrap().keys().collect();
+    for route in Route::ALL {
+        let path = route.template();
+        let methods: Vec<String> = paths[path].as_object().unwrap().keys().cloned().collect();
+        let allowed: Vec<String> = (route.allow().split(", "))
+            .filter(|m| *m != "HEAD")
+            .map(str::to_ascii_lowercase)
+            .collect();
         assert_eq!(
-            methods,
-            ["get"],
-            "{path}: only GET (and HEAD, described once) exist"
+            methods, allowed,
+            "{path}: the methods of Allow (HEAD described by GET)"
         );
-        let responses = item["get"]["responses"].as_object().unwrap();
+        let responses = paths[path][&methods[0]]["responses"].as_object().unwrap();
         // The layers around the router can answer these on any route.
         for status in ["400", "429", "500", "503", "504"] {
             assert!(responses.contains_key(status), "{path} omits {status}");
@@ -400,4 +404,93 @@ fn the_check_refuses_what_the_document_does_not_promise() {
         json_headers(),
         b"{\"error\":\"method_not_allowed\",\"message\":\"m\"}",
     );
+}
+
+#[tokio::test]
+async fn resolution_answers_its_documented_statuses_over_the_local_backend() {
+    let (app, _) = app::sample_app();
+    for (uri, status) in [
+        (
+            "/api/v1/resolve/provider/aws?constraint=%5E1.0",
+            StatusCode::OK,
+        ),
+        (
+            "/api/v1/resolve/provider/aws?constraint=~%3E%201.0&source=local&prerelease=true",
+            StatusCode::OK,
+        ),
+        (
+            "/api/v1/resolve/provider/aws?constraint=%5E3",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/api/v1/resolve/provider/nope?constraint=1",
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "/api/v1/resolve/provider/aws?constraint=%5E%5E",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/api/v1/resolve/provider/aws", StatusCode::BAD_REQUEST),
+        (
+            "/api/v1/resolve/provider/aws?constraint=1&prerelease=yes",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/api/v1/extensions/provider/aws/versions?constraint=%3E%3D1.1",
+            StatusCode::OK,
+        ),
+        (
+            "/api/v1/extensions/provider/aws/versions?constraint=!",
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        assert_eq!(get(&app, uri).await.status, status, "{uri}");
+    }
+    for method in ["GET", "HEAD", "PUT"] {
+        let answer = send(&app, method, "/api/v1/resolve").await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(answer.header("allow"), "POST");
+    }
+
+    let post = |body: Vec<u8>| {
+        Request::post("/api/v1/resolve")
+            .header("content-type", "application/json")
+            .body(body::full(body))
+            .unwrap()
+    };
+    let plan = json!({"requirements": [
+        {"type": "provider", "name": "aws", "constraint": "~> 1.0"},
+        {"type": "taskserv", "name": "containerd", "constraint": "^2", "source": "local"},
+        {"type": "plugin", "name": "x", "constraint": "*"},
+    ]});
+    let answer = send_request(&app, post(plan.to_string().into_bytes())).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["resolved"][0]["version"], "v1.2.0");
+    assert_eq!(answer.json()["errors"][0]["error"], "no_matching_version");
+    assert_eq!(answer.json()["errors"][1]["error"], "invalid_type");
+
+    let one = json!({"type": "provider", "name": "aws", "constraint": "*"});
+    let many = json!({ "requirements": vec![one; 201] });
+    for (body, status, code) in [
+        (b"{}".to_vec(), StatusCode::BAD_REQUEST, "invalid_body"),
+        (
+            b"{\"requirements\": []}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        ),
+        (
+            many.to_string().into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "too_many_requirements",
+        ),
+        (
+            vec![b' '; 1024 * 1024 + 1],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    ] {
+        let answer = send_request(&app, post(body)).await;
+        assert_eq!(answer.status, status, "{code}");
+        assert_eq!(answer.json()["error"], code);
+    }
 }

@@ -68,33 +68,37 @@ pub fn errors(schema: &Value, value: &Value) -> Vec<String> {
 /// Checks one response against the document; panics saying what differs.
 ///
 /// `path` is the request path (no query). A path that is no route can only answer the stack's
-/// errors or `404 not_found`, and a method other than GET and HEAD only `405` (with `Allow`),
-/// a CORS preflight's `200`, or the stack's errors; both as the `Error` schema. HEAD is held to
-/// the GET operation's statuses and headers, with an empty body.
+/// errors or `404 not_found`, and a method the document does not give the route only `405`
+/// (with `Allow`), a CORS preflight's `200`, or the stack's errors; both as the `Error` schema.
+/// HEAD is held to the GET operation's statuses and headers, with an empty body.
 pub fn check(method: &str, path: &str, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
     let what = format!("{method} {path} -> {status}");
     let route = RouteTable::new()
         .at(path)
         .map(|(route, _)| route.template());
-    let operation = route.and_then(|template| document()["paths"][template].get("get"));
-    let read = matches!(method, "GET" | "HEAD");
-    let response = match (operation, read) {
-        (Some(operation), true) => {
+    let documented_method = match method {
+        "HEAD" => "get".to_owned(),
+        other => other.to_ascii_lowercase(),
+    };
+    let operation =
+        route.and_then(|template| document()["paths"][template].get(&documented_method));
+    let response = match operation {
+        Some(operation) => {
             let documented = operation["responses"].get(status.as_str());
             resolve(documented.unwrap_or_else(|| {
                 panic!(
-                    "{what}: status not in the document for GET {}",
+                    "{what}: status not in the document for {documented_method} {}",
                     route.unwrap_or_default()
                 )
             }))
         }
-        _ => {
+        None => {
             if method == "OPTIONS" && status == StatusCode::OK && body.is_empty() {
                 return; // a CORS preflight, answered by the CORS layer
             }
-            let expected = match (route, read) {
-                (Some(_), false) => StatusCode::METHOD_NOT_ALLOWED,
-                _ => StatusCode::NOT_FOUND,
+            let expected = match route {
+                Some(_) => StatusCode::METHOD_NOT_ALLOWED,
+                None => StatusCode::NOT_FOUND,
             };
             let stack = [400, 429, 500, 503, 504];
             assert!(
