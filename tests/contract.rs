@@ -257,10 +257,13 @@ async fn over_the_quota_every_rate_limited_route_answers_429() {
     }
 }
 
+/// Makes the error a failing backend answers.
+type Fault = fn() -> RegistryError;
+
 #[tokio::test]
 async fn backend_faults_answer_the_documented_5xx_on_every_backend_route() {
     let config = local_config(&samples(), "");
-    let faults: [(fn() -> RegistryError, StatusCode, &str); 4] = [
+    let faults: [(Fault, StatusCode, &str); 4] = [
         (
             || RegistryError::unavailable(Source::Local, "down"),
             StatusCode::BAD_GATEWAY,
@@ -468,6 +471,18 @@ async fn resolution_answers_its_documented_statuses_over_the_local_backend() {
     assert_eq!(answer.json()["resolved"][0]["version"], "v1.2.0");
     assert_eq!(answer.json()["errors"][0]["error"], "no_matching_version");
     assert_eq!(answer.json()["errors"][1]["error"], "invalid_type");
+
+    // A null source is taken as absent, and the document's request schema says so.
+    let null_source = json!({"requirements": [
+        {"type": "provider", "name": "aws", "constraint": "*", "source": null},
+    ]});
+    let plan_schema = json!({ "$ref": "#/components/schemas/Plan" });
+    assert_eq!(
+        contract::errors(&plan_schema, &null_source),
+        Vec::<String>::new()
+    );
+    let answer = send_request(&app, post(null_source.to_string().into_bytes())).await;
+    assert_eq!(answer.json()["resolved"][0]["name"], "aws");
 
     let one = json!({"type": "provider", "name": "aws", "constraint": "*"});
     let many = json!({ "requirements": vec![one; 201] });
