@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
 
-use extension_registry::api::representation::Representation;
+use extension_registry::api::representation::representation;
 use extension_registry::api::RouteTable;
 use extension_registry::body;
 use extension_registry::config::Config;
@@ -173,8 +173,8 @@ fn first_rendering(c: &mut Criterion) {
     let page: Vec<Extension> = (0..100).map(extension).collect();
     c.bench_function("rendering/list_100_json_etag_gzip", |b| {
         b.iter(|| {
-            let representation =
-                Representation::new(serde_json::to_vec(black_box(&page)).expect("serialises"));
+            let json = serde_json::to_vec(black_box(&page)).expect("serialises");
+            let representation = representation(json, Some(page.len()));
             black_box(representation.encoded(Coding::Gzip).map(|e| e.bytes.len()))
         })
     });

@@ -39,6 +39,8 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
 }
 
 /// `[server]`: the listening socket and the HTTP edge.
@@ -62,8 +64,31 @@ pub struct ServerConfig {
     /// Longest time one request may take before it is answered 504.
     pub request_timeout_seconds: u64,
     /// Most requests being worked on at once; beyond it requests are answered 503 at once
-    /// instead of queueing behind slow backends.
+    /// instead of queueing behind slow backends. The `[rate_limit] exempt_paths` (probes,
+    /// scrapes) are not counted.
     pub max_concurrent_requests: usize,
+    /// How long a new connection may take to send its first complete request head (protocol
+    /// detection included), and an HTTP/1 request head once its first byte has arrived;
+    /// past it the connection is closed, so an empty or trickling connection is not held.
+    pub header_read_timeout_seconds: u64,
+    /// How long a connection with no request in flight (idle HTTP/1 keep-alive, HTTP/2 with
+    /// no open stream) stays open.
+    pub keepalive_timeout_seconds: u64,
+    /// Most streams one HTTP/2 connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub http2_max_concurrent_streams: u32,
+    /// Most connections open at once; beyond it new connections are closed at once (reset),
+    /// so idle sockets cannot exhaust the process's file descriptors.
+    pub max_connections: usize,
+    /// How long a response body may wait for the client to take its next bytes (a client that
+    /// does not read, an HTTP/2 stream whose window stays shut) before it is aborted and its
+    /// upstream released.
+    pub send_timeout_seconds: u64,
+    /// Most downloads streaming at once (HTTP/2 streams each count); beyond it a download is
+    /// answered 503 at once.
+    pub max_concurrent_downloads: usize,
+    /// How often the backends are probed in the background for `/api/v1/health` and
+    /// `/readyz`, which answer from the last probe.
+    pub probe_interval_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +103,13 @@ impl Default for ServerConfig {
             shutdown_grace_seconds: 30,
             request_timeout_seconds: 30,
             max_concurrent_requests: 1024,
+            header_read_timeout_seconds: 10,
+            keepalive_timeout_seconds: 60,
+            http2_max_concurrent_streams: 128,
+            max_connections: 10_000,
+            send_timeout_seconds: 60,
+            max_concurrent_downloads: 256,
+            probe_interval_seconds: 5,
         }
     }
 }
@@ -89,6 +121,22 @@ impl ServerConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_secs(self.request_timeout_seconds)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_seconds)
+    }
+
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_secs(self.keepalive_timeout_seconds)
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_secs(self.send_timeout_seconds)
+    }
+
+    pub fn probe_interval(&self) -> Duration {
+        Duration::from_secs(self.probe_interval_seconds)
     }
 }
 
@@ -172,6 +220,13 @@ pub struct CacheConfig {
     /// How long past `ttl_seconds` an answer is kept to stand in for the backends when a
     /// refresh fails with a backend fault; 0 disables stale-if-error.
     pub stale_if_error_seconds: u64,
+    /// How long past `ttl_seconds` an answer is still served at once, marked stale, while
+    /// one background refresh per key fetches the new one; 0 disables it (requests then
+    /// wait for the refresh).
+    pub stale_while_revalidate_seconds: u64,
+    /// Most background refreshes running at once; a stale answer found while all are busy is
+    /// served without starting another.
+    pub max_background_refreshes: usize,
 }
 
 impl Default for CacheConfig {
@@ -183,6 +238,8 @@ impl Default for CacheConfig {
             enable_list_cache: true,
             negative_ttl_seconds: 30,
             stale_if_error_seconds: 86400,
+            stale_while_revalidate_seconds: 60,
+            max_background_refreshes: 16,
         }
     }
 }
@@ -198,9 +255,12 @@ pub struct RateLimitConfig {
     pub requests_per_second: NonZeroU32,
     /// Requests one client may make at once after being idle.
     pub burst: NonZeroU32,
-    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers name the client; from any other
-    /// peer those headers are ignored, so clients cannot pick their own key.
+    /// Proxies whose `client_ip_header` names the client; from any other peer the header is
+    /// ignored, so clients cannot pick their own key.
     pub trusted_proxies: Vec<TrustedProxy>,
+    /// The one header trusted proxies name the client in; the others are never read, so a
+    /// proxy that writes one and passes a client's copy of another through cannot be fooled.
+    pub client_ip_header: ClientIpHeader,
     /// Paths never limited, so probes and scrapes keep working under load.
     pub exempt_paths: Vec<String>,
     /// Most clients tracked at once; beyond it new clients share one quota, so a flood of
@@ -215,12 +275,49 @@ impl Default for RateLimitConfig {
             requests_per_second: const { NonZeroU32::new(50).unwrap() },
             burst: const { NonZeroU32::new(100).unwrap() },
             trusted_proxies: Vec::new(),
+            client_ip_header: ClientIpHeader::XForwardedFor,
             exempt_paths: ["/api/v1/health", "/livez", "/readyz", "/api/v1/metrics"]
                 .map(String::from)
                 .to_vec(),
             max_clients: 65_536,
         }
     }
+}
+
+/// `[circuit_breaker]`: per backend, stop calling a backend that keeps failing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Consecutive faults (timeouts, 5xx, refused connections, malformed answers) after which
+    /// a backend's breaker opens; while open, requests needing it are answered from the cache
+    /// or with 503 at once.
+    pub failure_threshold: u32,
+    /// How long the breaker stays open the first time; each failed probe doubles it.
+    pub open_seconds: u64,
+    /// The longest the breaker stays open before letting a probe through.
+    pub max_open_seconds: u64,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 5,
+            open_seconds: 10,
+            max_open_seconds: 300,
+        }
+    }
+}
+
+/// `[rate_limit] client_ip_header`: how the trusted proxy in front names the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientIpHeader {
+    /// `X-Forwarded-For: client, proxy, ...`, each proxy appending the address it saw.
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy` (RFC 7239).
+    Forwarded,
+    /// `X-Real-IP: client`, one address set by the proxy.
+    XRealIp,
 }
 
 /// One `trusted_proxies` entry: a CIDR, or a bare address meaning a network of one.
@@ -327,8 +424,51 @@ impl Config {
             "[server] max_concurrent_requests",
             self.server.max_concurrent_requests as u64,
         )?;
+        let server = &self.server;
+        for (key, value) in [
+            (
+                "header_read_timeout_seconds",
+                server.header_read_timeout_seconds,
+            ),
+            (
+                "keepalive_timeout_seconds",
+                server.keepalive_timeout_seconds,
+            ),
+            (
+                "http2_max_concurrent_streams",
+                server.http2_max_concurrent_streams.into(),
+            ),
+            ("max_connections", server.max_connections as u64),
+            ("send_timeout_seconds", server.send_timeout_seconds),
+            (
+                "max_concurrent_downloads",
+                server.max_concurrent_downloads as u64,
+            ),
+        ] {
+            positive(&format!("[server] {key}"), value)?;
+        }
         positive("[cache] capacity", self.cache.capacity)?;
         positive("[cache] ttl_seconds", self.cache.ttl_seconds)?;
+        positive(
+            "[cache] max_background_refreshes",
+            self.cache.max_background_refreshes as u64,
+        )?;
+        positive(
+            "[server] probe_interval_seconds",
+            self.server.probe_interval_seconds,
+        )?;
+        let breaker = &self.circuit_breaker;
+        positive(
+            "[circuit_breaker] failure_threshold",
+            breaker.failure_threshold.into(),
+        )?;
+        positive("[circuit_breaker] open_seconds", breaker.open_seconds)?;
+        if breaker.max_open_seconds < breaker.open_seconds {
+            return Err(format!(
+                "[circuit_breaker] max_open_seconds: must be at least open_seconds ({})",
+                breaker.open_seconds
+            ));
+        }
         if let Some(origin) = self
             .server
             .cors_allowed_origins

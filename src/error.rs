@@ -137,6 +137,12 @@ impl From<RegistryError> for ApiError {
             RegistryError::BackendTimeout { .. } => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
             }
+            RegistryError::BackendSuspended { retry_after, .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "backend_unavailable",
+                message,
+            )
+            .with_retry_after(retry_after.as_secs_f64().ceil().max(1.0) as u64),
             RegistryError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Self::internal()

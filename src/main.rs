@@ -112,14 +112,9 @@ async fn serve(config: Config, check_only: bool) -> Result<(), String> {
     let bound = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(address = %bound, version = env!("CARGO_PKG_VERSION"), "listening");
     tokio::spawn(telemetry::metrics_upkeep());
-    server::run(
-        listener,
-        app,
-        server::shutdown_signal(),
-        config.server.shutdown_grace(),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
+    server::run_with(listener, app, server::shutdown_signal(), &config.server)
+        .await
+        .map_err(|e| e.to_string())?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,51 +1,95 @@
 //! The accept loop: HTTP/1.1 and h2c on one listener, with graceful shutdown that stops
-//! accepting at once and lets in-flight requests finish within a grace period.
+//! accepting at once and lets in-flight requests finish within a grace period, and the limits
+//! that keep any client from holding a connection for ever: at most `max_connections`, each
+//! closed when idle or slow to send its head ([`connection`]), and a send timeout on every
+//! response body ([`send_timeout`]).
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::time::Duration;
+mod connection;
+pub mod send_timeout;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use pin_project_lite::pin_project;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tower::util::Oneshot;
 use tower::ServiceExt;
 
-use crate::body::Body;
+use self::connection::{Clock, InFlight, ResponseBody, Timeouts, Watched};
+use self::send_timeout::{Executor, SendTimeout};
+use crate::api::Route;
+use crate::config::ServerConfig;
 use crate::stack::HttpService;
+use crate::telemetry::Gauged;
 use crate::BoxError;
+
+/// Gauge of the client connections open now.
+pub const HTTP_CONNECTIONS_OPEN: &str = "http_connections_open";
+/// Counter of connections closed at once because `max_connections` were open.
+pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "http_connections_refused_total";
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// How long a client may take to send a request head.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::middleware::rate_limit::PeerAddr;
 
-/// The address of the client on the other end of the connection, for rate limiting keyed per
-/// client. Set on every request by the accept loop.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PeerAddr(pub SocketAddr);
-
-/// Serves `app` on `listener` until `shutdown` completes, then waits at most `grace` for
-/// in-flight requests.
+/// Serves `app` on `listener` with the default `[server]` limits until `shutdown` completes,
+/// then waits at most `grace` for in-flight requests.
 pub async fn run(
     listener: TcpListener,
     app: HttpService,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    builder.http2().timer(TokioTimer::new());
+    serve(listener, app, shutdown, &ServerConfig::default(), grace).await
+}
+
+/// Serves `app` on `listener` with the limits of `config` until `shutdown` completes, then
+/// waits at most `shutdown_grace_seconds` for in-flight requests.
+pub async fn run_with(
+    listener: TcpListener,
+    app: HttpService,
+    shutdown: impl Future<Output = ()>,
+    config: &ServerConfig,
+) -> std::io::Result<()> {
+    serve(listener, app, shutdown, config, config.shutdown_grace()).await
+}
+
+/// The accept loop. At `max_connections`, a new connection is accepted and closed at once
+/// with a reset (and counted), rather than left in the kernel's backlog: the client learns at
+/// once instead of waiting on a connection nothing reads, and the process never holds more
+/// descriptors than the limit.
+async fn serve(
+    listener: TcpListener,
+    app: HttpService,
+    shutdown: impl Future<Output = ()>,
+    config: &ServerConfig,
+    grace: Duration,
+) -> std::io::Result<()> {
+    let builder = builder(config);
+    let timeouts = Timeouts {
+        header: config.header_read_timeout(),
+        keepalive: config.keepalive_timeout(),
+    };
+    let slots = Arc::new(Semaphore::new(
+        config.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    // Shown from the start, so dashboards and alerts see zeros rather than nothing.
+    metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
+    metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(0);
+    metrics::counter!(send_timeout::DOWNLOAD_STALLED_TOTAL).increment(0);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -62,15 +106,29 @@ pub async fn run(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(stream);
+            continue;
+        };
+        let clock = Clock::new(timeouts);
         let service = PerConnection {
             app: app.clone(),
             peer,
+            clock: clock.clone(),
         };
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
+        let io = TokioIo::new(Watched::new(stream, clock.clone()));
+        let conn = builder.serve_connection_with_upgrades(io, service);
+        // HTTP/1 response bodies are driven by the connection's task: the send timeout wraps it.
+        let conn = SendTimeout::new(graceful.watch(conn.into_owned()), config.send_timeout());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let _open = Gauged::new(slot, HTTP_CONNECTIONS_OPEN);
+            tokio::select! {
+                ended = conn => {
+                    if let Some(Err(e)) = ended {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                }
+                () = clock.expired() => tracing::debug!(%peer, "idle connection closed"),
             }
         });
     }
@@ -88,23 +146,85 @@ pub async fn run(
     Ok(())
 }
 
+/// hyper's settings for both protocols.
+fn builder(config: &ServerConfig) -> auto::Builder<Executor> {
+    let mut builder = auto::Builder::new(Executor {
+        send_timeout: config.send_timeout(),
+    });
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The connection's clock does this, from accept and without cutting keep-alive short.
+        .header_read_timeout(None);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(config.http2_max_concurrent_streams)
+        // Pings find peers that are gone while streams are open (an idle connection is closed
+        // by its clock anyway); one unanswered for the header timeout closes the connection.
+        .keep_alive_interval(config.keepalive_timeout())
+        .keep_alive_timeout(config.header_read_timeout());
+    builder
+}
+
+/// Closes a connection over the limit at once, with a reset so no state lingers.
+fn refuse(stream: TcpStream) {
+    metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(1);
+    if let Err(e) = stream.set_zero_linger() {
+        tracing::debug!(error = %e, "cannot set SO_LINGER on a refused connection");
+    }
+    tracing::debug!("connection refused: max_connections open");
+}
+
 /// The application as one connection's hyper service: hands each request over with one body
-/// type and the peer's address.
+/// type and the peer's address, and keeps the connection's clock stopped while it is in
+/// flight.
 #[derive(Clone)]
 struct PerConnection {
     app: HttpService,
     peer: SocketAddr,
+    clock: Arc<Clock>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for PerConnection {
-    type Response = Response<Body>;
+    type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Oneshot<HttpService, Request<Body>>;
+    type Future = ResponseFuture;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let in_flight = self.clock.start();
         req.extensions_mut().insert(PeerAddr(self.peer));
         let req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
-        self.app.clone().oneshot(req)
+        ResponseFuture {
+            inner: self.app.clone().oneshot(req),
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+pin_project! {
+    /// The application's answer, its body still holding the request in flight.
+    struct ResponseFuture {
+        #[pin]
+        inner: Oneshot<HttpService, Request<crate::body::Body>>,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = ready!(this.inner.poll(cx))?;
+        let download = response.extensions().get::<Route>() == Some(&Route::Download);
+        let in_flight = this
+            .in_flight
+            .take()
+            .expect("ResponseFuture polled after completion");
+        Poll::Ready(Ok(
+            response.map(|body| ResponseBody::new(body, download, in_flight))
+        ))
     }
 }
 

@@ -7,10 +7,8 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
-use tower::limit::ConcurrencyLimitLayer;
-use tower::load_shed::LoadShedLayer;
 use tower::util::BoxCloneSyncService;
-use tower::{Layer, ServiceBuilder};
+use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -20,13 +18,17 @@ use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
 use crate::middleware::backend_metrics::BackendMetricsLayer;
+use crate::middleware::breaker::{BreakerLayer, Gate};
 use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::compression::{self, PrecompressedLayer};
 use crate::middleware::conditional::ConditionalLayer;
+use crate::middleware::downloads::DownloadsLayer;
+use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
+use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
-use crate::middleware::request_id::RequestIds;
+use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
@@ -41,23 +43,36 @@ pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infall
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
-    // Per-backend metrics between the merge and each backend, so each backend's calls,
-    // outcomes, latency and download bytes are seen as that backend answered them.
+    // One circuit breaker per backend, read by the health endpoint too.
+    let gates: Vec<Gate> = backends
+        .iter()
+        .map(|(source, _)| Gate::new(*source, &config.circuit_breaker))
+        .collect();
     let backends = backends
         .into_iter()
-        .map(|(source, backend)| {
-            let measured = BackendMetricsLayer::new(source).layer(backend);
-            (source, BackendService::new(measured))
+        .zip(&gates)
+        .map(|((source, backend), gate)| {
+            let backend = ServiceBuilder::new()
+                // The circuit breaker, right below the merge: a backend that keeps failing is
+                // not called for a cool-down, so the merge gets its error at once and serves
+                // the others' answers (and the cache above a stale one).
+                .layer(BreakerLayer::new(gate.clone()))
+                // Per-backend metrics below the breaker, so each backend's calls, outcomes,
+                // latency and download bytes are what that backend answered, and calls the
+                // breaker refused are not counted as calls.
+                .layer(BackendMetricsLayer::new(source))
+                .service(backend);
+            (source, BackendService::new(backend))
         })
         .collect();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
-    let caches = Caches::new(&config.cache);
+    let caches = Caches::new(&config.cache, config.server.request_timeout());
     let registry = ServiceBuilder::new()
-        // List, metadata and versions caches with single-flight, negative caching and
-        // stale-if-error; above the merge so one cached answer serves every backend
-        // combination.
+        // List, metadata and versions caches with single-flight, negative caching,
+        // stale-while-revalidate, stale-if-error and a backoff per failing key; above the
+        // merge so one cached answer serves every backend combination.
         .layer(CacheLayer::new(caches.clone()))
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
@@ -65,7 +80,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
 
     let router = Router::new(Shared {
         routes: RouteTable::new(),
-        health: HealthProbe::new(registry.clone(), sources),
+        health: HealthProbe::new(
+            registry.clone(),
+            sources,
+            gates,
+            config.server.probe_interval(),
+        ),
         registry,
         metrics,
         caches,
@@ -80,7 +100,9 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Tracing wraps the body type; box it back so the outside sees one body type.
         .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
         // Outermost: every response, errors and 429s included, carries the request id, and the
-        // id exists before the trace span is opened so the span can record it.
+        // id exists before the trace span is opened so the span can record it. A client's id
+        // is kept only when short and safe to echo and log; otherwise one is generated.
+        .map_request(request_id::screen)
         .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
         .layer(PropagateRequestIdLayer::x_request_id())
         // One span and one log line per request, with the final status of whatever answered.
@@ -94,6 +116,9 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
         // preflights included, each labelled by route template.
         .layer(HttpMetricsLayer::new())
+        // Right above CORS, which takes every OPTIONS for a preflight: an OPTIONS that is not
+        // one gets 405 with Allow, like any other method the read-only API does not answer.
+        .layer(PreflightOnlyLayer)
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work.
@@ -106,10 +131,12 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Compression: below CORS so CORS headers are added to the final response either way,
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
         // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
-        // (errors, health, metrics text), never downloads.
+        // (errors, health, metrics text), never downloads. Both see only the coding negotiated
+        // once, so they agree, and a client refusing every coding gets identity, never 406.
         .option_layer(config.server.enable_compression.then(|| {
             ServiceBuilder::new()
                 .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+                .map_request(compression::negotiated)
                 .layer(compression::streaming())
                 .layer(PrecompressedLayer)
                 .into_inner()
@@ -122,11 +149,18 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .enabled
                 .then(|| RateLimitLayer::new(&config.rate_limit)),
         )
+        // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
+        // until its body is dropped (the concurrency limit below lets go at the response
+        // head): past it 503 at once, before any backend is asked. Below the rate limit so a
+        // flooding client is refused there first.
+        .layer(DownloadsLayer::new(config.server.max_concurrent_downloads))
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
-        // behind slow backends; the limit counts requests until their response head.
-        .layer(LoadShedLayer::new())
-        .layer(ConcurrencyLimitLayer::new(
+        // behind slow backends; the limit counts requests until their response head. The
+        // exempt paths (probes, scrapes) answer without backend work and are not counted, so
+        // polling them can never fill the service.
+        .layer(LoadShedLayer::new(
             config.server.max_concurrent_requests,
+            &config.rate_limit.exempt_paths,
         ))
         // Bounds the time to the response head (not the streaming of a download's body): 504.
         .layer(tower::timeout::TimeoutLayer::new(
@@ -163,6 +197,7 @@ fn cors(server: &ServerConfig) -> CorsLayer {
                 "x-request-id",
                 "cache-status",
                 "content-disposition",
+                "repr-digest",
             ]
             .map(HeaderName::from_static),
         )

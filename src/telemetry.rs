@@ -1,7 +1,14 @@
 //! Logs and metrics plumbing: the tracing subscriber (human or JSON lines), the per-request
 //! span and log line, the process-wide Prometheus recorder and the process metrics (memory,
 //! file descriptors, CPU) it exports.
+//!
+//! Log lines carry client data (paths, methods). In JSON lines every value is a JSON string;
+//! in text lines a value is quoted and escaped unless it holds only characters that cannot
+//! pass for log structure ([`SafeFields`]), so no client can forge a field or a line. Colours
+//! are used only when stdout is a terminal (and `NO_COLOR` is unset).
 
+use std::fmt::{self, Write as _};
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -10,23 +17,109 @@ use metrics_exporter_prometheus::{
     Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
 };
 use metrics_process::Collector;
+use tracing::field::{Field, Visit};
 use tracing::Span;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::{FormatFields, MakeWriter, SubscriberBuilder};
 use tracing_subscriber::EnvFilter;
+
+use crate::middleware::request_id::{RefusedRequestId, X_REQUEST_ID};
 
 /// Installs the global tracing subscriber. `level` is a filter directive (`info`,
 /// `extension_registry=debug`, ...); `RUST_LOG` is not consulted so the flag is the one truth.
 pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("invalid --log-level '{level}': {e} (e.g. info, debug, warn)"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
     let result = if json {
-        builder.json().flatten_event(true).try_init()
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .json()
+            .flatten_event(true)
+            .try_init()
     } else {
-        builder.try_init()
+        let colour = std::io::stdout().is_terminal()
+            && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        text_logger(filter, colour, std::io::stdout).try_init()
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// The human-readable logger, writing to `writer`, in colour or not.
+pub fn text_logger<W>(
+    filter: EnvFilter,
+    colour: bool,
+    writer: W,
+) -> SubscriberBuilder<SafeFields, Format, EnvFilter, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(colour)
+        .fmt_fields(SafeFields)
+        .with_writer(writer)
+}
+
+/// Text-log fields as `name=value`, the value quoted and escaped (Rust string syntax) unless
+/// every character is one of `A-Z a-z 0-9 . _ : / - + @ % , = [ ] *`; the message is escaped
+/// only when it holds control characters.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SafeFields;
+
+impl<'w> FormatFields<'w> for SafeFields {
+    fn format_fields<R: RecordFields>(&self, writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = SafeVisitor {
+            writer,
+            separator: "",
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct SafeVisitor<'w> {
+    writer: Writer<'w>,
+    /// Empty before the first field, a space after.
+    separator: &'static str,
+    result: fmt::Result,
+}
+
+impl SafeVisitor<'_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = std::mem::replace(&mut self.separator, " ");
+        let plain = |c: char| c.is_ascii_alphanumeric() || "._:/-+@%,=[]*".contains(c);
+        self.result = if field.name() == "message" {
+            if value.contains(char::is_control) {
+                write!(self.writer, "{separator}{value:?}")
+            } else {
+                write!(self.writer, "{separator}{value}")
+            }
+        } else if !value.is_empty() && value.chars().all(plain) {
+            write!(self.writer, "{separator}{}={value}", field.name())
+        } else {
+            write!(self.writer, "{separator}{}={value:?}", field.name())
+        };
+    }
+}
+
+impl Visit for SafeVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.write(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = write!(text, "{value:?}");
+        self.write(field, &text);
+    }
 }
 
 /// Upper bounds of the duration histograms, in seconds: from a cached answer (well under a
@@ -74,8 +167,11 @@ pub fn prometheus() -> PrometheusHandle {
 /// Help text and units of the metrics the HTTP edge, the rate limit and the per-backend
 /// layer emit.
 fn describe_metrics() {
-    use crate::middleware::{backend_metrics as backend, metrics as http, rate_limit};
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use crate::middleware::{
+        backend_metrics as backend, breaker, downloads, metrics as http, rate_limit,
+    };
+    use crate::server::{self, send_timeout};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 
     describe_counter!(
         http::HTTP_REQUESTS_TOTAL,
@@ -117,7 +213,8 @@ fn describe_metrics() {
     describe_counter!(
         "cache_hits_total",
         Unit::Count,
-        "Lookups answered fresh from a cache, by cache (list, metadata, versions)"
+        "Lookups answered from a cache without waiting for the backends (fresh, or stale \
+         while refreshed or backing off), by cache (list, metadata, versions)"
     );
     describe_counter!(
         "cache_misses_total",
@@ -129,11 +226,56 @@ fn describe_metrics() {
         Unit::Count,
         "Answers served stale because the backends failed, by cache"
     );
+    describe_gauge!(
+        server::HTTP_CONNECTIONS_OPEN,
+        Unit::Count,
+        "Client connections open now"
+    );
+    describe_counter!(
+        server::HTTP_CONNECTIONS_REFUSED_TOTAL,
+        Unit::Count,
+        "Connections closed at once because max_connections were open"
+    );
+    describe_gauge!(
+        downloads::DOWNLOADS_IN_FLIGHT,
+        Unit::Count,
+        "Downloads streaming now, HTTP/2 streams each counted; at most max_concurrent_downloads"
+    );
+    describe_counter!(
+        send_timeout::DOWNLOAD_STALLED_TOTAL,
+        Unit::Count,
+        "Downloads aborted because the client took no bytes for send_timeout_seconds"
+    );
+    describe_gauge!(
+        breaker::BACKEND_CIRCUIT_STATE,
+        "State of each backend's circuit breaker: 0 closed, 1 half-open (probing), 2 open \
+         (not called until its cool-down ends)"
+    );
     describe_counter!(
         "download_digest_mismatch_total",
         Unit::Count,
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
     );
+}
+
+/// Something held (a connection's or a download's slot) and counted in a gauge while it lives.
+pub struct Gauged<T> {
+    _held: T,
+    gauge: metrics::Gauge,
+}
+
+impl<T> Gauged<T> {
+    pub fn new(held: T, gauge: &'static str) -> Self {
+        let gauge = metrics::gauge!(gauge);
+        gauge.increment(1);
+        Self { _held: held, gauge }
+    }
+}
+
+impl<T> Drop for Gauged<T> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1);
+    }
 }
 
 /// Folds histogram samples into buckets and reads the process metrics every few seconds; runs
@@ -169,19 +311,25 @@ fn collect_process_metrics() {
     process_collector().collect();
 }
 
-/// The span every request runs in: method, path and request id.
+/// The span every request runs in: method, path and request id, and the length of a client's
+/// request id that was refused and replaced (see `middleware::request_id`).
 pub fn request_span<B>(req: &Request<B>) -> Span {
     let id = req
         .headers()
-        .get("x-request-id")
+        .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info_span!(
+    let span = tracing::info_span!(
         "request",
         method = %req.method(),
         path = %req.uri().path(),
         request_id = %id,
-    )
+        refused_request_id_len = tracing::field::Empty,
+    );
+    if let Some(RefusedRequestId(length)) = req.extensions().get::<RefusedRequestId>() {
+        span.record("refused_request_id_len", length);
+    }
+    span
 }
 
 /// The one log line per request.
@@ -230,5 +378,69 @@ mod process_metrics_tests {
         assert!(sample(&text, "process_open_fds") >= 3.0);
         assert!(sample(&text, "process_max_fds") >= sample(&text, "process_open_fds"));
         assert!(sample(&text, "process_threads") >= 1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, StatusCode};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A log destination the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn client_data_cannot_forge_log_fields_or_lines() {
+        let captured = Captured::default();
+        let sink = captured.clone();
+        let logger = text_logger(EnvFilter::new("info"), false, move || sink.clone()).finish();
+        let _installed = tracing::subscriber::set_default(logger);
+        let config = Config::parse(
+            "[local]\npath = \"tests/fixtures/extensions\"\n",
+            "test",
+            None,
+        )
+        .unwrap();
+        let app = crate::build(&config).unwrap();
+        let forged = "abc def}: request finished status=200";
+        let req = Request::get("/api/v1/a}{\"b")
+            .header("x-request-id", forged)
+            .body(crate::body::empty())
+            .unwrap();
+        let response = app.oneshot(req).await.unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains("request finished"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{log}");
+        let line = lines[0];
+        assert!(line.contains(r#"path="/api/v1/a}{\"b""#), "{line}");
+        assert!(
+            line.contains(&format!("refused_request_id_len={}", forged.len())),
+            "{line}"
+        );
+        assert!(line.contains("status=404"), "{line}");
+        assert!(!line.contains("abc def"), "{line}");
+        assert!(!log.contains('\x1b'), "{log:?}");
     }
 }

@@ -151,13 +151,14 @@ async fn searches_rank_name_matches_before_description_matches() {
 #[tokio::test]
 async fn health_liveness_readiness_metrics_and_cache_stats_answer() {
     let (app, _) = app::sample_app();
+    app::probed(&app).await;
     let health = get(&app, "/api/v1/health").await;
     assert_eq!(health.status, StatusCode::OK);
     let json = health.json();
     assert_eq!(json["status"], "healthy");
     assert_eq!(
         json["backends"]["local"],
-        serde_json::json!({"enabled": true, "healthy": true})
+        serde_json::json!({"enabled": true, "healthy": true, "circuit": "closed"})
     );
     assert_eq!(json["backends"]["gitea"]["enabled"], false);
     assert!(json["uptime"].is_u64() && json["version"].is_string());
@@ -187,6 +188,7 @@ async fn unhealthy_backends_make_health_503_and_readyz_503() {
             _ => Err(RegistryError::unavailable(Source::Local, "down")),
         }
     });
+    app::probed(&app).await;
     let health = get(&app, "/api/v1/health").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(health.json()["status"], "unhealthy");
@@ -224,9 +226,107 @@ async fn head_works_wherever_get_does_and_other_methods_get_405() {
         assert_eq!(answer.header("allow"), "GET, HEAD");
         assert_eq!(answer.json()["error"], "method_not_allowed");
     }
+    // Every path answers GET and HEAD only, unknown ones included.
+    for uri in [
+        "/api/v2/whatever",
+        "/api/v1/extensions/provider/aws/1.0.0/x",
+        "*",
+    ] {
+        for method in ["OPTIONS", "POST"] {
+            let answer = send(&app, method, uri).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {uri}"
+            );
+            assert_eq!(answer.header("allow"), "GET, HEAD");
+        }
+    }
     let unknown = get(&app, "/api/v2/whatever").await;
     assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     assert_eq!(unknown.json()["error"], "not_found");
+}
+
+#[tokio::test]
+async fn a_repeated_parameter_is_refused_by_name() {
+    let (app, calls) = app::sample_app();
+    let answer = get(&app, "/api/v1/extensions?type=provider&type=bogus").await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer.json()["error"], "invalid_parameter");
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("'type'"), "{message}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+/// `q` may be 256 characters whatever their UTF-8 length: 256 four-byte characters,
+/// percent-encoded, beside the other parameters, fit the query limit; 257 do not, and neither
+/// does a query string over 4096 bytes.
+#[tokio::test]
+async fn the_query_limit_fits_256_characters_of_any_width() {
+    let (app, _) = app::sample_app();
+    let encoded = |c: char, n: usize| {
+        let mut utf8 = [0; 4];
+        let one: String = c
+            .encode_utf8(&mut utf8)
+            .bytes()
+            .map(|b| format!("%{b:02X}"))
+            .collect();
+        one.repeat(n)
+    };
+    let tail = "&type=taskserv&limit=1000";
+    for c in ['k', 'é', 'ｋ', '𝕜'] {
+        let fits = format!("/api/v1/extensions/search?q={}{tail}", encoded(c, 256));
+        let answer = get(&app, &fits).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "256 of {c}: {:?}",
+            answer.body
+        );
+        let over = format!("/api/v1/extensions/search?q={}{tail}", encoded(c, 257));
+        let answer = get(&app, &over).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "257 of {c}");
+        let message = answer.json()["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("'q'"), "{message}");
+    }
+    let query = |bytes: usize| {
+        let q = "q=kube&pad=";
+        format!(
+            "/api/v1/extensions/search?{q}{}",
+            "x".repeat(bytes - q.len())
+        )
+    };
+    assert_eq!(get(&app, &query(4096)).await.status, StatusCode::OK);
+    let over = get(&app, &query(4097)).await;
+    assert_eq!(over.status, StatusCode::BAD_REQUEST);
+    assert!(over.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("4096 bytes"));
+}
+
+#[tokio::test]
+async fn a_missing_version_is_named() {
+    let (app, _) = app::sample_app();
+    for (uri, message) in [
+        (
+            "/api/v1/extensions/provider/aws/9.9.9",
+            "provider/aws 9.9.9 not found",
+        ),
+        (
+            "/api/v1/extensions/provider/nope/latest",
+            "provider/nope latest not found",
+        ),
+        (
+            "/api/v1/extensions/provider/nope",
+            "Extension provider/nope not found",
+        ),
+    ] {
+        let answer = get(&app, uri).await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND, "{uri}");
+        assert_eq!(answer.json()["error"], "not_found");
+        assert_eq!(answer.json()["message"], message, "{uri}");
+    }
 }
 
 #[tokio::test]
@@ -242,12 +342,47 @@ async fn every_response_carries_a_request_id_and_echoes_a_given_one() {
     assert_eq!(response.headers()["x-request-id"], "abc-123");
 }
 
+/// A client's id is echoed (and logged) only when short and safe; anything else is replaced.
+#[tokio::test]
+async fn unsafe_request_ids_are_replaced() {
+    let (app, _) = app::sample_app();
+    let huge = "a".repeat(300 * 1024);
+    let longest = "b".repeat(128);
+    let id = |sent: &[u8]| {
+        let req = http::Request::get("/livez")
+            .header("x-request-id", http::HeaderValue::from_bytes(sent).unwrap())
+            .body(extension_registry::body::empty())
+            .unwrap();
+        let app = app.clone();
+        async move {
+            let response = tower::ServiceExt::oneshot(app, req).await.unwrap();
+            response.headers()["x-request-id"]
+                .to_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(id(longest.as_bytes()).await, longest);
+    assert_eq!(id(b"A.b_c:d-9").await, "A.b_c:d-9");
+    for refused in [
+        huge.as_bytes(),
+        &longest.replace('b', "bb").as_bytes()[..129],
+        b"abc def}: request finished status=200",
+        "caf\u{e9}".as_bytes(),
+    ] {
+        let replaced = id(refused).await;
+        assert_ne!(replaced.as_bytes(), refused);
+        assert!(replaced.len() <= 32, "{replaced}");
+        assert!(replaced.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'));
+    }
+}
+
 #[tokio::test]
 async fn hostile_input_gets_400_json_and_never_reaches_a_backend() {
     let (app, calls) = app::sample_app();
     let long_name = format!("/api/v1/extensions/provider/{}", "a".repeat(129));
     let long_path = format!("/api/v1/extensions/provider/{}", "a".repeat(2000));
-    let long_query = format!("/api/v1/extensions?type={}", "x".repeat(3000));
+    let long_query = format!("/api/v1/extensions?type={}", "x".repeat(5000));
     let long_q = format!("/api/v1/extensions/search?q={}", "k".repeat(257));
     let cases: Vec<(&str, &str)> = vec![
         ("/api/v1/extensions/provider/..", "invalid_path"),
@@ -294,6 +429,19 @@ async fn hostile_input_gets_400_json_and_never_reaches_a_backend() {
         ),
         (&long_path, "invalid_path"),
         (&long_query, "invalid_parameter"),
+        (
+            "/api/v1/extensions?type=provider&type=bogus",
+            "invalid_parameter",
+        ),
+        (
+            "/api/v1/extensions?limit=1&offset=0&limit=1",
+            "invalid_parameter",
+        ),
+        ("/api/v1/extensions/search?q=aws&q=gcp", "invalid_parameter"),
+        (
+            "/api/v1/extensions/provider/aws?source=local&so%75rce=oci",
+            "invalid_parameter",
+        ),
     ];
     for (uri, code) in cases {
         let answer = get(&app, uri).await;

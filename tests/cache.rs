@@ -1,7 +1,10 @@
 //! The cache, conditional GET and compression through the whole application: a backend that
 //! fails once the cache is warm (over a real socket), revalidation, precompressed answers,
-//! the stats endpoint and the cache counters in `/api/v1/metrics`.
+//! the stats endpoint and the cache counters in `/api/v1/metrics`; and what a rendered-answer
+//! memo entry really costs against what it is weighed at.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,13 +14,49 @@ use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
+use extension_registry::api::representation::{Keep, Rendered, Renderings, ENTRY_OVERHEAD};
 use extension_registry::body;
 use extension_registry::config::Config;
 use extension_registry::registry::{
-    BackendRequest, BackendResponse, BackendService, Extension, ExtensionType, RegistryError,
-    Source, Timestamp,
+    BackendRequest, BackendResponse, BackendService, Extension, ExtensionType, HealthReport,
+    RegistryError, Source, Timestamp,
 };
 use extension_registry::stack::{self, HttpService};
+
+/// Counts the bytes each thread holds allocated, so a single-threaded test can weigh what it
+/// builds while other tests run beside it.
+struct Counting;
+
+thread_local! {
+    static HELD: Cell<isize> = const { Cell::new(0) };
+}
+
+fn held() -> isize {
+    HELD.with(Cell::get)
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the count is a
+// thread-local `Cell` without destructor, which allocates nothing.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let _ = HELD.try_with(|h| h.set(h.get() + layout.size() as isize));
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        let _ = HELD.try_with(|h| h.set(h.get() - layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let grown = new_size as isize - layout.size() as isize;
+        let _ = HELD.try_with(|h| h.set(h.get() + grown));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// A backend with 150 extensions whose failure the test switches on.
 #[derive(Clone, Default)]
@@ -32,6 +71,9 @@ impl Backend {
         BackendService::new(tower::service_fn(move |req: BackendRequest| {
             let this = this.clone();
             async move {
+                if req == BackendRequest::Health {
+                    return Ok(BackendResponse::Health(HealthReport(Vec::new())));
+                }
                 this.calls.fetch_add(1, Ordering::SeqCst);
                 if this.failing.load(Ordering::SeqCst) {
                     return Err(RegistryError::unavailable(Source::Local, "disk \"gone\""));
@@ -75,6 +117,8 @@ fn config(ttl_seconds: u64) -> Config {
     )
     .unwrap();
     config.cache.ttl_seconds = ttl_seconds;
+    // Every refresh is waited for, so what a failing backend leaves shows at once.
+    config.cache.stale_while_revalidate_seconds = 0;
     config
 }
 
@@ -216,5 +260,50 @@ async fn revalidation_compression_and_stats_through_the_stack() {
     assert!(
         metrics.contains("cache_misses_total{cache=\"list\"} 1"),
         "{metrics}"
+    );
+}
+
+/// What a memo entry really costs (every byte allocated for it, moka's bookkeeping included)
+/// is at most what it is weighed at, so the byte bound holds in real memory.
+#[tokio::test]
+async fn a_memo_entry_weighs_at_least_what_it_costs() {
+    let entries = 20_000;
+    let renderings = Renderings::new(1 << 30, Duration::from_secs(3600));
+    let listing = Arc::new(vec![extension(0)]);
+    // Warm up whatever is made once.
+    renderings
+        .respond("warm".into(), Keep::Always, &listing, |_| Rendered {
+            json: b"[]".to_vec(),
+            total: Some(0),
+        })
+        .await;
+    renderings.stats().await;
+    let (before, weighed_before) = (held(), renderings.stats().await.rendered_bytes);
+    let mut keys = 0;
+    for i in 0..entries {
+        // What a hostile sweep makes: empty pages under distinct keys.
+        let key = format!("list Some(Provider) None {i}..{i}");
+        keys += key.len() as u64;
+        let response = renderings
+            .respond(key, Keep::Always, &listing, |all| Rendered {
+                json: serde_json::to_vec(&all[..0]).unwrap(),
+                total: Some(all.len()),
+            })
+            .await;
+        drop(response);
+    }
+    let stats = renderings.stats().await;
+    let cost = (held() - before) as u64;
+    let weighed = stats.rendered_bytes - weighed_before;
+    eprintln!(
+        "{entries} entries: {cost} bytes allocated, {} per entry beyond its key and JSON; \
+         weighed {weighed} ({ENTRY_OVERHEAD} per entry beyond its key and JSON)",
+        (cost - keys - 2 * entries) / entries,
+    );
+    assert_eq!(stats.rendered_entries, entries + 1);
+    assert!(cost <= weighed, "{cost} bytes allocated, weighed {weighed}");
+    assert!(
+        weighed < 2 * cost,
+        "weighed {weighed} for {cost} bytes: the bound would waste memory"
     );
 }

@@ -246,9 +246,13 @@ async fn serves_a_real_oci_registry_beside_the_local_directory() {
         registry.oci_toml("provisioning", Some(registry::READER))
     );
     let mut config = Config::parse(&toml, "e2e.toml", None).unwrap();
-    // Every answer is stale at once, so each request asks the backends again and what the
-    // cache falls back on when the registry is gone shows.
+    // Every answer is stale at once and waited for, so each request asks the backends again
+    // and what the cache falls back on when the registry is gone shows.
     config.cache.ttl_seconds = 0;
+    config.cache.stale_while_revalidate_seconds = 0;
+    // The first failure opens the registry's circuit breaker, so health shows it at once
+    // rather than at the next background probe.
+    config.circuit_breaker.failure_threshold = 1;
     let service = Running::start(&config).await;
 
     let all = service.json("/api/v1/extensions?type=provider").await;
@@ -325,7 +329,7 @@ async fn serves_a_real_oci_registry_beside_the_local_directory() {
     assert_eq!(health["status"], "degraded");
     assert_eq!(
         health["backends"]["oci"],
-        serde_json::json!({"enabled": true, "healthy": false})
+        serde_json::json!({"enabled": true, "healthy": false, "circuit": "open"})
     );
 
     service.stop().await;

@@ -1,5 +1,6 @@
 //! The HTTP edge as a whole: CORS on every kind of answer, the 429, 503 and 504 paths through
-//! the full stack, and the metrics they leave, in-process and through a real socket.
+//! the full stack, and the metrics they leave, in-process and through a real socket; HTTP/1.1
+//! conformance on the wire (Host, OPTIONS), content negotiation that never refuses, and logs.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use extension_registry::body::{self, Body};
 use extension_registry::config::Config;
-use extension_registry::registry::{BackendRequest, BackendResponse, BackendService, Source};
+use extension_registry::registry::{
+    BackendRequest, BackendResponse, BackendService, HealthReport, Source,
+};
 use extension_registry::server::{self, PeerAddr};
 use extension_registry::stack::{self, HttpService};
 use http::{Method, Request, Response, StatusCode};
@@ -21,15 +24,23 @@ use tower::ServiceExt;
 type Answer = Pin<Box<dyn Future<Output = BackendResponse> + Send>>;
 
 /// The whole app over one backend answering with `answer`; the counter says how often the
-/// backend was asked.
+/// backend was asked. The background health probes are answered at once and not counted.
 fn app(extra_config: &str, answer: fn() -> Answer) -> (HttpService, Arc<AtomicUsize>) {
     let text = format!("[local]\npath = \".\"\n{extra_config}");
     let config = Config::parse(&text, "test", None).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
-    let backend = tower::service_fn(move |_: BackendRequest| {
-        counter.fetch_add(1, Ordering::SeqCst);
-        async move { Ok(answer().await) }
+    let backend = tower::service_fn(move |req: BackendRequest| {
+        let probe = req == BackendRequest::Health;
+        if !probe {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        async move {
+            Ok(match probe {
+                true => BackendResponse::Health(HealthReport(Vec::new())),
+                false => answer().await,
+            })
+        }
     });
     let backends = vec![(Source::Local, BackendService::new(backend))];
     (stack::app(&config, backends), calls)
@@ -45,6 +56,7 @@ fn never() -> Answer {
 
 fn get(uri: &str) -> Request<Body> {
     let mut req = Request::get(uri)
+        .header("host", "registry.example")
         .header("origin", "https://app.example.com")
         .body(body::empty())
         .unwrap();
@@ -283,4 +295,177 @@ async fn through_a_socket_clients_are_limited_and_metrics_are_exposed() {
         .parse()
         .unwrap();
     assert!(limited >= 1);
+}
+
+/// Sends `request` as raw bytes and reads the answer until the server closes.
+async fn raw(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without `Host`, or with two, is a 400; and every path,
+/// `*` included, answers an OPTIONS that is no CORS preflight with 405 and `Allow`.
+#[tokio::test]
+async fn over_the_wire_host_is_required_once_and_options_get_405() {
+    let (addr, _stop) =
+        serve(extension_registry::build(&Config::embedded().unwrap()).unwrap()).await;
+    let close = "Connection: close\r\n";
+    for (request, status) in [
+        (format!("GET /livez HTTP/1.1\r\n{close}\r\n"), "400"),
+        (
+            format!("GET /livez HTTP/1.1\r\nHost: a\r\nHost: b\r\n{close}\r\n"),
+            "400",
+        ),
+        (
+            format!("GET /livez HTTP/1.1\r\nHost: a\r\n{close}\r\n"),
+            "200",
+        ),
+        ("GET /livez HTTP/1.0\r\n\r\n".to_owned(), "200"),
+        (
+            format!("OPTIONS * HTTP/1.1\r\nHost: a\r\n{close}\r\n"),
+            "405",
+        ),
+        (
+            format!("OPTIONS /nope HTTP/1.1\r\nHost: a\r\n{close}\r\n"),
+            "405",
+        ),
+        (
+            format!(
+                "OPTIONS /livez HTTP/1.1\r\nHost: a\r\nOrigin: https://x.example\r\n{close}\r\n"
+            ),
+            "405",
+        ),
+        (
+            format!(
+                "OPTIONS /nope HTTP/1.1\r\nHost: a\r\nOrigin: https://x.example\r\n\
+                 Access-Control-Request-Method: GET\r\n{close}\r\n"
+            ),
+            "200",
+        ),
+    ] {
+        let answer = raw(addr, &request).await;
+        let status_line = answer.lines().next().unwrap_or_default();
+        assert!(
+            status_line.starts_with(&format!("HTTP/1.1 {status}"))
+                || status_line.starts_with(&format!("HTTP/1.0 {status}")),
+            "{request:?} got {answer}"
+        );
+        let lower = answer.to_ascii_lowercase();
+        match status {
+            "400" => assert!(answer.contains("\"invalid_host\""), "{answer}"),
+            "405" => assert!(lower.contains("\r\nallow: get, head\r\n"), "{answer}"),
+            _ => {}
+        }
+    }
+}
+
+/// `Accept-Encoding` refusing every coding, identity included, is served identity: never a
+/// 406, whether the answer is JSON, an error, a 304 or a download.
+#[tokio::test]
+async fn a_client_refusing_identity_is_served_identity_never_406() {
+    let app = extension_registry::build(&Config::embedded().unwrap()).unwrap();
+    let ask = |uri: &str, extra: Option<(&'static str, String)>| {
+        let mut req = get(uri);
+        req.headers_mut()
+            .insert("accept-encoding", "identity;q=0, *;q=0".parse().unwrap());
+        if let Some((name, value)) = extra {
+            req.headers_mut().insert(name, value.parse().unwrap());
+        }
+        call(&app, req)
+    };
+    let list = ask("/api/v1/extensions", None).await;
+    assert_eq!(list.status(), StatusCode::OK);
+    let etag = header(&list, "etag").to_owned();
+    let cases = [
+        (ask("/livez", None).await, StatusCode::OK),
+        (list, StatusCode::OK),
+        (
+            ask("/api/v1/extensions/provider/nope", None).await,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            ask("/api/v1/extensions", Some(("if-none-match", etag))).await,
+            StatusCode::NOT_MODIFIED,
+        ),
+        (
+            ask("/api/v1/extensions/cluster/web/0.3.0", None).await,
+            StatusCode::OK,
+        ),
+        (ask("/api/v1/metrics", None).await, StatusCode::OK),
+    ];
+    for (response, status) in cases {
+        assert_eq!(response.status(), status);
+        assert!(!response.headers().contains_key("content-encoding"));
+    }
+}
+
+/// Logs written where no terminal reads them carry no colour codes.
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_extension-registry"))
+        .args(["--config", "/nonexistent/extension-registry.toml"])
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ERROR"), "{stdout}");
+    assert!(
+        stdout.contains("cannot read the configuration file"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\x1b'), "{stdout:?}");
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// 200,000 distinct requests a hostile client can make without end (pages past the end,
+/// `limit=0`, one-off searches) leave the memo within its bound, with few entries, and the
+/// process's memory nearly where it was.
+#[tokio::test]
+async fn a_sweep_of_distinct_keys_leaves_memory_bounded() {
+    let mut config = Config::embedded().unwrap();
+    config.rate_limit.enabled = false;
+    let app = extension_registry::build(&config).unwrap();
+    let total = call(&app, get("/api/v1/extensions?limit=1")).await;
+    let total: u32 = header(&total, "x-total-count").parse().unwrap();
+    let before = rss();
+    for i in 0..200_000u32 {
+        let uri = match i % 3 {
+            0 => format!("/api/v1/extensions?offset={}", total + i),
+            1 => format!("/api/v1/extensions?limit=0&offset={i}"),
+            _ => format!("/api/v1/extensions/search?q=zz{i}"),
+        };
+        let response = call(&app, get(&uri)).await;
+        assert_eq!(response.status(), StatusCode::OK, "{uri}");
+    }
+    let grown = rss().saturating_sub(before);
+    let stats = json(call(&app, get("/api/v1/cache/stats")).await).await;
+    let (entries, bytes, max) = (
+        stats["rendered_entries"].as_u64().unwrap(),
+        stats["rendered_bytes"].as_u64().unwrap(),
+        stats["rendered_max_bytes"].as_u64().unwrap(),
+    );
+    eprintln!("after 200,000 keys: memo {entries} entries, {bytes} bytes; RSS grew {grown} bytes");
+    assert!(bytes <= max, "{bytes} > {max}");
+    assert!(
+        entries <= 4,
+        "{entries} entries: past-the-end pages share one, searches wait"
+    );
+    assert!(
+        grown < max,
+        "RSS grew {grown} bytes, over the memo's bound {max}"
+    );
 }

@@ -653,28 +653,29 @@ async fn an_html_sign_in_page_is_a_failed_download() {
 }
 
 #[tokio::test]
-async fn a_slow_backend_times_out_within_the_timeout() {
+async fn a_slow_backend_times_out_as_a_gitea_timeout() {
     let sim = GiteaSim::start(SimConfig::new(ORG).repos(seeded_org(3))).await;
     sim.set_mode(Mode::Slow);
     let b = backend(&GiteaConfig {
         timeout_seconds: 1,
         ..sim.gitea_config()
     });
-    let started = Instant::now();
-    let err = list(&b).await.unwrap_err();
-    let took = started.elapsed();
-    assert_eq!(
-        err,
-        RegistryError::BackendTimeout {
-            backend: Source::Gitea
-        }
-    );
-    assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
-        "{took:?}"
-    );
-    let h = health(&b).await;
+    // The simulator never answers, so only the configured 1 s read timeout can end the call;
+    // the guard, far above it, turns a missing timeout into a failure instead of a hang.
+    let guard = Duration::from_secs(30);
+    let err = tokio::time::timeout(guard, list(&b))
+        .await
+        .expect("the configured timeout ends the call")
+        .unwrap_err();
+    let h = tokio::time::timeout(guard, health(&b))
+        .await
+        .expect("the health probe times out too");
     assert!(!h.healthy);
+    let timeout = RegistryError::BackendTimeout {
+        backend: Source::Gitea,
+    };
+    assert_eq!(err, timeout);
+    assert_eq!(h.detail, Some(timeout.to_string()));
 }
 
 #[tokio::test]
@@ -1208,4 +1209,99 @@ async fn upstream_names_stay_in_the_log_and_out_of_the_clients_answer() {
     // The operator still finds it, under the request's id.
     logs.assert_line_with(&[org, &failure.request_id]);
     logs.assert_free_of(&[TOKEN]);
+}
+
+/// A repository `hist_prov` with `n` releases `1.{i}.0`, each with its artifact and sidecar.
+fn with_history(n: usize) -> SimRepo {
+    (0..n).fold(SimRepo::new("hist_prov"), |repo, i| {
+        repo.release(
+            SimRelease::new(&format!("1.{i}.0"), T0 + i as i64)
+                .artifact("hist")
+                .sha256_sidecar(true),
+        )
+    })
+}
+
+/// Every request the simulator has answered, API and downloads.
+fn all_calls(sim: &GiteaSim) -> u64 {
+    let calls = sim.calls();
+    calls.api + calls.downloads + calls.storage
+}
+
+#[tokio::test]
+async fn a_versions_refresh_of_an_unchanged_extension_costs_the_pages_only() {
+    for n in [1usize, 25, 200] {
+        let sim = GiteaSim::start(SimConfig::new(ORG).repo(with_history(n))).await;
+        let b = backend(&sim.gitea_config());
+        let hist = provider("hist");
+        let pages = (n as u64).div_ceil(50);
+
+        let first = versions(&b, &hist).await.unwrap();
+        let cold = sim.calls();
+        let cold_total = all_calls(&sim);
+        assert_eq!(first.len(), n);
+        assert!(first.iter().all(|v| v.checksum.is_some()));
+        // The repository, the release pages, and every sidecar once.
+        assert_eq!(
+            (cold.repo, cold.releases, cold.downloads),
+            (1, pages, n as u64)
+        );
+
+        // What the cache layer does when its TTL has passed: ask the backend again.
+        let second = versions(&b, &hist).await.unwrap();
+        let warm = sim.calls();
+        assert_eq!(second, first);
+        assert_eq!(
+            (
+                warm.repo - cold.repo,
+                warm.releases - cold.releases,
+                warm.downloads - cold.downloads
+            ),
+            (1, pages, 0),
+            "{n} releases"
+        );
+        println!(
+            "versions refresh of {n} releases: {cold_total} calls cold, {} calls after",
+            all_calls(&sim) - cold_total
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_reuploaded_sidecar_is_read_again() {
+    let repo = SimRepo::new("fix_prov")
+        .release(
+            SimRelease::new("1.0.0", T0)
+                .artifact("fix")
+                .sha256_sidecar(true),
+        )
+        .release(
+            SimRelease::new("1.1.0", T0 + 10)
+                .artifact("fix")
+                .sha256_sidecar(true),
+        );
+    let sim = GiteaSim::start(SimConfig::new(ORG).repo(repo)).await;
+    let b = backend(&sim.gitea_config());
+    let fix = provider("fix");
+    let digest = |bytes: &[u8]| Some(format!("sha256:{}", sha256_hex(bytes)));
+
+    let before = versions(&b, &fix).await.unwrap();
+    assert_eq!(before[0].checksum, digest(&artifact_bytes("fix", "1.1.0")));
+    assert_eq!(sim.calls().downloads, 2);
+
+    // The publisher replaces 1.1.0's sidecar: a new attachment under the same name and URL.
+    let rebuilt = b"fix 1.1.0, rebuilt";
+    sim.reupload(
+        "fix_prov",
+        "1.1.0",
+        "fix-1.1.0.tar.gz.sha256",
+        format!("{}  fix-1.1.0.tar.gz\n", sha256_hex(rebuilt)),
+    );
+    let after = versions(&b, &fix).await.unwrap();
+    assert_eq!(after[0].checksum, digest(rebuilt));
+    assert_eq!(after[1].checksum, before[1].checksum);
+    // Only the replaced sidecar was read again.
+    assert_eq!(sim.calls().downloads, 3);
+    let reads = sim.seen_at(".sha256");
+    assert!(reads[2].target.contains("/1.1.0/"), "{reads:?}");
 }

@@ -1,7 +1,8 @@
 //! The OCI backend against the real CNCF distribution registry (Debian `docker-registry`),
 //! started by each test on a free loopback port: listing with catalog paging, annotations,
 //! indexes, tag rules, downloads verified against the layer digest, basic and bearer-token auth,
-//! the static repository list, a corrupted registry disk and a registry that went away.
+//! credentials kept off blob redirects, the static repository list, a corrupted registry disk
+//! and a registry that went away.
 
 #[path = "support/logs.rs"]
 mod logs;
@@ -18,6 +19,7 @@ use extension_registry::registry::{
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
+use registry::front::{Front, Storage};
 use registry::{Auth, Registry, ADMIN, READER};
 
 const NS: &str = "provisioning";
@@ -746,4 +748,82 @@ async fn a_registry_error_body_stays_in_the_log_and_out_of_the_clients_answer() 
         "{message}"
     );
     logs.assert_line_with(&[&upstream, &failure.request_id]);
+}
+
+/// A registry with basic auth behind a [`Front`] whose storage answers its blob redirects, one
+/// artifact pushed, and a backend (reader credentials) that talks to the front.
+async fn behind_a_front(bytes: &[u8]) -> (Front, Registry, OciBackend) {
+    let front = Front::start().await;
+    let reg = Registry::start_behind(&front, Auth::Basic).await;
+    reg.push("provisioning/aws-provider", "1.0.0", bytes, &[])
+        .await;
+    let config = extension_registry::config::OciConfig {
+        registry: front.host(),
+        ..reg.oci_config(NS, Some(READER))
+    };
+    (front, reg, OciBackend::new(&config).unwrap())
+}
+
+#[tokio::test]
+async fn a_blob_redirect_within_the_registry_host_gets_no_credentials() {
+    let bytes = artifact(50, 6000);
+    let (front, _reg, backend) = behind_a_front(&bytes).await;
+    let aws = key(ExtensionType::Provider, "aws");
+
+    let (_, downloaded) = download_bytes(&backend, &aws, "1.0.0").await;
+    assert_eq!(downloaded, bytes);
+    let seen = front.seen();
+    let blob = registry::sha256(&bytes);
+    let asked: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.ends_with(&format!("/blobs/{blob}")))
+        .collect();
+    assert!(
+        asked.last().is_some_and(|s| s.authorization),
+        "the registry's own blob URL gets the credentials: {seen:?}"
+    );
+    let stored: Vec<_> = seen
+        .iter()
+        .filter(|s| s.target.starts_with("/docker/registry/v2/blobs/"))
+        .collect();
+    assert_eq!(stored.len(), 1, "{seen:?}");
+    // Same host and port as the registry, another path: reqwest's own following would have
+    // kept the header.
+    assert!(!stored[0].authorization, "{seen:?}");
+    assert!(seen
+        .iter()
+        .filter(|s| s.authorization)
+        .all(|s| s.target.starts_with("/v2/provisioning/aws-provider/")
+            || s.target.starts_with("/v2/_catalog")));
+}
+
+#[tokio::test]
+async fn blob_redirects_are_followed_up_to_five_hops_and_a_loop_is_a_backend_failure() {
+    let bytes = artifact(51, 3000);
+    let (front, _reg, backend) = behind_a_front(&bytes).await;
+    let aws = key(ExtensionType::Provider, "aws");
+
+    // The registry's 307 and four more: five redirects.
+    front.set_storage(Storage::Chain(4));
+    assert_eq!(download_bytes(&backend, &aws, "1.0.0").await.1, bytes);
+    assert!(front
+        .seen()
+        .iter()
+        .filter(|s| s.target.starts_with("/hop/"))
+        .all(|s| !s.authorization));
+
+    front.set_storage(Storage::Chain(5));
+    let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
+    assert_eq!(
+        err,
+        RegistryError::unavailable(Source::Oci, "more than 5 redirects")
+    );
+
+    front.set_storage(Storage::Loop);
+    let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
+    assert_eq!(
+        err,
+        RegistryError::unavailable(Source::Oci, "redirect loop")
+    );
+    assert!(err.to_string().starts_with("oci backend"), "{err}");
 }

@@ -46,6 +46,7 @@ async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections(
                     Ok(BackendResponse::Artifact(Artifact {
                         filename: "slow-1.0.0.tar.gz".into(),
                         content_length: Some(10),
+                        checksum: None,
                         body: StreamBody::new(frames).boxed_unsync(),
                     }))
                 }
@@ -197,6 +198,19 @@ fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
             .collect::<Vec<_>>()
     });
     assert_eq!(names, ["buildkit", "web"]);
+    // The limits' metrics are there before anything hits them.
+    let metrics = runtime.block_on(async {
+        let response = reqwest::get(format!("http://{address}/api/v1/metrics"));
+        response.await.unwrap().text().await.unwrap()
+    });
+    for line in [
+        "# TYPE http_connections_open gauge",
+        "download_stalled_total 0",
+        "http_connections_refused_total 0",
+        "downloads_in_flight 0",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

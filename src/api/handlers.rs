@@ -14,12 +14,14 @@ use tower::ServiceExt;
 use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
 use crate::api::resolve::Filter;
+use crate::api::representation::{Keep, MemoStats, Rendered};
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;
+use crate::middleware::cache::CacheStats;
 use crate::registry::{
-    search, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName, ExtensionType,
-    ListFilter, RegistryError, Source, VersionSelector,
+    search, sha256_digest, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName,
+    ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
 };
 
 /// Most items a listing or search returns at once.
@@ -32,11 +34,30 @@ pub struct Call<'a> {
     pub shared: &'a Shared,
     pub params: Params<'a>,
     pub query: Option<&'a str>,
+    /// A HEAD request: a download is answered from metadata, without opening its stream.
+    pub head: bool,
 }
 
 /// Serialises a value the API shows. These values always serialise.
 pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// A value rendered for the memo, without a total.
+pub(super) fn rendered<T: Serialize + ?Sized>(value: &T) -> Rendered {
+    Rendered {
+        json: to_json(value),
+        total: None,
+    }
+}
+
+/// The body of `/api/v1/cache/stats`: the caches' counts and the rendered-answer memo's.
+#[derive(Serialize)]
+struct Stats {
+    #[serde(flatten)]
+    caches: CacheStats,
+    #[serde(flatten)]
+    rendered: MemoStats,
 }
 
 /// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
@@ -59,7 +80,10 @@ impl Call<'_> {
             Route::Search => self.search(&query).await,
             Route::Get => self.get(&query).await,
             Route::Versions => self.versions(&query).await,
-            Route::Download => self.download(&query).await,
+            Route::Download => self
+                .download(&query)
+                .await
+                .map_err(|e| self.version_not_found(e)),
             Route::Resolve => self.resolve(&query).await,
             // Answered by the router, which hands the batch handler the request body.
             Route::ResolveBatch => Err(ApiError::internal()),
@@ -70,8 +94,24 @@ impl Call<'_> {
             )),
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
-            Route::CacheStats => Ok(json(StatusCode::OK, &self.shared.caches.stats().await)),
+            Route::CacheStats => Ok(self.stats().await),
             Route::OpenApi => Ok(openapi::response()),
+        }
+    }
+
+    /// A download's "not found" names the version asked for (`provider/aws 9.9.9 not found`):
+    /// the backends only know that nothing matched.
+    fn version_not_found(&self, error: ApiError) -> ApiError {
+        if error.status != StatusCode::NOT_FOUND {
+            return error;
+        }
+        match (self.key(), decode_segment(self.params.version)) {
+            (Ok(key), Ok(version)) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{key} {version} not found"),
+            ),
+            _ => error,
         }
     }
 
@@ -81,22 +121,19 @@ impl Call<'_> {
         Ok(ExtensionKey { ty, name })
     }
 
+    /// The answer, and whether it is stale.
     pub(super) async fn ask(
         &self,
         req: BackendRequest,
-    ) -> Result<(BackendResponse, Option<RegistryError>), ApiError> {
+    ) -> Result<(BackendResponse, Stale), ApiError> {
         let response = self.shared.registry.clone().oneshot(req).await?;
-        let stale = response.stale_error().cloned();
+        let stale = response.is_stale().then(|| response.stale_error().cloned());
         Ok((response, stale))
     }
 
     /// Marks an answer as cacheable by clients and intermediaries for the cache TTL; a stale
     /// answer says so and must be revalidated, so downstream caches do not keep it longer.
-    pub(super) fn cacheable(
-        &self,
-        mut response: Response<Body>,
-        stale: Option<RegistryError>,
-    ) -> Response<Body> {
+    pub(super) fn cacheable(&self, mut response: Response<Body>, stale: Stale) -> Response<Body> {
         let headers = response.headers_mut();
         let max_age = match stale {
             Some(_) => 0,
@@ -106,7 +143,7 @@ impl Call<'_> {
             headers.insert(CACHE_CONTROL, v);
         }
         if let Some(error) = stale {
-            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(&error)) {
+            if let Ok(v) = HeaderValue::from_str(&stale_cache_status(error.as_ref())) {
                 headers.insert("cache-status", v);
             }
         }
@@ -119,21 +156,21 @@ impl Call<'_> {
     pub(super) async fn represent<T: std::any::Any + Send + Sync>(
         &self,
         key: String,
+        keep: Keep,
         value: &Arc<T>,
-        render: impl FnOnce(&T) -> Vec<u8>,
+        render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
         self.shared
             .renderings
-            .get_or_render(key, value, render)
+            .respond(key, keep, value, render)
             .await
-            .response()
     }
 
     async fn listing(
         &self,
         ty: Option<ExtensionType>,
         source: Option<Source>,
-    ) -> Result<(Arc<Vec<crate::registry::Extension>>, Option<RegistryError>), ApiError> {
+    ) -> Result<(Arc<Vec<crate::registry::Extension>>, Stale), ApiError> {
         let (response, stale) = self
             .ask(BackendRequest::List(ListFilter { ty, source }))
             .await?;
@@ -146,16 +183,20 @@ impl Call<'_> {
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
         let (all, stale) = self.listing(ty, source).await?;
-        let mut response = self
-            .represent(
-                format!("list {ty:?} {source:?} {offset} {limit}"),
-                &all,
-                |all| to_json(&all.iter().skip(offset).take(limit).collect::<Vec<_>>()),
-            )
+        // Keyed by the items the page holds, not by how it was asked for: every empty page
+        // (past the end, `limit=0`) is one entry, and so is every spelling of a last page.
+        let total = all.len();
+        let page = offset.min(total)..offset.saturating_add(limit).min(total);
+        let key = match page.is_empty() {
+            true => format!("list {ty:?} {source:?} empty"),
+            false => format!("list {ty:?} {source:?} {page:?}"),
+        };
+        let response = self
+            .represent(key, Keep::Always, &all, |all| Rendered {
+                json: to_json(&all[page]),
+                total: Some(total),
+            })
             .await;
-        response
-            .headers_mut()
-            .insert("x-total-count", HeaderValue::from(all.len()));
         Ok(self.cacheable(response, stale))
     }
 
@@ -171,9 +212,10 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
+        let key = format!("search {ty:?} {limit} {q}");
         let response = self
-            .represent(format!("search {ty:?} {limit} {q}"), &all, |all| {
-                to_json(&search(all, q, limit))
+            .represent(key, Keep::FromSecondAsk, &all, |all| {
+                rendered(&search(all, q, limit))
             })
             .await;
         Ok(self.cacheable(response, stale))
@@ -185,7 +227,9 @@ impl Call<'_> {
         let memo_key = format!("get {key} {source:?}");
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        let response = self.represent(memo_key, &extension, to_json).await;
+        let response = self
+            .represent(memo_key, Keep::Always, &extension, rendered)
+            .await;
         Ok(self.cacheable(response, stale))
     }
 
@@ -200,9 +244,9 @@ impl Call<'_> {
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
         let response = self
-            .represent(memo_key, &versions, |all| match &filter {
-                Some(filter) => to_json(&filter.select(all)),
-                None => to_json(all),
+            .represent(memo_key, Keep::Always, &versions, |all| match &filter {
+                Some(filter) => rendered(&filter.select(all)),
+                None => rendered(all),
             })
             .await;
         Ok(self.cacheable(response, stale))
@@ -212,14 +256,29 @@ impl Call<'_> {
         let key = self.key()?;
         let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
         let source = query.parsed("source", str::parse::<Source>)?;
-        let (response, _) = self
-            .ask(BackendRequest::Download {
+        let request = if self.head {
+            BackendRequest::DownloadHead {
                 key,
                 version,
                 source,
-            })
-            .await?;
+            }
+        } else {
+            BackendRequest::Download {
+                key,
+                version,
+                source,
+            }
+        };
+        let (response, _) = self.ask(request).await?;
         Ok(artifact_response(response.into_artifact()?))
+    }
+
+    async fn stats(&self) -> Response<Body> {
+        let stats = Stats {
+            caches: self.shared.caches.stats().await,
+            rendered: self.shared.renderings.stats().await,
+        };
+        json(StatusCode::OK, &stats)
     }
 
     fn metrics(&self) -> Response<Body> {
@@ -233,10 +292,17 @@ impl Call<'_> {
     }
 }
 
-/// The RFC 9211 `Cache-Status` of an answer served stale: the cache asked the backends
-/// (`fwd=stale`), they failed with `fwd-status`, and the kept answer was served. `detail` is an
-/// sf-string: printable ASCII with `"` and `\` escaped.
-fn stale_cache_status(error: &RegistryError) -> String {
+/// Whether an answer is stale, and why: `Some(Some(error))` when it stands in for a backend
+/// failure, `Some(None)` when it is served while a refresh runs, `None` when fresh.
+type Stale = Option<Option<RegistryError>>;
+
+/// The RFC 9211 `Cache-Status` of an answer served stale (`fwd=stale`): while a refresh runs,
+/// or because the backends failed with `fwd-status` and the kept answer was served. `detail`
+/// is an sf-string: printable ASCII with `"` and `\` escaped.
+fn stale_cache_status(error: Option<&RegistryError>) -> String {
+    let Some(error) = error else {
+        return "extension-registry; fwd=stale".to_owned();
+    };
     let status = ApiError::from(error.clone()).status.as_u16();
     let mut detail = String::new();
     for c in error.to_string().chars() {
@@ -252,7 +318,8 @@ fn stale_cache_status(error: &RegistryError) -> String {
     format!("extension-registry; fwd=stale; fwd-status={status}; detail=\"{detail}\"")
 }
 
-/// The streamed download response.
+/// The streamed download response (or, for HEAD, its head alone): `Content-Length` and
+/// `Repr-Digest` (RFC 9530) from the backend's metadata when it has them.
 fn artifact_response(artifact: Artifact) -> Response<Body> {
     let filename: String = artifact
         .filename
@@ -278,5 +345,16 @@ fn artifact_response(artifact: Artifact) -> Response<Body> {
     if let Some(len) = artifact.content_length {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
+    if let Some(digest) = artifact.checksum.as_deref().and_then(repr_digest) {
+        headers.insert("repr-digest", digest);
+    }
     response
+}
+
+/// `sha-256=:<base64>:` for a `sha256:<hex>` checksum.
+fn repr_digest(checksum: &str) -> Option<HeaderValue> {
+    use base64::Engine;
+    let digest = sha256_digest(checksum)?;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(digest);
+    HeaderValue::from_str(&format!("sha-256=:{encoded}:")).ok()
 }

@@ -1,44 +1,59 @@
-//! Health, liveness and readiness. Backend probes are cached for a few seconds and run one at
-//! a time, so however often the endpoints are polled, backends see at most one probe per
-//! interval.
+//! Health, liveness and readiness. The backends are probed in the background every
+//! `probe_interval_seconds`, one probe at a time; `/api/v1/health` and `/readyz` answer at once
+//! from the last result, so however often they are polled and however slow a backend is, no
+//! request waits on a probe and backends see one probe per interval.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Response, StatusCode};
 use serde::Serialize;
-use tokio::sync::Mutex;
 use tower::ServiceExt;
 
 use crate::api::handlers::json;
 use crate::body::Body;
-use crate::registry::{BackendHealth, BackendRequest, BackendService, HealthReport, Source};
+use crate::middleware::breaker::{CircuitState, Gate};
+use crate::registry::{
+    BackendHealth, BackendRequest, BackendService, HealthReport, Source, HEALTH_PROBE_TIMEOUT,
+};
 
-/// How long a probe result is reused.
-const PROBE_TTL: Duration = Duration::from_secs(5);
-/// How long a probe may take before the backends count as unhealthy.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a probe may take before every backend counts as unhealthy: a backstop, a little
+/// longer than the merge's bound on each backend's probe, whose report names the slow one.
+const PROBE_TIMEOUT: Duration = HEALTH_PROBE_TIMEOUT.saturating_add(Duration::from_secs(1));
 
-/// Probes the backends and remembers the answer.
+/// Probes the backends in the background and keeps the last answer.
 pub struct HealthProbe {
+    state: Arc<ProbeState>,
+}
+
+struct ProbeState {
     /// Asked for `BackendRequest::Health`.
     registry: BackendService,
     /// The configured backends, in precedence order.
     sources: Vec<Source>,
+    /// Each backend's circuit breaker, shown beside its probe result.
+    gates: Vec<Gate>,
+    /// Time between the end of one probe and the start of the next.
+    interval: Duration,
     /// For `uptime`.
     started: Instant,
-    /// The last probe and when it ran; the lock also makes concurrent probes wait for one.
-    last: Mutex<Option<(Instant, Arc<HealthReport>)>>,
+    /// The last probe's report; `None` until the first probe ends.
+    last: RwLock<Option<Arc<HealthReport>>>,
     /// Set once any backend has answered a probe; readiness never goes back.
     ready: AtomicBool,
+    /// Whether the probing task runs.
+    probing: AtomicBool,
 }
 
 #[derive(Serialize)]
 struct BackendStatus {
     enabled: bool,
     healthy: bool,
+    /// The circuit breaker's state, for enabled backends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    circuit: Option<CircuitState>,
 }
 
 #[derive(Serialize)]
@@ -50,23 +65,127 @@ struct HealthBody {
 }
 
 impl HealthProbe {
-    pub fn new(registry: BackendService, sources: Vec<Source>) -> Self {
-        Self {
-            registry,
-            sources,
-            started: Instant::now(),
-            last: Mutex::new(None),
-            ready: AtomicBool::new(false),
+    /// Starts probing at once when called within a Tokio runtime; otherwise at the first
+    /// health or readiness request.
+    pub fn new(
+        registry: BackendService,
+        sources: Vec<Source>,
+        gates: Vec<Gate>,
+        interval: Duration,
+    ) -> Self {
+        let probe = Self {
+            state: Arc::new(ProbeState {
+                registry,
+                sources,
+                gates,
+                interval,
+                started: Instant::now(),
+                last: RwLock::new(None),
+                ready: AtomicBool::new(false),
+                probing: AtomicBool::new(false),
+            }),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            probe.start();
         }
+        probe
     }
 
-    async fn report(&self) -> Arc<HealthReport> {
-        let mut last = self.last.lock().await;
-        if let Some((at, report)) = last.as_ref() {
-            if at.elapsed() < PROBE_TTL {
-                return report.clone();
-            }
+    /// Spawns the probing task unless it runs. It holds the state weakly, so it ends once the
+    /// application is dropped.
+    fn start(&self) {
+        if self.state.probing.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let state = Arc::downgrade(&self.state);
+        tokio::spawn(probe_forever(state));
+    }
+
+    fn last(&self) -> Option<Arc<HealthReport>> {
+        self.start();
+        let last = self.state.last.read().unwrap_or_else(|p| p.into_inner());
+        last.clone()
+    }
+
+    /// `/api/v1/health`: healthy when every backend is, degraded when some are (200),
+    /// unhealthy when none is (503), starting before the first probe has ended (503). A backend
+    /// is healthy when it answered the last probe and its circuit breaker is not open.
+    pub async fn health_response(&self) -> Response<Body> {
+        let report = self.last();
+        let healthy_now = |health: &BackendHealth| {
+            health.healthy
+                && self
+                    .gate(health.source)
+                    .is_none_or(|g| g.state() != CircuitState::Open)
+        };
+        let healthy = report
+            .iter()
+            .flat_map(|r| r.0.iter())
+            .filter(|b| healthy_now(b))
+            .count();
+        let (status, code) = match (&report, healthy) {
+            (None, _) => ("starting", StatusCode::SERVICE_UNAVAILABLE),
+            (Some(_), 0) => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
+            (Some(r), n) if n == r.0.len() => ("healthy", StatusCode::OK),
+            _ => ("degraded", StatusCode::OK),
+        };
+        let backends = Source::ALL
+            .into_iter()
+            .map(|source| {
+                let enabled = self.state.sources.contains(&source);
+                let probed = report
+                    .as_ref()
+                    .and_then(|r| r.0.iter().find(|b| b.source == source));
+                let status = BackendStatus {
+                    enabled,
+                    healthy: probed.is_some_and(healthy_now),
+                    circuit: self.gate(source).map(Gate::state),
+                };
+                (source.as_str(), status)
+            })
+            .collect();
+        let body = HealthBody {
+            status,
+            version: env!("CARGO_PKG_VERSION"),
+            uptime: self.state.started.elapsed().as_secs(),
+            backends,
+        };
+        json(code, &body)
+    }
+
+    fn gate(&self, source: Source) -> Option<&Gate> {
+        self.state.gates.iter().find(|g| g.backend() == source)
+    }
+
+    /// `/readyz`: ready once any backend has answered a health probe.
+    pub async fn ready_response(&self) -> Response<Body> {
+        self.start();
+        if self.state.ready.load(Ordering::Acquire) {
+            json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "not_ready"}),
+            )
+        }
+    }
+}
+
+/// Probes, waits the interval, and again, while the application lives.
+async fn probe_forever(state: Weak<ProbeState>) {
+    loop {
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        state.probe().await;
+        let interval = state.interval;
+        drop(state);
+        tokio::time::sleep(interval).await;
+    }
+}
+
+impl ProbeState {
+    async fn probe(&self) {
         let probe = self.registry.clone().oneshot(BackendRequest::Health);
         let report = match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(response)) => response.into_health().ok(),
@@ -88,56 +207,8 @@ impl HealthProbe {
             tracing::warn!(backend = %unhealthy.source, detail = ?unhealthy.detail, "backend unhealthy");
         }
         if report.0.iter().any(|b| b.healthy) {
-            self.ready.store(true, Ordering::Relaxed);
+            self.ready.store(true, Ordering::Release);
         }
-        let report = Arc::new(report);
-        *last = Some((Instant::now(), report.clone()));
-        report
-    }
-
-    /// `/api/v1/health`: healthy when every backend is, degraded when some are (200),
-    /// unhealthy when none is (503).
-    pub async fn health_response(&self) -> Response<Body> {
-        let report = self.report().await;
-        let healthy = report.0.iter().filter(|b| b.healthy).count();
-        let (status, code) = match healthy {
-            0 => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
-            n if n == report.0.len() => ("healthy", StatusCode::OK),
-            _ => ("degraded", StatusCode::OK),
-        };
-        let backends = Source::ALL
-            .into_iter()
-            .map(|source| {
-                let probed = report.0.iter().find(|b| b.source == source);
-                let status = BackendStatus {
-                    enabled: probed.is_some(),
-                    healthy: probed.is_some_and(|b| b.healthy),
-                };
-                (source.as_str(), status)
-            })
-            .collect();
-        let body = HealthBody {
-            status,
-            version: env!("CARGO_PKG_VERSION"),
-            uptime: self.started.elapsed().as_secs(),
-            backends,
-        };
-        json(code, &body)
-    }
-
-    /// `/readyz`: ready once any backend has answered a health probe.
-    pub async fn ready_response(&self) -> Response<Body> {
-        let ready = self.ready.load(Ordering::Relaxed) || {
-            self.report().await;
-            self.ready.load(Ordering::Relaxed)
-        };
-        if ready {
-            json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-        } else {
-            json(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &serde_json::json!({"status": "not_ready"}),
-            )
-        }
+        *self.last.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(report));
     }
 }

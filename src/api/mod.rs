@@ -169,7 +169,18 @@ impl Router {
     }
 }
 
-const ALLOW: &str = "GET, HEAD";
+/// The methods most paths answer: the API is read-only but for the batch resolve.
+pub const ALLOW: &str = "GET, HEAD";
+
+/// The methods `path` answers, for a `405` decided above the router (see
+/// `middleware::preflight`): its route's own, or GET and HEAD for unknown paths.
+pub fn allow_for(path: &str) -> &'static str {
+    static ROUTES: std::sync::OnceLock<RouteTable> = std::sync::OnceLock::new();
+    ROUTES
+        .get_or_init(RouteTable::new)
+        .at(path)
+        .map_or(ALLOW, |(route, _)| route.allow())
+}
 
 impl<B> Service<Request<B>> for Router
 where
@@ -189,27 +200,36 @@ where
         let shared = self.shared.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
+        let host = query::check_host(&req);
         let quota = req.extensions().get::<QuotaCharge>().cloned();
         let body = req.into_body();
         Box::pin(async move {
-            let path = uri.path();
-            if let Err(e) = query::check_target(path, uri.query()) {
+            if let Err(e) = host {
                 return Ok(e.into_response());
             }
-            let Some((route, params)) = shared.routes.at(path) else {
-                return Ok(ApiError::route_not_found().into_response());
-            };
-            let allowed = match route {
-                Route::ResolveBatch => method == Method::POST,
+            let path = uri.path();
+            let found = shared.routes.at(path);
+            // Before anything else about the path: each route answers its own methods; unknown
+            // paths and `*` answer GET and HEAD only.
+            let allowed = match found {
+                Some((Route::ResolveBatch, _)) => method == Method::POST,
                 _ => method == Method::GET || method == Method::HEAD,
             };
             if !allowed {
-                return Ok(ApiError::method_not_allowed(route.allow()).into_response());
+                let allow = found.as_ref().map_or(ALLOW, |(route, _)| route.allow());
+                return Ok(ApiError::method_not_allowed(allow).into_response());
             }
+            if let Err(e) = query::check_target(path, uri.query()) {
+                return Ok(e.into_response());
+            }
+            let Some((route, params)) = found else {
+                return Ok(ApiError::route_not_found().into_response());
+            };
             let call = handlers::Call {
                 shared: &shared,
                 params,
                 query: uri.query(),
+                head: method == Method::HEAD,
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,

@@ -1,12 +1,18 @@
 //! Input validation at the edge: path pieces and query parameters are decoded, checked and
 //! turned into domain values before any backend is asked.
 
+use http::header::HOST;
+use http::{Request, StatusCode, Version};
+
 use crate::error::ApiError;
+use crate::middleware::rate_limit::PeerAddr;
 
 /// Longest path accepted; no valid route comes near it.
 pub const MAX_PATH_LEN: usize = 1024;
-/// Longest query string accepted.
-pub const MAX_QUERY_LEN: usize = 2048;
+/// Longest query string accepted, in bytes: room for a search text of the longest promised
+/// length (256 characters) written entirely in 4-byte characters, each percent-encoded to 12
+/// bytes (3,072 bytes), beside every other parameter.
+pub const MAX_QUERY_LEN: usize = 4096;
 
 /// Percent-decodes one path segment, refusing what could smuggle structure or bytes past the
 /// name rules: encoded slashes and backslashes, NUL, bad escapes, non-UTF-8, dot segments.
@@ -47,6 +53,21 @@ pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// An HTTP/1.1 request received from a client carries exactly one `Host` (RFC 9112 §3.2).
+/// Requests handed over in-process (without a peer address) have no wire form to check.
+pub fn check_host<B>(req: &Request<B>) -> Result<(), ApiError> {
+    let from_a_client = req.extensions().get::<PeerAddr>().is_some();
+    let hosts = req.headers().get_all(HOST).iter().count();
+    if from_a_client && req.version() == Version::HTTP_11 && hosts != 1 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_host",
+            format!("an HTTP/1.1 request carries exactly one Host header, not {hosts}"),
+        ));
+    }
+    Ok(())
+}
+
 fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
@@ -75,8 +96,8 @@ fn percent_decode(input: &[u8], plus_is_space: bool) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The decoded query parameters of a request. Unknown parameters are ignored; of a repeated
-/// parameter the first counts.
+/// The decoded query parameters of a request. Unknown parameters are ignored; a parameter
+/// given twice is refused, whichever it is, rather than one of its values silently chosen.
 #[derive(Debug, Default)]
 pub struct Query {
     pairs: Vec<(String, String)>,
@@ -98,6 +119,9 @@ impl Query {
                     "malformed percent-encoding, NUL or bytes that are not UTF-8",
                 ));
             };
+            if pairs.iter().any(|(seen, _)| *seen == k) {
+                return Err(ApiError::invalid_parameter(&k, "given more than once"));
+            }
             pairs.push((k, v));
         }
         Ok(Self { pairs })
@@ -170,10 +194,28 @@ mod tests {
 
     #[test]
     fn query_values_are_decoded() {
-        let q = Query::parse(Some("q=a+b%21&q=second&flag")).unwrap();
+        let q = Query::parse(Some("q=a+b%21&flag")).unwrap();
         assert_eq!(q.get("q"), Some("a b!"));
         assert_eq!(q.get("flag"), Some(""));
         assert!(Query::parse(Some("q=%ff")).is_err());
         assert!(Query::parse(Some("q=%00")).is_err());
+    }
+
+    #[test]
+    fn a_repeated_parameter_is_refused_by_name() {
+        for query in ["type=provider&type=bogus", "type=a&%74ype=a", "flag&flag"] {
+            let error = Query::parse(Some(query)).unwrap_err();
+            assert_eq!(error.code, "invalid_parameter");
+            let name = if query.starts_with("flag") {
+                "flag"
+            } else {
+                "type"
+            };
+            assert!(
+                error.message.contains(&format!("'{name}'")),
+                "{}",
+                error.message
+            );
+        }
     }
 }

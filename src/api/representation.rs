@@ -1,204 +1,310 @@
 //! Rendered answers, kept: the JSON bytes of an answer, its strong ETag and its compressed
-//! forms. Rendering a 100-item listing costs more than everything else a cached request
-//! does, and compressing it twenty times more, so each rendering is memoised per request
-//! target (path and query) for as long as the cached domain value behind it is the same
-//! `Arc`. A cache refresh yields a new `Arc`, so the next request renders afresh.
+//! forms (a `compression::Representation`). Rendering a 100-item listing costs more than
+//! everything else a cached request does, and compressing it twenty times more, so each
+//! rendering is memoised per request target for as long as the cached domain value behind it
+//! is the same `Arc`. A cache refresh yields a new `Arc`, so the next request renders afresh.
 //!
-//! The handler attaches the `Arc<Representation>` to its response's extensions; the
+//! The memo is bounded in bytes against clients that ask for many distinct answers: every
+//! entry weighs what it really costs ([`ENTRY_OVERHEAD`] on top of its key and JSON), and
+//! an entry holds only a weak reference to the value it was rendered from, so a replaced
+//! listing is freed at once rather than when the last page rendered from it leaves the memo.
+//! Handlers keep keys few (every empty page of a listing shares one), and answers a client
+//! may vary without end (searches) are kept only from their second ask ([`Keep`]).
+//!
+//! The handler's response carries the `Arc<Representation>` in its extensions; the
 //! compression layer takes the compressed form from it instead of compressing the body.
 
 use std::any::Any;
-use std::sync::{Arc, OnceLock};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::Response;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::body::{self, Body};
-use crate::middleware::compression::{self, Coding};
+use crate::middleware::compression::Representation;
 
-/// One encoded form of a representation and the ETag that names it.
-pub struct Encoded {
-    pub bytes: Bytes,
-    /// Differs per coding, as RFC 9110 wants for strong validators.
-    pub etag: HeaderValue,
+/// Bytes an entry costs beyond its key and JSON: the memo's own bookkeeping (moka's entry,
+/// its deques and hash-table slot), the entry, the representation with its slots for
+/// compressed forms, the ETag and the weak reference's allocation. Measured with a counting
+/// allocator (`tests/cache.rs`: 726 bytes per entry), rounded up for the allocator's own
+/// rounding and bookkeeping.
+pub const ENTRY_OVERHEAD: usize = 1024;
+
+/// How many searches the first-ask filter remembers; a search asked again before its slot is
+/// taken by another is memoised. 8 bytes each.
+const FIRST_ASKS: usize = 4096;
+
+/// Whether an answer earns a memo entry on its first ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Keys a client cannot vary without end (a listing page, one extension).
+    Always,
+    /// Keys a client can vary without end (a search text): kept from the second ask, so
+    /// one-off requests do not push out answers that are asked for again.
+    FromSecondAsk,
 }
 
-/// A rendered JSON answer.
-pub struct Representation {
-    /// The identity form.
-    identity: Encoded,
-    /// The compressed forms, made on first demand; `None` when compressing failed.
-    compressed: [OnceLock<Option<Encoded>>; Coding::COMPRESSED.len()],
-}
-
-impl Representation {
-    /// Takes rendered JSON; its ETag is a digest of the bytes, so equal answers from
-    /// different renderings carry equal validators.
-    pub fn new(json: Vec<u8>) -> Self {
-        let digest = Sha256::digest(&json);
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        let etag = HeaderValue::from_str(&format!("\"{hex}\""))
-            .unwrap_or_else(|_| HeaderValue::from_static("\"\""));
-        Self {
-            identity: Encoded {
-                bytes: json.into(),
-                etag,
-            },
-            compressed: Default::default(),
-        }
-    }
-
-    pub fn json(&self) -> &Bytes {
-        &self.identity.bytes
-    }
-
-    pub fn etag(&self) -> &HeaderValue {
-        &self.identity.etag
-    }
-
-    /// The form for `coding`, compressing on first demand only.
-    pub fn encoded(&self, coding: Coding) -> Option<&Encoded> {
-        let Some(slot) = Coding::COMPRESSED.iter().position(|c| *c == coding) else {
-            return Some(&self.identity);
-        };
-        self.compressed[slot]
-            .get_or_init(|| {
-                let bytes = compression::encode(coding, self.json())
-                    .inspect_err(|e| tracing::warn!(error = %e, %coding, "compression failed"))
-                    .ok()?;
-                let tag = self.etag().to_str().ok()?.trim_end_matches('"');
-                let etag = HeaderValue::from_str(&format!("{tag}-{coding}\"")).ok()?;
-                Some(Encoded {
-                    bytes: bytes.into(),
-                    etag,
-                })
-            })
-            .as_ref()
-    }
-
-    /// The 200 response: identity JSON with its ETag, the representation attached.
-    pub fn response(self: &Arc<Self>) -> Response<Body> {
-        let mut response = Response::new(body::full(self.json().clone()));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(self.json().len()));
-        headers.insert(ETAG, self.etag().clone());
-        response.extensions_mut().insert(self.clone());
-        response
-    }
+/// What a handler renders.
+pub struct Rendered {
+    pub json: Vec<u8>,
+    /// The number of matches before paging, sent as `X-Total-Count`; the ETag covers it.
+    pub total: Option<usize>,
 }
 
 /// The memo of renderings, keyed by request target.
 pub struct Renderings {
     memo: moka::future::Cache<String, Arc<Rendering>>,
+    max_bytes: u64,
+    /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
+    first_asks: Box<[AtomicU64]>,
+    /// Seeded per process, so clients cannot aim keys at one slot.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 struct Rendering {
-    /// The domain value it was rendered from; held so its address stays its own.
-    source: Arc<dyn Any + Send + Sync>,
+    /// The domain value it was rendered from; weak, so the value is freed once the caches
+    /// drop it, while its address stays its own for as long as the entry holds it.
+    source: Weak<dyn Any + Send + Sync>,
     representation: Arc<Representation>,
+    total: Option<usize>,
+}
+
+/// The memo's part of `/api/v1/cache/stats`.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MemoStats {
+    pub rendered_entries: u64,
+    /// Weighed as in [`Renderings::new`]; at most `rendered_max_bytes`.
+    pub rendered_bytes: u64,
+    pub rendered_max_bytes: u64,
 }
 
 impl Renderings {
-    /// Keeps renderings worth at most `max_bytes` (the JSON counted twice, for the compressed
-    /// forms it may gain), so however many distinct answers clients ask for, the memo stays
-    /// bounded in memory; one unused for `idle` is dropped with the domain value it holds.
+    /// Keeps renderings weighing at most `max_bytes` in all: each weighs its key, its JSON
+    /// twice (for the compressed forms it may gain) and [`ENTRY_OVERHEAD`]. One unused for
+    /// `idle` is dropped.
     pub fn new(max_bytes: u64, idle: Duration) -> Self {
         Self {
             memo: moka::future::Cache::builder()
                 .weigher(|key: &String, kept: &Arc<Rendering>| {
-                    let bytes = key.len() + 2 * kept.representation.identity.bytes.len();
+                    let bytes = ENTRY_OVERHEAD + key.len() + 2 * kept.representation.bytes().len();
                     u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .max_capacity(max_bytes)
                 .time_to_idle(idle)
                 .build(),
+            max_bytes,
+            first_asks: (0..FIRST_ASKS).map(|_| AtomicU64::new(0)).collect(),
+            hasher: Default::default(),
         }
     }
 
-    /// The representation of `source` named `key`, rendered by `render` only when `key` was
-    /// last rendered from another value.
-    pub async fn get_or_render<T: Any + Send + Sync>(
+    /// The 200 answer of `source` named `key`, rendered by `render` only when `key` was last
+    /// rendered from another value (or, under [`Keep::FromSecondAsk`], not kept yet).
+    pub async fn respond<T: Any + Send + Sync>(
         &self,
         key: String,
+        keep: Keep,
         source: &Arc<T>,
-        render: impl FnOnce(&T) -> Vec<u8>,
-    ) -> Arc<Representation> {
+        render: impl FnOnce(&T) -> Rendered,
+    ) -> Response<Body> {
         if let Some(kept) = self.memo.get(&key).await {
-            if std::ptr::addr_eq(Arc::as_ptr(&kept.source), Arc::as_ptr(source)) {
-                return kept.representation.clone();
+            if std::ptr::addr_eq(kept.source.as_ptr(), Arc::as_ptr(source)) {
+                return kept.response();
             }
         }
-        let representation = Arc::new(Representation::new(render(source)));
+        let Rendered { json, total } = render(source);
         let source: Arc<dyn Any + Send + Sync> = source.clone();
-        self.memo
-            .insert(
-                key,
-                Arc::new(Rendering {
-                    source,
-                    representation: representation.clone(),
-                }),
-            )
-            .await;
-        representation
+        let rendering = Arc::new(Rendering {
+            source: Arc::downgrade(&source),
+            representation: Arc::new(representation(json, total)),
+            total,
+        });
+        let response = rendering.response();
+        if keep == Keep::Always || self.asked_before(&key) {
+            self.memo.insert(key, rendering).await;
+        }
+        response
     }
+
+    /// Whether `key` was asked for since its slot last changed hands; remembers it if not.
+    fn asked_before(&self, key: &str) -> bool {
+        let hash = self.hasher.hash_one(key);
+        let slot = &self.first_asks[hash as usize % self.first_asks.len()];
+        slot.swap(hash, Ordering::Relaxed) == hash
+    }
+
+    /// Entries and their weight, settled first (the memo counts lazily).
+    pub async fn stats(&self) -> MemoStats {
+        self.memo.run_pending_tasks().await;
+        MemoStats {
+            rendered_entries: self.memo.entry_count(),
+            rendered_bytes: self.memo.weighted_size(),
+            rendered_max_bytes: self.max_bytes,
+        }
+    }
+}
+
+impl Rendering {
+    /// The 200 response: identity JSON with its ETag, the representation attached.
+    fn response(&self) -> Response<Body> {
+        let representation = &self.representation;
+        let mut response = Response::new(body::full(representation.bytes().clone()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            CONTENT_LENGTH,
+            HeaderValue::from(representation.bytes().len()),
+        );
+        headers.insert(ETAG, representation.etag().clone());
+        if let Some(total) = self.total {
+            headers.insert("x-total-count", HeaderValue::from(total));
+        }
+        response.extensions_mut().insert(representation.clone());
+        response
+    }
+}
+
+/// Rendered JSON kept as a representation: the bytes boxed to their length (serialisers leave
+/// spare capacity that would go unweighed) and a strong ETag digesting them and the total that
+/// goes with them, so equal answers from different renderings carry equal validators, and
+/// equal pages of listings of different lengths do not.
+pub fn representation(json: Vec<u8>, total: Option<usize>) -> Representation {
+    let etag = etag(&json, total);
+    Representation::new(json.into_boxed_slice().into(), etag)
+}
+
+fn etag(json: &[u8], total: Option<usize>) -> HeaderValue {
+    let mut digest = Sha256::new();
+    digest.update(json);
+    if let Some(total) = total {
+        digest.update(format!("\ntotal={total}"));
+    }
+    let hex: String = digest.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    HeaderValue::from_str(&format!("\"{hex}\""))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
+
+    fn json(v: &Vec<i32>) -> Rendered {
+        Rendered {
+            json: serde_json::to_vec(v).unwrap(),
+            total: None,
+        }
+    }
+
+    async fn answer(
+        renderings: &Renderings,
+        key: &str,
+        keep: Keep,
+        value: &Arc<Vec<i32>>,
+    ) -> Arc<Representation> {
+        renderings
+            .respond(key.into(), keep, value, json)
+            .await
+            .extensions()
+            .get::<Arc<Representation>>()
+            .unwrap()
+            .clone()
+    }
 
     #[tokio::test]
     async fn a_rendering_is_reused_while_the_value_is_the_same_arc() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1, 2, 3]);
-        let render = |v: &Vec<i32>| serde_json::to_vec(v).unwrap();
-        let first = renderings.get_or_render("a".into(), &value, render).await;
+        let first = answer(&renderings, "a", Keep::Always, &value).await;
         let again = renderings
-            .get_or_render("a".into(), &value, |_| unreachable!())
+            .respond("a".into(), Keep::Always, &value, |_| unreachable!())
             .await;
-        assert!(Arc::ptr_eq(&first, &again));
+        let again = again.extensions().get::<Arc<Representation>>().unwrap();
+        assert!(Arc::ptr_eq(&first, again));
 
-        let other_target = renderings.get_or_render("b".into(), &value, render).await;
+        let other_target = answer(&renderings, "b", Keep::Always, &value).await;
         assert!(!Arc::ptr_eq(&first, &other_target));
 
         let refreshed = Arc::new(vec![1, 2, 3, 4]);
-        let third = renderings
-            .get_or_render("a".into(), &refreshed, render)
-            .await;
-        assert_eq!(&third.json()[..], b"[1,2,3,4]");
+        let third = answer(&renderings, "a", Keep::Always, &refreshed).await;
+        assert_eq!(&third.bytes()[..], b"[1,2,3,4]");
         assert_ne!(first.etag(), third.etag());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_value_is_not_kept_alive_by_the_memo() {
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
+        let value = Arc::new(vec![1, 2, 3]);
+        answer(&renderings, "a", Keep::Always, &value).await;
+        let watch = Arc::downgrade(&value);
+        drop(value);
+        assert!(watch.upgrade().is_none());
+    }
+
+    #[tokio::test]
+    async fn searches_are_kept_from_their_second_ask() {
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
+        let value = Arc::new(vec![1]);
+        for i in 0..100 {
+            answer(
+                &renderings,
+                &format!("once {i}"),
+                Keep::FromSecondAsk,
+                &value,
+            )
+            .await;
+        }
+        assert_eq!(renderings.stats().await.rendered_entries, 0);
+        let first = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
+        let second = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
+        assert!(!Arc::ptr_eq(&first, &second), "the first ask kept nothing");
+        let third = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
+        assert!(Arc::ptr_eq(&second, &third), "the second ask was kept");
+        assert_eq!(renderings.stats().await.rendered_entries, 1);
+    }
+
+    #[tokio::test]
+    async fn the_total_is_sent_and_covered_by_the_etag() {
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
+        let page = |total| {
+            move |_: &Vec<i32>| Rendered {
+                json: b"[]".to_vec(),
+                total: Some(total),
+            }
+        };
+        let short = renderings
+            .respond("a".into(), Keep::Always, &Arc::new(vec![]), page(2))
+            .await;
+        let long = renderings
+            .respond("a".into(), Keep::Always, &Arc::new(vec![]), page(3))
+            .await;
+        assert_eq!(short.headers()["x-total-count"], "2");
+        assert_eq!(long.headers()["x-total-count"], "3");
+        assert_ne!(short.headers()[ETAG], long.headers()[ETAG]);
+        let body = long.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"[]");
     }
 
     #[tokio::test]
     async fn the_memo_stays_within_its_byte_budget_whatever_clients_ask() {
         let budget = 64 * 1024;
         let renderings = Renderings::new(budget, Duration::from_secs(60));
-        let value = Arc::new(vec![7u8; 4096]);
+        let value = Arc::new(vec![7; 1024]);
         for i in 0..200 {
-            renderings
-                .get_or_render(format!("search {i}"), &value, |v| v.clone())
-                .await;
+            answer(&renderings, &format!("page {i}"), Keep::Always, &value).await;
         }
-        renderings.memo.run_pending_tasks().await;
-        assert!(renderings.memo.weighted_size() <= budget);
-        assert!(renderings.memo.entry_count() < 200);
-    }
-
-    #[test]
-    fn compressed_forms_are_made_once_and_named_by_their_own_etag() {
-        let representation = Representation::new(b"{\"a\":1}".repeat(100));
-        let gzip = representation.encoded(Coding::Gzip).unwrap();
-        let again = representation.encoded(Coding::Gzip).unwrap();
-        assert_eq!(gzip.bytes.as_ptr(), again.bytes.as_ptr());
-        let tag = representation.etag().to_str().unwrap();
-        assert_eq!(
-            gzip.etag.to_str().unwrap(),
-            format!("{}-gzip\"", &tag[..tag.len() - 1])
-        );
-        assert!(gzip.bytes.len() < representation.json().len());
+        let stats = renderings.stats().await;
+        assert!(stats.rendered_bytes <= budget);
+        assert!(stats.rendered_entries < 200);
+        assert_eq!(stats.rendered_max_bytes, budget);
     }
 }

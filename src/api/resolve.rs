@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
-use super::handlers::{json, to_json, Call};
+use super::handlers::{json, rendered, Call};
+use super::representation::Keep;
 use super::query::Query;
 use super::Shared;
 use crate::body::Body;
@@ -147,7 +148,7 @@ impl Call<'_> {
         let versions = response.into_versions()?;
         let resolved = filter.pick(&key, &versions)?;
         let response = self
-            .represent(memo_key, &versions, |_| to_json(&resolved))
+            .represent(memo_key, Keep::Always, &versions, |_| rendered(&resolved))
             .await;
         Ok(self.cacheable(response, stale))
     }

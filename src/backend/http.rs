@@ -1,17 +1,20 @@
-//! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to map its
-//! errors to the domain's, and to turn a response into a streamed artifact body.
+//! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to follow
+//! redirects deciding the credential hop by hop, to map its errors to the domain's, and to turn
+//! a response into a streamed artifact body.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION};
+use reqwest::{Method, Url};
 
 use crate::registry::{ArtifactBody, RegistryError, Source};
 use crate::BoxError;
 
-/// How many redirects a download may follow (object storage answers with one or two).
+/// How many redirects one backend request may follow (object storage answers with one or two).
 pub const MAX_REDIRECTS: usize = 5;
 
 /// The most bytes read whole from a metadata answer (a Gitea JSON page, a registry catalog page,
@@ -22,21 +25,85 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 /// Builds the client a backend uses for all its calls.
 ///
 /// `timeout` bounds connecting and each read, not a whole transfer, so a large artifact that
-/// keeps streaming is never cut off while a stalled backend still is. `redirects` is the
-/// backend's redirect policy: reqwest's own following drops `Authorization` only when a redirect
-/// leaves the origin, so a backend that must re-check every hop passes `Policy::none()`.
-pub fn client(
-    timeout: Duration,
-    verify_tls: bool,
-    redirects: reqwest::redirect::Policy,
-) -> Result<reqwest::Client, reqwest::Error> {
+/// keeps streaming is never cut off while a stalled backend still is. The client follows no
+/// redirect: reqwest's own following keeps `Authorization` on any redirect within the origin,
+/// so [`send_per_hop`] follows them, deciding the credential at every hop.
+pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .user_agent(concat!("extension-registry/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout)
         .read_timeout(timeout)
-        .redirect(redirects)
+        .redirect(reqwest::redirect::Policy::none())
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
+}
+
+/// Why [`send_per_hop`] got no answer.
+#[derive(Debug)]
+pub enum HopError {
+    /// A hop could not be sent or answered (connect, timeout, protocol).
+    Transport(reqwest::Error),
+    /// The redirects led nowhere usable: a loop, more than [`MAX_REDIRECTS`], or a `Location`
+    /// that is not an http(s) URL.
+    Redirect(String),
+}
+
+impl HopError {
+    /// The domain error, naming `backend`.
+    pub fn into_registry_error(self, backend: Source) -> RegistryError {
+        match self {
+            Self::Transport(e) => transport_error(backend, &e),
+            Self::Redirect(reason) => RegistryError::unavailable(backend, reason),
+        }
+    }
+}
+
+/// Sends a GET or HEAD and follows its redirects itself, up to [`MAX_REDIRECTS`], with the
+/// same method and `headers` on every hop. `credential` (an `Authorization` value) goes only
+/// with a hop `may_carry` accepts: a redirect is written by whoever answers, so a hop that does
+/// not qualify (object storage's presigned URL, another path of the same host) is followed
+/// without it, never with it. A loop or a longer chain is an error.
+pub async fn send_per_hop(
+    http: &reqwest::Client,
+    method: &Method,
+    first: Url,
+    headers: &HeaderMap,
+    credential: Option<&HeaderValue>,
+    may_carry: impl Fn(&Url) -> bool,
+) -> Result<reqwest::Response, HopError> {
+    let mut visited: Vec<Url> = Vec::new();
+    let mut url = first;
+    loop {
+        if visited.contains(&url) {
+            return Err(HopError::Redirect("redirect loop".into()));
+        }
+        if visited.len() > MAX_REDIRECTS {
+            return Err(HopError::Redirect(format!(
+                "more than {MAX_REDIRECTS} redirects"
+            )));
+        }
+        let mut request = http
+            .request(method.clone(), url.clone())
+            .headers(headers.clone());
+        if let Some(value) = credential.filter(|_| may_carry(&url)) {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let response = request.send().await.map_err(HopError::Transport)?;
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .and_then(|v| v.to_str().ok());
+        let next = match location {
+            Some(location) if response.status().is_redirection() => url
+                .join(location)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| HopError::Redirect("redirect to an unusable location".into()))?,
+            _ => return Ok(response),
+        };
+        visited.push(url);
+        url = next;
+    }
 }
 
 /// Reads a whole body of at most `cap` bytes; `None` when it is larger, known from
@@ -65,13 +132,56 @@ pub fn transport_error(backend: Source, e: &reqwest::Error) -> RegistryError {
         RegistryError::BackendTimeout { backend }
     } else if e.is_connect() {
         RegistryError::unavailable(backend, "cannot connect")
-    } else if e.is_redirect() {
-        RegistryError::unavailable(backend, format!("more than {MAX_REDIRECTS} redirects"))
     } else if e.is_decode() || e.is_body() {
         RegistryError::unavailable(backend, "malformed or interrupted response body")
     } else {
         RegistryError::unavailable(backend, "request failed")
     }
+}
+
+/// The longest `Retry-After` believed: a proxy asking for days is taken to mean an hour, so a
+/// misconfigured header cannot switch a backend off for longer than that.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// An upstream `429` or `503` with `Retry-After`: the backend asks not to be called for that
+/// long, and its circuit breaker honours it. `None` for any other answer.
+pub fn throttled(
+    backend: Source,
+    response: &reqwest::Response,
+    what: &str,
+) -> Option<RegistryError> {
+    let status = response.status();
+    if !matches!(status.as_u16(), 429 | 503) {
+        return None;
+    }
+    let header = response.headers().get(reqwest::header::RETRY_AFTER)?;
+    let retry_after = parse_retry_after(header.to_str().ok()?, SystemTime::now())?;
+    Some(RegistryError::BackendSuspended {
+        backend,
+        reason: format!(
+            "{what}: HTTP {status} asking to retry after {} s",
+            retry_after.as_secs()
+        ),
+        retry_after,
+    })
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as a wait from
+/// `now`, at most [`MAX_RETRY_AFTER`]; `None` when unreadable.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let date =
+                time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822)
+                    .ok()?;
+            SystemTime::from(date)
+                .duration_since(now)
+                .unwrap_or_default()
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Streams a response's body as an artifact body, without buffering it.
@@ -123,6 +233,63 @@ pub fn full_body(bytes: Bytes) -> ArtifactBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer(status: u16, retry_after: Option<&str>) -> reqwest::Response {
+        let mut response = http::Response::builder().status(status);
+        if let Some(value) = retry_after {
+            response = response.header("retry-after", value);
+        }
+        reqwest::Response::from(response.body("").unwrap())
+    }
+
+    #[test]
+    fn only_429_and_503_with_retry_after_suspend_the_backend() {
+        let throttled = |status, retry_after| {
+            throttled(
+                Source::Gitea,
+                &answer(status, retry_after),
+                "releases of aws_prov",
+            )
+        };
+        let Some(RegistryError::BackendSuspended {
+            backend: Source::Gitea,
+            reason,
+            retry_after,
+        }) = throttled(429, Some("7"))
+        else {
+            panic!("a 429 with Retry-After suspends");
+        };
+        assert_eq!(retry_after, Duration::from_secs(7));
+        assert!(
+            reason.contains("429") && reason.contains("aws_prov"),
+            "{reason}"
+        );
+        assert_eq!(
+            throttled(503, Some("30")).and_then(|e| e.retry_after()),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(throttled(503, None), None);
+        assert_eq!(throttled(429, Some("later")), None);
+        assert_eq!(throttled(500, Some("30")), None);
+        assert_eq!(throttled(200, Some("30")), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date_and_capped() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let parse = |v| parse_retry_after(v, now);
+        assert_eq!(parse("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse(" 0 "), Some(Duration::ZERO));
+        // 784111777 is Sun, 06 Nov 1994 08:49:37 GMT, RFC 9110's example.
+        assert_eq!(
+            parse("Sun, 06 Nov 1994 08:50:07 GMT"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(parse("Sun, 06 Nov 1994 08:00:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(parse("99999999"), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse("soon"), None);
+        assert_eq!(parse("-5"), None);
+    }
 
     #[test]
     fn next_links_of_gitea_and_registries_are_found() {

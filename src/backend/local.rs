@@ -280,6 +280,11 @@ impl Inner {
     }
 }
 
+/// The file name a download of `found` is offered under.
+fn artifact_name(name: &ExtensionName, found: &Found) -> String {
+    format!("{name}-{}.tar.gz", found.version.version)
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, RegistryError> {
@@ -315,6 +320,15 @@ impl Local {
                 .await?;
                 Ok(BackendResponse::Versions(Arc::new(versions)))
             }
+            BackendRequest::DownloadHead { key, version, .. } => {
+                let name = key.name.clone();
+                let found = blocking(move || inner.find(&key, &version)).await?;
+                Ok(BackendResponse::Artifact(Artifact::head(
+                    artifact_name(&name, &found),
+                    Some(found.version.size),
+                    found.version.checksum,
+                )))
+            }
             BackendRequest::Download { key, version, .. } => {
                 let name = key.name.clone();
                 let found = blocking(move || inner.find(&key, &version)).await?;
@@ -323,21 +337,19 @@ impl Local {
                     .map_err(|e| unavailable(format!("cannot open an artifact: {e}")))?;
                 let frames = ReaderStream::with_capacity(file, CHUNK);
                 let body = StreamBody::new(futures_util::TryStreamExt::map_ok(frames, Frame::data));
-                let filename = format!("{name}-{}.tar.gz", found.version.version);
+                let filename = artifact_name(&name, &found);
                 // The advertised checksum is remembered by size and mtime; a file rewritten in
                 // place with both kept is caught here rather than served as if it matched.
-                let body = found
-                    .version
-                    .checksum
-                    .as_deref()
-                    .and_then(|sum| VerifyingBody::new(body, sum, Source::Local, filename.clone()))
-                    .ok_or_else(|| {
-                        RegistryError::Internal("a local artifact without a sha256 checksum".into())
-                    })?
+                let checksum = found.version.checksum.clone().ok_or_else(|| {
+                    RegistryError::Internal("a local artifact without a sha256 checksum".into())
+                })?;
+                let body = VerifyingBody::new(body, &checksum, Source::Local, filename.clone())
+                    .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?
                     .boxed_unsync();
                 Ok(BackendResponse::Artifact(Artifact {
                     filename,
                     content_length: Some(found.version.size),
+                    checksum: Some(checksum),
                     body,
                 }))
             }

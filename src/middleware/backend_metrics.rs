@@ -32,7 +32,8 @@ fn operation(req: &BackendRequest) -> &'static str {
         BackendRequest::List(_) => "list",
         BackendRequest::Get { .. } => "get",
         BackendRequest::Versions { .. } => "versions",
-        BackendRequest::Download { .. } => "download",
+        // A HEAD is the download route's call too, answered without the stream.
+        BackendRequest::Download { .. } | BackendRequest::DownloadHead { .. } => "download",
         BackendRequest::Health => "health",
     }
 }
@@ -47,7 +48,9 @@ fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
             | RegistryError::InvalidVersion
             | RegistryError::InvalidParameter { .. },
         ) => "invalid",
-        Err(RegistryError::BackendUnavailable { .. }) => "unavailable",
+        Err(RegistryError::BackendUnavailable { .. } | RegistryError::BackendSuspended { .. }) => {
+            "unavailable"
+        }
         Err(RegistryError::BackendAuthFailed { .. }) => "auth_failed",
         Err(RegistryError::BackendTimeout { .. }) => "timeout",
         Err(RegistryError::Internal(_)) => "internal",
@@ -220,6 +223,7 @@ mod tests {
                 Ok(BackendResponse::Artifact(Artifact {
                     filename: "aws.tar.gz".into(),
                     content_length: Some(1000),
+                    checksum: None,
                     body: body.boxed_unsync(),
                 }))
             }

@@ -2,28 +2,43 @@
 //! single extensions (`{type}/{name}`, with the source when pinned) and their versions
 //! (`{type}/{name}/versions`). Values are `Arc`s, so a hit is a pointer copy.
 //!
-//! - Concurrent misses for one key make one backend call: the refresh runs under moka's
-//!   per-key compute lock, and whoever waited behind it takes its outcome.
-//! - "Not found" is remembered for `negative_ttl_seconds`.
-//! - Stale-if-error: an answer is kept `stale_if_error_seconds` past its TTL; when a refresh
-//!   fails with a backend fault, the old answer is served as `BackendResponse::Stale` (logged
-//!   and counted in `stale_served_total`). With nothing to fall back on, the error stands.
-//! - Downloads and health probes pass through: artifact bytes always stream.
+//! An answer goes through four stages:
+//! - Fresh for `ttl_seconds` (`negative_ttl_seconds` for "not found"): served from memory.
+//! - Stale-while-revalidate, for `stale_while_revalidate_seconds` more: served at once, marked
+//!   stale, while one background refresh per key fetches the new one (at most
+//!   `max_background_refreshes` run at once; they survive the client hanging up).
+//! - Stale-if-error, up to `stale_if_error_seconds` past the TTL: the request waits for the
+//!   refresh; when it fails with a backend fault the old answer is served as
+//!   `BackendResponse::Stale` (logged, counted in `stale_served_total`), and when it takes
+//!   longer than the request may wait the old answer is served and the refresh finishes in
+//!   the background. Once a refresh of the key has failed, the backends are known sick and
+//!   are not waited for: the old answer is served at once while the next try runs in the
+//!   background.
+//! - Past that, only the refresh's outcome stands.
+//!
+//! Concurrent refreshes of one key are one backend call: whoever comes while a key is being
+//! refreshed waits for that refresh (or is served stale). After a refresh fails with a backend
+//! fault the key is not refreshed again for a backoff (1 s doubling to 30 s, lengthened by up
+//! to a quarter at random so keys do not retry in step, and never before a backend's own
+//! `Retry-After`); meanwhile its stale answer, or its error, is served at once.
+//! "Not found" is remembered for `negative_ttl_seconds`. Downloads and health probes pass
+//! through: artifact bytes always stream.
 //!
 //! Freshness is judged on `tokio::time::Instant`, so tests drive it with a paused clock;
 //! moka's own expiry only frees the memory of entries that can no longer serve.
 
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use moka::future::Cache as Moka;
-use moka::ops::compute::Op;
 use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::config::CacheConfig;
 use crate::registry::{
@@ -33,6 +48,11 @@ use crate::registry::{
 
 /// Key of the metadata and versions caches: the extension, and the backend when pinned.
 type ExtensionCacheKey = (ExtensionKey, Option<Source>);
+
+/// The first wait before a key whose refresh failed is refreshed again.
+const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+/// The longest such wait, before jitter.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// A cacheable answer, cheap to clone.
 #[derive(Clone, Debug)]
@@ -71,9 +91,57 @@ struct Entry {
     answer: Option<(Result<Value, RegistryError>, Instant)>,
     /// Why the latest attempt failed, if it did; cleared by the next answer.
     failure: Option<RegistryError>,
+    /// After refreshes failed with backend faults: how many in a row, and the time before
+    /// which the key is not refreshed again.
+    backoff: Option<(u32, Instant)>,
 }
 
-/// The time rules, from `[cache]`.
+impl Entry {
+    /// The remembered failure, a suspension's `Retry-After` counting down with the backoff.
+    fn waiting(&self, error: &RegistryError, now: Instant) -> RegistryError {
+        match (error, self.backoff) {
+            (
+                RegistryError::BackendSuspended {
+                    backend, reason, ..
+                },
+                Some((_, until)),
+            ) => RegistryError::BackendSuspended {
+                backend: *backend,
+                reason: reason.clone(),
+                retry_after: until.saturating_duration_since(now),
+            },
+            _ => error.clone(),
+        }
+    }
+
+    /// The kept answer served in place of a fresh one: marked with the backend failure it
+    /// stands in for, if any.
+    fn stale(&self) -> Option<BackendResponse> {
+        let Some((Ok(value), _)) = &self.answer else {
+            return None;
+        };
+        Some(BackendResponse::Stale {
+            response: Box::new(value.response()),
+            error: self.failure.clone().filter(RegistryError::is_backend_fault),
+        })
+    }
+}
+
+/// What a lookup does with the entry it found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Judgement {
+    /// Answer from it.
+    Fresh,
+    /// Its refresh failed a moment ago: answer from it (stale, or the error) without asking.
+    BackingOff,
+    /// Serve it stale at once and refresh it in the background.
+    Revalidate,
+    /// Refresh it and answer with the outcome; `stale_held` when a stale answer may stand in
+    /// if the refresh fails or takes too long.
+    Refresh { stale_held: bool },
+}
+
+/// The time rules, from `[cache]` and the request timeout.
 #[derive(Clone, Copy, Debug)]
 struct Policy {
     /// How long an answer is fresh.
@@ -82,6 +150,11 @@ struct Policy {
     negative_ttl: Duration,
     /// How long past `ttl` an answer may still stand in for failing backends.
     stale_if_error: Duration,
+    /// How long past `ttl` an answer is served at once while it is refreshed.
+    stale_while_revalidate: Duration,
+    /// How long a request holding a stale answer waits for a refresh before it is answered
+    /// with the stale one.
+    wait_for_refresh: Duration,
 }
 
 impl Policy {
@@ -93,18 +166,114 @@ impl Policy {
         }
     }
 
-    /// How long moka keeps an entry: as long as it can serve, fresh or stale.
-    fn keep(&self, entry: &Entry) -> Duration {
+    fn judge(&self, entry: Option<&Entry>, now: Instant) -> Judgement {
+        let Some(entry) = entry else {
+            return Judgement::Refresh { stale_held: false };
+        };
+        if self.is_fresh(entry, now) {
+            return Judgement::Fresh;
+        }
+        if entry.backoff.is_some_and(|(_, until)| now < until) {
+            return Judgement::BackingOff;
+        }
+        let known_sick = entry
+            .failure
+            .as_ref()
+            .is_some_and(RegistryError::is_backend_fault);
         match &entry.answer {
-            Some((Ok(_), _)) => self.ttl + self.stale_if_error,
-            Some((Err(_), _)) => self.negative_ttl,
-            // Only failures so far: kept so the requests of the same wave share them; the
-            // next attempt replaces it.
-            None => self.ttl,
+            Some((Ok(_), at)) if now < *at + self.ttl + self.stale_while_revalidate => {
+                Judgement::Revalidate
+            }
+            // The last refresh failed: the backends are known sick, so the stale answer is
+            // served at once while the next try runs in the background.
+            Some((Ok(_), at)) if known_sick && now < *at + self.ttl + self.stale_if_error => {
+                Judgement::Revalidate
+            }
+            Some((Ok(_), at)) => Judgement::Refresh {
+                stale_held: now < *at + self.ttl + self.stale_if_error,
+            },
+            _ => Judgement::Refresh { stale_held: false },
         }
     }
 
-    /// The answer an entry gives at `now`.
+    /// How long moka keeps an entry: as long as it can serve, fresh or stale.
+    fn keep(&self, entry: &Entry) -> Duration {
+        match &entry.answer {
+            Some((Ok(_), _)) => self.ttl + self.stale_if_error.max(self.stale_while_revalidate),
+            Some((Err(_), _)) => self.negative_ttl,
+            // Only failures so far: kept while its backoff runs, so the requests meanwhile
+            // share it; the next attempt replaces it.
+            None => self.ttl.max(self.backoff_bound()),
+        }
+    }
+
+    /// The longest backoff, jitter included.
+    fn backoff_bound(&self) -> Duration {
+        BACKOFF_MAX + BACKOFF_MAX / 4
+    }
+
+    /// The wait after the `failures`-th failed refresh in a row.
+    fn backoff(failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(16);
+        let wait = BACKOFF_INITIAL
+            .saturating_mul(1 << doublings)
+            .min(BACKOFF_MAX);
+        wait.mul_f64(1.0 + fastrand::f64() / 4.0)
+    }
+
+    /// The entry a refresh leaves, from the one it found and the backends' outcome.
+    fn next(
+        &self,
+        current: Option<&Entry>,
+        outcome: Result<BackendResponse, RegistryError>,
+        now: Instant,
+    ) -> Entry {
+        // A degraded answer (some backend failed, the others answered) counts as a failure:
+        // the complete answer kept from before is served stale in its place, and only with
+        // nothing kept does the degraded one stand, never as fresh.
+        let (result, degraded) = match outcome {
+            Ok(BackendResponse::Stale { response, error }) => {
+                (Value::from_response(*response), error)
+            }
+            other => (other.and_then(Value::from_response), None),
+        };
+        let kept = current.and_then(|c| match &c.answer {
+            Some((Ok(value), at)) => Some((Ok(value.clone()), *at)),
+            _ => None,
+        });
+        let backoff = |error: &RegistryError| {
+            if !error.is_backend_fault() {
+                return None;
+            }
+            let failures = current.and_then(|c| c.backoff).map_or(0, |(n, _)| n) + 1;
+            let wait = Self::backoff(failures).max(error.retry_after().unwrap_or_default());
+            Some((failures, now + wait))
+        };
+        match (result, degraded) {
+            (Ok(value), None) => Entry {
+                answer: Some((Ok(value), now)),
+                failure: None,
+                backoff: None,
+            },
+            (Ok(value), Some(e)) => Entry {
+                answer: kept.or(Some((Ok(value), now))),
+                backoff: backoff(&e),
+                failure: Some(e),
+            },
+            (Err(e), _) if e.is_not_found() => Entry {
+                answer: Some((Err(e), now)),
+                failure: None,
+                backoff: None,
+            },
+            (Err(e), _) => Entry {
+                answer: kept,
+                backoff: backoff(&e),
+                failure: Some(e),
+            },
+        }
+    }
+
+    /// The answer an entry gives at `now`, once no refresh is to be waited for.
     fn resolve(&self, entry: &Entry, now: Instant) -> Result<BackendResponse, RegistryError> {
         match (&entry.failure, &entry.answer) {
             (None, Some((Ok(value), _))) => Ok(value.response()),
@@ -114,10 +283,10 @@ impl Policy {
             {
                 Ok(BackendResponse::Stale {
                     response: Box::new(value.response()),
-                    error: error.clone(),
+                    error: Some(error.clone()),
                 })
             }
-            (Some(error), _) => Err(error.clone()),
+            (Some(error), _) => Err(entry.waiting(error, now)),
             (None, None) => Err(RegistryError::Internal(
                 "cache entry without answer or failure".into(),
             )),
@@ -156,6 +325,9 @@ struct Store<K> {
     /// Switched on in `[cache]`; a switched-off store stays empty and requests pass by it.
     enabled: bool,
     entries: Moka<K, Arc<Entry>>,
+    /// The keys being refreshed now; each receiver closes when its refresh ends. At most one
+    /// per key, so bounded by the keys requested at once plus the background refreshes.
+    refreshing: Mutex<HashMap<K, watch::Receiver<()>>>,
     /// Counted here too, for `/cache/stats`, as the Prometheus recorder may be absent.
     hits: AtomicU64,
     misses: AtomicU64,
@@ -165,7 +337,35 @@ struct Store<K> {
     stale_total: metrics::Counter,
 }
 
-impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
+/// The one refresh of a key under way: while it lives, others wait for it instead of asking
+/// the backends themselves; dropping it (done, or its request gone) lets them go on.
+struct Refresh<K: Hash + Eq> {
+    store: Arc<Store<K>>,
+    key: K,
+    /// Closes the waiters' receivers when dropped, after the key left `refreshing`.
+    done: watch::Sender<()>,
+}
+
+impl<K: Hash + Eq> Drop for Refresh<K> {
+    fn drop(&mut self) {
+        lock(&self.store.refreshing).remove(&self.key);
+    }
+}
+
+/// Either this request refreshes the key, or it waits for the refresh under way.
+enum Flight<K: Hash + Eq> {
+    Lead(Refresh<K>),
+    Follow(watch::Receiver<()>),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every change under this lock is one insert or remove: consistent whatever panicked.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
     fn new(name: &'static str, enabled: bool, capacity: u64, policy: Policy) -> Self {
         Self {
             name,
@@ -174,6 +374,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
                 .max_capacity(capacity)
                 .expire_after(Expiry(policy))
                 .build(),
+            refreshing: Mutex::default(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             hits_total: metrics::counter!("cache_hits_total", "cache" => name),
@@ -187,6 +388,43 @@ impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
         self.entries.run_pending_tasks().await;
         self.entries.entry_count()
     }
+
+    fn hit(&self) {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.hits_total.increment(1);
+    }
+
+    fn miss(&self) {
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        self.misses_total.increment(1);
+    }
+
+    /// Joins the refresh of `key` under way, or becomes it.
+    fn board(self: &Arc<Self>, key: &K) -> Flight<K> {
+        let mut refreshing = lock(&self.refreshing);
+        if let Some(done) = refreshing.get(key) {
+            return Flight::Follow(done.clone());
+        }
+        let (done, waiters) = watch::channel(());
+        refreshing.insert(key.clone(), waiters);
+        Flight::Lead(Refresh {
+            store: self.clone(),
+            key: key.clone(),
+            done,
+        })
+    }
+
+    /// Logs and counts an answer standing in for a failed backend.
+    fn served(
+        &self,
+        result: Result<BackendResponse, RegistryError>,
+    ) -> Result<BackendResponse, RegistryError> {
+        if let Some(error) = result.as_ref().ok().and_then(BackendResponse::stale_error) {
+            tracing::warn!(cache = self.name, %error, "backend failed; serving the stale answer");
+            self.stale_total.increment(1);
+        }
+        result
+    }
 }
 
 /// The three caches, shared by the cache layer and the `/cache/stats` handler.
@@ -194,29 +432,36 @@ impl<K: Hash + Eq + Send + Sync + 'static> Store<K> {
 pub struct Caches(Arc<Stores>);
 
 struct Stores {
-    list: Store<ListFilter>,
-    metadata: Store<ExtensionCacheKey>,
-    versions: Store<ExtensionCacheKey>,
+    list: Arc<Store<ListFilter>>,
+    metadata: Arc<Store<ExtensionCacheKey>>,
+    versions: Arc<Store<ExtensionCacheKey>>,
     policy: Policy,
+    /// One permit per refresh running in the background.
+    background: Arc<Semaphore>,
 }
 
 impl Caches {
-    /// Builds the caches `[cache]` asks for. Metrics counters are registered here, so the
-    /// recorder must be installed before.
-    pub fn new(config: &CacheConfig) -> Self {
+    /// Builds the caches `[cache]` asks for; a request holding a stale answer waits at most
+    /// nine tenths of `request_timeout` for a refresh, so it is answered stale before it
+    /// would time out. Metrics counters are registered here, so the recorder must be
+    /// installed before.
+    pub fn new(config: &CacheConfig, request_timeout: Duration) -> Self {
         let policy = Policy {
             ttl: Duration::from_secs(config.ttl_seconds),
             negative_ttl: Duration::from_secs(config.negative_ttl_seconds),
             stale_if_error: Duration::from_secs(config.stale_if_error_seconds),
+            stale_while_revalidate: Duration::from_secs(config.stale_while_revalidate_seconds),
+            wait_for_refresh: request_timeout.mul_f64(0.9),
         };
         let capacity = config.capacity;
         let (list, metadata) = (config.enable_list_cache, config.enable_metadata_cache);
         Self(Arc::new(Stores {
-            list: Store::new("list", list, capacity, policy),
-            metadata: Store::new("metadata", metadata, capacity, policy),
+            list: Arc::new(Store::new("list", list, capacity, policy)),
+            metadata: Arc::new(Store::new("metadata", metadata, capacity, policy)),
             // Versions are metadata too: one switch for both.
-            versions: Store::new("versions", metadata, capacity, policy),
+            versions: Arc::new(Store::new("versions", metadata, capacity, policy)),
             policy,
+            background: Arc::new(Semaphore::new(config.max_background_refreshes)),
         }))
     }
 
@@ -251,7 +496,7 @@ struct Counts {
 }
 
 impl Counts {
-    async fn of<K: Hash + Eq + Send + Sync + 'static>(store: &Store<K>) -> Self {
+    async fn of<K: Hash + Eq + Clone + Send + Sync + 'static>(store: &Store<K>) -> Self {
         Self {
             entries: store.entry_count().await,
             hits: store.hits.load(Ordering::Relaxed),
@@ -322,7 +567,7 @@ where
         + Clone
         + Send
         + 'static,
-    S::Future: Send,
+    S::Future: Send + 'static,
 {
     type Response = BackendResponse;
     type Error = RegistryError;
@@ -344,18 +589,20 @@ where
             }
             _ => return Box::pin(self.inner.call(req)),
         };
-        // The ready service goes with this call; the clone left behind gets its own
-        // `poll_ready`.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let caches = self.caches.clone();
+        // Refreshes may outlive this request, so each takes its own clone of the backends
+        // (and waits for its readiness); the ready service is left unused.
+        let lookup = Lookup {
+            inner: self.inner.clone(),
+            req,
+            policy: stores.policy,
+            background: stores.background.clone(),
+        };
+        let stores = self.caches.0.clone();
         Box::pin(async move {
-            let stores = &caches.0;
-            let policy = stores.policy;
             match key {
-                Key::List(k) => lookup(&stores.list, k, policy, inner, req).await,
-                Key::Metadata(k) => lookup(&stores.metadata, k, policy, inner, req).await,
-                Key::Versions(k) => lookup(&stores.versions, k, policy, inner, req).await,
+                Key::List(k) => lookup.run(stores.list.clone(), k).await,
+                Key::Metadata(k) => lookup.run(stores.metadata.clone(), k).await,
+                Key::Versions(k) => lookup.run(stores.versions.clone(), k).await,
             }
         })
     }
@@ -368,92 +615,152 @@ enum Key {
     Versions(ExtensionCacheKey),
 }
 
-/// Answers `req` from `store`, asking `inner` when the entry is missing or not fresh.
-async fn lookup<K, S>(
-    store: &Store<K>,
-    key: K,
-    policy: Policy,
-    mut inner: S,
+/// One request to answer from a cache.
+struct Lookup<S> {
+    /// The backends, asked on a refresh.
+    inner: S,
     req: BackendRequest,
-) -> Result<BackendResponse, RegistryError>
+    policy: Policy,
+    /// Permits for background refreshes.
+    background: Arc<Semaphore>,
+}
+
+impl<S> Lookup<S>
 where
-    K: Hash + Eq + Clone + Send + Sync + 'static,
-    S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
+    S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
-    let seen = store.entries.get(&key).await;
-    if let Some(entry) = &seen {
-        let now = Instant::now();
-        if policy.is_fresh(entry, now) {
-            store.hits.fetch_add(1, Ordering::Relaxed);
-            store.hits_total.increment(1);
-            return policy.resolve(entry, now);
+    /// Answers from `store`, refreshing `key` as its entry's stage asks (see the module
+    /// documentation).
+    async fn run<K>(self, store: Arc<Store<K>>, key: K) -> Result<BackendResponse, RegistryError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let policy = self.policy;
+        let started = Instant::now();
+        let mut counted = false;
+        loop {
+            let now = Instant::now();
+            let seen = store.entries.get(&key).await;
+            let stale_held = match (policy.judge(seen.as_deref(), now), &seen) {
+                (Judgement::Fresh | Judgement::BackingOff, Some(entry)) => {
+                    store.hit();
+                    return store.served(policy.resolve(entry, now));
+                }
+                (Judgement::Revalidate, Some(entry)) => {
+                    store.hit();
+                    if let Flight::Lead(refresh) = store.board(&key) {
+                        if self.in_background(refresh).is_err() {
+                            tracing::debug!(
+                                cache = store.name,
+                                "every background refresh permit is taken; serving stale without refreshing"
+                            );
+                        }
+                    }
+                    return store.served(entry.stale().ok_or_else(no_answer));
+                }
+                (Judgement::Refresh { stale_held }, _) => stale_held,
+                (_, None) => false,
+            };
+            if !counted {
+                store.miss();
+                counted = true;
+            }
+            // With a stale answer to fall back on, the request waits for the refresh only as
+            // long as it may; without, as long as the refresh takes (the request timeout
+            // above bounds it).
+            let deadline = stale_held.then(|| started + policy.wait_for_refresh);
+            let waited = match store.board(&key) {
+                Flight::Lead(refresh) => match deadline {
+                    Some(deadline) => match self.in_background(refresh) {
+                        Ok(done) => wait(done, Some(deadline)).await,
+                        Err(refresh) => {
+                            // Every background permit is taken: refresh here, for as long as
+                            // this request may wait.
+                            let refresh = self.refresh(refresh);
+                            tokio::time::timeout_at(deadline, refresh).await.is_ok()
+                        }
+                    },
+                    None => {
+                        self.refresh(refresh).await;
+                        true
+                    }
+                },
+                Flight::Follow(done) => wait(done, deadline).await,
+            };
+            if !waited {
+                // Out of time: the stale answer, while the refresh goes on.
+                if let Some(stale) = seen.as_deref().and_then(Entry::stale) {
+                    return store.served(Ok(stale));
+                }
+            }
+            match store.entries.get(&key).await {
+                Some(entry) if !seen.as_ref().is_some_and(|s| Arc::ptr_eq(s, &entry)) => {
+                    return store.served(policy.resolve(&entry, Instant::now()));
+                }
+                // The refresh waited for was abandoned (its request gone): try again.
+                _ => continue,
+            }
         }
     }
-    store.misses.fetch_add(1, Ordering::Relaxed);
-    store.misses_total.increment(1);
 
-    let computed = store
-        .entries
-        .entry(key)
-        .and_compute_with(|current| async move {
-            let current = current.map(|e| e.into_value());
-            // The entry changed while this request waited for the key's lock: another
-            // request asked the backends, and its outcome is this request's too. (`seen` is
-            // held, so its address cannot be reused by a newer entry.)
-            let changed = match (&current, &seen) {
-                (Some(current), Some(before)) => !Arc::ptr_eq(current, before),
-                (Some(_), None) => true,
-                (None, _) => false,
-            };
-            if changed {
-                return Op::Nop;
-            }
-            // A degraded answer (some backend failed, the others answered) counts as a
-            // failure: the complete answer kept from before is served stale in its place, and
-            // only with nothing kept does the degraded one stand, never as fresh.
-            let (result, degraded) = match inner.call(req).await {
-                Ok(BackendResponse::Stale { response, error }) => {
-                    (Value::from_response(*response), Some(error))
-                }
-                other => (other.and_then(Value::from_response), None),
-            };
-            let now = Instant::now();
-            let kept = current.and_then(|c| match &c.answer {
-                Some((Ok(value), at)) => Some((Ok(value.clone()), *at)),
-                _ => None,
-            });
-            let entry = match (result, degraded) {
-                (Ok(value), None) => Entry {
-                    answer: Some((Ok(value), now)),
-                    failure: None,
-                },
-                (Ok(value), Some(e)) => Entry {
-                    answer: kept.or(Some((Ok(value), now))),
-                    failure: Some(e),
-                },
-                (Err(e), _) if e.is_not_found() => Entry {
-                    answer: Some((Err(e), now)),
-                    failure: None,
-                },
-                (Err(e), _) => Entry {
-                    answer: kept,
-                    failure: Some(e),
-                },
-            };
-            Op::Put(Arc::new(entry))
-        })
-        .await;
-    let Some(entry) = computed.into_entry() else {
-        return Err(RegistryError::Internal(
-            "cache refresh left no entry".into(),
-        ));
-    };
-    let response = policy.resolve(entry.value(), Instant::now())?;
-    if let Some(error) = response.stale_error() {
-        tracing::warn!(cache = store.name, %error, "backend failed; serving the stale answer");
-        store.stale_total.increment(1);
+    /// Runs `refresh` as a task of its own, so it survives this request, if a background
+    /// permit is free: returns what closes when it ends; else gives it back.
+    fn in_background<K>(&self, refresh: Refresh<K>) -> Result<watch::Receiver<()>, Refresh<K>>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let Ok(permit) = self.background.clone().try_acquire_owned() else {
+            return Err(refresh);
+        };
+        let done = refresh.done.subscribe();
+        let task = self.refresh(refresh);
+        tokio::spawn(async move {
+            task.await;
+            drop(permit);
+        });
+        Ok(done)
     }
-    Ok(response)
+
+    /// Asks the backends and stores what the key's entry becomes.
+    fn refresh<K>(&self, refresh: Refresh<K>) -> impl std::future::Future<Output = ()> + Send
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let ask = self.inner.clone().oneshot(self.req.clone());
+        let policy = self.policy;
+        async move {
+            let outcome = ask.await;
+            let store = &refresh.store;
+            let current = store.entries.get(&refresh.key).await;
+            let entry = policy.next(current.as_deref(), outcome, Instant::now());
+            store
+                .entries
+                .insert(refresh.key.clone(), Arc::new(entry))
+                .await;
+            // `refresh` drops here: its waiters find the new entry.
+        }
+    }
+}
+
+/// Waits for a refresh to end, until `deadline` if any; whether it ended.
+async fn wait(mut done: watch::Receiver<()>, deadline: Option<Instant>) -> bool {
+    // Nothing is ever sent: `changed` returns when the sender is dropped.
+    let ended = done.changed();
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, ended).await.is_ok(),
+        None => {
+            let _ = ended.await;
+            true
+        }
+    }
+}
+
+fn no_answer() -> RegistryError {
+    RegistryError::Internal("cache entry judged stale holds no answer".into())
 }
 
 #[cfg(test)]
@@ -467,13 +774,20 @@ mod tests {
     use crate::registry::{ExtensionName, ExtensionType, Timestamp};
 
     const TTL: Duration = Duration::from_secs(300);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// Without stale-while-revalidate: every refresh is waited for.
     fn config() -> CacheConfig {
         CacheConfig {
             capacity: 100,
             ttl_seconds: TTL.as_secs(),
+            stale_while_revalidate_seconds: 0,
             ..CacheConfig::default()
         }
+    }
+
+    fn caches(config: &CacheConfig) -> Caches {
+        Caches::new(config, REQUEST_TIMEOUT)
     }
 
     fn extension(name: &str) -> Extension {
@@ -503,12 +817,15 @@ mod tests {
         }
     }
 
-    /// A backend whose answers the test switches, counting its calls.
+    /// A backend whose answers the test switches, counting its calls. Its extensions have
+    /// the version `1.0.<call>`, so tests see which call an answer came from.
     #[derive(Clone)]
     struct Backend {
         calls: Arc<AtomicUsize>,
         /// `Some(error)`: fail with it; `None`: answer.
         failing: Arc<std::sync::Mutex<Option<RegistryError>>>,
+        /// While set, calls wait for a permit of this semaphore before answering.
+        held: Arc<std::sync::Mutex<Option<Arc<tokio::sync::Semaphore>>>>,
     }
 
     impl Backend {
@@ -516,6 +833,18 @@ mod tests {
             Self {
                 calls: Arc::default(),
                 failing: Arc::default(),
+                held: Arc::default(),
+            }
+        }
+
+        /// Calls from now on wait until `release`.
+        fn hold(&self) {
+            *self.held.lock().unwrap() = Some(Arc::new(tokio::sync::Semaphore::new(0)));
+        }
+
+        fn release(&self) {
+            if let Some(gate) = self.held.lock().unwrap().take() {
+                gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS);
             }
         }
 
@@ -534,7 +863,23 @@ mod tests {
                     BackendRequest,
                     Response = BackendResponse,
                     Error = RegistryError,
-                    Future = impl Send,
+                    Future = impl Send + 'static,
+                > + Clone
+                + Send
+                + 'static,
+        > {
+            self.service_with(&config())
+        }
+
+        fn service_with(
+            &self,
+            config: &CacheConfig,
+        ) -> Cache<
+            impl Service<
+                    BackendRequest,
+                    Response = BackendResponse,
+                    Error = RegistryError,
+                    Future = impl Send + 'static,
                 > + Clone
                 + Send
                 + 'static,
@@ -543,13 +888,19 @@ mod tests {
             let backend = tower::service_fn(move |req: BackendRequest| {
                 let this = this.clone();
                 async move {
-                    this.calls.fetch_add(1, Ordering::SeqCst);
+                    let call = this.calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    let gate = this.held.lock().unwrap().clone();
+                    if let Some(gate) = gate {
+                        let _permit = gate.acquire().await;
+                    }
                     if let Some(e) = this.failing.lock().unwrap().clone() {
                         return Err(e);
                     }
                     Ok(match req {
                         BackendRequest::Get { key, .. } => {
-                            BackendResponse::Extension(Arc::new(extension(key.name.as_str())))
+                            let mut extension = extension(key.name.as_str());
+                            extension.version = format!("1.0.{call}");
+                            BackendResponse::Extension(Arc::new(extension))
                         }
                         BackendRequest::List(_) => {
                             BackendResponse::List(Arc::new(vec![extension("aws")]))
@@ -561,8 +912,188 @@ mod tests {
                     })
                 }
             });
-            CacheLayer::new(Caches::new(&config())).layer(backend)
+            CacheLayer::new(caches(config)).layer(backend)
         }
+    }
+
+    fn version(response: BackendResponse) -> String {
+        response.into_extension().unwrap().version.clone()
+    }
+
+    /// Lets spawned refreshes run until `done` holds, without moving the paused clock.
+    async fn until(mut done: impl FnMut() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the condition never held");
+    }
+
+    /// The first answer for `aws` that is not stale, letting the background refresh run.
+    async fn first_fresh<S>(cache: &Cache<S>) -> BackendResponse
+    where
+        S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        for _ in 0..10_000 {
+            let answer = cache.clone().oneshot(get("aws")).await.unwrap();
+            if !answer.is_stale() {
+                return answer;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the background refresh never ended");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hundred_requests_for_a_stale_key_are_answered_at_once_by_one_background_call() {
+        let backend = Backend::new();
+        let cache = backend.service_with(&CacheConfig {
+            stale_while_revalidate_seconds: 60,
+            ..config()
+        });
+        assert_eq!(
+            version(cache.clone().oneshot(get("aws")).await.unwrap()),
+            "1.0.1"
+        );
+        tokio::time::advance(TTL + Duration::from_secs(59)).await;
+
+        // The backend is slow now, and the answer past its TTL: each request gets the kept
+        // answer at once, marked stale with no failure (a refresh is running).
+        backend.hold();
+        let requests = (0..100).map(|_| cache.clone().oneshot(get("aws")));
+        // On the paused clock, any wait at all would end this timeout.
+        let responses = tokio::time::timeout(Duration::from_millis(1), join_all(requests));
+        for response in responses.await.expect("stale answers come at once") {
+            let response = response.unwrap();
+            assert!(response.is_stale() && response.stale_error().is_none());
+            assert_eq!(version(response), "1.0.1");
+        }
+        until(|| backend.calls() == 2).await;
+
+        // The refresh ends: the next request gets its answer, fresh, and nothing more was
+        // asked of the backend.
+        backend.release();
+        let answer = first_fresh(&cache).await;
+        assert_eq!(version(answer), "1.0.2");
+        assert_eq!(backend.calls(), 2);
+        let stats = cache.caches.stats().await;
+        assert_eq!(
+            stats.metadata_misses, 1,
+            "stale answers are served from the cache"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_outlasting_the_request_is_answered_stale_and_finishes_in_the_background() {
+        let backend = Backend::new();
+        let cache = backend.service();
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        tokio::time::advance(TTL).await;
+
+        // Past the TTL with no stale-while-revalidate: the request waits for the refresh, but
+        // not past nine tenths of the request timeout, when the kept answer is served.
+        backend.hold();
+        let started = Instant::now();
+        let response = tokio::time::timeout(REQUEST_TIMEOUT, cache.clone().oneshot(get("aws")))
+            .await
+            .expect("answered before the request timeout")
+            .unwrap();
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT.mul_f64(0.9));
+        assert!(response.is_stale());
+        assert_eq!(version(response), "1.0.1");
+
+        // The refresh went on without the request and its answer is there for the next one.
+        backend.release();
+        until(|| backend.calls() == 2).await;
+        let answer = first_fresh(&cache).await;
+        assert_eq!(version(answer), "1.0.2");
+        assert_eq!(backend.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_is_not_retried_before_its_backoff_and_doubles_it() {
+        let backend = Backend::new();
+        let cache = backend.service();
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        tokio::time::advance(TTL).await;
+        backend.fail_with(Some(unavailable()));
+        let stale = cache.clone().oneshot(get("aws")).await.unwrap();
+        assert_eq!(stale.stale_error(), Some(&unavailable()));
+        assert_eq!(backend.calls(), 2);
+
+        // Within the backoff (1 to 1.25 s) every request is answered stale at once, and the
+        // backend is not asked.
+        for _ in 0..50 {
+            let response = cache.clone().oneshot(get("aws")).await.unwrap();
+            assert_eq!(response.stale_error(), Some(&unavailable()));
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        assert_eq!(backend.calls(), 2);
+        // After it, one refresh, in the background: a key whose backends are known to fail is
+        // not waited for, however slow they are now (on the paused clock, any wait at all
+        // would end the timeout).
+        tokio::time::advance(Duration::from_millis(251)).await;
+        backend.hold();
+        let at_once =
+            tokio::time::timeout(Duration::from_millis(1), cache.clone().oneshot(get("aws")));
+        let response = at_once.await.expect("not waited for").unwrap();
+        assert_eq!(response.stale_error(), Some(&unavailable()));
+        until(|| backend.calls() == 3).await;
+        // It fails again: the next backoff is 2 to 2.5 s.
+        backend.release();
+        until(|| lock(&cache.caches.0.metadata.refreshing).is_empty()).await;
+        tokio::time::advance(Duration::from_millis(1999)).await;
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        assert_eq!(backend.calls(), 3);
+        tokio::time::advance(Duration::from_millis(501)).await;
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        until(|| backend.calls() == 4).await;
+
+        // A cold key has its error at once meanwhile.
+        let cold = cache.clone().oneshot(get("gcp")).await.unwrap_err();
+        assert_eq!(cold, unavailable());
+        for _ in 0..10 {
+            assert_eq!(
+                cache.clone().oneshot(get("gcp")).await.unwrap_err(),
+                unavailable()
+            );
+        }
+        assert_eq!(backend.calls(), 5);
+
+        // A backend asking for more time (Retry-After) is given it.
+        let suspended = RegistryError::BackendSuspended {
+            backend: Source::Gitea,
+            reason: "HTTP 429 asking to retry after 60 s".into(),
+            retry_after: Duration::from_secs(60),
+        };
+        backend.fail_with(Some(suspended.clone()));
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(
+            cache.clone().oneshot(get("gcp")).await.unwrap_err(),
+            suspended
+        );
+        assert_eq!(backend.calls(), 6);
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let waiting = cache.clone().oneshot(get("gcp")).await.unwrap_err();
+        assert_eq!(
+            waiting.retry_after(),
+            Some(Duration::from_secs(1)),
+            "counts down"
+        );
+        assert_eq!(backend.calls(), 6);
+        backend.fail_with(None);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            version(cache.clone().oneshot(get("gcp")).await.unwrap()),
+            "1.0.7"
+        );
     }
 
     fn unavailable() -> RegistryError {
@@ -621,8 +1152,10 @@ mod tests {
         let e = cache.clone().oneshot(get("aws")).await.unwrap_err();
         assert_eq!(e, unavailable());
 
-        // Recovered: fresh again, no longer stale.
+        // Recovered: once the backoff after that second failure (2 to 2.5 s) is over, fresh
+        // again, no longer stale.
         backend.fail_with(None);
+        tokio::time::advance(Duration::from_millis(2500)).await;
         let response = cache.clone().oneshot(get("aws")).await.unwrap();
         assert!(response.stale_error().is_none());
     }
@@ -637,6 +1170,8 @@ mod tests {
             unavailable()
         );
         backend.fail_with(None);
+        // Past the backoff of the failure (1 to 1.25 s).
+        tokio::time::advance(Duration::from_millis(1250)).await;
         cache.clone().oneshot(get("aws")).await.unwrap();
         tokio::time::advance(TTL).await;
         let internal = RegistryError::Internal("bug".into());
@@ -663,7 +1198,7 @@ mod tests {
                 }
             }
         });
-        let cache = CacheLayer::new(Caches::new(&config())).layer(backend);
+        let cache = CacheLayer::new(caches(&config())).layer(backend);
         let list = || BackendRequest::List(ListFilter::default());
         let requests = (0..100).map(|_| tokio::spawn(cache.clone().oneshot(list())));
         let requests: Vec<_> = requests.collect();
@@ -700,7 +1235,7 @@ mod tests {
             enable_list_cache: false,
             ..config()
         };
-        let uncached = CacheLayer::new(Caches::new(&off)).layer(counting);
+        let uncached = CacheLayer::new(caches(&off)).layer(counting);
         for _ in 0..2 {
             let list = BackendRequest::List(ListFilter::default());
             uncached.clone().oneshot(list).await.unwrap();

@@ -3,16 +3,21 @@
 //!
 //! Compressing a 30 KB listing costs about twenty times what serving it from the cache
 //! does, so rendered answers are compressed once: a response carrying an
-//! `Arc<Representation>` gets the representation's memoised compressed form (this layer).
+//! `Arc<Representation>` (a body kept with its compressed forms, see `api::representation`
+//! for the memo that keeps them) gets the representation's compressed form (this layer).
 //! Everything else (errors, health, metrics text) goes through tower-http's streaming
 //! compression, which never sees artifact downloads (`application/octet-stream`: already
 //! compressed) nor bodies too small to gain.
+//!
+//! The codings are negotiated once, here (`negotiated`), and both compressors are shown only
+//! the result: a client that refuses every coding, identity included (`identity;q=0`,
+//! `*;q=0`), is served identity rather than `406`, as RFC 9110 §12.5.3 allows.
 
 use std::fmt;
 use std::future::Future;
 use std::io::{self, Write};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use http::header::{
@@ -24,7 +29,8 @@ use tower::{Layer, Service};
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use tower_http::compression::CompressionLayer;
 
-use crate::api::representation::Representation;
+use bytes::Bytes;
+
 use crate::body::{self, Body};
 
 /// Below this many bytes, compression saves less than it costs on either end.
@@ -140,6 +146,81 @@ pub fn without_coding(tag: &str) -> &str {
         .unwrap_or(tag)
 }
 
+/// Rewrites `Accept-Encoding` to the one coding [`negotiate`] picks (removing it for
+/// identity), so the compressors below agree with each other and never find every coding
+/// refused: tower-http would turn any answer into a `406` then.
+pub fn negotiated<B>(mut req: Request<B>) -> Request<B> {
+    let coding = req
+        .headers()
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b","[..]);
+    let headers = req.headers_mut();
+    headers.remove(ACCEPT_ENCODING);
+    match negotiate(&coding) {
+        Coding::Identity => {}
+        coding => {
+            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(coding.as_str()));
+        }
+    }
+    req
+}
+
+/// One encoded form of a representation and the ETag that names it.
+pub struct Encoded {
+    pub bytes: Bytes,
+    /// Differs per coding, as RFC 9110 wants for strong validators.
+    pub etag: HeaderValue,
+}
+
+/// A body kept to be served many times: its bytes, the strong ETag naming them, and its
+/// compressed forms, each made on first demand.
+pub struct Representation {
+    /// The identity form.
+    identity: Encoded,
+    /// The compressed forms, made on first demand; `None` when compressing failed.
+    compressed: [OnceLock<Option<Encoded>>; Coding::COMPRESSED.len()],
+}
+
+impl Representation {
+    pub fn new(bytes: Bytes, etag: HeaderValue) -> Self {
+        Self {
+            identity: Encoded { bytes, etag },
+            compressed: Default::default(),
+        }
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.identity.bytes
+    }
+
+    pub fn etag(&self) -> &HeaderValue {
+        &self.identity.etag
+    }
+
+    /// The form for `coding`, compressing on first demand only.
+    pub fn encoded(&self, coding: Coding) -> Option<&Encoded> {
+        let Some(slot) = Coding::COMPRESSED.iter().position(|c| *c == coding) else {
+            return Some(&self.identity);
+        };
+        self.compressed[slot]
+            .get_or_init(|| {
+                let bytes = encode(coding, self.bytes())
+                    .inspect_err(|e| tracing::warn!(error = %e, %coding, "compression failed"))
+                    .ok()?;
+                let tag = self.etag().to_str().ok()?.trim_end_matches('"');
+                let etag = HeaderValue::from_str(&format!("{tag}-{coding}\"")).ok()?;
+                Some(Encoded {
+                    bytes: bytes.into(),
+                    etag,
+                })
+            })
+            .as_ref()
+    }
+}
+
 /// tower-http's streaming compression for responses without a representation: not for
 /// downloads, not for small bodies, not for what `PrecompressedLayer` already serves.
 pub fn streaming() -> CompressionLayer<impl Predicate> {
@@ -242,20 +323,22 @@ fn precompressed(
     if !varies {
         headers.append(VARY, HeaderValue::from_static("accept-encoding"));
     }
+    // A 304 keeps the validator the conditional layer gave it: the one the client matched.
     let coding = accept.map_or(Coding::Identity, |a| negotiate(a.as_bytes()));
-    if coding == Coding::Identity || representation.json().len() < MIN_SIZE {
+    if status != StatusCode::OK
+        || coding == Coding::Identity
+        || representation.bytes().len() < MIN_SIZE
+    {
         return response;
     }
     let Some(form) = representation.encoded(coding) else {
         return response;
     };
     headers.insert(ETAG, form.etag.clone());
-    if status == StatusCode::OK {
-        headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.as_str()));
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(form.bytes.len()));
-        if !head {
-            *response.body_mut() = body::full(form.bytes.clone());
-        }
+    headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.as_str()));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(form.bytes.len()));
+    if !head {
+        *response.body_mut() = body::full(form.bytes.clone());
     }
     response
 }
@@ -307,6 +390,23 @@ mod tests {
         serde_json::to_vec(&vec!["provider/aws"; 500]).unwrap()
     }
 
+    fn kept(json: Vec<u8>) -> Arc<Representation> {
+        Arc::new(Representation::new(
+            json.into(),
+            HeaderValue::from_static("\"abc\""),
+        ))
+    }
+
+    /// A 200 as a handler answers it: identity JSON with its ETag, the representation attached.
+    fn rendered(representation: &Arc<Representation>) -> Response<Body> {
+        let mut response = Response::new(body::full(representation.bytes().clone()));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(ETAG, representation.etag().clone());
+        response.extensions_mut().insert(representation.clone());
+        response
+    }
+
     /// The compression stack as `stack::app` builds it, over a handler answering `/rendered`
     /// with a representation, `/download` with octet-stream bytes and anything else with
     /// plain JSON.
@@ -315,13 +415,14 @@ mod tests {
     ) -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
         ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
+            .map_request(negotiated)
             .layer(streaming())
             .layer(PrecompressedLayer)
             .service(tower::service_fn(move |req: Request<()>| {
                 let representation = representation.clone();
                 async move {
                     let mut response = match req.uri().path() {
-                        "/rendered" => return Ok::<_, BoxError>(representation.response()),
+                        "/rendered" => return Ok::<_, BoxError>(rendered(&representation)),
                         "/download" => Response::new(body::full(big_json())),
                         _ => Response::new(body::full(serde_json::to_vec(&vec!["x"; 500])?)),
                     };
@@ -360,18 +461,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_rendered_answer_is_compressed_once_and_served_from_its_memo() {
-        let representation = Arc::new(Representation::new(big_json()));
+        let representation = kept(big_json());
         let app = app(representation.clone());
         let (first, body) = get(app.clone(), "/rendered", "gzip, br;q=0.5").await;
         assert_eq!(first.headers[CONTENT_ENCODING], "gzip");
         assert_eq!(first.headers[VARY], "accept-encoding");
         assert_eq!(first.headers[CONTENT_LENGTH], body.len().to_string());
-        let tag = representation
-            .etag()
-            .to_str()
-            .unwrap()
-            .trim_end_matches('"');
-        assert_eq!(first.headers[ETAG], format!("{tag}-gzip\""));
+        assert_eq!(first.headers[ETAG], "\"abc-gzip\"");
         assert_eq!(gunzip(&body), big_json());
 
         let memo = representation.encoded(Coding::Gzip).unwrap().bytes.as_ptr();
@@ -397,7 +493,7 @@ mod tests {
 
     #[tokio::test]
     async fn downloads_stay_as_they_are_and_other_json_is_streamed_compressed() {
-        let app = app(Arc::new(Representation::new(big_json())));
+        let app = app(kept(big_json()));
         let (download, body) = get(app.clone(), "/download", "gzip").await;
         assert!(download.headers.get(CONTENT_ENCODING).is_none());
         assert_eq!(body, big_json());
@@ -408,20 +504,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_304_carries_the_validator_of_the_negotiated_form() {
-        let representation = Arc::new(Representation::new(big_json()));
+    async fn a_client_refusing_every_coding_gets_identity_never_406() {
+        let app = app(kept(big_json()));
+        for accept in [
+            "identity;q=0",
+            "*;q=0",
+            "identity;q=0, gzip;q=0",
+            "br;q=0, *;q=0",
+        ] {
+            for path in ["/rendered", "/download", "/other"] {
+                let (parts, body) = get(app.clone(), path, accept).await;
+                assert_eq!(parts.status, StatusCode::OK, "{path} {accept}");
+                assert!(parts.headers.get(CONTENT_ENCODING).is_none(), "{path}");
+                assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+            }
+        }
+        let req = Request::get("/")
+            .header(ACCEPT_ENCODING, "gzip;q=0.2")
+            .header(ACCEPT_ENCODING, "br")
+            .body(())
+            .unwrap();
+        assert_eq!(negotiated(req).headers()[ACCEPT_ENCODING], "br");
+    }
+
+    #[tokio::test]
+    async fn a_304_keeps_the_validator_it_was_given() {
+        let representation = kept(big_json());
         let answer = representation.clone();
         let not_modified = PrecompressedLayer.layer(tower::service_fn(move |_: Request<()>| {
-            let mut response = answer.response();
+            let mut response = rendered(&answer);
             *response.status_mut() = StatusCode::NOT_MODIFIED;
             *response.body_mut() = body::empty();
+            response
+                .headers_mut()
+                .insert(ETAG, HeaderValue::from_static("W/\"abc-br\""));
             async move { Ok::<_, BoxError>(response) }
         }));
         let (parts, body) = get(not_modified, "/rendered", "gzip").await;
         assert_eq!(parts.status, StatusCode::NOT_MODIFIED);
         assert!(body.is_empty());
         assert!(parts.headers.get(CONTENT_ENCODING).is_none());
-        let gzip = representation.encoded(Coding::Gzip).unwrap();
-        assert_eq!(parts.headers[ETAG], gzip.etag);
+        assert_eq!(parts.headers[ETAG], "W/\"abc-br\"");
+        assert_eq!(parts.headers[VARY], "accept-encoding");
     }
 }

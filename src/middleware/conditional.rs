@@ -4,7 +4,9 @@
 //!
 //! Comparison is weak, as If-None-Match requires: `W/"x"` matches `"x"`. A validator of a
 //! compressed form (`"x-gzip"`, given by the compression layer above) matches its identity
-//! form, which is what this layer sees.
+//! form, which is what this layer sees. The 304 carries the entity-tag that matched, as the
+//! client sent it, so the client (or a cache) finds the stored response it freshens; for `*`,
+//! the identity form's. A malformed field (`"x"y`, an unclosed quote) matches nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -95,13 +97,9 @@ where
         let Some(etag) = response.headers().get(ETAG).and_then(|v| v.to_str().ok()) else {
             return Poll::Ready(Ok(response));
         };
-        if !this
-            .if_none_match
-            .iter()
-            .any(|v| matches(v.as_bytes(), etag))
-        {
+        let Some(matched) = matching(this.if_none_match, etag) else {
             return Poll::Ready(Ok(response));
-        }
+        };
         let (parts, _) = response.into_parts();
         let mut not_modified = Response::new(body::empty());
         *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
@@ -113,25 +111,35 @@ where
                 not_modified.headers_mut().append(name, value.clone());
             }
         }
+        not_modified.headers_mut().insert(ETAG, matched);
         // Extensions travel up: the route for metrics, the representation for compression.
         *not_modified.extensions_mut() = parts.extensions;
         Poll::Ready(Ok(not_modified))
     }
 }
 
-/// Whether an `If-None-Match` line names `etag` (weak comparison) or is `*`.
-fn matches(line: &[u8], etag: &str) -> bool {
-    let Ok(line) = std::str::from_utf8(line) else {
-        return false;
-    };
-    if line.trim() == "*" {
-        return true;
+/// The entity-tag of the `If-None-Match` lines that names `etag` (weak comparison), or `etag`
+/// itself for `*`; `None` when nothing matches or any line is malformed.
+fn matching(lines: &[HeaderValue], etag: &str) -> Option<HeaderValue> {
+    let mut found = None;
+    for line in lines {
+        let Ok(text) = std::str::from_utf8(line.as_bytes()) else {
+            return None;
+        };
+        if text.trim_matches([' ', '\t']) == "*" {
+            found = found.or_else(|| HeaderValue::from_str(etag).ok());
+            continue;
+        }
+        for tag in entity_tags(text)? {
+            let candidate = opaque(tag);
+            if found.is_none()
+                && (candidate == opaque(etag) || without_coding(candidate) == opaque(etag))
+            {
+                found = HeaderValue::from_str(tag).ok();
+            }
+        }
     }
-    let etag = opaque(etag);
-    entity_tags(line).any(|candidate| {
-        let candidate = opaque(candidate);
-        candidate == etag || without_coding(candidate) == etag
-    })
+    found
 }
 
 /// The text of an entity-tag between its quotes; weak comparison ignores `W/`.
@@ -140,18 +148,35 @@ fn opaque(tag: &str) -> &str {
     tag.trim_matches('"')
 }
 
-/// The entity-tags of a list such as `W/"a", "b,c"` (quotes may hold commas); stops at the
-/// first malformed one.
-fn entity_tags(mut line: &str) -> impl Iterator<Item = &str> {
-    std::iter::from_fn(move || {
-        line = line.trim_start_matches([' ', '\t', ',']);
-        let quoted = line.strip_prefix("W/").unwrap_or(line);
-        let close = quoted.strip_prefix('"')?.find('"')?;
-        let end = (line.len() - quoted.len()) + close + 2;
-        let (tag, rest) = line.split_at(end);
-        line = rest;
-        Some(tag)
-    })
+/// The entity-tags of a list such as `W/"a", "b,c"` (quotes may hold commas; empty elements
+/// are allowed), or `None` when anything in it is not an entity-tag (RFC 9110 §8.8.3).
+fn entity_tags(line: &str) -> Option<Vec<&str>> {
+    let ows = [' ', '\t'];
+    let mut tags = Vec::new();
+    let mut rest = line.trim_start_matches(ows);
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after.trim_start_matches(ows);
+            continue;
+        }
+        let quoted = rest.strip_prefix("W/").unwrap_or(rest);
+        let inner = quoted.strip_prefix('"')?;
+        let close = inner.find('"')?;
+        // etagc: visible characters but the quote, and obs-text.
+        if !inner[..close]
+            .chars()
+            .all(|c| c == '!' || (c > '"' && c != '\x7f'))
+        {
+            return None;
+        }
+        let end = (rest.len() - quoted.len()) + close + 2;
+        tags.push(&rest[..end]);
+        rest = rest[end..].trim_start_matches(ows);
+        if !(rest.is_empty() || rest.starts_with(',')) {
+            return None;
+        }
+    }
+    Some(tags)
 }
 
 #[cfg(test)]
@@ -200,19 +225,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_matching_tag_gets_304_without_body_but_with_validators() {
-        for lines in [
-            &[TAG][..],
-            &["W/\"abc123\""],
-            &["\"other\", W/\"abc123\""],
-            &["\"x,y\"", "\"abc123\""],
-            &["*"],
-            &["\"abc123-gzip\""],
+    async fn a_matching_tag_gets_304_without_body_but_with_the_tag_that_matched() {
+        for (lines, matched) in [
+            (&[TAG][..], TAG),
+            (&["W/\"abc123\""], "W/\"abc123\""),
+            (&["\"other\", W/\"abc123\""], "W/\"abc123\""),
+            (&["\"x,y\"", "\"abc123\""], TAG),
+            (&[" ,\"x\" ,, \"abc123\"\t"], TAG),
+            (&["*"], TAG),
+            (&["\"abc123-gzip\""], "\"abc123-gzip\""),
         ] {
             let response = ask(Method::GET, "/", lines).await;
             assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{lines:?}");
             let headers = response.headers();
-            assert_eq!(headers[ETAG], TAG);
+            assert_eq!(headers[ETAG], matched, "{lines:?}");
             assert_eq!(headers[CACHE_CONTROL], "public, max-age=300");
             assert!(headers.get(CONTENT_TYPE).is_none());
             assert!(headers.get("x-total-count").is_none());
@@ -239,5 +265,22 @@ mod tests {
             ask(Method::HEAD, "/", &[TAG]).await.status(),
             StatusCode::NOT_MODIFIED
         );
+    }
+
+    #[tokio::test]
+    async fn a_malformed_field_matches_nothing() {
+        for lines in [
+            &["\"abc123\"x"][..],
+            &["\"abc123\" \"other\""],
+            &["\"abc123"],
+            &["\"ab c123\""],
+            &["W/ \"abc123\""],
+            &["\"abc123\", x"],
+            &["*, \"abc123\""],
+            &["\"abc123\"", "\"other\"x"],
+        ] {
+            let response = ask(Method::GET, "/", lines).await;
+            assert_eq!(response.status(), StatusCode::OK, "{lines:?}");
+        }
     }
 }

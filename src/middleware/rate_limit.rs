@@ -1,9 +1,11 @@
 //! Rate limiting per client: a GCRA quota (governor) keyed by the client's address. Over the
 //! quota the request is answered 429 from `call`, so nothing below does any work for it.
 //!
-//! The client is the connecting peer (`server::PeerAddr`), unless the peer is a trusted proxy:
-//! then the right-most address in `X-Forwarded-For` (or `Forwarded`) that is not itself a
-//! trusted proxy, so a client cannot choose its key by prepending addresses. IPv6 clients are
+//! The client is the connecting peer ([`PeerAddr`]), unless the peer is a trusted proxy:
+//! then the right-most address in the configured `client_ip_header` (`X-Forwarded-For`,
+//! `Forwarded` or `X-Real-IP`, and only that one) that is not itself a trusted proxy, so a
+//! client cannot choose its key by prepending addresses nor by sending another header the
+//! proxy passes through. IPv6 clients are
 //! keyed by their /64, since one host usually holds a whole /64.
 //!
 //! A request that costs more than one (a batch resolve of n requirements costs n) is charged
@@ -36,9 +38,14 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::Body;
-use crate::config::RateLimitConfig;
+use crate::config::{ClientIpHeader, RateLimitConfig};
 use crate::error::ApiError;
-use crate::server::PeerAddr;
+
+/// The address on the other end of the connection a request came on, set on every request by
+/// the accept loop (`server`). Defined here, where it is read to tell clients apart, so the
+/// limiter does not depend on the server that composes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
 
 /// Counter of requests refused with 429.
 pub const RATE_LIMITED_TOTAL: &str = "rate_limited_total";
@@ -56,8 +63,6 @@ const OVERFLOW_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Governor's clock reading tokio's time, so the limiter follows `tokio::time::pause()` and
 /// `advance()` in tests like every other timed thing here.
@@ -146,8 +151,10 @@ struct Limits {
     limit: u32,
     /// Time to earn back one request.
     per_request: Duration,
-    /// Peers whose forwarding headers are believed.
+    /// Peers whose forwarding header is believed.
     trusted: Vec<IpNet>,
+    /// The forwarding header, and how to read the hops of one of its lines.
+    forwarded: (HeaderName, Hops),
     /// Paths never limited.
     exempt: Vec<String>,
     /// When idle clients were last forgotten, in nanoseconds since `epoch`.
@@ -206,6 +213,13 @@ impl Limits {
             limit: burst.get(),
             per_request: quota.replenish_interval(),
             trusted: config.trusted_proxies.iter().map(|p| p.0).collect(),
+            forwarded: match config.client_ip_header {
+                ClientIpHeader::XForwardedFor => {
+                    (HeaderName::from_static("x-forwarded-for"), list_hops)
+                }
+                ClientIpHeader::Forwarded => (HeaderName::from_static("forwarded"), forwarded_hops),
+                ClientIpHeader::XRealIp => (HeaderName::from_static("x-real-ip"), list_hops),
+            },
             exempt: config.exempt_paths.clone(),
             last_sweep: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
@@ -223,27 +237,23 @@ impl Limits {
             return UNKNOWN_CLIENT;
         };
         let peer = peer.ip().to_canonical();
-        let headers = req.headers();
-        let forwarded_for = headers.contains_key(&X_FORWARDED_FOR);
+        let (header, hops) = &self.forwarded;
         if !self.is_trusted(peer) {
             if self.trusted.is_empty()
-                && (forwarded_for || headers.contains_key(&FORWARDED))
+                && req.headers().contains_key(header)
                 && !self.hinted.swap(true, Ordering::Relaxed)
             {
                 tracing::warn!(
                     %peer,
-                    "requests carry X-Forwarded-For/Forwarded but [rate_limit] trusted_proxies is \
+                    %header,
+                    "requests carry the client_ip_header but [rate_limit] trusted_proxies is \
                      empty: clients are keyed by the connecting address; list your reverse \
                      proxy in trusted_proxies if one fronts this service"
                 );
             }
             return peer;
         }
-        let hops = if forwarded_for {
-            forwarded_chain(headers, &X_FORWARDED_FOR, x_forwarded_for_hops)
-        } else {
-            forwarded_chain(headers, &FORWARDED, forwarded_hops)
-        };
+        let hops = forwarded_chain(req.headers(), header, *hops);
         // Walk from the nearest hop outwards: the first one that is not a trusted proxy is the
         // client. A hop that is not an address ("unknown", an obfuscated name) ends the walk
         // at the trusted proxy that reported it.
@@ -362,13 +372,12 @@ fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Every hop named by the `name` header lines, left (farthest) to right (nearest); `None` for
-/// a hop that is not an address.
-fn forwarded_chain<'h>(
-    headers: &'h HeaderMap,
-    name: &HeaderName,
-    hops: fn(&'h str) -> Vec<Option<IpAddr>>,
-) -> Vec<Option<IpAddr>> {
+/// Reads the hops of one forwarding header line, left (farthest) to right (nearest); `None`
+/// for a hop that is not an address.
+type Hops = fn(&str) -> Vec<Option<IpAddr>>;
+
+/// Every hop named by the `name` header lines, left (farthest) to right (nearest).
+fn forwarded_chain(headers: &HeaderMap, name: &HeaderName, hops: Hops) -> Vec<Option<IpAddr>> {
     headers
         .get_all(name)
         .iter()
@@ -379,8 +388,9 @@ fn forwarded_chain<'h>(
         .collect()
 }
 
-/// `X-Forwarded-For: 203.0.113.7, 10.0.0.2` (some proxies add ports).
-fn x_forwarded_for_hops(line: &str) -> Vec<Option<IpAddr>> {
+/// `X-Forwarded-For: 203.0.113.7, 10.0.0.2` (some proxies add ports), or
+/// `X-Real-IP: 203.0.113.7`.
+fn list_hops(line: &str) -> Vec<Option<IpAddr>> {
     line.split(',').map(|hop| parse_hop(hop.trim())).collect()
 }
 
@@ -692,16 +702,6 @@ mod tests {
         assert_eq!(
             client(
                 "10.0.0.1",
-                &[(
-                    "forwarded",
-                    "for=198.51.100.3;proto=https, for=\"[2001:db8::1]:4711\""
-                )]
-            ),
-            ip("2001:db8::1")
-        );
-        assert_eq!(
-            client(
-                "10.0.0.1",
                 &[("x-forwarded-for", "203.0.113.9:5555, 10.2.2.2")]
             ),
             ip("203.0.113.9")
@@ -728,6 +728,43 @@ mod tests {
         assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
         let no_peer = Request::get("/").body(()).unwrap();
         assert_eq!(limits.client(&no_peer), UNKNOWN_CLIENT);
+    }
+
+    #[test]
+    fn only_the_configured_client_ip_header_is_read() {
+        let trusted = "trusted_proxies = [\"10.0.0.0/8\"]\n";
+        let client = |header: &str, headers: &[(&str, &str)]| {
+            let setting = format!("{trusted}client_ip_header = \"{header}\"\n");
+            let limits = Limits::new(&config(1, &setting));
+            limits.client(&request("/api/v1/extensions", "10.0.0.1", headers))
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let spoofed = ("x-forwarded-for", "198.51.100.66");
+        let forwarded = (
+            "forwarded",
+            "for=198.51.100.3;proto=https, for=\"[2001:db8::1]:4711\"",
+        );
+        let real = ("x-real-ip", "203.0.113.5");
+        // A proxy writing X-Real-IP that passes the client's X-Forwarded-For through.
+        assert_eq!(client("x-real-ip", &[spoofed, real]), ip("203.0.113.5"));
+        assert_eq!(
+            client("forwarded", &[spoofed, forwarded]),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client("x-forwarded-for", &[real, forwarded]),
+            ip("10.0.0.1")
+        );
+        assert_eq!(
+            client("x-forwarded-for", &[spoofed, real]),
+            ip("198.51.100.66")
+        );
+        // Without the configured header, the proxy itself is the client.
+        assert_eq!(client("x-real-ip", &[spoofed]), ip("10.0.0.1"));
+
+        let text = "[local]\npath = \".\"\n[rate_limit]\nclient_ip_header = \"true-client-ip\"\n";
+        let error = Config::parse(text, "test", None).unwrap_err().to_string();
+        assert!(error.contains("x-real-ip"), "{error}");
     }
 
     #[tokio::test]

@@ -1,11 +1,15 @@
 //! Request ids for `x-request-id`: a short per-process prefix and a counter, so ids are unique
 //! across restarts without a random-number dependency on the hot path.
+//!
+//! A client's own id is kept only when it is short and safe to echo and log
+//! (`[A-Za-z0-9._:-]{1,128}`, one header line); any other is replaced by a generated one, and
+//! the request's log line says so with the refused id's length (never its content).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::{HeaderValue, Request};
+use http::{HeaderName, HeaderValue, Request};
 use tower_http::request_id::{MakeRequestId, RequestId};
 
 /// Makes ids like `3f9a1c2b-42`; cheap to clone, shared counter.
@@ -42,5 +46,83 @@ impl MakeRequestId for RequestIds {
         HeaderValue::from_str(&format!("{}-{n}", self.prefix))
             .ok()
             .map(RequestId::new)
+    }
+}
+
+/// The header the id travels in, both ways.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client id kept.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// Set on a request whose client-sent id was refused: the total length of what was sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusedRequestId(pub usize);
+
+/// Removes a client's `x-request-id` unless it is one line of 1 to [`MAX_CLIENT_ID_LEN`] of
+/// `A-Z a-z 0-9 . _ : -`, so the id set afterwards is the client's or a generated one.
+pub fn screen<B>(mut req: Request<B>) -> Request<B> {
+    let lines = req.headers().get_all(&X_REQUEST_ID);
+    let mut sent = lines.iter();
+    let kept = match (sent.next(), sent.next()) {
+        (None, _) => return req,
+        (Some(id), None) => is_safe(id.as_bytes()),
+        _ => false,
+    };
+    if !kept {
+        let length = lines.iter().map(|v| v.len()).sum();
+        req.headers_mut().remove(&X_REQUEST_ID);
+        req.extensions_mut().insert(RefusedRequestId(length));
+    }
+    req
+}
+
+fn is_safe(id: &[u8]) -> bool {
+    (1..=MAX_CLIENT_ID_LEN).contains(&id.len())
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn screened(ids: &[&[u8]]) -> Request<()> {
+        let mut req = Request::get("/").body(()).unwrap();
+        for id in ids {
+            req.headers_mut()
+                .append(&X_REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
+        }
+        screen(req)
+    }
+
+    #[test]
+    fn only_short_safe_ids_are_kept() {
+        let long = [b'a'; MAX_CLIENT_ID_LEN];
+        for ok in [&b"abc-123"[..], b"A.b_c:d-e", &long] {
+            let req = screened(&[ok]);
+            assert_eq!(req.headers()[&X_REQUEST_ID].as_bytes(), ok);
+            assert!(req.extensions().get::<RefusedRequestId>().is_none());
+        }
+        let too_long = [b'a'; MAX_CLIENT_ID_LEN + 1];
+        for (ids, length) in [
+            (&[&too_long[..]][..], MAX_CLIENT_ID_LEN + 1),
+            (&[b"abc def}: request finished status=200"], 37),
+            (&["caf\u{e9}".as_bytes()], 5),
+            (&[b""], 0),
+            (&[b"a", b"b"], 2),
+        ] {
+            let req = screened(ids);
+            assert!(req.headers().get(&X_REQUEST_ID).is_none(), "{ids:?}");
+            assert_eq!(
+                req.extensions().get::<RefusedRequestId>(),
+                Some(&RefusedRequestId(length))
+            );
+        }
+        assert!(screened(&[])
+            .extensions()
+            .get::<RefusedRequestId>()
+            .is_none());
     }
 }

@@ -22,9 +22,24 @@ pub struct Artifact {
     /// The file name offered to the client in `Content-Disposition`.
     pub filename: String,
     /// The exact length when the backend knows it, so clients can show progress and detect
-    /// truncation.
+    /// truncation. Taken from metadata (asset size, layer size, file size) where there is one,
+    /// so a HEAD answer has it too and an aborted body is never taken for a complete one.
     pub content_length: Option<u64>,
+    /// `sha256:<hex>`, when the backend knows the digest the bytes are checked against.
+    pub checksum: Option<String>,
     pub body: ArtifactBody,
+}
+
+impl Artifact {
+    /// The artifact as a HEAD answer shows it: described from metadata, with no body.
+    pub fn head(filename: String, content_length: Option<u64>, checksum: Option<String>) -> Self {
+        Self {
+            filename,
+            content_length,
+            checksum,
+            body: crate::body::empty(),
+        }
+    }
 }
 
 /// The error a download ends with when its bytes do not match the expected digest.
@@ -58,8 +73,7 @@ impl<B> VerifyingBody<B> {
     /// Wraps `inner` to be checked against `checksum` (`sha256:<hex>` or bare hex). Returns
     /// `None` when the checksum is not a sha256 digest, as then there is nothing to verify.
     pub fn new(inner: B, checksum: &str, backend: Source, what: String) -> Option<Self> {
-        let hex = checksum.strip_prefix("sha256:").unwrap_or(checksum);
-        let expected = decode_hex32(hex)?;
+        let expected = sha256_digest(checksum)?;
         Some(Self {
             inner,
             hasher: Sha256::new(),
@@ -72,7 +86,9 @@ impl<B> VerifyingBody<B> {
     }
 }
 
-fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
+/// The 32 bytes of a checksum written `sha256:<hex>` or as bare hex.
+pub fn sha256_digest(checksum: &str) -> Option<[u8; 32]> {
+    let hex = checksum.strip_prefix("sha256:").unwrap_or(checksum);
     if hex.len() != 64 {
         return None;
     }

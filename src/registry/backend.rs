@@ -47,6 +47,13 @@ pub enum BackendRequest {
         version: VersionSelector,
         source: Option<Source>,
     },
+    /// What `Download` would answer, from metadata alone (name, size, checksum), with an
+    /// empty body: no stream is opened. For HEAD.
+    DownloadHead {
+        key: ExtensionKey,
+        version: VersionSelector,
+        source: Option<Source>,
+    },
     /// Whether the backend answers.
     Health,
 }
@@ -59,12 +66,14 @@ pub enum BackendResponse {
     Versions(Arc<Vec<Version>>),
     Artifact(Artifact),
     Health(HealthReport),
-    /// An answer served although a backend failed with `error`: kept from before by the
-    /// cache, or (from the merge) complete but for what the failed backend would have added.
-    /// The HTTP edge says so in `Cache-Status`.
+    /// An answer that is not fresh, and why: served although a backend failed with `error`
+    /// (kept from before by the cache, or, from the merge, complete but for what the failed
+    /// backend would have added); or, with no `error`, kept past its TTL by the cache and
+    /// served while a refresh runs (stale-while-revalidate). The HTTP edge says so in
+    /// `Cache-Status`.
     Stale {
         response: Box<BackendResponse>,
-        error: RegistryError,
+        error: Option<RegistryError>,
     },
 }
 
@@ -91,9 +100,14 @@ impl BackendResponse {
     /// The backend failure a stale answer stands in for.
     pub fn stale_error(&self) -> Option<&RegistryError> {
         match self {
-            Self::Stale { error, .. } => Some(error),
+            Self::Stale { error, .. } => error.as_ref(),
             _ => None,
         }
+    }
+
+    /// Whether the answer is not fresh (see [`BackendResponse::Stale`]).
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Self::Stale { .. })
     }
 
     fn fresh(self) -> Self {

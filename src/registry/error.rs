@@ -1,5 +1,7 @@
 //! The domain's errors. `crate::error` is the one place that maps them to HTTP statuses.
 
+use std::time::Duration;
+
 use crate::registry::Source;
 
 /// Everything that can go wrong between a validated request and a backend's answer.
@@ -38,6 +40,15 @@ pub enum RegistryError {
     #[error("{backend} backend did not answer in time")]
     BackendTimeout { backend: Source },
 
+    /// The backend is not asked for `retry_after`: its circuit breaker is open after repeated
+    /// faults, or it answered `429`/`503` with `Retry-After`.
+    #[error("{backend} backend unavailable: {reason}")]
+    BackendSuspended {
+        backend: Source,
+        reason: String,
+        retry_after: Duration,
+    },
+
     /// A bug or an impossible state; the text is logged, never sent to clients.
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,6 +78,25 @@ impl RegistryError {
             Self::BackendUnavailable { .. }
                 | Self::BackendAuthFailed { .. }
                 | Self::BackendTimeout { .. }
+                | Self::BackendSuspended { .. }
         )
+    }
+
+    /// Whether the error says the backend is sick (down, failing or too slow), as opposed to
+    /// answering usefully: what a circuit breaker counts. Refused credentials are a
+    /// configuration problem, and a suspension is counted by its own `retry_after`.
+    pub fn is_backend_sickness(&self) -> bool {
+        matches!(
+            self,
+            Self::BackendUnavailable { .. } | Self::BackendTimeout { .. }
+        )
+    }
+
+    /// How long the backend asked not to be called, or is not called, for.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::BackendSuspended { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use tower::{Service, ServiceExt};
@@ -12,6 +13,10 @@ use crate::registry::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
     RegistryError, Source,
 };
+
+/// How long each backend's health probe may take: one slow backend is reported unhealthy
+/// without holding back the others' reports.
+pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Fans requests out over the backends, held in precedence order (Gitea, OCI, local).
 #[derive(Clone)]
@@ -76,7 +81,8 @@ impl Service<BackendRequest> for Merge {
                 BackendRequest::List(f) => f.source,
                 BackendRequest::Get { source, .. }
                 | BackendRequest::Versions { source, .. }
-                | BackendRequest::Download { source, .. } => *source,
+                | BackendRequest::Download { source, .. }
+                | BackendRequest::DownloadHead { source, .. } => *source,
                 BackendRequest::Health => None,
             };
             let candidates: Vec<_> = backends
@@ -91,7 +97,8 @@ impl Service<BackendRequest> for Merge {
                     let asks = candidates.into_iter().map(|(_, b)| ask(b, req.clone()));
                     first_found(join_all(asks).await, not_found)
                 }
-                BackendRequest::Download { ref key, .. } => {
+                BackendRequest::Download { ref key, .. }
+                | BackendRequest::DownloadHead { ref key, .. } => {
                     let mut results = Vec::new();
                     for (_, backend) in candidates {
                         let result = ask(backend, req.clone()).await;
@@ -149,7 +156,7 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
     match fault {
         Some(error) => BackendResponse::Stale {
             response: Box::new(response),
-            error,
+            error: Some(error),
         },
         None => response,
     }
@@ -158,9 +165,20 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
 async fn health(
     candidates: Vec<(Source, BackendService)>,
 ) -> Result<BackendResponse, RegistryError> {
-    let asks = candidates
-        .iter()
-        .map(|(_, b)| ask(b.clone(), BackendRequest::Health));
+    let asks = candidates.iter().map(|(source, b)| async move {
+        let probe = ask(b.clone(), BackendRequest::Health);
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| {
+                Err(RegistryError::unavailable(
+                    *source,
+                    format!(
+                        "no answer to the health probe within {} s",
+                        HEALTH_PROBE_TIMEOUT.as_secs()
+                    ),
+                ))
+            })
+    });
     let results = join_all(asks).await;
     let report = candidates
         .iter()

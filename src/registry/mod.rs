@@ -11,13 +11,13 @@ mod model;
 mod search;
 pub mod version;
 
-pub use self::artifact::{Artifact, ArtifactBody, VerifyingBody};
+pub use self::artifact::{sha256_digest, Artifact, ArtifactBody, VerifyingBody};
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
     ListFilter,
 };
 pub use self::error::RegistryError;
-pub use self::merge::Merge;
+pub use self::merge::{Merge, HEALTH_PROBE_TIMEOUT};
 pub use self::model::{
     Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, Source, Timestamp,
     Version, VersionSelector, VersionTag,

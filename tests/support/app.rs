@@ -31,12 +31,15 @@ pub fn local_config(root: &Path, extra: &str) -> Config {
     Config::parse(&text, "test.toml", None).expect("test configuration is valid")
 }
 
-/// Wraps a backend so tests can see how often it was called.
+/// Wraps a backend so tests can see how often it was asked for extensions (the background
+/// health probes are not counted).
 pub fn counting(inner: BackendService) -> (BackendService, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = calls.clone();
     let service = tower::service_fn(move |req: BackendRequest| {
-        seen.fetch_add(1, Ordering::SeqCst);
+        if req != BackendRequest::Health {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
         inner.clone().oneshot(req)
     });
     (BackendService::new(service), calls)
@@ -137,4 +140,16 @@ pub async fn send_request(app: &HttpService, req: Request<body::Body>) -> Answer
 
 pub async fn get(app: &HttpService, uri: &str) -> Answer {
     send(app, "GET", uri).await
+}
+
+/// Waits until the background health probe has reported once (health answers at once from
+/// the last probe, and says `starting` before the first), letting it run meanwhile.
+pub async fn probed(app: &HttpService) {
+    for _ in 0..100_000 {
+        if get(app, "/api/v1/health").await.json()["status"] != "starting" {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the first health probe never ended");
 }

@@ -8,7 +8,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use extension_registry::config::GiteaConfig;
@@ -24,6 +26,7 @@ use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::rustls;
 
 /// Gitea's `[api] MAX_RESPONSE_ITEMS` and `DEFAULT_PAGING_NUM` defaults.
 const MAX_RESPONSE_ITEMS: i64 = 50;
@@ -306,6 +309,8 @@ pub struct SimConfig {
     /// When above 0, each releases request waits until this many are in flight together:
     /// a client that does not overlap them stalls, which proves it does.
     pub releases_rendezvous: usize,
+    /// Serve the API over TLS (see [`SimConfig::tls`]); object storage stays plain HTTP.
+    pub tls: bool,
 }
 
 impl SimConfig {
@@ -320,6 +325,7 @@ impl SimConfig {
             storage_redirect: false,
             utc_offset_hours: 0,
             releases_rendezvous: 0,
+            tls: false,
         }
     }
 
@@ -418,6 +424,10 @@ struct State {
     rendezvous: Option<tokio::sync::Barrier>,
     /// Every request to either host, in order, with whether it carried credentials.
     seen: Mutex<Vec<Seen>>,
+    /// Assets replaced while running (see [`GiteaSim::reupload`]).
+    reuploads: Mutex<Reuploads>,
+    /// The fault-matrix state: the current [`Fault`] and the TLS listener's certificates.
+    faults: Faults,
 }
 
 /// Counts a releases request as in flight while it lives (also when its connection is cut).
@@ -474,8 +484,9 @@ impl GiteaSim {
         let addr = |l: &TcpListener| -> SocketAddr { l.local_addr().expect("addr") };
         let rendezvous = (config.releases_rendezvous > 0)
             .then(|| tokio::sync::Barrier::new(config.releases_rendezvous));
+        let faults = Faults::new(config.tls);
         let state = Arc::new(State {
-            root: format!("http://{}{}", addr(&gitea), config.sub_path),
+            root: format!("{}://{}{}", faults.scheme(), addr(&gitea), config.sub_path),
             storage: format!("http://{}/", addr(&storage)),
             config,
             mode: Mutex::new(Mode::Normal),
@@ -483,9 +494,15 @@ impl GiteaSim {
             releases_in_flight: Mutex::new(0),
             rendezvous,
             seen: Mutex::new(Vec::new()),
+            reuploads: Mutex::new(Reuploads::default()),
+            faults,
         });
         let tasks = vec![
-            tokio::spawn(serve(gitea, Arc::clone(&state), false)),
+            if state.faults.is_tls() {
+                tokio::spawn(serve_tls(gitea, Arc::clone(&state)))
+            } else {
+                tokio::spawn(serve(gitea, Arc::clone(&state), false))
+            },
             tokio::spawn(serve(storage, Arc::clone(&state), true)),
         ];
         Self { state, tasks }
@@ -757,6 +774,9 @@ impl State {
                 c.downloads_with_authorization += u64::from(has_auth);
             });
         }
+        if let Some(reply) = self.fault(req, api).await {
+            return reply;
+        }
         match self.mode() {
             Mode::Normal => {}
             Mode::Slow => std::future::pending::<()>().await,
@@ -1022,10 +1042,14 @@ impl State {
     fn release_json(&self, repo: &SimRepo, release: &SimRelease) -> Value {
         let full = format!("{}/{}", self.config.org, repo.name);
         let tag = utf8_percent_encode(&release.tag, PATH_PIECE).to_string();
-        let mut assets: Vec<&SimAsset> = release.assets.iter().collect();
+        let mut assets: Vec<SimAsset> = release
+            .assets
+            .iter()
+            .map(|a| self.current_asset(repo, release, a))
+            .collect();
         assets.sort_by(|a, b| a.name.cmp(&b.name));
         let assets: Vec<Value> = assets
-            .into_iter()
+            .iter()
             .map(|a| {
                 let mut v = json!({
                     "id": a.id, "name": a.name, "size": a.bytes.len(), "download_count": 0,
@@ -1092,10 +1116,12 @@ impl State {
                         .max_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id))),
                     None => None,
                 };
-                let Some(asset) = release.and_then(|r| r.assets.iter().find(|a| a.name == *file))
+                let Some((release, asset)) =
+                    release.and_then(|r| Some((r, r.assets.iter().find(|a| a.name == *file)?)))
                 else {
                     return text(StatusCode::NOT_FOUND, "Not found.");
                 };
+                let asset = &self.current_asset(repo, release, asset);
                 if let Some(reply) = self.hop_reply(asset) {
                     return reply;
                 }
@@ -1142,7 +1168,8 @@ impl State {
             .path()
             .strip_prefix("/bucket/")
             .unwrap_or_default();
-        match self.asset_by_uuid(wanted) {
+        let reuploaded = self.reuploaded_by_uuid(wanted);
+        match reuploaded.as_ref().or_else(|| self.asset_by_uuid(wanted)) {
             Some(asset) => reply(
                 StatusCode::OK,
                 "application/octet-stream",
@@ -1349,4 +1376,330 @@ fn found_redirect(location: &str) -> Reply {
     let mut r = redirect(location);
     *r.status_mut() = StatusCode::FOUND;
     r
+}
+
+// Re-uploads: an asset deleted and uploaded again under the same name while the simulator
+// runs, as a publisher fixing a release does. Gitea gives the new file a new attachment (new id
+// and UUID, its own size); the by-name URL stays the same. Kept apart from the routes above.
+
+/// The assets replaced so far.
+#[derive(Default)]
+struct Reuploads {
+    /// The current asset by `(repository, tag, name)`.
+    by_name: std::collections::HashMap<(String, String, String), SimAsset>,
+    /// Ids handed out so far, above every seeded one.
+    issued: u64,
+}
+
+impl GiteaSim {
+    /// Replaces the asset `name` of release `tag` of `repo` with `bytes`, under a new id.
+    pub fn reupload(&self, repo: &str, tag: &str, name: &str, bytes: impl Into<Bytes>) {
+        let mut reuploads = self.state.reuploads.lock().expect("reuploads");
+        reuploads.issued += 1;
+        let asset = SimAsset {
+            name: name.into(),
+            bytes: bytes.into(),
+            id: 1_000_000 + reuploads.issued,
+            hop: None,
+        };
+        reuploads
+            .by_name
+            .insert((repo.into(), tag.into(), name.into()), asset);
+    }
+}
+
+impl State {
+    /// `asset` of `release` as it is now: its re-upload, if any.
+    fn current_asset(&self, repo: &SimRepo, release: &SimRelease, asset: &SimAsset) -> SimAsset {
+        let key = (repo.name.clone(), release.tag.clone(), asset.name.clone());
+        let reuploads = self.reuploads.lock().expect("reuploads");
+        reuploads.by_name.get(&key).unwrap_or(asset).clone()
+    }
+
+    /// A re-uploaded asset by its UUID.
+    fn reuploaded_by_uuid(&self, wanted: &str) -> Option<SimAsset> {
+        let reuploads = self.reuploads.lock().expect("reuploads");
+        reuploads
+            .by_name
+            .values()
+            .find(|a| uuid(a.id) == wanted)
+            .cloned()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fault modes for the fault matrix (`tests/faults.rs`): how a sick instance, or the proxy in
+// front of it, answers, beyond `Mode`; and a TLS listener whose certificate can be swapped.
+// ---------------------------------------------------------------------------------------------
+use fault_modes::{serve_tls, Faults};
+
+// Used by tests/faults.rs; the other test binaries include this file too.
+#[allow(dead_code)]
+pub mod fault_modes {
+    use super::*;
+
+    /// How every request to the Gitea host is answered while a fault is on. Checked after the
+    /// request is counted, before [`Mode`].
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Fault {
+        /// No fault: [`Mode`] decides.
+        None,
+        /// Answers as usual, but only after this long: slower than a client's timeout.
+        Delay(Duration),
+        /// `200` whose `Content-Length` promises more bytes than are sent before the connection
+        /// closes.
+        TruncatedBody,
+        /// `303` back to the same URL, forever.
+        RedirectLoop,
+        /// `401` everywhere, as for a token that was revoked.
+        RevokedToken,
+        /// `429` with `Retry-After` (seconds), as a rate-limiting proxy answers.
+        TooManyRequests(u64),
+        /// `503` with `Retry-After` (seconds), as a proxy answers while the instance is down for
+        /// maintenance.
+        Maintenance(u64),
+    }
+
+    /// Which certificate the TLS listener presents (see [`SimConfig::tls`]).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Certificate {
+        /// Issued for `127.0.0.1` and `localhost` by the simulator's own CA, which a client can be
+        /// told to trust ([`GiteaSim::ca_pem`]).
+        Issued,
+        /// Self-signed for the same names: nobody trusts it.
+        SelfSigned,
+    }
+
+    impl SimConfig {
+        /// Serves the API over TLS, presenting [`Certificate::Issued`] until told otherwise. Each
+        /// connection carries one request, so every request makes a handshake with whatever
+        /// certificate is presented at that moment.
+        pub fn tls(mut self) -> Self {
+            self.tls = true;
+            self
+        }
+    }
+
+    impl GiteaSim {
+        pub fn set_fault(&self, fault: Fault) {
+            *self.state.faults.fault.lock().expect("fault") = fault;
+        }
+
+        /// The PEM of the CA that issued [`Certificate::Issued`].
+        pub fn ca_pem(&self) -> &str {
+            &self.tls().ca_pem
+        }
+
+        /// Switches the certificate presented to the next connections.
+        pub fn present(&self, certificate: Certificate) {
+            *self.tls().presented.lock().expect("certificate") = certificate;
+        }
+
+        /// Requests so far whose path has `segment` as one of its segments (a repository name
+        /// counts the calls about one extension), whatever answered them: a fault, a [`Mode`]
+        /// or the API.
+        pub fn requests_about(&self, segment: &str) -> usize {
+            let paths = self.state.faults.paths.lock().expect("paths");
+            paths
+                .iter()
+                .filter(|p| p.split('/').any(|s| s == segment))
+                .count()
+        }
+
+        /// TLS connections accepted so far, failed handshakes included: the calls that a TLS
+        /// failure keeps from reaching any route.
+        pub fn tls_handshakes(&self) -> u64 {
+            self.tls().handshakes.load(Ordering::SeqCst)
+        }
+
+        fn tls(&self) -> &Tls {
+            self.state
+                .faults
+                .tls
+                .as_ref()
+                .expect("a simulator started with SimConfig::tls")
+        }
+    }
+
+    /// The fault-matrix state of a running simulator.
+    pub(super) struct Faults {
+        /// The fault on now.
+        fault: Mutex<Fault>,
+        /// The path of every request that reached the Gitea host, whatever answered it.
+        paths: Mutex<Vec<String>>,
+        /// Present when the API is served over TLS.
+        tls: Option<Tls>,
+    }
+
+    impl Faults {
+        pub(super) fn new(tls: bool) -> Self {
+            Self {
+                fault: Mutex::new(Fault::None),
+                paths: Mutex::new(Vec::new()),
+                tls: tls.then(Tls::new),
+            }
+        }
+
+        pub(super) fn is_tls(&self) -> bool {
+            self.tls.is_some()
+        }
+
+        pub(super) fn scheme(&self) -> &'static str {
+            if self.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            }
+        }
+    }
+
+    /// The TLS listener's two identities and which one it presents.
+    struct Tls {
+        /// The CA that issued `issued`, for the client's trust store.
+        ca_pem: String,
+        issued: Arc<rustls::ServerConfig>,
+        self_signed: Arc<rustls::ServerConfig>,
+        presented: Mutex<Certificate>,
+        /// Connections accepted: handshakes attempted, failed ones included.
+        handshakes: AtomicU64,
+    }
+
+    impl Tls {
+        fn new() -> Self {
+            let mut ca =
+                rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+            ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            ca.distinguished_name
+                .push(rcgen::DnType::CommonName, "gitea-sim test CA");
+            ca.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::DigitalSignature,
+            ];
+            let ca_key = rcgen::KeyPair::generate().expect("CA key");
+            let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+            let ca = rcgen::Issuer::new(ca, ca_key);
+            Self {
+                ca_pem,
+                issued: server_identity(Some(&ca)),
+                self_signed: server_identity(None),
+                presented: Mutex::new(Certificate::Issued),
+                handshakes: AtomicU64::new(0),
+            }
+        }
+
+        fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+            let config = match *self.presented.lock().expect("certificate") {
+                Certificate::Issued => &self.issued,
+                Certificate::SelfSigned => &self.self_signed,
+            };
+            tokio_rustls::TlsAcceptor::from(Arc::clone(config))
+        }
+    }
+
+    /// A server certificate for `127.0.0.1` and `localhost`, issued by `ca` or self-signed.
+    fn server_identity(
+        ca: Option<&rcgen::Issuer<'_, rcgen::KeyPair>>,
+    ) -> Arc<rustls::ServerConfig> {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+                .expect("certificate parameters");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gitea-sim");
+        params.use_authority_key_identifier_extension = ca.is_some();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let certificate = match ca {
+            Some(ca) => params.signed_by(&key, ca),
+            None => params.self_signed(&key),
+        }
+        .expect("server certificate");
+        let key = rustls::pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![certificate.der().clone()], key.into())
+            .expect("TLS server configuration");
+        Arc::new(config)
+    }
+
+    /// The TLS accept loop: one request per connection (no keep-alive), so that each request
+    /// meets the certificate presented when it is made.
+    pub(super) async fn serve_tls(listener: TcpListener, state: Arc<State>) {
+        let mut connections = JoinSet::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            let Some(tls) = &state.faults.tls else {
+                return;
+            };
+            tls.handshakes.fetch_add(1, Ordering::SeqCst);
+            let acceptor = tls.acceptor();
+            let state = Arc::clone(&state);
+            connections.spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(state.route(&req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(false)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    }
+
+    impl State {
+        /// Records the request, then gives the answer the current [`Fault`] makes it get, or
+        /// `None` to answer as usual.
+        pub(super) async fn fault(&self, req: &Request<Incoming>, api: bool) -> Option<Reply> {
+            let path = req.uri().path().to_owned();
+            self.faults.paths.lock().expect("paths").push(path);
+            let fault = *self.faults.fault.lock().expect("fault");
+            match fault {
+                Fault::None => None,
+                Fault::Delay(delay) => {
+                    tokio::time::sleep(delay).await;
+                    None
+                }
+                Fault::TruncatedBody => {
+                    let mut r = reply(
+                        StatusCode::OK,
+                        "application/json;charset=utf-8",
+                        "[{\"id\":11,\"name\":\"aws_prov\",\"description\":\"The",
+                    );
+                    // hyper (release builds) trusts a length the service sets and sends the short
+                    // body; `connection: close` makes it close the connection then, so the client
+                    // sees the transfer cut short.
+                    add_header(&mut r, "content-length", "4096");
+                    add_header(&mut r, "connection", "close");
+                    Some(r)
+                }
+                Fault::RedirectLoop => Some(redirect(&req.uri().to_string())),
+                Fault::RevokedToken if api => Some(self.unauthorized_json()),
+                Fault::RevokedToken => Some(text(
+                    StatusCode::UNAUTHORIZED,
+                    "Failed to authenticate user",
+                )),
+                Fault::TooManyRequests(seconds) => Some(retry_after(
+                    text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
+                    seconds,
+                )),
+                Fault::Maintenance(seconds) => Some(retry_after(
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/html; charset=utf-8",
+                        "<html><body><h1>503 Service Temporarily Unavailable</h1></body></html>\n",
+                    ),
+                    seconds,
+                )),
+            }
+        }
+    }
+
+    fn retry_after(mut r: Reply, seconds: u64) -> Reply {
+        add_header(&mut r, "retry-after", &seconds.to_string());
+        r
+    }
 }

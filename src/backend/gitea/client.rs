@@ -4,13 +4,13 @@
 //! domain's errors.
 
 use percent_encoding::percent_decode_str;
-use reqwest::header::{HeaderValue, AUTHORIZATION, LINK, LOCATION};
-use reqwest::{Response, StatusCode, Url};
+use reqwest::header::{HeaderMap, HeaderValue, LINK};
+use reqwest::{Method, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 
 use super::model::AssetLink;
 use crate::backend::http::{
-    is_html, next_link, read_capped, transport_error, MAX_METADATA_BYTES, MAX_REDIRECTS,
+    is_html, next_link, read_capped, send_per_hop, throttled, transport_error, MAX_METADATA_BYTES,
 };
 use crate::registry::{RegistryError, Source};
 
@@ -135,45 +135,19 @@ impl Api {
         }
     }
 
-    /// Sends a GET and follows its redirects itself, up to [`MAX_REDIRECTS`], deciding at
-    /// every hop whether the token goes with it: a hop [`Api::carries_token`] refuses is sent
-    /// without it (object storage's presigned URLs need none), never with it. A loop or a
-    /// longer chain is a backend failure.
+    /// Sends a GET, following its redirects with the token only on the hops
+    /// [`Api::carries_token`] accepts under `grant`.
     async fn get(&self, first: Url, grant: Grant<'_>) -> Result<Response, RegistryError> {
-        let mut visited: Vec<Url> = Vec::new();
-        let mut url = first;
-        loop {
-            if visited.contains(&url) {
-                return Err(unavailable("redirect loop"));
-            }
-            if visited.len() > MAX_REDIRECTS {
-                return Err(unavailable(format!("more than {MAX_REDIRECTS} redirects")));
-            }
-            let mut request = self.http.get(url.clone());
-            if let Some(value) = &self.authorization {
-                if self.carries_token(&url, grant) {
-                    request = request.header(AUTHORIZATION, value.clone());
-                }
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|e| transport_error(Source::Gitea, &e))?;
-            let location = response
-                .headers()
-                .get(LOCATION)
-                .and_then(|v| v.to_str().ok());
-            let next = match location {
-                Some(location) if response.status().is_redirection() => url
-                    .join(location)
-                    .ok()
-                    .filter(|u| matches!(u.scheme(), "http" | "https"))
-                    .ok_or_else(|| unavailable("redirect to an unusable location"))?,
-                _ => return Ok(response),
-            };
-            visited.push(url);
-            url = next;
-        }
+        send_per_hop(
+            &self.http,
+            &Method::GET,
+            first,
+            &HeaderMap::new(),
+            self.authorization.as_ref(),
+            |url| self.carries_token(url, grant),
+        )
+        .await
+        .map_err(|e| e.into_registry_error(Source::Gitea))
     }
 
     /// One JSON object; `Ok(None)` when Gitea answers 404 (missing, or private and not
@@ -241,6 +215,9 @@ impl Api {
         let response = self.get(url, Grant::Asset(asset)).await?;
         let status = response.status();
         if !status.is_success() {
+            if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+                return Err(throttled);
+            }
             return Err(match status {
                 StatusCode::UNAUTHORIZED => RegistryError::BackendAuthFailed {
                     backend: Source::Gitea,
@@ -270,6 +247,9 @@ impl Api {
 /// Maps an API answer: 2xx passes, 404 is `None`, everything else an error naming `what`.
 fn api_status(response: Response, what: &str) -> Result<Option<Response>, RegistryError> {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Gitea, &response, what) {
+        return Err(throttled);
+    }
     match status {
         s if s.is_success() => Ok(Some(response)),
         StatusCode::NOT_FOUND => Ok(None),
@@ -374,6 +354,7 @@ mod tests {
             tag: "v1.0/rc 1".into(),
             name: "aws 1.tar.gz".into(),
             uuid: Some("8f14e45f-ceea-467f-a0e6-3a1b2c9d7e11".into()),
+            stamp: None,
         };
         let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap(), Grant::Asset(&asset));
         assert!(carries(

@@ -17,7 +17,7 @@ use reqwest::Url;
 use tower::Service;
 
 use self::client::Api;
-use self::model::{Candidate, Release, Repository, ServerVersion};
+use self::model::{AssetStamp, Candidate, Release, Repository, ServerVersion};
 use crate::backend::http;
 use crate::config::{ConfigError, GiteaConfig, Secret};
 use crate::registry::{
@@ -25,6 +25,12 @@ use crate::registry::{
     ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source,
     VerifyingBody, Version, VersionSelector,
 };
+
+/// Bytes of checksums remembered by the sidecar they were read from (each weighed by
+/// [`SidecarKey::weight`] plus its digest). A sidecar of a published release never changes
+/// (see [`AssetStamp`]), so this only bounds memory: about 300 bytes an entry, so some 28,000
+/// releases' checksums, far more than one instance's extensions carry.
+pub const SIDECAR_MEMO_BYTES: u64 = 8 * 1024 * 1024;
 
 /// The backend. Cheap to clone: the state is shared.
 #[derive(Clone)]
@@ -40,6 +46,35 @@ struct Inner {
     include_archived: bool,
     /// Most per-repository calls in flight at once.
     max_concurrency: usize,
+    /// Checksums read from sidecars, so a refresh of an unchanged extension costs its pages
+    /// only; a replaced sidecar has another stamp and is read again.
+    sidecars: moka::future::Cache<SidecarKey, Arc<str>>,
+}
+
+/// What a remembered checksum was read from: the sidecar's bytes, and the artifact it was
+/// looked up for (a `SHA256SUMS` holds many).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct SidecarKey {
+    /// The sidecar asset's identity.
+    sidecar: AssetStamp,
+    /// The artifact's file name.
+    artifact: String,
+}
+
+impl SidecarKey {
+    fn weight(&self) -> usize {
+        self.sidecar.weight() + self.artifact.len()
+    }
+}
+
+/// The memo of checksums by sidecar, holding at most `bytes` of them by weight.
+fn sidecar_memo(bytes: u64) -> moka::future::Cache<SidecarKey, Arc<str>> {
+    moka::future::Cache::builder()
+        .max_capacity(bytes)
+        .weigher(|key: &SidecarKey, digest: &Arc<str>| {
+            u32::try_from(key.weight() + digest.len()).unwrap_or(u32::MAX)
+        })
+        .build()
 }
 
 /// A repository that holds an extension, with the releases that qualify as its versions.
@@ -84,7 +119,6 @@ impl Gitea {
         let client = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-            reqwest::redirect::Policy::none(),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
@@ -92,6 +126,7 @@ impl Gitea {
                 api: Api::new(client, root, config.organization.clone(), authorization),
                 include_archived: config.include_archived,
                 max_concurrency: config.max_concurrency.max(1),
+                sidecars: sidecar_memo(SIDECAR_MEMO_BYTES),
             }),
         })
     }
@@ -110,7 +145,10 @@ impl Inner {
                 BackendResponse::Versions(Arc::new(self.versions(&key).await?))
             }
             BackendRequest::Download { key, version, .. } => {
-                BackendResponse::Artifact(self.download(&key, &version).await?)
+                BackendResponse::Artifact(self.download(&key, &version, true).await?)
+            }
+            BackendRequest::DownloadHead { key, version, .. } => {
+                BackendResponse::Artifact(self.download(&key, &version, false).await?)
             }
             BackendRequest::Health => {
                 BackendResponse::Health(HealthReport(vec![self.health().await]))
@@ -252,26 +290,42 @@ impl Inner {
         })
     }
 
-    /// The artifact's digest from its sidecar, if the release has one.
+    /// The artifact's digest from its sidecar, if the release has one: remembered when the
+    /// sidecar's bytes are known not to change, else read.
     async fn checksum(&self, candidate: &Candidate) -> Result<Option<String>, RegistryError> {
         let Some(sidecar) = &candidate.sidecar else {
             return Ok(None);
         };
+        let key = sidecar.asset().stamp.clone().map(|stamp| SidecarKey {
+            sidecar: stamp,
+            artifact: candidate.artifact.name.clone(),
+        });
+        if let Some(key) = &key {
+            if let Some(digest) = self.sidecars.get(key).await {
+                return Ok(Some(digest.to_string()));
+            }
+        }
         let what = format!("checksum of {}", candidate.artifact.name);
         let text = self.api.small_text(sidecar.asset(), &what).await?;
-        model::parse_sidecar(sidecar, &text, &candidate.artifact.name)
-            .map(Some)
-            .ok_or_else(|| {
+        let digest =
+            model::parse_sidecar(sidecar, &text, &candidate.artifact.name).ok_or_else(|| {
                 RegistryError::unavailable(Source::Gitea, format!("{what}: no sha256 digest found"))
-            })
+            })?;
+        if let Some(key) = key {
+            self.sidecars.insert(key, Arc::from(digest.as_str())).await;
+        }
+        Ok(Some(digest))
     }
 
-    /// Streams a version's artifact, verified when its checksum is known. A checksum file that
-    /// exists but cannot be read fails the download: the bytes could not be vouched for.
+    /// Streams a version's artifact, verified when its checksum is known; with `open` false,
+    /// only describes it (for HEAD). A checksum file that exists but cannot be read fails the
+    /// download: the bytes could not be vouched for. The length is the asset's size from the
+    /// release; a download answering another length is refused.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
+        open: bool,
     ) -> Result<Artifact, RegistryError> {
         let found = self.find(key).await?;
         let chosen = match selector {
@@ -281,19 +335,33 @@ impl Inner {
                 .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
         };
         let checksum = self.checksum(chosen).await?;
+        let size = chosen.version.size;
+        if !open {
+            return Ok(Artifact::head(
+                chosen.artifact.name.clone(),
+                Some(size),
+                checksum,
+            ));
+        }
         let what = format!("{key} {}", chosen.version.version);
         let response = self.api.download(&chosen.artifact, &what).await?;
-        let content_length = response.content_length();
+        if response.content_length().is_some_and(|len| len != size) {
+            return Err(RegistryError::unavailable(
+                Source::Gitea,
+                format!("{what}: the download's length differs from the asset's size"),
+            ));
+        }
         let body = http::stream_body(response);
-        let body = match checksum {
+        let body = match &checksum {
             None => body,
-            Some(checksum) => VerifyingBody::new(body, &checksum, Source::Gitea, what)
+            Some(checksum) => VerifyingBody::new(body, checksum, Source::Gitea, what)
                 .map(BodyExt::boxed_unsync)
                 .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
         };
         Ok(Artifact {
             filename: chosen.artifact.name.clone(),
-            content_length,
+            content_length: Some(size),
+            checksum,
             body,
         })
     }
@@ -368,5 +436,39 @@ impl Service<BackendRequest> for Gitea {
     fn call(&mut self, request: BackendRequest) -> Self::Future {
         let inner = Arc::clone(&self.inner);
         Box::pin(async move { inner.handle(request).await })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sidecar_memo_is_bounded_by_bytes() {
+        let memo = sidecar_memo(SIDECAR_MEMO_BYTES);
+        let digest: Arc<str> = Arc::from(format!("sha256:{}", "ab".repeat(32)).as_str());
+        let mut weight = 0;
+        for id in 0..60_000 {
+            let key = SidecarKey {
+                sidecar: AssetStamp {
+                    id,
+                    size: 96,
+                    uuid: Some(format!("8f14e45f-ceea-467f-a0e6-{id:012x}")),
+                    url: format!(
+                        "https://git.example.com/extensions/ext{id}_prov/releases/download/1.0.{id}/ext{id}-1.0.{id}.tar.gz.sha256"
+                    ),
+                },
+                artifact: format!("ext{id}-1.0.{id}.tar.gz"),
+            };
+            weight = key.weight() + digest.len();
+            memo.insert(key, digest.clone()).await;
+        }
+        memo.run_pending_tasks().await;
+        // A typical entry, as the bound's documentation counts it.
+        assert!((250..400).contains(&weight), "{weight}");
+        let held = memo.weighted_size();
+        assert!(held <= SIDECAR_MEMO_BYTES, "{held}");
+        assert!(held >= SIDECAR_MEMO_BYTES / 2, "{held}");
+        assert!(memo.entry_count() < 60_000, "{}", memo.entry_count());
     }
 }

@@ -62,6 +62,9 @@ pub struct Release {
 /// One asset of a release.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Attachment {
+    /// The attachment's id: a new upload, even under the same name, is a new attachment.
+    #[serde(default)]
+    pub id: Option<i64>,
     /// Decides whether the asset is the artifact or its checksum.
     pub name: String,
     /// Shown as the version's size, in bytes.
@@ -72,6 +75,48 @@ pub struct Attachment {
     /// The asset's own id in the `{ROOT_URL}attachments/{uuid}` form of its URL.
     #[serde(default)]
     pub uuid: Option<String>,
+    /// Forgejo: `"external"` for a link to a file stored elsewhere, whose bytes may change.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+}
+
+impl Attachment {
+    /// What identifies this asset's bytes, when they are stored by the instance; `None` for a
+    /// Forgejo external link (nothing is stored, the target may change) or without an id.
+    fn stamp(&self) -> Option<AssetStamp> {
+        if self.kind.as_deref() == Some("external") {
+            return None;
+        }
+        Some(AssetStamp {
+            id: self.id?,
+            size: self.size,
+            uuid: self.uuid.clone(),
+            url: self.browser_download_url.clone(),
+        })
+    }
+}
+
+/// The identity of a stored release asset's bytes. Gitea never rewrites an attachment in
+/// place: replacing a file is a new upload, with a new id, UUID and size; and it gives no
+/// `updated_at` for attachments (only `created_at`, fixed at upload). So assets with equal
+/// stamps have equal bytes, and anything read from one can be remembered.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AssetStamp {
+    /// The attachment id.
+    pub id: i64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its UUID (the stored file's name), if Gitea sent one.
+    pub uuid: Option<String>,
+    /// Where it is fetched from (an edited name moves it).
+    pub url: String,
+}
+
+impl AssetStamp {
+    /// Roughly the heap bytes this stamp holds, for a memo bounded in bytes.
+    pub fn weight(&self) -> usize {
+        std::mem::size_of::<Self>() + self.uuid.as_ref().map_or(0, String::len) + self.url.len()
+    }
 }
 
 /// A release asset as its release's own asset list gives it: the URL to fetch, and what the
@@ -89,6 +134,8 @@ pub struct AssetLink {
     pub name: String,
     /// The asset's uuid, for the `attachments/{uuid}` form; `None` if Gitea sent none.
     pub uuid: Option<String>,
+    /// What identifies its bytes, when the instance stores them.
+    pub stamp: Option<AssetStamp>,
 }
 
 /// The body of `GET /version`.
@@ -190,6 +237,7 @@ impl Release {
             tag: self.tag_name.clone(),
             name: a.name.clone(),
             uuid: a.uuid.clone(),
+            stamp: a.stamp(),
         };
         let sidecar = by_name(&format!("{}.sha256", artifact.name))
             .or_else(|| by_name(&format!("{stem}.sha256")))
@@ -233,10 +281,12 @@ mod tests {
 
     fn asset(name: &str) -> Attachment {
         Attachment {
+            id: Some(1),
             name: name.into(),
             size: 7,
             browser_download_url: format!("https://h/o/r/releases/download/t/{name}"),
             uuid: None,
+            kind: None,
         }
     }
 
@@ -309,6 +359,23 @@ mod tests {
         assert_eq!(parse_sidecar(&sums, &text, "y.tar.gz"), None);
         let single = Sidecar::Single(c.artifact.clone());
         assert_eq!(parse_sidecar(&single, "nothex  x\n", "x"), None);
+    }
+
+    #[test]
+    fn only_stored_assets_with_an_id_have_a_stamp() {
+        let stored = asset("x.sha256");
+        let stamp = stored.stamp().unwrap();
+        let reuploaded = Attachment {
+            id: Some(2),
+            ..stored.clone()
+        };
+        assert_ne!(reuploaded.stamp(), Some(stamp));
+        let external = Attachment {
+            kind: Some("external".into()),
+            ..stored.clone()
+        };
+        assert_eq!(external.stamp(), None);
+        assert_eq!(Attachment { id: None, ..stored }.stamp(), None);
     }
 
     #[test]

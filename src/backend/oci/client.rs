@@ -1,20 +1,24 @@
 //! Talking to one registry: URLs, the `WWW-Authenticate` challenge flow (basic, bearer token
-//! exchange, static token), the per-scope token cache, the bound on calls in flight, and the
-//! reading of error answers into [`CallError`].
+//! exchange, static token), which URLs may carry the credentials (re-checked on every redirect
+//! hop), the per-scope token cache, the bound on calls in flight, and the reading of error
+//! answers into [`CallError`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, LINK, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, LINK, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
-use crate::backend::http::{next_link, read_capped, transport_error, MAX_METADATA_BYTES};
+use crate::backend::http::{
+    next_link, read_capped, send_per_hop, throttled, transport_error, HopError, MAX_METADATA_BYTES,
+};
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
 use crate::registry::{RegistryError, Source};
@@ -52,6 +56,15 @@ impl CallError {
 
     fn transport(e: &reqwest::Error) -> Self {
         Self::Fatal(transport_error(Source::Oci, e))
+    }
+
+    /// A transport failure leaves the registry unusable; redirects that lead nowhere are this
+    /// answer's fault.
+    fn hop(e: HopError) -> Self {
+        match e {
+            HopError::Transport(e) => Self::transport(&e),
+            HopError::Redirect(reason) => Self::broken(reason),
+        }
     }
 }
 
@@ -180,15 +193,32 @@ pub struct BasicCredentials {
     pub password: Secret,
 }
 
+impl BasicCredentials {
+    /// `Basic base64(user:password)`, marked sensitive; `None` if unfit for a header.
+    fn header(&self) -> Option<HeaderValue> {
+        let pair = format!("{}:{}", self.username, self.password.expose());
+        sensitive(&format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        ))
+    }
+}
+
 /// One registry, its credentials, and the state the auth flow keeps.
 pub struct Client {
-    /// The shared reqwest client (timeouts, redirects, TLS verification).
+    /// The shared reqwest client (timeouts, TLS verification); it follows no redirect,
+    /// [`send_per_hop`] does.
     http: reqwest::Client,
     /// `scheme://host[:port]/`: every path is resolved against it, and a `Link` or realm on
     /// another origin is treated as foreign.
     base: Url,
+    /// The repository prefix extensions live under: credentials go only to repositories
+    /// below it.
+    namespace: String,
     /// Used on a `Basic` challenge and for token exchange.
     basic: Option<BasicCredentials>,
+    /// The `Authorization` value of `basic`, built once.
+    basic_header: Option<HeaderValue>,
     /// A token sent as `Bearer` on every call when configured.
     static_token: Option<Secret>,
     /// Set once the registry asked for basic credentials, so later calls send them at once
@@ -204,6 +234,7 @@ impl Client {
     pub fn new(
         http: reqwest::Client,
         base: Url,
+        namespace: String,
         basic: Option<BasicCredentials>,
         static_token: Option<Secret>,
         max_concurrency: usize,
@@ -211,6 +242,8 @@ impl Client {
         Self {
             http,
             base,
+            namespace,
+            basic_header: basic.as_ref().and_then(BasicCredentials::header),
             basic,
             static_token,
             basic_wanted: AtomicBool::new(false),
@@ -293,12 +326,16 @@ impl Client {
 
     /// `GET /v2/`, unauthenticated: 200 or 401 means the registry is up.
     pub async fn ping(&self) -> Result<(), String> {
-        let response = self
-            .http
-            .get(self.join("v2/"))
-            .send()
-            .await
-            .map_err(|e| transport_error(Source::Oci, &e).to_string())?;
+        let response = send_per_hop(
+            &self.http,
+            &Method::GET,
+            self.join("v2/"),
+            &HeaderMap::new(),
+            None,
+            |_| false,
+        )
+        .await
+        .map_err(|e| e.into_registry_error(Source::Oci).to_string())?;
         match response.status() {
             StatusCode::OK | StatusCode::UNAUTHORIZED => Ok(()),
             status => Err(format!("GET /v2/ answered {status}")),
@@ -336,8 +373,9 @@ impl Client {
         Ok((body, headers))
     }
 
-    /// Sends a request through the challenge flow and returns a 2xx response; any other
-    /// status becomes a [`CallError`].
+    /// Sends a GET or HEAD through the challenge flow and returns a 2xx response; any other
+    /// status becomes a [`CallError`]. Redirects are followed with the credentials only on the
+    /// hops [`Client::carries_credentials`] accepts for `scope`.
     pub async fn send(
         &self,
         method: Method,
@@ -347,18 +385,27 @@ impl Client {
         what: &str,
     ) -> Result<reqwest::Response, CallError> {
         let scope_key = scope.as_string();
+        let mut headers = HeaderMap::new();
+        if let Some(accept) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
+            headers.insert(ACCEPT, accept);
+        }
         let mut challenged = false;
         loop {
-            let mut request = self.http.request(method.clone(), url.clone());
-            if let Some(accept) = accept {
-                request = request.header(ACCEPT, accept);
-            }
-            let (request, sent_basic) = self.authorize(request, &scope_key);
+            let (credential, sent_basic) = self.credential(&scope_key);
             let response = {
                 let _permit = self.permits.acquire().await.map_err(|_| {
                     CallError::Fatal(RegistryError::Internal("registry permits closed".into()))
                 })?;
-                request.send().await.map_err(|e| CallError::transport(&e))?
+                send_per_hop(
+                    &self.http,
+                    &method,
+                    url.clone(),
+                    &headers,
+                    credential.as_ref(),
+                    |hop| self.carries_credentials(hop, scope),
+                )
+                .await
+                .map_err(CallError::hop)?
             };
             let status = response.status();
             if status.is_success() {
@@ -394,15 +441,52 @@ impl Client {
         }
     }
 
-    /// Adds the credentials to send for `scope`, if any; says whether they were basic ones.
-    fn authorize(
-        &self,
-        request: reqwest::RequestBuilder,
-        scope: &str,
-    ) -> (reqwest::RequestBuilder, bool) {
-        if let Some(basic) = self.basic.as_ref() {
-            if self.basic_wanted.load(Ordering::Relaxed) {
-                return (with_basic(request, basic), true);
+    /// Whether `url` may carry the registry credentials for `scope`: only the `/v2/` API URLs
+    /// this client builds on the registry's own origin, the catalog for [`Scope::Catalog`] and
+    /// the tag list, manifests and blobs of that repository, under the namespace, for
+    /// [`Scope::Pull`]. A blob's redirect to storage, on another host or another path of the
+    /// same one, gets none.
+    fn carries_credentials(&self, url: &Url, scope: Scope<'_>) -> bool {
+        if url.origin() != self.base.origin()
+            || !url.username().is_empty()
+            || url.password().is_some()
+        {
+            return false;
+        }
+        let Some(rest) = url.path().strip_prefix("/v2/") else {
+            return false;
+        };
+        match scope {
+            Scope::Catalog => rest == "_catalog",
+            Scope::Pull(repo) => {
+                let under_namespace = repo
+                    .strip_prefix(self.namespace.as_str())
+                    .is_some_and(|r| r.starts_with('/'));
+                let encoded: String = repo
+                    .split('/')
+                    .map(|p| utf8_percent_encode(p, SEGMENT).to_string())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let route = rest
+                    .strip_prefix(encoded.as_str())
+                    .and_then(|r| r.strip_prefix('/'));
+                under_namespace
+                    && match route.map(|r| r.split_once('/').unwrap_or((r, ""))) {
+                        Some(("tags", "list")) => true,
+                        Some(("manifests" | "blobs", reference)) => {
+                            !reference.is_empty() && !reference.contains('/')
+                        }
+                        _ => false,
+                    }
+            }
+        }
+    }
+
+    /// The credentials to send for `scope`, if any; says whether they are basic ones.
+    fn credential(&self, scope: &str) -> (Option<HeaderValue>, bool) {
+        if self.basic_wanted.load(Ordering::Relaxed) {
+            if let Some(basic) = &self.basic_header {
+                return (Some(basic.clone()), true);
             }
         }
         let cached = self
@@ -415,10 +499,7 @@ impl Client {
                 .as_ref()
                 .and_then(|t| sensitive(&format!("Bearer {}", t.expose())))
         });
-        match bearer {
-            Some(value) => (request.header(AUTHORIZATION, value), false),
-            None => (request, false),
-        }
+        (bearer, false)
     }
 
     /// Gets a token from the challenge's realm and caches it under `scope_key`.
@@ -451,8 +532,7 @@ impl Client {
                 query.append_pair("account", &basic.username);
             }
         }
-        let mut request = self.http.get(realm.clone());
-        if let Some(basic) = &self.basic {
+        if self.basic.is_some() {
             // Credentials travel to the token server only over TLS or to the registry's own
             // host: a plain-HTTP realm elsewhere would expose them.
             let same_host = realm.host_str() == self.base.host_str();
@@ -461,9 +541,18 @@ impl Client {
                     "refusing to send credentials to a plain-HTTP token server on another host",
                 ));
             }
-            request = with_basic(request, basic);
         }
-        let response = request.send().await.map_err(|e| CallError::transport(&e))?;
+        // The credentials go to the realm itself; wherever it redirects, they do not follow.
+        let response = send_per_hop(
+            &self.http,
+            &Method::GET,
+            realm.clone(),
+            &HeaderMap::new(),
+            self.basic_header.as_ref(),
+            |hop| hop.origin() == realm.origin() && hop.path() == realm.path(),
+        )
+        .await
+        .map_err(CallError::hop)?;
         match response.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
@@ -495,14 +584,6 @@ impl Client {
     }
 }
 
-/// reqwest marks the header it builds as sensitive.
-fn with_basic(
-    request: reqwest::RequestBuilder,
-    basic: &BasicCredentials,
-) -> reqwest::RequestBuilder {
-    request.basic_auth(&basic.username, Some(basic.password.expose()))
-}
-
 /// A header value marked sensitive, so it is left out of any debug output.
 fn sensitive(value: &str) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_str(value).ok()?;
@@ -521,6 +602,9 @@ async fn read_bounded(response: reqwest::Response) -> Result<Option<Bytes>, Call
 /// plain-text 404 some routes give).
 async fn failure(response: reqwest::Response, what: &str) -> CallError {
     let status = response.status();
+    if let Some(throttled) = throttled(Source::Oci, &response, what) {
+        return CallError::Fatal(throttled);
+    }
     let body = match read_bounded(response).await {
         Ok(body) => body.unwrap_or_default(),
         Err(e) => return e,
@@ -566,6 +650,54 @@ mod tests {
             ("x", "y")
         );
         assert!(parse_challenge("").is_none());
+    }
+
+    #[test]
+    fn credentials_go_only_to_the_api_urls_of_the_scope() {
+        let client = Client::new(
+            reqwest::Client::new(),
+            Url::parse("https://reg.test/").unwrap(),
+            "ns".into(),
+            None,
+            None,
+            1,
+        );
+        let carries = |u: &str, scope| client.carries_credentials(&Url::parse(u).unwrap(), scope);
+        let aws = Scope::Pull("ns/aws-provider");
+        for allowed in [
+            "https://reg.test/v2/ns/aws-provider/tags/list?n=100&last=1.0.0",
+            "https://reg.test/v2/ns/aws-provider/manifests/1.0.0",
+            "https://reg.test/v2/ns/aws-provider/blobs/sha256:00ff",
+        ] {
+            assert!(carries(allowed, aws), "{allowed}");
+        }
+        assert!(carries(
+            "https://reg.test/v2/_catalog?n=1000",
+            Scope::Catalog
+        ));
+        for refused in [
+            // Object storage on the same host, another repository, another origin.
+            "https://reg.test/docker/registry/v2/blobs/sha256/00/00ff/data",
+            "https://reg.test/v2/ns/other-provider/blobs/sha256:00ff",
+            "https://reg.test/v2/ns/aws-provider/blobs/uploads/x",
+            "https://reg.test/v2/ns/aws-provider/",
+            "https://reg.test/v2/_catalog",
+            "https://reg.test:8443/v2/ns/aws-provider/blobs/sha256:00ff",
+            "http://reg.test/v2/ns/aws-provider/blobs/sha256:00ff",
+            "https://storage.test/v2/ns/aws-provider/blobs/sha256:00ff",
+            "https://u:p@reg.test/v2/ns/aws-provider/blobs/sha256:00ff",
+        ] {
+            assert!(!carries(refused, aws), "{refused}");
+        }
+        assert!(!carries(
+            "https://reg.test/v2/ns/aws-provider/tags/list",
+            Scope::Catalog
+        ));
+        let outside = Scope::Pull("other/aws-provider");
+        assert!(!carries(
+            "https://reg.test/v2/other/aws-provider/tags/list",
+            outside
+        ));
     }
 
     #[test]

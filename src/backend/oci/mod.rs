@@ -111,17 +111,23 @@ impl OciBackend {
             }
             None => None,
         };
-        // reqwest follows a blob's redirect to storage and drops credentials there.
+        // The client follows a blob's redirect to storage itself, without the credentials.
         let http = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-            reqwest::redirect::Policy::limited(http::MAX_REDIRECTS),
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         let max_concurrency = config.max_concurrency.max(1);
         Ok(Self {
             inner: Arc::new(Inner {
-                client: Client::new(http, base, basic, static_token, max_concurrency),
+                client: Client::new(
+                    http,
+                    base,
+                    namespace.clone(),
+                    basic,
+                    static_token,
+                    max_concurrency,
+                ),
                 namespace,
                 repositories: config.repositories.clone(),
                 max_concurrency,
@@ -196,7 +202,11 @@ impl Inner {
                 Ok(BackendResponse::Versions(Arc::new(versions)))
             }
             BackendRequest::Download { key, version, .. } => self
-                .download(&key, &version)
+                .download(&key, &version, true)
+                .await
+                .map(BackendResponse::Artifact),
+            BackendRequest::DownloadHead { key, version, .. } => self
+                .download(&key, &version, false)
                 .await
                 .map(BackendResponse::Artifact),
             BackendRequest::Health => Ok(BackendResponse::Health(HealthReport(vec![
@@ -549,10 +559,14 @@ impl Inner {
         Ok((doc, digest))
     }
 
+    /// Streams a version's artifact layer, verified against its digest; with `open` false,
+    /// only describes it from the manifest (for HEAD). The length is the layer's size from
+    /// the manifest; a blob answering another length is refused.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
+        open: bool,
     ) -> Result<Artifact, RegistryError> {
         let repo = self.repository(key)?;
         let resolved = match selector {
@@ -565,11 +579,18 @@ impl Inner {
             }
             VersionSelector::Exact(_) => return Err(RegistryError::not_found(key)),
         };
+        let version = resolved.version.version;
+        let filename = filename(key, &version, &resolved.layer);
+        let size = resolved.layer.size;
+        let digest = resolved.layer.digest;
+        if !open {
+            return Ok(Artifact::head(filename, Some(size), Some(digest)));
+        }
         let response = self
             .client
             .send(
                 Method::GET,
-                self.client.url(&repo, &["blobs", &resolved.layer.digest]),
+                self.client.url(&repo, &["blobs", &digest]),
                 Scope::Pull(&repo),
                 None,
                 "blob",
@@ -582,16 +603,21 @@ impl Inner {
                 "blob download answered with an HTML page",
             ));
         }
-        let content_length = response.content_length();
-        let version = resolved.version.version;
+        if response.content_length().is_some_and(|len| len != size) {
+            return Err(RegistryError::unavailable(
+                Source::Oci,
+                "blob length differs from the layer size in the manifest",
+            ));
+        }
         let what = format!("{key} {version}");
         let body = http::stream_body(response);
-        let body = VerifyingBody::new(body, &resolved.layer.digest, Source::Oci, what).ok_or_else(
-            || RegistryError::unavailable(Source::Oci, "artifact layer digest is not sha256"),
-        )?;
+        let body = VerifyingBody::new(body, &digest, Source::Oci, what).ok_or_else(|| {
+            RegistryError::unavailable(Source::Oci, "artifact layer digest is not sha256")
+        })?;
         Ok(Artifact {
-            filename: filename(key, &version, &resolved.layer),
-            content_length,
+            filename,
+            content_length: Some(size),
+            checksum: Some(digest),
             body: http_body_util::BodyExt::boxed_unsync(body),
         })
     }

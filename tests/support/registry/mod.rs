@@ -8,6 +8,7 @@
 //! uses every helper.
 #![allow(dead_code)]
 
+pub mod front;
 mod token;
 
 use std::collections::HashMap;
@@ -94,6 +95,19 @@ pub fn sha256(bytes: &[u8]) -> String {
 impl Registry {
     /// Starts a registry and waits until it listens.
     pub async fn start(auth: Auth) -> Registry {
+        Self::launch(auth, None).await
+    }
+
+    /// Starts a registry behind `front`: its `redirect` storage middleware answers blob
+    /// downloads with a `307` to the front's origin, which serves the blob from storage; the
+    /// front forwards everything else here. Clients are configured with the front's address.
+    pub async fn start_behind(front: &front::Front, auth: Auth) -> Registry {
+        let registry = Self::launch(auth, Some(&front.url())).await;
+        front.forward_to(&registry);
+        registry
+    }
+
+    async fn launch(auth: Auth, blob_redirect: Option<&str>) -> Registry {
         need("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("registry temp dir");
         let mut config = format!(
@@ -103,6 +117,11 @@ impl Registry {
              http:\n  addr: 127.0.0.1:0\n  secret: test-secret\n",
             data = dir.path().join("data").display()
         );
+        if let Some(base) = blob_redirect {
+            config.push_str(&format!(
+                "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n"
+            ));
+        }
         let token_server = match &auth {
             Auth::Anonymous => None,
             Auth::Basic => {

@@ -1,0 +1,398 @@
+//! One connection's clock: how long it may stay open without a request in flight.
+//!
+//! - From accept, the client has `header_read_timeout` to send its first complete request
+//!   head. hyper-util reads the protocol preface before hyper's own header timeout starts,
+//!   so without this an empty connection, or one that sent half a preface, is held for ever.
+//! - An HTTP/1 connection with nothing in flight has `keepalive_timeout`; once the first
+//!   byte of its next request head arrives, at most `header_read_timeout` more. (hyper's own
+//!   header timeout also runs while a connection is idle between requests, so it would cut
+//!   keep-alive at the header timeout; it is off and this clock does both.)
+//! - An HTTP/2 connection with no stream in flight has `keepalive_timeout` (hyper has no idle
+//!   timeout for HTTP/2, and its pings only find peers that are gone, not idle ones).
+//! - While a request is in flight the clock stops: the request timeout bounds the time to
+//!   the response head and the send timeout a body the client does not take.
+//!
+//! A request is in flight from the moment hyper hands it to the service until its response
+//! body is dropped (finished, aborted or its connection gone).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::body::Body;
+use crate::server::send_timeout;
+use crate::BoxError;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The two durations the clock is made of.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// To the first complete request head, and from the first byte of a later HTTP/1 head.
+    pub header: Duration,
+    /// With nothing in flight.
+    pub keepalive: Duration,
+}
+
+/// What the bytes read so far say the connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    /// This many bytes matched the HTTP/2 preface so far.
+    Detecting(usize),
+    Http1,
+    Http2,
+}
+
+#[derive(Debug)]
+struct State {
+    protocol: Protocol,
+    /// Requests handed to the service whose response bodies are still alive.
+    in_flight: usize,
+    /// When the connection is closed unless a request starts first; `None` while one is in
+    /// flight.
+    deadline: Option<Instant>,
+}
+
+/// The clock of one connection, shared by its I/O, its service and its response bodies.
+#[derive(Debug)]
+pub struct Clock {
+    timeouts: Timeouts,
+    state: Mutex<State>,
+    /// Wakes [`Clock::expired`] when the deadline moves earlier or is set again.
+    changed: Notify,
+}
+
+impl Clock {
+    /// The clock of a connection accepted now.
+    pub fn new(timeouts: Timeouts) -> Arc<Self> {
+        Arc::new(Self {
+            timeouts,
+            state: Mutex::new(State {
+                protocol: Protocol::Detecting(0),
+                in_flight: 0,
+                deadline: Some(Instant::now() + timeouts.header),
+            }),
+            changed: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is a few integers updated in one step: a panic elsewhere cannot leave
+        // it half-written, so a poisoned lock is still good.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the deadline, waking the watcher when it is now earlier than it was.
+    fn set_deadline(&self, state: &mut State, deadline: Instant) {
+        let earlier = state.deadline.is_none_or(|d| deadline < d);
+        state.deadline = Some(deadline);
+        if earlier {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Notes bytes the client sent.
+    fn read(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        if let Protocol::Detecting(matched) = state.protocol {
+            let rest = &H2_PREFACE[matched..];
+            let same = bytes.iter().zip(rest).take_while(|(a, b)| a == b).count();
+            state.protocol = if same == rest.len() {
+                Protocol::Http2
+            } else if same == bytes.len() {
+                Protocol::Detecting(matched + same)
+            } else {
+                Protocol::Http1
+            };
+            if state.protocol == Protocol::Http2 && state.in_flight == 0 {
+                // The preface is all an HTTP/2 client owes before it is idle.
+                self.set_deadline(&mut state, Instant::now() + self.timeouts.keepalive);
+            }
+            return;
+        }
+        if state.protocol == Protocol::Http1 && state.in_flight == 0 {
+            // The first byte of a request head starts the header clock; later bytes of the
+            // same head do not restart it, so a trickling head is cut all the same.
+            let by = Instant::now() + self.timeouts.header;
+            if state.deadline.is_none_or(|d| by < d) {
+                self.set_deadline(&mut state, by);
+            }
+        }
+    }
+
+    /// A request was handed to the service: the clock stops until its response is gone.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        let mut state = self.lock();
+        state.in_flight += 1;
+        state.deadline = None;
+        InFlight(self.clone())
+    }
+
+    /// Completes when the deadline passes with nothing in flight.
+    pub async fn expired(&self) {
+        loop {
+            let changed = self.changed.notified();
+            let deadline = self.lock().deadline;
+            match deadline {
+                Some(deadline) if deadline <= Instant::now() => return,
+                Some(deadline) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => {}
+                        () = changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn deadline(&self) -> Option<Instant> {
+        self.lock().deadline
+    }
+}
+
+/// A request in flight; dropping it (with its response body) restarts the idle clock.
+#[derive(Debug)]
+pub struct InFlight(Arc<Clock>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let clock = &self.0;
+        let mut state = clock.lock();
+        state.in_flight -= 1;
+        if state.in_flight == 0 {
+            clock.set_deadline(&mut state, Instant::now() + clock.timeouts.keepalive);
+        }
+    }
+}
+
+pin_project! {
+    /// A connection's socket, telling the clock what the client sends.
+    pub struct Watched<I> {
+        #[pin]
+        io: I,
+        clock: Arc<Clock>,
+    }
+}
+
+impl<I> Watched<I> {
+    pub fn new(io: I, clock: Arc<Clock>) -> Self {
+        Self { io, clock }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Watched<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let result = this.io.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.clock.read(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Watched<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+pin_project! {
+    /// A response body as hyper sends it: keeps its request in flight while alive, and tells
+    /// the send timeout when it has handed bytes over and waits for the client to take them.
+    pub struct ResponseBody {
+        #[pin]
+        inner: Body,
+        download: bool,
+        in_flight: InFlight,
+    }
+
+    impl PinnedDrop for ResponseBody {
+        fn drop(this: Pin<&mut Self>) {
+            send_timeout::asked();
+        }
+    }
+}
+
+impl ResponseBody {
+    /// `download` says whether a stall is counted as a stalled download.
+    pub fn new(inner: Body, download: bool, in_flight: InFlight) -> Self {
+        Self {
+            inner,
+            download,
+            in_flight,
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        // Asked for more: whatever it waits for now is the backend, not the client.
+        send_timeout::asked();
+        let frame = this.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = frame {
+            send_timeout::handed_over(*this.download);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUTS: Timeouts = Timeouts {
+        header: Duration::from_secs(10),
+        keepalive: Duration::from_secs(60),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_connection_has_the_header_timeout() {
+        let clock = Clock::new(TIMEOUTS);
+        assert_eq!(clock.deadline(), Some(Instant::now() + TIMEOUTS.header));
+        // Half a preface decides nothing and moves nothing.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        clock.read(b"PRI * HTTP");
+        assert_eq!(clock.lock().protocol, Protocol::Detecting(10));
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), clock.expired())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_is_idle_after_its_preface_and_between_streams() {
+        let clock = Clock::new(TIMEOUTS);
+        clock.read(&H2_PREFACE[..5]);
+        clock.read(&H2_PREFACE[5..]);
+        assert_eq!(clock.lock().protocol, Protocol::Http2);
+        assert_eq!(clock.deadline(), Some(Instant::now() + TIMEOUTS.keepalive));
+        // Frames with no request (SETTINGS, PING) neither stop nor tighten the clock.
+        clock.read(b"\0\0\0\x04\0\0\0\0\0");
+        assert_eq!(clock.deadline(), Some(Instant::now() + TIMEOUTS.keepalive));
+        let one = clock.start();
+        let two = clock.start();
+        assert_eq!(clock.deadline(), None);
+        drop(one);
+        assert_eq!(clock.deadline(), None);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        drop(two);
+        assert_eq!(clock.deadline(), Some(Instant::now() + TIMEOUTS.keepalive));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_preface_wakes_a_watcher_waiting_on_a_later_header_deadline() {
+        let clock = Clock::new(Timeouts {
+            header: Duration::from_secs(3600),
+            keepalive: Duration::from_secs(1),
+        });
+        let start = Instant::now();
+        let watcher = {
+            let clock = clock.clone();
+            tokio::spawn(async move { clock.expired().await })
+        };
+        tokio::task::yield_now().await;
+        clock.read(H2_PREFACE);
+        tokio::time::timeout(Duration::from_secs(60), watcher)
+            .await
+            .expect("the watcher slept through the earlier keep-alive deadline")
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http1_keep_alive_has_the_keepalive_timeout_until_a_head_starts() {
+        let clock = Clock::new(TIMEOUTS);
+        clock.read(b"GET / HTTP/1.1\r\n");
+        assert_eq!(clock.lock().protocol, Protocol::Http1);
+        let request = clock.start();
+        // Pipelined bytes while busy change nothing.
+        clock.read(b"GET /next");
+        assert_eq!(clock.deadline(), None);
+        drop(request);
+        let idle = Instant::now();
+        assert_eq!(clock.deadline(), Some(idle + TIMEOUTS.keepalive));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        clock.read(b"G");
+        let first_byte = Instant::now();
+        assert_eq!(clock.deadline(), Some(first_byte + TIMEOUTS.header));
+        // A trickling head does not push its deadline.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        clock.read(b"E");
+        assert_eq!(clock.deadline(), Some(first_byte + TIMEOUTS.header));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_started_near_the_end_of_keep_alive_keeps_the_earlier_deadline() {
+        let clock = Clock::new(TIMEOUTS);
+        clock.read(b"GET");
+        drop(clock.start());
+        tokio::time::advance(Duration::from_secs(55)).await;
+        clock.read(b"G");
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(3600), clock.expired())
+            .await
+            .unwrap();
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+}
