@@ -13,8 +13,8 @@ use tower::ServiceExt;
 
 use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
-use crate::api::resolve::Filter;
 use crate::api::representation::{Keep, MemoStats, Rendered};
+use crate::api::resolve::Filter;
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
 use crate::error::ApiError;

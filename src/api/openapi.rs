@@ -7,8 +7,9 @@ use std::sync::{Arc, OnceLock};
 
 use http::Response;
 
-use crate::api::representation::Representation;
+use crate::api::representation;
 use crate::body::Body;
+use crate::middleware::compression::Representation;
 
 /// The document, as served.
 pub const DOCUMENT: &str = include_str!("openapi.json");
@@ -17,7 +18,7 @@ pub const DOCUMENT: &str = include_str!("openapi.json");
 /// compressed forms, rendered once per process.
 pub fn response() -> Response<Body> {
     static RENDERED: OnceLock<Arc<Representation>> = OnceLock::new();
-    RENDERED
-        .get_or_init(|| Arc::new(Representation::new(DOCUMENT.as_bytes().to_vec())))
-        .response()
+    let rendered =
+        RENDERED.get_or_init(|| Arc::new(representation::representation(DOCUMENT.into(), None)));
+    representation::response(rendered, None)
 }

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use super::handlers::{json, rendered, Call};
-use super::representation::Keep;
 use super::query::Query;
+use super::representation::Keep;
 use super::Shared;
 use crate::body::Body;
 use crate::error::ApiError;
