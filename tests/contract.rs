@@ -16,6 +16,7 @@ use extension_registry::api::openapi::DOCUMENT;
 use extension_registry::api::Route;
 use extension_registry::body;
 use extension_registry::registry::{RegistryError, Source};
+use extension_registry::server::PeerAddr;
 use http::{HeaderMap, HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
@@ -86,11 +87,21 @@ fn the_document_is_openapi_3_1_and_its_schemas_are_json_schema_2020_12() {
     }
 }
 
+/// Routes the document describes before the route table has them (issue 11's hooks and purge,
+/// built beside this change): clients and schemathesis see `405`/`404` from them until then.
+const DOCUMENTED_AHEAD: [&str; 3] = [
+    "/api/v1/hooks/gitea",
+    "/api/v1/hooks/oci",
+    "/api/v1/cache/purge",
+];
+
 #[test]
 fn the_document_names_exactly_the_routes_and_every_status_of_the_stack() {
     let paths = document()["paths"].as_object().unwrap();
     let templates: Vec<&str> = Route::ALL.iter().map(|r| r.template()).collect();
-    let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+    let mut documented: Vec<&str> = (paths.keys().map(String::as_str))
+        .filter(|p| templates.contains(p) || !DOCUMENTED_AHEAD.contains(p))
+        .collect();
     let mut routes = templates.clone();
     documented.sort_unstable();
     routes.sort_unstable();
@@ -107,7 +118,13 @@ fn the_document_names_exactly_the_routes_and_every_status_of_the_stack() {
             methods, allowed,
             "{path}: the methods of Allow (HEAD described by GET)"
         );
-        let responses = paths[path][&methods[0]]["responses"].as_object().unwrap();
+    }
+    for (path, operations) in paths {
+        let operations = operations.as_object().unwrap();
+        assert_eq!(operations.len(), 1, "{path}: one operation");
+        let responses = operations.values().next().unwrap()["responses"]
+            .as_object()
+            .unwrap();
         // The layers around the router can answer these on any route.
         for status in ["400", "429", "500", "503", "504"] {
             assert!(responses.contains_key(status), "{path} omits {status}");
@@ -206,8 +223,35 @@ async fn every_route_answers_its_documented_statuses_over_the_local_backend() {
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{uri}");
         assert_eq!(answer.json()["error"], code, "{uri}");
     }
-    let long = format!("/api/v1/extensions?q={}", "a".repeat(2100));
-    assert_eq!(get(&app, &long).await.status, StatusCode::BAD_REQUEST);
+    let long = format!("/api/v1/extensions?q={}", "a".repeat(4096));
+    let refused = get(&app, &long).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.json()["error"], "invalid_parameter");
+
+    // The edge: a repeated parameter, a request from a client without exactly one Host, an
+    // OPTIONS that is not a CORS preflight.
+    let repeated = get(&app, "/api/v1/extensions?type=provider&type=cluster").await;
+    assert_eq!(repeated.status, StatusCode::BAD_REQUEST);
+    assert_eq!(repeated.json()["error"], "invalid_parameter");
+    for hosts in [&[][..], &["a.example", "b.example"][..]] {
+        let mut req = Request::get("/api/v1/extensions")
+            .body(body::empty())
+            .unwrap();
+        req.extensions_mut()
+            .insert(PeerAddr("192.0.2.10:50000".parse().unwrap()));
+        for host in hosts {
+            req.headers_mut()
+                .append("host", HeaderValue::from_static(*host));
+        }
+        let answer = send_request(&app, req).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{hosts:?}");
+        assert_eq!(answer.json()["error"], "invalid_host", "{hosts:?}");
+    }
+    for uri in ["/api/v1/extensions", "/api/v1/resolve", "/no/such/route"] {
+        let answer = send(&app, "OPTIONS", uri).await;
+        assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED, "{uri}");
+        assert!(answer.headers.contains_key("allow"), "{uri}");
+    }
 
     for uri in [
         "/api/v1/extensions/provider/nope",

@@ -68,8 +68,9 @@ pub fn errors(schema: &Value, value: &Value) -> Vec<String> {
 /// Checks one response against the document; panics saying what differs.
 ///
 /// `path` is the request path (no query). A path that is no route can only answer the stack's
-/// errors or `404 not_found`, and a method the document does not give the route only `405`
-/// (with `Allow`), a CORS preflight's `200`, or the stack's errors; both as the `Error` schema.
+/// errors or `404 not_found` to GET and HEAD, and a method the document does not give the path
+/// (any but GET and HEAD on a path that is no route) only `405` (with `Allow`), a CORS
+/// preflight's `200`, or the stack's errors; all as the `Error` schema.
 /// HEAD is held to the GET operation's statuses and headers, with an empty body.
 pub fn check(method: &str, path: &str, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
     let what = format!("{method} {path} -> {status}");
@@ -96,9 +97,10 @@ pub fn check(method: &str, path: &str, status: StatusCode, headers: &HeaderMap, 
             if method == "OPTIONS" && status == StatusCode::OK && body.is_empty() {
                 return; // a CORS preflight, answered by the CORS layer
             }
-            let expected = match route {
-                Some(_) => StatusCode::METHOD_NOT_ALLOWED,
-                None => StatusCode::NOT_FOUND,
+            // A path that is no route answers GET and HEAD (with 404) and nothing else.
+            let expected = match (route, method) {
+                (None, "GET" | "HEAD") => StatusCode::NOT_FOUND,
+                _ => StatusCode::METHOD_NOT_ALLOWED,
             };
             let stack = [400, 429, 500, 503, 504];
             assert!(
