@@ -11,6 +11,7 @@ use http::{Response, StatusCode};
 use serde::Serialize;
 use tower::ServiceExt;
 
+use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
 use crate::api::representation::{Keep, MemoStats, Rendered};
 use crate::api::resolve::Filter;
@@ -97,6 +98,7 @@ impl Call<'_> {
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
             Route::CacheStats => Ok(self.stats().await),
+            Route::OpenApi => Ok(openapi::response()),
         }
     }
 

@@ -1,9 +1,11 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
 //! from the registry service; the handlers for each route; version-constraint resolution;
-//! request validation; `Range` of downloads; health probes.
+//! request validation; `Range` of downloads; health probes; the OpenAPI document describing
+//! all of it.
 
 mod handlers;
 mod health;
+pub mod openapi;
 pub mod query;
 pub mod range;
 pub mod representation;
@@ -47,6 +49,7 @@ pub enum Route {
     Readyz,
     Metrics,
     CacheStats,
+    OpenApi,
 }
 
 impl Route {
@@ -65,6 +68,7 @@ impl Route {
             Self::Readyz => "/readyz",
             Self::Metrics => "/api/v1/metrics",
             Self::CacheStats => "/api/v1/cache/stats",
+            Self::OpenApi => "/api/v1/openapi.json",
         }
     }
 
@@ -76,7 +80,7 @@ impl Route {
         }
     }
 
-    const ALL: [Route; 12] = [
+    pub const ALL: [Route; 13] = [
         Self::List,
         Self::Search,
         Self::Get,
@@ -89,6 +93,7 @@ impl Route {
         Self::Readyz,
         Self::Metrics,
         Self::CacheStats,
+        Self::OpenApi,
     ];
 }
 

@@ -25,8 +25,8 @@ use crate::backend::{forge, http};
 use crate::config::{ConfigError, GithubConfig, Secret};
 use crate::registry::{
     version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
-    ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source,
-    Served, VerifyingBody, Version, VersionSelector,
+    ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Served,
+    Source, VerifyingBody, Version, VersionSelector,
 };
 
 /// Bytes of checksums remembered by the checksum file they were read from (only for releases
