@@ -241,7 +241,7 @@ async fn every_route_answers_its_documented_statuses_over_the_local_backend() {
             .insert(PeerAddr("192.0.2.10:50000".parse().unwrap()));
         for host in hosts {
             req.headers_mut()
-                .append("host", HeaderValue::from_static(*host));
+                .append("host", HeaderValue::from_static(host));
         }
         let answer = send_request(&app, req).await;
         assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{hosts:?}");
