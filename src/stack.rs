@@ -17,6 +17,7 @@ use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
+use crate::hooks::Keys;
 use crate::invalidation::Invalidator;
 use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::breaker::{BreakerLayer, Gate};
@@ -33,6 +34,7 @@ use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
+use crate::BoxError;
 
 /// Memory for rendered and compressed JSON answers (see `api::representation`).
 const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -40,8 +42,19 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order).
+/// Builds the application around the given backends (in precedence order), without the
+/// webhook and purge secrets: those routes answer 404 (see [`app_with_hooks`]).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    app_with_hooks(config, backends, Keys::default())
+}
+
+/// Builds the application around the given backends (in precedence order), with the secrets
+/// of the webhook and purge routes read at start.
+pub fn app_with_hooks(
+    config: &Config,
+    backends: Vec<(Source, BackendService)>,
+    hooks: Keys,
+) -> HttpService {
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
     // One circuit breaker per backend, read by the health endpoint too.
@@ -78,6 +91,15 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
+    // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
+    // extension ahead through the cached registry (so the refresh is single-flight with
+    // clients' requests) when `[cache] refresh_on_invalidate`.
+    let invalidator = Invalidator::new(caches.clone());
+    let invalidator = if config.cache.refresh_on_invalidate {
+        invalidator.refreshing_ahead(registry.clone())
+    } else {
+        invalidator
+    };
 
     let router = Router::new(Shared {
         routes: RouteTable::new(),
@@ -89,13 +111,14 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         ),
         registry,
         metrics,
-        invalidator: Invalidator::new(caches.clone()),
+        invalidator,
         caches,
         renderings: Renderings::new(
             RENDERINGS_MAX_BYTES,
             Duration::from_secs(config.cache.ttl_seconds),
         ),
         max_age: Duration::from_secs(config.cache.ttl_seconds),
+        hooks,
     });
 
     let service = ServiceBuilder::new()
@@ -125,6 +148,14 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work.
         .option_layer(config.server.enable_cors.then(|| cors(&config.server)))
+        // Each switchable layer's `Either` names the stack below it twice; boxing right
+        // below it keeps the type (and the compiler's time and memory) from doubling per
+        // switch, at the cost of one boxed future per request.
+        .layer(BoxCloneSyncService::<
+            Request<Body>,
+            Response<Body>,
+            Infallible,
+        >::layer())
         // Below this, services fail with BoxError; above it, the service is Infallible and
         // every failure is a JSON error response.
         .layer(RescueLayer)
@@ -143,6 +174,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .layer(PrecompressedLayer)
                 .into_inner()
         }))
+        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // Refuses clients over their quota with 429 before any work is done for them; above
         // the concurrency limit so a flooding client cannot take the others' slots.
         .option_layer(
@@ -151,6 +183,7 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
                 .enabled
                 .then(|| RateLimitLayer::new(&config.rate_limit)),
         )
+        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
         // until its body is dropped (the concurrency limit below lets go at the response
         // head): past it 503 at once, before any backend is asked. Below the rate limit so a
