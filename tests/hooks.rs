@@ -467,13 +467,18 @@ fn secret_files_are_read_at_start_relative_to_the_config_and_never_shown() {
         app::samples().display().to_string()
     );
     let config = Config::parse(&text, "hooks.toml", Some(dir.path())).unwrap();
-    assert_eq!(config.admin.token_path, Some(dir.path().join("admin-token")));
+    assert_eq!(
+        config.admin.token_path,
+        Some(dir.path().join("admin-token"))
+    );
     assert!(config.cache.refresh_on_invalidate, "on by default");
     let keys = extension_registry::hooks::Keys::load(&config).unwrap();
     assert!(!format!("{keys:?}").contains(ADMIN_TOKEN));
 
     let missing = text.replace("admin-token", "no-such-file");
     let config = Config::parse(&missing, "hooks.toml", Some(dir.path())).unwrap();
-    let error = extension_registry::build(&config).err().expect("a missing secret file");
+    let error = extension_registry::build(&config)
+        .err()
+        .expect("a missing secret file");
     assert!(error.to_string().contains("[admin] token_path"), "{error}");
 }

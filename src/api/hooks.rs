@@ -66,11 +66,11 @@ where
         match sender {
             Sender::Gitea => {
                 let receiver = keys.gitea.as_ref().ok_or_else(ApiError::route_not_found)?;
-                Box::new(move |bytes| receiver.receive(headers, bytes))
+                Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
             }
             Sender::Oci => {
                 let receiver = keys.oci.as_ref().ok_or_else(ApiError::route_not_found)?;
-                Box::new(move |bytes| receiver.receive(headers, bytes))
+                Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
             }
         };
     let bytes = read(sender, body).await?;
