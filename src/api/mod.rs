@@ -1,11 +1,14 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
 //! from the registry service; the handlers for each route; version-constraint resolution;
-//! request validation; health probes.
+//! request validation; `Range` of downloads; health probes; the OpenAPI document describing
+//! all of it.
 
 mod handlers;
 mod health;
 mod hooks;
+pub mod openapi;
 pub mod query;
+pub mod range;
 pub mod representation;
 pub mod request_body;
 pub mod resolve;
@@ -51,6 +54,7 @@ pub enum Route {
     HookGitea,
     HookOci,
     CachePurge,
+    OpenApi,
 }
 
 impl Route {
@@ -72,6 +76,7 @@ impl Route {
             Self::HookGitea => "/api/v1/hooks/gitea",
             Self::HookOci => "/api/v1/hooks/oci",
             Self::CachePurge => "/api/v1/cache/purge",
+            Self::OpenApi => "/api/v1/openapi.json",
         }
     }
 
@@ -92,7 +97,7 @@ impl Route {
         )
     }
 
-    const ALL: [Route; 15] = [
+    pub const ALL: [Route; 16] = [
         Self::List,
         Self::Search,
         Self::Get,
@@ -108,6 +113,7 @@ impl Route {
         Self::HookGitea,
         Self::HookOci,
         Self::CachePurge,
+        Self::OpenApi,
     ];
 }
 
@@ -236,6 +242,10 @@ where
         let uri = req.uri().clone();
         let host = query::check_host(&req);
         let quota = req.extensions().get::<QuotaCharge>().cloned();
+        // Range is defined for GET alone (RFC 9110 §14.2): a HEAD describes the whole.
+        let range = (method == Method::GET)
+            .then(|| range::requested(req.headers()))
+            .flatten();
         let headers = std::mem::take(req.headers_mut());
         let body = req.into_body();
         Box::pin(async move {
@@ -269,6 +279,7 @@ where
                 params,
                 query: uri.query(),
                 head: method == Method::HEAD,
+                range,
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,
