@@ -99,6 +99,7 @@ impl Running {
         let response = request.send().await.unwrap();
         let (status, headers) = (response.status(), response.headers().clone());
         let body = response.bytes().await.unwrap();
+        app::contract::check("POST", path, status, &headers, &body);
         let json = serde_json::from_slice(&body)
             .unwrap_or_else(|e| panic!("{path} {status}: not JSON ({e}): {body:?}"));
         (status, headers, json)
