@@ -463,9 +463,17 @@ impl Config {
         };
         let github = self.github.as_mut().and_then(|g| g.token_path.as_mut());
         let admin = self.admin.token_path.as_mut();
-        [gitea, gitea_hook, oci_token, oci_password, oci_hook, github, admin]
-            .into_iter()
-            .flatten()
+        [
+            gitea,
+            gitea_hook,
+            oci_token,
+            oci_password,
+            oci_hook,
+            github,
+            admin,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     fn validate(&self) -> Result<(), String> {

@@ -125,6 +125,15 @@ impl Drop for Running {
     }
 }
 
+/// A bad Gitea delivery: what is wrong, its body, its signature, the status and error code.
+type BadDelivery = (
+    &'static str,
+    Vec<u8>,
+    Option<String>,
+    StatusCode,
+    &'static str,
+);
+
 /// Writes a secret file readable by its owner only.
 fn secret(dir: &Path, name: &str, value: &str) -> String {
     let path = dir.join(name);
@@ -279,7 +288,7 @@ async fn bad_deliveries_are_refused_with_their_status_and_invalidate_nothing() {
     let oversized = vec![b' '; 2 * 1024 * 1024];
     let not_json = b"event=release".to_vec();
     let wrong_shape = br#"{"repository": ["aws_prov"]}"#.to_vec();
-    let cases: [(&str, Vec<u8>, Option<String>, StatusCode, &str); 6] = [
+    let cases: [BadDelivery; 6] = [
         (
             "unsigned",
             published.clone(),
@@ -478,8 +487,8 @@ fn secret_files_are_read_at_start_relative_to_the_config_and_never_shown() {
 
     let missing = text.replace("admin-token", "no-such-file");
     let config = Config::parse(&missing, "hooks.toml", Some(dir.path())).unwrap();
-    let error = extension_registry::build(&config)
-        .err()
-        .expect("a missing secret file");
+    let Err(error) = extension_registry::build(&config) else {
+        panic!("a missing secret file builds");
+    };
     assert!(error.to_string().contains("[admin] token_path"), "{error}");
 }

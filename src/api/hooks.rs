@@ -49,6 +49,9 @@ struct Answer {
     dropped: Dropped,
 }
 
+/// Checks a delivery's raw body against the configured secret and reads what it announced.
+type Receive<'k> = Box<dyn Fn(&[u8]) -> Result<Announcement, Refusal> + Send + Sync + 'k>;
+
 /// `POST /api/v1/hooks/{gitea,oci}`. Registry notifications invalidate settling, as the
 /// registry may notify before its tag list shows the change.
 pub(super) async fn deliver<B>(
@@ -62,17 +65,16 @@ where
     B::Error: Into<BoxError>,
 {
     let keys = &shared.hooks;
-    let receive: Box<dyn Fn(&[u8]) -> Result<Announcement, Refusal> + Send + Sync + '_> =
-        match sender {
-            Sender::Gitea => {
-                let receiver = keys.gitea.as_ref().ok_or_else(ApiError::route_not_found)?;
-                Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
-            }
-            Sender::Oci => {
-                let receiver = keys.oci.as_ref().ok_or_else(ApiError::route_not_found)?;
-                Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
-            }
-        };
+    let receive: Receive<'_> = match sender {
+        Sender::Gitea => {
+            let receiver = keys.gitea.as_ref().ok_or_else(ApiError::route_not_found)?;
+            Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
+        }
+        Sender::Oci => {
+            let receiver = keys.oci.as_ref().ok_or_else(ApiError::route_not_found)?;
+            Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
+        }
+    };
     let bytes = read(sender, body).await?;
     let announced = receive(&bytes);
     invalidate(shared, sender, announced).await
