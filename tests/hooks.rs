@@ -11,20 +11,20 @@ mod app;
 mod gitea_sim;
 #[path = "support/registry/mod.rs"]
 mod registry;
+#[allow(dead_code)]
+#[path = "support/running.rs"]
+mod running;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use extension_registry::config::Config;
-use extension_registry::server;
 use gitea_sim::{hook_signature, GiteaSim, SimConfig, SimRelease, SimRepo};
 use registry::{Auth, Registry};
 use reqwest::StatusCode;
+use running::Running;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// An hour: nothing in these tests expires by itself.
 const CACHED_FOR_AN_HOUR: &str = "[cache]\nttl_seconds = 3600\n";
@@ -35,37 +35,22 @@ const OCI_TOKEN: &str = "notify-t0ken";
 const GITEA_SECRET: &str = "gitea-hook-s3cret";
 const ADMIN_TOKEN: &str = "admin-t0ken";
 
-/// The service on a bound loopback listener until dropped.
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<std::io::Result<()>>,
+/// The service on a bound loopback listener until dropped, and a client for it.
+struct Service {
+    running: Running,
     http: reqwest::Client,
 }
 
-impl Running {
-    async fn serve(listener: TcpListener, config: &Config) -> Self {
-        let app = extension_registry::build(config).expect("configuration builds");
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(
-            listener,
-            app,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
+impl Service {
+    fn serve(listener: TcpListener, config: &Config) -> Self {
         Self {
-            addr,
-            stop: Some(stop),
-            task,
+            running: Running::serve(listener, config),
             http: reqwest::Client::new(),
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        self.running.url(path)
     }
 
     async fn versions(&self, path: &str) -> Vec<String> {
@@ -116,15 +101,6 @@ impl Running {
     }
 }
 
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        self.task.abort();
-    }
-}
-
 /// A bad Gitea delivery: what is wrong, its body, its signature, the status and error code.
 type BadDelivery = (
     &'static str,
@@ -161,7 +137,7 @@ async fn a_registry_push_or_delete_shows_at_once_through_its_notification() {
         reg.oci_toml("provisioning", None)
     );
     let config = Config::parse(&text, "hooks.toml", None).unwrap();
-    let service = Running::serve(listener, &config).await;
+    let service = Service::serve(listener, &config);
 
     let before = service
         .versions_until(AWS_VERSIONS, |v| v == ["1.0.0"])
@@ -205,7 +181,7 @@ fn gitea_sim_config() -> SimConfig {
     )
 }
 
-async fn gitea_service(sim: &GiteaSim, dir: &Path) -> Running {
+async fn gitea_service(sim: &GiteaSim, dir: &Path) -> Service {
     let secret = secret(dir, "gitea-hook-secret", GITEA_SECRET);
     let text = format!(
         "[gitea]\nurl = {:?}\norganization = \"extensions\"\nwebhook_secret_path = {secret:?}\n\
@@ -214,7 +190,7 @@ async fn gitea_service(sim: &GiteaSim, dir: &Path) -> Running {
     );
     let config = Config::parse(&text, "hooks.toml", None).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Running::serve(listener, &config).await
+    Service::serve(listener, &config)
 }
 
 #[tokio::test]
@@ -361,7 +337,7 @@ async fn bad_deliveries_are_refused_with_their_status_and_invalidate_nothing() {
 }
 
 /// The service over the sample extensions, with the purge token when `admin`.
-async fn local_service(dir: &Path, admin: bool) -> Running {
+async fn local_service(dir: &Path, admin: bool) -> Service {
     let mut text = format!(
         "[local]\npath = {:?}\n{CACHED_FOR_AN_HOUR}[rate_limit]\nenabled = false\n",
         app::samples().display().to_string()
@@ -371,10 +347,10 @@ async fn local_service(dir: &Path, admin: bool) -> Running {
         text.push_str(&format!("[admin]\ntoken_path = {token:?}\n"));
     }
     let config = Config::parse(&text, "hooks.toml", None).unwrap();
-    Running::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), &config).await
+    Service::serve(TcpListener::bind("127.0.0.1:0").await.unwrap(), &config)
 }
 
-async fn warm(service: &Running) {
+async fn warm(service: &Service) {
     for path in [
         "/api/v1/extensions",
         "/api/v1/extensions/provider/aws",
