@@ -22,6 +22,9 @@
 //!   artifact and checksum rules the two forges share.
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
+//! - [`hooks`]: the secrets of the webhook and purge routes, checking deliveries against them
+//!   (HMAC-SHA256, bearer tokens, constant time) and reading Gitea/Forgejo webhooks and CNCF
+//!   registry notifications into the extensions they change; the routes are in `api`.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;
@@ -29,6 +32,7 @@ pub mod backend;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod hooks;
 pub mod invalidation;
 pub mod middleware;
 pub mod registry;
@@ -39,7 +43,13 @@ pub mod telemetry;
 /// The error type of services below the error-rescue layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Builds the application for a configuration: its backends, then the stack around them.
+/// Builds the application for a configuration: its backends and the webhook and purge
+/// secrets (read here, at start), then the stack around them.
 pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
-    Ok(stack::app(config, backend::from_config(config)?))
+    let backends = backend::from_config(config)?;
+    Ok(stack::app_with_hooks(
+        config,
+        backends,
+        hooks::Keys::load(config)?,
+    ))
 }

@@ -17,6 +17,7 @@ use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
+use crate::hooks::Keys;
 use crate::invalidation::Invalidator;
 use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::breaker::{BreakerLayer, Gate};
@@ -41,8 +42,19 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order).
+/// Builds the application around the given backends (in precedence order), without the
+/// webhook and purge secrets: those routes answer 404 (see [`app_with_hooks`]).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    app_with_hooks(config, backends, Keys::default())
+}
+
+/// Builds the application around the given backends (in precedence order), with the secrets
+/// of the webhook and purge routes read at start.
+pub fn app_with_hooks(
+    config: &Config,
+    backends: Vec<(Source, BackendService)>,
+    hooks: Keys,
+) -> HttpService {
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
     // One circuit breaker per backend, read by the health endpoint too.
@@ -79,6 +91,15 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
+    // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
+    // extension ahead through the cached registry (so the refresh is single-flight with
+    // clients' requests) when `[cache] refresh_on_invalidate`.
+    let invalidator = Invalidator::new(caches.clone());
+    let invalidator = if config.cache.refresh_on_invalidate {
+        invalidator.refreshing_ahead(registry.clone())
+    } else {
+        invalidator
+    };
 
     let router = Router::new(Shared {
         routes: RouteTable::new(),
@@ -90,13 +111,14 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         ),
         registry,
         metrics,
-        invalidator: Invalidator::new(caches.clone()),
+        invalidator,
         caches,
         renderings: Renderings::new(
             RENDERINGS_MAX_BYTES,
             Duration::from_secs(config.cache.ttl_seconds),
         ),
         max_age: Duration::from_secs(config.cache.ttl_seconds),
+        hooks,
     });
 
     let service = ServiceBuilder::new()
