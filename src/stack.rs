@@ -14,7 +14,7 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::api::representation::Renderings;
-use crate::api::{HealthProbe, RouteTable, Router, Shared};
+use crate::api::{self, HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
 use crate::hooks::Keys;
@@ -117,7 +117,7 @@ pub fn app_with_hooks(
             RENDERINGS_MAX_BYTES,
             Duration::from_secs(config.cache.ttl_seconds),
         ),
-        max_age: Duration::from_secs(config.cache.ttl_seconds),
+        cache_control: api::cache_control(Duration::from_secs(config.cache.ttl_seconds)),
         hooks,
     });
 

@@ -1,6 +1,7 @@
 //! One function per route: validate the rest of the request, ask the registry, render JSON
 //! or stream the artifact.
 
+use std::fmt::Write;
 use std::sync::Arc;
 
 use http::header::{
@@ -61,6 +62,23 @@ struct Stats {
     caches: CacheStats,
     #[serde(flatten)]
     rendered: MemoStats,
+}
+
+/// The `Cache-Control` of fresh cacheable answers, built once: `public, max-age=<max_age>`.
+pub fn cache_control(max_age: std::time::Duration) -> HeaderValue {
+    HeaderValue::try_from(format!("public, max-age={}", max_age.as_secs()))
+        .unwrap_or_else(|_| HeaderValue::from_static("no-cache"))
+}
+
+/// Room for a memo key in its first allocation: `format!` starts smaller and grows.
+const MEMO_KEY_CAPACITY: usize = 128;
+
+/// A memo key of the rendered answers, built in one allocation.
+pub(super) fn memo_key(args: std::fmt::Arguments<'_>) -> String {
+    let mut key = String::with_capacity(MEMO_KEY_CAPACITY);
+    // Writing into a `String` cannot fail.
+    let _ = key.write_fmt(args);
+    key
 }
 
 /// Renders a JSON answer; `Content-Length` is set so HEAD answers carry it too.
@@ -140,13 +158,11 @@ impl Call<'_> {
     /// answer says so and must be revalidated, so downstream caches do not keep it longer.
     pub(super) fn cacheable(&self, mut response: Response<Body>, stale: Stale) -> Response<Body> {
         let headers = response.headers_mut();
-        let max_age = match stale {
-            Some(_) => 0,
-            None => self.shared.max_age.as_secs(),
+        let cache_control = match stale {
+            Some(_) => HeaderValue::from_static("public, max-age=0"),
+            None => self.shared.cache_control.clone(),
         };
-        if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
-            headers.insert(CACHE_CONTROL, v);
-        }
+        headers.insert(CACHE_CONTROL, cache_control);
         if let Some(error) = stale {
             if let Ok(v) = HeaderValue::from_str(&stale_cache_status(error.as_ref())) {
                 headers.insert("cache-status", v);
@@ -182,7 +198,7 @@ impl Call<'_> {
         Ok((response.into_list()?, stale))
     }
 
-    async fn list(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    async fn list(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let source = query.parsed("source", str::parse::<Source>)?;
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
@@ -193,8 +209,8 @@ impl Call<'_> {
         let total = all.len();
         let page = offset.min(total)..offset.saturating_add(limit).min(total);
         let key = match page.is_empty() {
-            true => format!("list {ty:?} {source:?} empty"),
-            false => format!("list {ty:?} {source:?} {page:?}"),
+            true => memo_key(format_args!("list {ty:?} {source:?} empty")),
+            false => memo_key(format_args!("list {ty:?} {source:?} {page:?}")),
         };
         let response = self
             .represent(key, Keep::Always, &all, |all| Rendered {
@@ -205,7 +221,7 @@ impl Call<'_> {
         Ok(self.cacheable(response, stale))
     }
 
-    async fn search(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    async fn search(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let q = query.get("q").unwrap_or_default();
         let chars = q.chars().count();
         if chars == 0 || chars > MAX_QUERY_CHARS {
@@ -217,7 +233,7 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
-        let key = format!("search {ty:?} {limit} {q}");
+        let key = memo_key(format_args!("search {ty:?} {limit} {q}"));
         let response = self
             .represent(key, Keep::FromSecondAsk, &all, |all| {
                 rendered(&search(all, q, limit))
@@ -226,30 +242,30 @@ impl Call<'_> {
         Ok(self.cacheable(response, stale))
     }
 
-    async fn get(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    async fn get(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
-        let memo_key = format!("get {key} {source:?}");
+        let memo = memo_key(format_args!("get {key} {source:?}"));
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
         let response = self
-            .represent(memo_key, Keep::Always, &extension, rendered)
+            .represent(memo, Keep::Always, &extension, rendered)
             .await;
         Ok(self.cacheable(response, stale))
     }
 
-    async fn versions(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    async fn versions(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
         let filter = Filter::from_query(query)?;
-        let memo_key = format!(
+        let memo = memo_key(format_args!(
             "versions {key} {source:?} {}",
             filter.as_ref().map(Filter::memo_key).unwrap_or_default()
-        );
+        ));
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
         let response = self
-            .represent(memo_key, Keep::Always, &versions, |all| match &filter {
+            .represent(memo, Keep::Always, &versions, |all| match &filter {
                 Some(filter) => rendered(&filter.select(all)),
                 None => rendered(all),
             })
@@ -257,7 +273,7 @@ impl Call<'_> {
         Ok(self.cacheable(response, stale))
     }
 
-    async fn download(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    async fn download(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
         let source = query.parsed("source", str::parse::<Source>)?;

@@ -18,9 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use http::{Method, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower::Service;
 
@@ -32,6 +31,7 @@ use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::BackendService;
 use crate::BoxError;
 
+pub use self::handlers::cache_control;
 pub use self::health::HealthProbe;
 use self::representation::Renderings;
 
@@ -97,6 +97,7 @@ impl Route {
         )
     }
 
+    /// Every route, in declaration order.
     pub const ALL: [Route; 16] = [
         Self::List,
         Self::Search,
@@ -176,8 +177,8 @@ pub struct Shared {
     pub renderings: Renderings,
     /// Drops cached answers when extensions change upstream.
     pub invalidator: Invalidator,
-    /// `max-age` of cacheable answers.
-    pub max_age: Duration,
+    /// `Cache-Control` of fresh cacheable answers (see [`cache_control`]).
+    pub cache_control: HeaderValue,
     /// The secrets of the webhook and purge routes; a route without one does not exist.
     pub hooks: crate::hooks::Keys,
 }

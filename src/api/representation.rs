@@ -71,7 +71,8 @@ struct Rendering {
     /// drop it, while its address stays its own for as long as the entry holds it.
     source: Weak<dyn Any + Send + Sync>,
     representation: Arc<Representation>,
-    total: Option<usize>,
+    /// The `X-Total-Count` value, made once.
+    total: Option<HeaderValue>,
 }
 
 /// The memo's part of `/api/v1/cache/stats`.
@@ -122,7 +123,7 @@ impl Renderings {
         let rendering = Arc::new(Rendering {
             source: Arc::downgrade(&source),
             representation: Arc::new(representation(json, total)),
-            total,
+            total: total.map(HeaderValue::from),
         });
         let response = rendering.response();
         if keep == Keep::Always || self.asked_before(&key) {
@@ -151,23 +152,29 @@ impl Renderings {
 
 impl Rendering {
     fn response(&self) -> Response<Body> {
-        response(&self.representation, self.total)
+        response(&self.representation, self.total.as_ref())
     }
 }
 
+/// Headers a cached answer leaves the service with, at most, in the default stack.
+const RESPONSE_HEADERS: usize = 16;
+
 /// The 200 response of a kept answer: identity JSON with its ETag (and `X-Total-Count` when
 /// there is a total), the representation attached for the compression layer.
-pub fn response(representation: &Arc<Representation>, total: Option<usize>) -> Response<Body> {
+pub fn response(
+    representation: &Arc<Representation>,
+    total: Option<&HeaderValue>,
+) -> Response<Body> {
     let mut response = Response::new(body::full(representation.bytes().clone()));
     let headers = response.headers_mut();
+    // Room for every header the layers above add (cache, rate limit, CORS, request id), so
+    // the map is allocated once instead of grown twice on the way out.
+    headers.reserve(RESPONSE_HEADERS);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(
-        CONTENT_LENGTH,
-        HeaderValue::from(representation.bytes().len()),
-    );
+    headers.insert(CONTENT_LENGTH, representation.length().clone());
     headers.insert(ETAG, representation.etag().clone());
     if let Some(total) = total {
-        headers.insert("x-total-count", HeaderValue::from(total));
+        headers.insert("x-total-count", total.clone());
     }
     response.extensions_mut().insert(representation.clone());
     response

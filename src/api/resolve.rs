@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
-use super::handlers::{json, rendered, Call};
+use super::handlers::{json, memo_key, rendered, Call};
 use super::query::Query;
 use super::representation::Keep;
 use super::request_body;
@@ -51,7 +51,7 @@ impl Filter {
     }
 
     /// The filter a query asks for, if it has a `constraint`.
-    pub fn from_query(query: &Query) -> Result<Option<Self>, ApiError> {
+    pub fn from_query(query: &Query<'_>) -> Result<Option<Self>, ApiError> {
         let prerelease = match query.get("prerelease") {
             None | Some("false") => false,
             Some("true") => true,
@@ -123,7 +123,7 @@ pub struct Resolved {
 
 impl Call<'_> {
     /// `GET /api/v1/resolve/{type}/{name}?constraint=…[&source=…][&prerelease=true]`.
-    pub(super) async fn resolve(&self, query: &Query) -> Result<Response<Body>, ApiError> {
+    pub(super) async fn resolve(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = query.parsed("source", str::parse::<Source>)?;
         let filter = match Filter::from_query(query)? {
@@ -131,7 +131,10 @@ impl Call<'_> {
             // Required here: refused as an empty one, with the same explanation.
             None => Filter::new("", false)?,
         };
-        let memo_key = format!("resolve {key} {source:?} {}", filter.memo_key());
+        let memo = memo_key(format_args!(
+            "resolve {key} {source:?} {}",
+            filter.memo_key()
+        ));
         let (response, stale) = self
             .ask(BackendRequest::Versions {
                 key: key.clone(),
@@ -141,7 +144,7 @@ impl Call<'_> {
         let versions = response.into_versions()?;
         let resolved = filter.pick(&key, &versions)?;
         let response = self
-            .represent(memo_key, Keep::Always, &versions, |_| rendered(&resolved))
+            .represent(memo, Keep::Always, &versions, |_| rendered(&resolved))
             .await;
         Ok(self.cacheable(response, stale))
     }

@@ -150,16 +150,23 @@ pub fn without_coding(tag: &str) -> &str {
 /// identity), so the compressors below agree with each other and never find every coding
 /// refused: tower-http would turn any answer into a `406` then.
 pub fn negotiated<B>(mut req: Request<B>) -> Request<B> {
-    let coding = req
-        .headers()
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .map(|v| v.as_bytes())
-        .collect::<Vec<_>>()
-        .join(&b","[..]);
+    let mut lines = req.headers().get_all(ACCEPT_ENCODING).iter();
+    let coding = match (lines.next(), lines.next()) {
+        (None, _) => return req,
+        // The usual case, negotiated in place.
+        (Some(line), None) => negotiate(line.as_bytes()),
+        _ => negotiate(
+            &req.headers()
+                .get_all(ACCEPT_ENCODING)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b","[..]),
+        ),
+    };
     let headers = req.headers_mut();
     headers.remove(ACCEPT_ENCODING);
-    match negotiate(&coding) {
+    match coding {
         Coding::Identity => {}
         coding => {
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(coding.as_str()));
@@ -173,6 +180,18 @@ pub struct Encoded {
     pub bytes: Bytes,
     /// Differs per coding, as RFC 9110 wants for strong validators.
     pub etag: HeaderValue,
+    /// The `Content-Length` of `bytes`, made once: every answer serving them shares it.
+    pub length: HeaderValue,
+}
+
+impl Encoded {
+    fn new(bytes: Bytes, etag: HeaderValue) -> Self {
+        Self {
+            length: HeaderValue::from(bytes.len()),
+            bytes,
+            etag,
+        }
+    }
 }
 
 /// A body kept to be served many times: its bytes, the strong ETag naming them, and its
@@ -187,7 +206,7 @@ pub struct Representation {
 impl Representation {
     pub fn new(bytes: Bytes, etag: HeaderValue) -> Self {
         Self {
-            identity: Encoded { bytes, etag },
+            identity: Encoded::new(bytes, etag),
             compressed: Default::default(),
         }
     }
@@ -198,6 +217,11 @@ impl Representation {
 
     pub fn etag(&self) -> &HeaderValue {
         &self.identity.etag
+    }
+
+    /// The `Content-Length` of the identity form.
+    pub fn length(&self) -> &HeaderValue {
+        &self.identity.length
     }
 
     /// The form for `coding`, compressing on first demand only.
@@ -212,10 +236,7 @@ impl Representation {
                     .ok()?;
                 let tag = self.etag().to_str().ok()?.trim_end_matches('"');
                 let etag = HeaderValue::from_str(&format!("{tag}-{coding}\"")).ok()?;
-                Some(Encoded {
-                    bytes: bytes.into(),
-                    etag,
-                })
+                Some(Encoded::new(bytes.into(), etag))
             })
             .as_ref()
     }
@@ -336,7 +357,7 @@ fn precompressed(
     };
     headers.insert(ETAG, form.etag.clone());
     headers.insert(CONTENT_ENCODING, HeaderValue::from_static(coding.as_str()));
-    headers.insert(CONTENT_LENGTH, HeaderValue::from(form.bytes.len()));
+    headers.insert(CONTENT_LENGTH, form.length.clone());
     if !head {
         *response.body_mut() = body::full(form.bytes.clone());
     }

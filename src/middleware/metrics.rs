@@ -4,14 +4,20 @@
 //! The route is the `Route` the router put in the response extensions; answers given above
 //! the router (429, 503, 504, CORS preflights) are matched on their path instead, and paths
 //! matching no route are labelled `unmatched`.
+//!
+//! The series' handles are registered once per layer (the histograms when it is built, each
+//! counter at its first request) and kept, so counting a request allocates nothing: the
+//! `counter!` macro with labels builds a key, its label list and the status text each time.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{ready, Context, Poll};
 use std::time::Instant;
 
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
+use metrics::{Counter, Histogram};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -39,17 +45,79 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
+/// The registered series of one route label.
+struct Series {
+    route: &'static str,
+    duration: Histogram,
+    /// Counters by method label and status, registered at their first request. Bounded: a
+    /// handful of method labels times the statuses the service itself answers.
+    requests: RwLock<HashMap<(&'static str, StatusCode), Counter>>,
+}
+
+impl Series {
+    fn new(route: &'static str) -> Self {
+        Self {
+            route,
+            duration: metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route),
+            requests: RwLock::default(),
+        }
+    }
+
+    fn requests(&self, method: &'static str, status: StatusCode) -> Counter {
+        let known = self
+            .requests
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&(method, status))
+            .cloned();
+        known.unwrap_or_else(|| {
+            let counter = metrics::counter!(
+                HTTP_REQUESTS_TOTAL,
+                "method" => method,
+                "route" => self.route,
+                "status" => status.as_u16().to_string(),
+            );
+            self.requests
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert((method, status), counter.clone());
+            counter
+        })
+    }
+}
+
+/// What every clone of the layer's service shares.
+struct Shared {
+    /// Matches the paths of answers that never reached the router.
+    routes: RouteTable,
+    /// One per route, in `Route::ALL` (declaration) order, so `route as usize` indexes it.
+    by_route: Vec<Series>,
+    unmatched: Series,
+}
+
+impl Shared {
+    fn series(&self, route: Option<Route>) -> &Series {
+        route
+            .and_then(|route| self.by_route.get(route as usize))
+            .unwrap_or(&self.unmatched)
+    }
+}
+
 /// Adds [`HttpMetrics`] to a stack.
 #[derive(Clone)]
 pub struct HttpMetricsLayer {
-    /// Matches the paths of answers that never reached the router.
-    routes: Arc<RouteTable>,
+    shared: Arc<Shared>,
 }
 
 impl HttpMetricsLayer {
+    /// Registers the histograms with the recorder installed now.
     pub fn new() -> Self {
         Self {
-            routes: Arc::new(RouteTable::new()),
+            shared: Arc::new(Shared {
+                routes: RouteTable::new(),
+                by_route: Route::ALL.map(|r| Series::new(r.template())).into(),
+                unmatched: Series::new(UNMATCHED),
+            }),
         }
     }
 }
@@ -66,7 +134,7 @@ impl<S> Layer<S> for HttpMetricsLayer {
     fn layer(&self, inner: S) -> HttpMetrics<S> {
         HttpMetrics {
             inner,
-            routes: self.routes.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -75,7 +143,7 @@ impl<S> Layer<S> for HttpMetricsLayer {
 #[derive(Clone)]
 pub struct HttpMetrics<S> {
     inner: S,
-    routes: Arc<RouteTable>,
+    shared: Arc<Shared>,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for HttpMetrics<S>
@@ -94,7 +162,7 @@ where
         ResponseFuture {
             method: method_label(req.method()),
             uri: req.uri().clone(),
-            routes: self.routes.clone(),
+            shared: self.shared.clone(),
             start: Instant::now(),
             inner: self.inner.call(req),
         }
@@ -107,7 +175,7 @@ pin_project! {
         inner: F,
         method: &'static str,
         uri: Uri,
-        routes: Arc<RouteTable>,
+        shared: Arc<Shared>,
         start: Instant,
     }
 }
@@ -122,22 +190,17 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
-            let route = response
-                .extensions()
-                .get::<Route>()
-                .copied()
-                .or_else(|| this.routes.at(this.uri.path()).map(|(route, _)| route))
-                .map_or(UNMATCHED, Route::template);
-            let status = response.status().as_u16().to_string();
-            metrics::counter!(
-                HTTP_REQUESTS_TOTAL,
-                "method" => *this.method,
-                "route" => route,
-                "status" => status,
-            )
-            .increment(1);
-            metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route)
-                .record(this.start.elapsed());
+            let route = response.extensions().get::<Route>().copied().or_else(|| {
+                this.shared
+                    .routes
+                    .at(this.uri.path())
+                    .map(|(route, _)| route)
+            });
+            let series = this.shared.series(route);
+            series
+                .requests(*this.method, response.status())
+                .increment(1);
+            series.duration.record(this.start.elapsed());
         }
         Poll::Ready(result)
     }

@@ -5,10 +5,12 @@
 //! (`[A-Za-z0-9._:-]{1,128}`, one header line); any other is replaced by a generated one, and
 //! the request's log line says so with the refused id's length (never its content).
 
+use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request};
 use tower_http::request_id::{MakeRequestId, RequestId};
 
@@ -43,9 +45,37 @@ impl Default for RequestIds {
 impl MakeRequestId for RequestIds {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        HeaderValue::from_str(&format!("{}-{n}", self.prefix))
+        let mut id = IdBytes::default();
+        write!(id, "{}-{n}", self.prefix).ok()?;
+        // One allocation, which the id's copies (request, extensions, response) share.
+        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
             .ok()
             .map(RequestId::new)
+    }
+}
+
+/// A generated id, held inline: an 8-digit prefix, `-`, and at most 20 digits.
+#[derive(Default)]
+struct IdBytes {
+    bytes: [u8; 32],
+    len: usize,
+}
+
+impl std::fmt::Write for IdBytes {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+impl AsRef<[u8]> for IdBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes[..self.len]
     }
 }
 
@@ -95,6 +125,26 @@ mod tests {
                 .append(&X_REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
         }
         screen(req)
+    }
+
+    #[test]
+    fn generated_ids_are_the_prefix_and_a_counter() {
+        let mut ids = RequestIds::new();
+        let req = Request::get("/").body(()).unwrap();
+        let first = ids.make_request_id(&req).unwrap().into_header_value();
+        let second = ids.make_request_id(&req).unwrap().into_header_value();
+        assert_eq!(first.as_bytes(), format!("{}-1", ids.prefix).as_bytes());
+        assert_eq!(second.as_bytes(), format!("{}-2", ids.prefix).as_bytes());
+        assert!(
+            is_safe(first.as_bytes()),
+            "a generated id passes the screen"
+        );
+        ids.next.store(u64::MAX, Ordering::Relaxed);
+        let largest = ids.make_request_id(&req).unwrap().into_header_value();
+        assert_eq!(
+            largest.as_bytes(),
+            format!("{}-{}", ids.prefix, u64::MAX).as_bytes()
+        );
     }
 
     #[test]
