@@ -140,6 +140,15 @@ async fn allocations_per_request(
     ALLOCATIONS.with(|n| n.get()).div_ceil(REQUESTS)
 }
 
+/// One measured request: its name, URI, headers, expected status, and allocation bound.
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    &'a [(HeaderName, &'a str)],
+    StatusCode,
+    usize,
+);
+
 #[test]
 fn cached_answers_allocate_a_small_fixed_number_of_times() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -162,7 +171,7 @@ fn cached_answers_allocate_a_small_fixed_number_of_times() {
             .to_str()
             .expect("ascii")
             .to_owned();
-        let cases: [(&str, &str, &[(HeaderName, &str)], StatusCode, usize); 4] = [
+        let cases: [Case; 4] = [
             ("single GET", single, &[], StatusCode::OK, 45),
             ("list of 100", list, &[], StatusCode::OK, 45),
             (

@@ -197,9 +197,7 @@ where
                     .map(|(route, _)| route)
             });
             let series = this.shared.series(route);
-            series
-                .requests(*this.method, response.status())
-                .increment(1);
+            series.requests(this.method, response.status()).increment(1);
             series.duration.record(this.start.elapsed());
         }
         Poll::Ready(result)
