@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1
-# Build stage: compile the release binary with the locked dependency versions.
+# Build stage: compile the binary (the `dist` profile: release with thin LTO) with the locked
+# dependency versions.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY config.example.toml ./
-RUN cargo build --release --locked --bin extension-registry
+RUN cargo build --profile dist --locked --bin extension-registry
 
 # Runtime stage: the binary, CA certificates for TLS to backends, the sample extensions.
 FROM debian:bookworm-slim
@@ -17,7 +18,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin registry
 WORKDIR /app
-COPY --from=build /src/target/release/extension-registry /usr/local/bin/extension-registry
+COPY --from=build /src/target/dist/extension-registry /usr/local/bin/extension-registry
 COPY config.example.toml /app/config.toml
 COPY tests/fixtures/extensions /app/tests/fixtures/extensions
 USER 10001
