@@ -18,6 +18,9 @@
 //!   OCI registries (catalog, tags, manifest annotations, blobs).
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
+//! - [`redis`]: Redis (or Valkey) shared by several replicas: the connection and its health,
+//!   the shared cache level with cluster-wide single-flight ([`redis::cache`]), the
+//!   invalidation bus ([`redis::bus`]). Never needed to answer.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;
@@ -27,6 +30,7 @@ pub mod config;
 pub mod error;
 pub mod invalidation;
 pub mod middleware;
+pub mod redis;
 pub mod registry;
 pub mod server;
 pub mod stack;
@@ -35,7 +39,14 @@ pub mod telemetry;
 /// The error type of services below the error-rescue layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Builds the application for a configuration: its backends, then the stack around them.
+/// Builds the application for a configuration: its backends and Redis (connected in the
+/// background), then the stack around them. Call within a Tokio runtime when `[redis]` is set.
 pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
-    Ok(stack::app(config, backend::from_config(config)?))
+    let backends = backend::from_config(config)?;
+    let redis = config
+        .redis
+        .as_ref()
+        .map(redis::Redis::connect)
+        .transpose()?;
+    Ok(stack::app_with(config, backends, redis))
 }

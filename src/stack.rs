@@ -31,6 +31,9 @@ use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
+use crate::redis::bus::RedisBus;
+use crate::redis::cache::SharedCacheLayer;
+use crate::redis::Redis;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
 
@@ -40,8 +43,22 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order).
+/// Builds the application around the given backends (in precedence order), standing alone:
+/// `[redis]` is not used (see [`app_with`]).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+    app_with(config, backends, None)
+}
+
+/// Builds the application around the given backends (in precedence order), sharing `redis`
+/// with the other replicas when given (as `[redis]` switches each part on).
+pub fn app_with(
+    config: &Config,
+    backends: Vec<(Source, BackendService)>,
+    redis: Option<Redis>,
+) -> HttpService {
+    let shared = |enabled: fn(&crate::config::RedisConfig) -> bool| {
+        redis.clone().filter(|r| enabled(r.config()))
+    };
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
     // One circuit breaker per backend, read by the health endpoint too.
@@ -75,10 +92,27 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
         // stale-while-revalidate, stale-if-error and a backoff per failing key; above the
         // merge so one cached answer serves every backend combination.
         .layer(CacheLayer::new(caches.clone()))
+        // The shared cache level and cluster-wide single-flight: under the in-process cache,
+        // so only its misses and refreshes reach Redis and a hit costs no network; above the
+        // merge, so one shared answer stands for every backend combination, as above.
+        .option_layer(shared(|r| r.enable_cache).map(|redis| {
+            SharedCacheLayer::new(redis, &config.cache, config.server.request_timeout())
+        }))
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
 
+    // Invalidations reach the other replicas over the bus, and theirs reach this one's
+    // caches.
+    let invalidator = Invalidator::new(caches.clone());
+    let invalidator = match shared(|r| r.enable_invalidation) {
+        Some(redis) => {
+            let bus = RedisBus::new(redis);
+            bus.subscribe(invalidator.clone());
+            invalidator.with_bus(std::sync::Arc::new(bus))
+        }
+        None => invalidator,
+    };
     let router = Router::new(Shared {
         routes: RouteTable::new(),
         health: HealthProbe::new(
@@ -86,10 +120,11 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
             sources,
             gates,
             config.server.probe_interval(),
+            redis.clone(),
         ),
         registry,
         metrics,
-        invalidator: Invalidator::new(caches.clone()),
+        invalidator,
         caches,
         renderings: Renderings::new(
             RENDERINGS_MAX_BYTES,
