@@ -36,6 +36,7 @@ use crate::redis::cache::SharedCacheLayer;
 use crate::redis::Redis;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
+use crate::BoxError;
 
 /// Memory for rendered and compressed JSON answers (see `api::representation`).
 const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -160,6 +161,14 @@ pub fn app_with(
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work.
         .option_layer(config.server.enable_cors.then(|| cors(&config.server)))
+        // Each switchable layer's `Either` names the stack below it twice; boxing right
+        // below it keeps the type (and the compiler's time and memory) from doubling per
+        // switch, at the cost of one boxed future per request.
+        .layer(BoxCloneSyncService::<
+            Request<Body>,
+            Response<Body>,
+            Infallible,
+        >::layer())
         // Below this, services fail with BoxError; above it, the service is Infallible and
         // every failure is a JSON error response.
         .layer(RescueLayer)
@@ -178,6 +187,7 @@ pub fn app_with(
                 .layer(PrecompressedLayer)
                 .into_inner()
         }))
+        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // Refuses clients over their quota with 429 before any work is done for them; above
         // the concurrency limit so a flooding client cannot take the others' slots.
         .option_layer(
@@ -186,6 +196,7 @@ pub fn app_with(
                 .enabled
                 .then(|| RateLimitLayer::new(&config.rate_limit)),
         )
+        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
         // until its body is dropped (the concurrency limit below lets go at the response
         // head): past it 503 at once, before any backend is asked. Below the rate limit so a
