@@ -272,7 +272,9 @@ impl State {
                         None => {
                             self.counters.misses.increment(1);
                             let outcome = inner.oneshot(req).await;
-                            self.store(&value_key, &outcome).await;
+                            // Taken out first: an answer is not `Sync` (downloads stream).
+                            let shared = Answer::of(&outcome);
+                            self.store(&value_key, shared).await;
                             outcome
                         }
                     };
@@ -317,9 +319,9 @@ impl State {
         (age < fresh_for).then(|| stored.answer.outcome(age))
     }
 
-    /// Shares a backend outcome, when it is one to share.
-    async fn store(&self, value_key: &str, outcome: &Result<BackendResponse, RegistryError>) {
-        let Some(answer) = Answer::of(outcome) else {
+    /// Shares what of a backend outcome is to be shared ([`Answer::of`]).
+    async fn store(&self, value_key: &str, answer: Option<Answer>) {
+        let Some(answer) = answer else {
             return;
         };
         let keep = match answer {
