@@ -94,6 +94,11 @@ async fn json(replica: &Replica, path: &str) -> serde_json::Value {
         .expect("a JSON body")
 }
 
+/// The calls that make up listings and lookups (the health probes' are left out).
+fn listing_calls(calls: Calls) -> (u64, u64, u64) {
+    (calls.org_repos, calls.repo, calls.releases)
+}
+
 async fn health(replica: &Replica) -> (String, String) {
     let health = json(replica, "/api/v1/health").await;
     (

@@ -64,6 +64,14 @@ fn replica(config: &Config, gate: Option<Arc<Semaphore>>) -> Replica {
     Replica { app, calls }
 }
 
+async fn redis_status(replica: &Replica) -> (String, String) {
+    let health = get(&replica.app, "/api/v1/health").await.json();
+    (
+        health["status"].as_str().unwrap_or_default().to_owned(),
+        health["redis"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
 async fn connected(replicas: &[&Replica]) {
     for replica in replicas {
         until("the replica sees redis", || async {
@@ -121,7 +129,10 @@ async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
             } else {
                 b.app.clone()
             };
-            tokio::spawn(async move { get(&app, "/api/v1/extensions").await.status })
+            let req = http::Request::get("/api/v1/extensions")
+                .body(extension_registry::body::empty())
+                .unwrap();
+            tokio::spawn(async move { app.oneshot(req).await.unwrap().status() })
         })
         .collect();
     // One replica holds the lock and asks its (held) backend; the other waits for it: seen
