@@ -129,9 +129,10 @@ async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
             } else {
                 b.app.clone()
             };
-            let req = http::Request::get("/api/v1/extensions")
-                .body(extension_registry::body::empty())
-                .unwrap();
+            let req: http::Request<extension_registry::body::Body> =
+                http::Request::get("/api/v1/extensions")
+                    .body(extension_registry::body::empty())
+                    .unwrap();
             tokio::spawn(async move { app.oneshot(req).await.unwrap().status() })
         })
         .collect();
