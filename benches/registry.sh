@@ -1,12 +1,53 @@
-# Sourced by the benches that run the real CNCF registry (Debian: docker-registry) on loopback:
-# a free port, waiting for an answer, the registry's configuration, and pushing an artifact with
-# curl over the distribution API.
+# Sourced by the benches that run servers on loopback: a free port, waiting for an answer, the
+# CPU a process spent, nginx with one worker beside the service, and, for the real CNCF
+# registry (Debian: docker-registry), its configuration and pushing an artifact with curl over
+# the distribution API.
 
 # A free loopback port.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Waits up to 10 s for URL to answer 2xx; exits the script otherwise.
 wait_http() { for _ in $(seq 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
+
+# utime+stime (clock ticks, `getconf CLK_TCK` a second) of process PID and its children
+# (nginx's worker).
+#   cpu_ticks PID
+cpu_ticks() {
+  local total=0 p
+  for p in $1 $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+
+# Writes DIR/nginx.conf for one worker, quiet, everything kept under DIR, HTTP_LINES in its
+# http block and SERVER_LINES in a server on 127.0.0.1:PORT; run it with nginx_run.
+#   nginx_config DIR PORT HTTP_LINES SERVER_LINES
+nginx_config() {
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<CONF
+$( [ "$(id -u)" = 0 ] && echo "user root;" )
+worker_processes 1;
+error_log $1/error.log warn;
+pid $1/nginx.pid;
+daemon off;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1;
+  uwsgi_temp_path $1; scgi_temp_path $1;
+  $3
+  server {
+    listen 127.0.0.1:$2;
+    $4
+  }
+}
+CONF
+}
+
+# Runs nginx in the foreground on DIR/nginx.conf (start it with `&`; `exec` keeps its pid).
+#   nginx_run DIR
+nginx_run() { exec nginx -e "$1/error.log" -p "$1" -c "$1/nginx.conf"; }
 
 # sha256:<hex> of a file.
 file_digest() { echo "sha256:$(sha256sum "$1" | cut -d' ' -f1)"; }

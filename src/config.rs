@@ -33,6 +33,8 @@ pub struct Config {
     pub gitea: Option<GiteaConfig>,
     /// OCI registry backend; absent means disabled.
     pub oci: Option<OciConfig>,
+    /// GitHub (github.com or Enterprise Server) releases backend; absent means disabled.
+    pub github: Option<GithubConfig>,
     /// Local directory backend; absent means disabled.
     pub local: Option<LocalConfig>,
     #[serde(default)]
@@ -194,6 +196,35 @@ pub struct OciConfig {
     /// Most calls in flight at once when fanning out over repositories.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+}
+
+/// `[github]`: extensions kept as releases of `{name}_prov|_taskserv|_cluster` repositories
+/// of one GitHub organization or user, on github.com or a GitHub Enterprise Server.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubConfig {
+    /// The REST API's base URL: `https://api.github.com`, or `https://HOST/api/v3` for
+    /// GitHub Enterprise Server.
+    #[serde(default = "default_github_api_url")]
+    pub api_url: String,
+    /// The organization or user whose repositories hold the extensions.
+    pub owner: String,
+    /// File holding a token (fine-grained or classic PAT, or an app token); absent means
+    /// anonymous (public repositories only, 60 requests an hour on github.com).
+    pub token_path: Option<PathBuf>,
+    /// Per-request timeout towards GitHub.
+    #[serde(default = "default_backend_timeout")]
+    pub timeout_seconds: u64,
+    /// Most calls in flight at once when fanning out over repositories.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// List archived repositories too.
+    #[serde(default)]
+    pub include_archived: bool,
+}
+
+fn default_github_api_url() -> String {
+    "https://api.github.com".into()
 }
 
 /// `[local]`: a directory laid out as `<type>/<name>/<version>/<artifact>.tar.gz`.
@@ -446,19 +477,22 @@ impl Config {
             None => (None, None),
         };
         let redis = self.redis.as_mut().and_then(|r| r.password_path.as_mut());
+        let github = self.github.as_mut().and_then(|g| g.token_path.as_mut());
         gitea
             .into_iter()
             .chain(oci_token)
             .chain(oci_password)
             .chain(redis)
+            .chain(github)
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.gitea.is_none() && self.oci.is_none() && self.local.is_none() {
-            return Err(
-                "no backend configured: add at least one of the sections [gitea], [oci], [local]"
-                    .into(),
-            );
+        if self.gitea.is_none()
+            && self.oci.is_none()
+            && self.github.is_none()
+            && self.local.is_none()
+        {
+            return Err("no backend configured: add at least one of the sections [gitea], [oci], [github], [local]".into());
         }
         let positive = |key: &str, value: u64| {
             if value == 0 {
@@ -604,6 +638,30 @@ impl Config {
                 return Err("[redis] key_prefix: must not be empty".into());
             }
             positive("[redis] timeout_milliseconds", r.timeout_milliseconds)?;
+        }
+        if let Some(g) = &self.github {
+            let url = reqwest::Url::parse(&g.api_url).map_err(|e| {
+                format!("[github] api_url: '{}' is not a URL ({e}); expected \"https://api.github.com\" or \"https://HOST/api/v3\"", g.api_url)
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+                return Err("[github] api_url: the scheme must be http or https".into());
+            }
+            if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+                return Err("[github] api_url: must not carry a query or credentials; put the token in token_path".into());
+            }
+            let valid_login = !g.owner.is_empty()
+                && g.owner.len() <= 39
+                && g.owner
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid_login {
+                return Err(format!(
+                    "[github] owner: '{}' is not a GitHub login (letters, digits and '-', at most 39)",
+                    g.owner
+                ));
+            }
+            positive("[github] timeout_seconds", g.timeout_seconds)?;
+            positive("[github] max_concurrency", g.max_concurrency as u64)?;
         }
         Ok(())
     }

@@ -6,16 +6,20 @@
 //! - [`server`]: the accept loop (HTTP/1.1 and h2c), graceful shutdown, and the connection
 //!   limits: connection cap, header and keep-alive timeouts, the send timeout on bodies.
 //! - [`stack`]: the one function composing every layer around the router and the backends.
-//! - [`api`]: the HTTP edge: router, request validation, handlers, health probes.
+//! - [`api`]: the HTTP edge: router, request validation (`Range` of downloads in
+//!   [`api::range`]), handlers, health probes, and the OpenAPI 3.1 document of all of it
+//!   (served at `/api/v1/openapi.json`).
 //! - [`middleware`]: the project's own tower layers.
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.
 //! - [`registry`]: the domain (extensions, names, version ordering, version constraints in
 //!   [`registry::constraint`], search), the request/response vocabulary every backend
-//!   speaks, and the service merging backends.
-//! - [`backend`]: one tower service per backend kind (Gitea, OCI, local directory);
+//!   speaks (downloads whole or one byte range), and the service merging backends.
+//! - [`backend`]: one tower service per backend kind (Gitea, OCI, GitHub, local directory);
 //!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
-//!   OCI registries (catalog, tags, manifest annotations, blobs).
+//!   OCI registries (catalog, tags, manifest annotations, blobs), [`backend::github`] from
+//!   GitHub releases (rate limits, conditional requests); [`backend::forge`] holds the naming,
+//!   artifact and checksum rules the two forges share.
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
 //! - [`redis`]: Redis (or Valkey) shared by several replicas: the connection and its health,

@@ -37,6 +37,8 @@ use crate::BoxError;
 
 /// Gauge of the client connections open now.
 pub const HTTP_CONNECTIONS_OPEN: &str = "http_connections_open";
+/// Gauge of `[server] max_connections`, so alerts can compare the open connections with it.
+pub const HTTP_CONNECTIONS_MAX: &str = "http_connections_max";
 /// Counter of connections closed at once because `max_connections` were open.
 pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "http_connections_refused_total";
 
@@ -88,6 +90,7 @@ async fn serve(
     ));
     // Shown from the start, so dashboards and alerts see zeros rather than nothing.
     metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
+    metrics::gauge!(HTTP_CONNECTIONS_MAX).set(config.max_connections as f64);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(0);
     metrics::counter!(send_timeout::DOWNLOAD_STALLED_TOTAL).increment(0);
     let graceful = GracefulShutdown::new();

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, IF_NONE_MATCH};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
@@ -221,8 +221,10 @@ pub fn app_with(
     BoxCloneSyncService::new(service)
 }
 
-/// CORS for a read-only public API: GET and HEAD from the configured origins (any by
-/// default), no credentials, and the response headers clients need readable.
+/// CORS for a public API: GET and HEAD, and POST for the batch resolve and the hooks (with a
+/// JSON `Content-Type`, which makes a browser preflight), from the configured origins (any by
+/// default), no credentials; the request headers of revalidation and resumed downloads, and the
+/// response headers clients need readable.
 fn cors(server: &ServerConfig) -> CorsLayer {
     let origins = &server.cors_allowed_origins;
     let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
@@ -232,8 +234,14 @@ fn cors(server: &ServerConfig) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow_origin)
-        .allow_methods([Method::GET, Method::HEAD])
-        .allow_headers([IF_NONE_MATCH, HeaderName::from_static("x-request-id")])
+        .allow_methods([Method::GET, Method::HEAD, Method::POST])
+        .allow_headers([
+            IF_NONE_MATCH,
+            HeaderName::from_static("x-request-id"),
+            CONTENT_TYPE,
+            RANGE,
+            IF_RANGE,
+        ])
         .expose_headers(
             [
                 "x-total-count",
@@ -246,6 +254,8 @@ fn cors(server: &ServerConfig) -> CorsLayer {
                 "cache-status",
                 "content-disposition",
                 "repr-digest",
+                "content-range",
+                "accept-ranges",
             ]
             .map(HeaderName::from_static),
         )

@@ -183,6 +183,12 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time from request to response head, by route template"
     );
+    describe_gauge!(
+        rate_limit::RATE_LIMIT_CLIENTS,
+        Unit::Count,
+        "Clients whose rate-limit state is kept (at most [rate_limit] max_clients), as of \
+         the last sweep"
+    );
     describe_counter!(
         rate_limit::RATE_LIMITED_TOTAL,
         Unit::Count,
@@ -221,6 +227,17 @@ fn describe_metrics() {
         Unit::Count,
         "Lookups that had to ask the backends, by cache"
     );
+    describe_gauge!(
+        "cache_entries",
+        Unit::Count,
+        "Entries held by a cache, by cache, as counted at the last scrape"
+    );
+    describe_counter!(
+        "cache_singleflight_waits_total",
+        Unit::Count,
+        "Lookups that waited for another request's refresh of the same key instead of \
+         asking the backends, by cache"
+    );
     describe_counter!(
         "stale_served_total",
         Unit::Count,
@@ -230,6 +247,11 @@ fn describe_metrics() {
         server::HTTP_CONNECTIONS_OPEN,
         Unit::Count,
         "Client connections open now"
+    );
+    describe_gauge!(
+        server::HTTP_CONNECTIONS_MAX,
+        Unit::Count,
+        "Client connections the server accepts at once ([server] max_connections)"
     );
     describe_counter!(
         server::HTTP_CONNECTIONS_REFUSED_TOTAL,
@@ -255,6 +277,15 @@ fn describe_metrics() {
         "download_digest_mismatch_total",
         Unit::Count,
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
+    );
+    describe_gauge!(
+        crate::backend::github::BACKEND_RATE_LIMIT_REMAINING,
+        "Requests the upstream says are left in its rate-limit window, by backend (GitHub)"
+    );
+    describe_counter!(
+        crate::backend::github::BACKEND_REVALIDATIONS_TOTAL,
+        Unit::Count,
+        "Conditional upstream requests by outcome: not_modified (304, answer reused) or changed"
     );
 }
 

@@ -53,14 +53,16 @@ impl Running {
         format!("http://{}{path}", self.addr)
     }
 
+    /// A successful JSON answer, checked against the OpenAPI document.
     async fn json(&self, path: &str) -> Value {
         let response = reqwest::get(self.url(path)).await.unwrap();
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
+        let status = response.status();
+        assert!(status.is_success(), "{path}: {status}");
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap();
+        let route = path.split('?').next().unwrap_or_default();
+        app::contract::check("GET", route, status, &headers, &body);
+        serde_json::from_slice(&body).unwrap()
     }
 
     async fn stop(mut self) {

@@ -86,23 +86,32 @@ fn header<'r>(response: &'r Response<Body>, name: &str) -> &'r str {
 #[tokio::test]
 async fn preflights_are_answered_without_touching_the_stack() {
     let (app, calls) = app("[rate_limit]\nburst = 1\n", empty_list);
-    for _ in 0..3 {
-        let mut req = get("/api/v1/extensions");
+    // A revalidation, a resumed download, and a JSON POST (the batch resolve, the hooks).
+    for (path, method, headers) in [
+        ("/api/v1/extensions", "GET", "if-none-match"),
+        (
+            "/api/v1/extensions/provider/aws/1.0.0",
+            "GET",
+            "range,if-range",
+        ),
+        ("/api/v1/resolve", "POST", "content-type,x-request-id"),
+    ] {
+        let mut req = get(path);
         *req.method_mut() = Method::OPTIONS;
-        let headers = req.headers_mut();
-        headers.insert("access-control-request-method", "GET".parse().unwrap());
-        headers.insert(
-            "access-control-request-headers",
-            "if-none-match".parse().unwrap(),
-        );
+        let asked = req.headers_mut();
+        asked.insert("access-control-request-method", method.parse().unwrap());
+        asked.insert("access-control-request-headers", headers.parse().unwrap());
         let response = call(&app, req).await;
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(header(&response, "access-control-allow-origin"), "*");
         assert_eq!(
             header(&response, "access-control-allow-methods"),
-            "GET,HEAD"
+            "GET,HEAD,POST"
         );
-        assert!(header(&response, "access-control-allow-headers").contains("if-none-match"));
+        let allowed = header(&response, "access-control-allow-headers");
+        for name in headers.split(',') {
+            assert!(allowed.contains(name), "{name} not allowed: {allowed}");
+        }
         assert_eq!(header(&response, "access-control-max-age"), "86400");
         assert!(!response
             .headers()
@@ -158,6 +167,8 @@ async fn a_429_carries_cors_and_rate_limit_headers() {
         "retry-after",
         "ratelimit-remaining",
         "x-request-id",
+        "content-range",
+        "accept-ranges",
     ] {
         assert!(exposed.contains(name), "{name} not exposed: {exposed}");
     }

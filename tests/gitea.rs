@@ -6,6 +6,7 @@
 mod gitea_sim;
 #[path = "support/logs.rs"]
 mod logs;
+#[allow(dead_code)]
 #[path = "support/swagger.rs"]
 mod swagger;
 
@@ -77,6 +78,7 @@ async fn download(b: &Gitea, k: &ExtensionKey, v: &str) -> Result<Artifact, Regi
         key: k.clone(),
         version: VersionSelector::parse(v).unwrap(),
         source: Some(Source::Gitea),
+        range: None,
     };
     ask(b, req).await?.into_artifact()
 }

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use extension_registry::config::Config;
-use extension_registry::registry::{Artifact, BackendRequest, BackendResponse, RegistryError};
+use extension_registry::registry::{
+    Artifact, BackendRequest, BackendResponse, RegistryError, Served,
+};
 use extension_registry::{server, BoxError};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -57,6 +59,7 @@ async fn serve(
                     filename: "big-1.0.0.tar.gz".into(),
                     content_length: None,
                     checksum: None,
+                    served: Served::Whole,
                     body: body().boxed_unsync(),
                 })),
                 BackendRequest::DownloadHead { .. } => Ok(BackendResponse::Artifact(

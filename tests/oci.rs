@@ -85,6 +85,7 @@ async fn download(
         key: key.clone(),
         version: VersionSelector::parse(version).unwrap(),
         source: None,
+        range: None,
     };
     ask(backend, request).await?.into_artifact()
 }

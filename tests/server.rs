@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use extension_registry::registry::{Artifact, BackendRequest, BackendResponse};
+use extension_registry::registry::{Artifact, BackendRequest, BackendResponse, Served};
 use extension_registry::server;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -47,6 +47,7 @@ async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections(
                         filename: "slow-1.0.0.tar.gz".into(),
                         content_length: Some(10),
                         checksum: None,
+                        served: Served::Whole,
                         body: StreamBody::new(frames).boxed_unsync(),
                     }))
                 }

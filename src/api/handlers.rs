@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use http::header::{
-    HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE,
-    X_CONTENT_TYPE_OPTIONS,
+    HeaderValue, ACCEPT_RANGES, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, ETAG, X_CONTENT_TYPE_OPTIONS,
 };
 use http::{Response, StatusCode};
 use serde::Serialize;
 use tower::ServiceExt;
 
+use crate::api::openapi;
 use crate::api::query::{decode_segment, Query};
 use crate::api::representation::{Keep, MemoStats, Rendered};
 use crate::api::resolve::Filter;
@@ -19,8 +20,9 @@ use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::middleware::cache::CacheStats;
 use crate::registry::{
-    search, sha256_digest, Artifact, BackendRequest, BackendResponse, ExtensionKey, ExtensionName,
-    ExtensionType, ListFilter, RegistryError, Source, VersionSelector,
+    download_etag, search, sha256_digest, Artifact, BackendRequest, BackendResponse, ByteRange,
+    ExtensionKey, ExtensionName, ExtensionType, ListFilter, RegistryError, Served, Source,
+    VersionSelector,
 };
 
 /// Most items a listing or search returns at once.
@@ -35,6 +37,8 @@ pub struct Call<'a> {
     pub query: Option<&'a str>,
     /// A HEAD request: a download is answered from metadata, without opening its stream.
     pub head: bool,
+    /// The byte range a download asks for (see `api::range`); `None` for the whole.
+    pub range: Option<ByteRange>,
 }
 
 /// Serialises a value the API shows. These values always serialise.
@@ -94,6 +98,7 @@ impl Call<'_> {
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
             Route::CacheStats => Ok(self.stats().await),
+            Route::OpenApi => Ok(openapi::response()),
         }
     }
 
@@ -265,6 +270,7 @@ impl Call<'_> {
                 key,
                 version,
                 source,
+                range: self.range.clone(),
             }
         };
         let (response, _) = self.ask(request).await?;
@@ -280,6 +286,7 @@ impl Call<'_> {
     }
 
     fn metrics(&self) -> Response<Body> {
+        self.shared.caches.record_entries();
         let text = self.shared.metrics.render();
         let mut response = Response::new(body::full(text));
         response.headers_mut().insert(
@@ -316,12 +323,64 @@ fn stale_cache_status(error: Option<&RegistryError>) -> String {
     format!("extension-registry; fwd=stale; fwd-status={status}; detail=\"{detail}\"")
 }
 
-/// The streamed download response (or, for HEAD, its head alone): `Content-Length` and
-/// `Repr-Digest` (RFC 9530) from the backend's metadata when it has them.
+/// The streamed download response (or, for HEAD, its head alone): 200 with the whole
+/// artifact, 206 with the one range served (`Content-Range`), or 416 when the range lies past
+/// the end. `Accept-Ranges`, the strong `ETag` `If-Range` is checked against and `Repr-Digest`
+/// (RFC 9530; of the whole artifact, also on a 206) come with each answer that has them;
+/// `Content-Length` is the body's, from the backend's metadata.
 fn artifact_response(artifact: Artifact) -> Response<Body> {
-    let filename: String = artifact
-        .filename
-        .chars()
+    let etag = artifact.checksum.as_deref().and_then(download_etag);
+    let mut response = match artifact.served {
+        Served::Unsatisfiable { size } => {
+            let mut response = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the range asked for starts past the end of the {size}-byte artifact"),
+            )
+            .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(CONTENT_RANGE, v);
+            }
+            response
+        }
+        Served::Whole | Served::Part(_) => {
+            let mut response = Response::new(artifact.body);
+            let headers = response.headers_mut();
+            headers.insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+            let filename = safe_filename(&artifact.filename);
+            if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
+                headers.insert(CONTENT_DISPOSITION, v);
+            }
+            if let Some(len) = artifact.content_length {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+            }
+            if let Some(digest) = artifact.checksum.as_deref().and_then(repr_digest) {
+                headers.insert("repr-digest", digest);
+            }
+            if let Served::Part(span) = artifact.served {
+                *response.status_mut() = StatusCode::PARTIAL_CONTENT;
+                if let Ok(v) = HeaderValue::from_str(&span.content_range()) {
+                    response.headers_mut().insert(CONTENT_RANGE, v);
+                }
+            }
+            response
+        }
+    };
+    let headers = response.headers_mut();
+    headers.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Some(v) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        headers.insert(ETAG, v);
+    }
+    response
+}
+
+/// A file name safe inside a quoted `Content-Disposition` parameter.
+fn safe_filename(name: &str) -> String {
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-+".contains(c) {
                 c
@@ -329,24 +388,7 @@ fn artifact_response(artifact: Artifact) -> Response<Body> {
                 '_'
             }
         })
-        .collect();
-    let mut response = Response::new(artifact.body);
-    let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    headers.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{filename}\"")) {
-        headers.insert(CONTENT_DISPOSITION, v);
-    }
-    if let Some(len) = artifact.content_length {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    if let Some(digest) = artifact.checksum.as_deref().and_then(repr_digest) {
-        headers.insert("repr-digest", digest);
-    }
-    response
+        .collect()
 }
 
 /// `sha-256=:<base64>:` for a `sha256:<hex>` checksum.

@@ -1,10 +1,13 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
 //! from the registry service; the handlers for each route; version-constraint resolution;
-//! request validation; health probes.
+//! request validation; `Range` of downloads; health probes; the OpenAPI document describing
+//! all of it.
 
 mod handlers;
 mod health;
+pub mod openapi;
 pub mod query;
+pub mod range;
 pub mod representation;
 pub mod resolve;
 
@@ -46,6 +49,7 @@ pub enum Route {
     Readyz,
     Metrics,
     CacheStats,
+    OpenApi,
 }
 
 impl Route {
@@ -64,6 +68,7 @@ impl Route {
             Self::Readyz => "/readyz",
             Self::Metrics => "/api/v1/metrics",
             Self::CacheStats => "/api/v1/cache/stats",
+            Self::OpenApi => "/api/v1/openapi.json",
         }
     }
 
@@ -75,7 +80,7 @@ impl Route {
         }
     }
 
-    const ALL: [Route; 12] = [
+    pub const ALL: [Route; 13] = [
         Self::List,
         Self::Search,
         Self::Get,
@@ -88,6 +93,7 @@ impl Route {
         Self::Readyz,
         Self::Metrics,
         Self::CacheStats,
+        Self::OpenApi,
     ];
 }
 
@@ -201,6 +207,10 @@ where
         let uri = req.uri().clone();
         let host = query::check_host(&req);
         let quota = req.extensions().get::<QuotaCharge>().cloned();
+        // Range is defined for GET alone (RFC 9110 §14.2): a HEAD describes the whole.
+        let range = (method == Method::GET)
+            .then(|| range::requested(req.headers()))
+            .flatten();
         let body = req.into_body();
         Box::pin(async move {
             if let Err(e) = host {
@@ -229,6 +239,7 @@ where
                 params,
                 query: uri.query(),
                 head: method == Method::HEAD,
+                range,
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,

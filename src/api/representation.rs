@@ -150,23 +150,27 @@ impl Renderings {
 }
 
 impl Rendering {
-    /// The 200 response: identity JSON with its ETag, the representation attached.
     fn response(&self) -> Response<Body> {
-        let representation = &self.representation;
-        let mut response = Response::new(body::full(representation.bytes().clone()));
-        let headers = response.headers_mut();
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        headers.insert(
-            CONTENT_LENGTH,
-            HeaderValue::from(representation.bytes().len()),
-        );
-        headers.insert(ETAG, representation.etag().clone());
-        if let Some(total) = self.total {
-            headers.insert("x-total-count", HeaderValue::from(total));
-        }
-        response.extensions_mut().insert(representation.clone());
-        response
+        response(&self.representation, self.total)
     }
+}
+
+/// The 200 response of a kept answer: identity JSON with its ETag (and `X-Total-Count` when
+/// there is a total), the representation attached for the compression layer.
+pub fn response(representation: &Arc<Representation>, total: Option<usize>) -> Response<Body> {
+    let mut response = Response::new(body::full(representation.bytes().clone()));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(
+        CONTENT_LENGTH,
+        HeaderValue::from(representation.bytes().len()),
+    );
+    headers.insert(ETAG, representation.etag().clone());
+    if let Some(total) = total {
+        headers.insert("x-total-count", HeaderValue::from(total));
+    }
+    response.extensions_mut().insert(representation.clone());
+    response
 }
 
 /// Rendered JSON kept as a representation: the bytes boxed to their length (serialisers leave

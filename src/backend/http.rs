@@ -1,6 +1,6 @@
 //! What the HTTP backends (Gitea, OCI) share: one way to build a reqwest client, to follow
-//! redirects deciding the credential hop by hop, to map its errors to the domain's, and to turn
-//! a response into a streamed artifact body.
+//! redirects deciding the credential hop by hop, to map its errors to the domain's, to ask for
+//! a byte range and check the answer, and to turn a response into a streamed artifact body.
 
 use std::time::{Duration, SystemTime};
 
@@ -8,10 +8,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, LOCATION};
-use reqwest::{Method, Url};
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_RANGE, LOCATION, RANGE};
+use reqwest::{Method, StatusCode, Url};
 
-use crate::registry::{ArtifactBody, RegistryError, Source};
+use crate::registry::{ArtifactBody, RegistryError, Served, Source, Span};
 use crate::BoxError;
 
 /// How many redirects one backend request may follow (object storage answers with one or two).
@@ -223,6 +223,108 @@ pub fn is_html(response: &reqwest::Response) -> bool {
         .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/html"))
 }
 
+/// The headers asking an upstream for `span` (`Range: bytes=first-last`), or none.
+pub fn range_headers(span: Option<Span>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let value =
+        span.and_then(|s| HeaderValue::from_str(&format!("bytes={}-{}", s.first, s.last)).ok());
+    if let Some(value) = value {
+        headers.insert(RANGE, value);
+    }
+    headers
+}
+
+/// How an upstream answered a request for a byte range.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// A 206 of exactly the span asked for.
+    Part,
+    /// A 200: the upstream ignored `Range` (RFC 9110 allows it) and sends the whole.
+    Whole,
+    /// Anything else: a 206 of another span or size, or without a usable `Content-Range`;
+    /// it must not be passed on as the part asked for.
+    Wrong(String),
+}
+
+/// Whether `response`, to a request for `span`, is that span (a 206 whose `Content-Range` is
+/// exactly `bytes first-last/size` and whose length, when given, is the span's), the whole (a
+/// 200), or something that must not be served as either.
+pub fn range_answer(response: &reqwest::Response, span: &Span) -> RangeAnswer {
+    match response.status() {
+        StatusCode::OK => return RangeAnswer::Whole,
+        StatusCode::PARTIAL_CONTENT => {}
+        other => return RangeAnswer::Wrong(format!("answered HTTP {other} to a range request")),
+    }
+    let content_range = response
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok());
+    if !content_range.is_some_and(|v| is_content_range_of(v, span)) {
+        return RangeAnswer::Wrong(format!(
+            "answered a range request with Content-Range {content_range:?} instead of {:?}",
+            span.content_range()
+        ));
+    }
+    if response
+        .content_length()
+        .is_some_and(|n| n != span.length())
+    {
+        return RangeAnswer::Wrong("a partial answer's length differs from its range".into());
+    }
+    RangeAnswer::Part
+}
+
+/// Opens a download of `span` (or of the whole when `None`) with `open`, and says what the
+/// answer holds: the span when the upstream sent exactly it, the whole when it ignored the
+/// range. An answer that is neither (a 206 of another span) is never passed on as the part:
+/// the whole is opened again instead, so a client never gets a wrong 206.
+pub async fn open_range<F, Fut>(
+    backend: Source,
+    span: Option<Span>,
+    open: F,
+) -> Result<(reqwest::Response, Served), RegistryError>
+where
+    F: Fn(Option<Span>) -> Fut,
+    Fut: std::future::Future<Output = Result<reqwest::Response, RegistryError>>,
+{
+    let response = open(span).await?;
+    let Some(span) = span else {
+        return Ok((response, Served::Whole));
+    };
+    match range_answer(&response, &span) {
+        RangeAnswer::Part => Ok((response, Served::Part(span))),
+        RangeAnswer::Whole => Ok((response, Served::Whole)),
+        RangeAnswer::Wrong(reason) => {
+            tracing::warn!(%backend, %reason, "range answer refused; fetching the whole artifact");
+            drop(response);
+            Ok((open(None).await?, Served::Whole))
+        }
+    }
+}
+
+/// Whether a `Content-Range` value (`bytes first-last/size`, the size possibly `*`) names
+/// exactly `span`.
+fn is_content_range_of(value: &str, span: &Span) -> bool {
+    let Some((unit, rest)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let Some((range, size)) = rest.trim_start().split_once('/') else {
+        return false;
+    };
+    let Some((first, last)) = range.split_once('-') else {
+        return false;
+    };
+    let number = |s: &str| {
+        s.parse::<u64>()
+            .ok()
+            .filter(|_| s.bytes().all(|b| b.is_ascii_digit()))
+    };
+    unit.eq_ignore_ascii_case("bytes")
+        && number(first) == Some(span.first)
+        && number(last) == Some(span.last)
+        && (size == "*" || number(size) == Some(span.size))
+}
+
 /// A body of known bytes, for small answers built in memory.
 pub fn full_body(bytes: Bytes) -> ArtifactBody {
     http_body_util::Full::new(bytes)
@@ -240,6 +342,57 @@ mod tests {
             response = response.header("retry-after", value);
         }
         reqwest::Response::from(response.body("").unwrap())
+    }
+
+    fn ranged(status: u16, content_range: Option<&str>, len: usize) -> reqwest::Response {
+        let mut builder = http::Response::builder().status(status);
+        if let Some(value) = content_range {
+            builder = builder.header("content-range", value);
+        }
+        let body = vec![0u8; len];
+        builder
+            .header("content-length", len)
+            .body(body)
+            .unwrap()
+            .into()
+    }
+
+    #[test]
+    fn only_a_206_of_the_span_asked_for_is_taken_for_it() {
+        let span = Span {
+            first: 10,
+            last: 19,
+            size: 100,
+        };
+        let cases = [
+            (206, Some("bytes 10-19/100"), 10, RangeAnswer::Part),
+            (206, Some("bytes 10-19/*"), 10, RangeAnswer::Part),
+            (200, None, 100, RangeAnswer::Whole),
+        ];
+        for (status, content_range, len, expected) in cases {
+            assert_eq!(
+                range_answer(&ranged(status, content_range, len), &span),
+                expected
+            );
+        }
+        for (status, content_range, len) in [
+            (206, Some("bytes 0-9/100"), 10),
+            (206, Some("bytes 10-19/101"), 10),
+            (206, Some("bytes 10-20/100"), 11),
+            (206, Some("bytes 10-19/100"), 11),
+            (206, Some("items 10-19/100"), 10),
+            (206, Some("bytes +10-19/100"), 10),
+            (206, None, 10),
+            (204, None, 0),
+        ] {
+            let answer = range_answer(&ranged(status, content_range, len), &span);
+            assert!(
+                matches!(answer, RangeAnswer::Wrong(_)),
+                "{status} {content_range:?} {len}: {answer:?}"
+            );
+        }
+        assert_eq!(range_headers(Some(span))["range"], "bytes=10-19");
+        assert!(range_headers(None).is_empty());
     }
 
     #[test]

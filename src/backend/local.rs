@@ -10,19 +10,23 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::SystemTime;
 
+use futures_util::TryStreamExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 use tower::Service;
 
 use crate::config::{ConfigError, LocalConfig};
 use crate::registry::{
-    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
-    ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, HealthReport, RegistryError, Source,
-    Timestamp, VerifyingBody, Version, VersionSelector, VersionTag,
+    select, version, Artifact, ArtifactBody, BackendFuture, BackendHealth, BackendRequest,
+    BackendResponse, Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType,
+    HealthReport, RegistryError, Served, Source, Timestamp, VerifyingBody, Version,
+    VersionSelector, VersionTag,
 };
+use crate::BoxError;
 
 /// Read size for streaming artifacts.
 const CHUNK: usize = 64 * 1024;
@@ -285,6 +289,23 @@ fn artifact_name(name: &ExtensionName, found: &Found) -> String {
     format!("{name}-{}.tar.gz", found.version.version)
 }
 
+/// Streams `len` bytes of the file at `path` from byte `first`: the file is seeked there, so
+/// what comes before is never read, and nothing after is.
+async fn stream_file(path: &Path, first: u64, len: u64) -> Result<ArtifactBody, RegistryError> {
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| unavailable(format!("cannot open an artifact: {e}")))?;
+    if first > 0 {
+        file.seek(std::io::SeekFrom::Start(first))
+            .await
+            .map_err(|e| unavailable(format!("cannot seek in an artifact: {e}")))?;
+    }
+    let frames = ReaderStream::with_capacity(file.take(len), CHUNK)
+        .map_ok(Frame::data)
+        .map_err(|e| -> BoxError { Box::new(e) });
+    Ok(StreamBody::new(frames).boxed_unsync())
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, RegistryError> + Send + 'static,
 ) -> Result<T, RegistryError> {
@@ -329,27 +350,50 @@ impl Local {
                     found.version.checksum,
                 )))
             }
-            BackendRequest::Download { key, version, .. } => {
+            BackendRequest::Download {
+                key,
+                version,
+                range,
+                ..
+            } => {
                 let name = key.name.clone();
                 let found = blocking(move || inner.find(&key, &version)).await?;
-                let file = tokio::fs::File::open(&found.path)
-                    .await
-                    .map_err(|e| unavailable(format!("cannot open an artifact: {e}")))?;
-                let frames = ReaderStream::with_capacity(file, CHUNK);
-                let body = StreamBody::new(futures_util::TryStreamExt::map_ok(frames, Frame::data));
                 let filename = artifact_name(&name, &found);
                 // The advertised checksum is remembered by size and mtime; a file rewritten in
                 // place with both kept is caught here rather than served as if it matched.
                 let checksum = found.version.checksum.clone().ok_or_else(|| {
                     RegistryError::Internal("a local artifact without a sha256 checksum".into())
                 })?;
-                let body = VerifyingBody::new(body, &checksum, Source::Local, filename.clone())
-                    .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?
-                    .boxed_unsync();
+                let served = select(range.as_ref(), found.version.size, Some(&checksum));
+                let (content_length, body) = match served {
+                    Served::Unsatisfiable { size } => {
+                        return Ok(BackendResponse::Artifact(Artifact::unsatisfiable(
+                            filename,
+                            size,
+                            Some(checksum),
+                        )))
+                    }
+                    Served::Whole => {
+                        let body = stream_file(&found.path, 0, found.version.size).await?;
+                        let body =
+                            VerifyingBody::new(body, &checksum, Source::Local, filename.clone())
+                                .ok_or_else(|| {
+                                    RegistryError::Internal(format!("bad digest {checksum}"))
+                                })?
+                                .boxed_unsync();
+                        (found.version.size, body)
+                    }
+                    // A part cannot be verified: only the whole file has a known digest.
+                    Served::Part(span) => (
+                        span.length(),
+                        stream_file(&found.path, span.first, span.length()).await?,
+                    ),
+                };
                 Ok(BackendResponse::Artifact(Artifact {
                     filename,
-                    content_length: Some(found.version.size),
+                    content_length: Some(content_length),
                     checksum: Some(checksum),
+                    served,
                     body,
                 }))
             }

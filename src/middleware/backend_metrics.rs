@@ -203,7 +203,7 @@ impl http_body::Body for CountingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Artifact, ExtensionKey, ExtensionName, VersionSelector};
+    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, VersionSelector};
     use crate::telemetry;
     use tower::ServiceExt;
 
@@ -224,6 +224,7 @@ mod tests {
                     filename: "aws.tar.gz".into(),
                     content_length: Some(1000),
                     checksum: None,
+                    served: Served::Whole,
                     body: body.boxed_unsync(),
                 }))
             }
@@ -255,6 +256,7 @@ mod tests {
             key: key(),
             version: VersionSelector::Latest,
             source: None,
+            range: None,
         };
         let response = service.clone().oneshot(download).await.unwrap();
         let body = response.into_artifact().unwrap().body;

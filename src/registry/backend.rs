@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tower::util::BoxCloneSyncService;
 
 use crate::registry::{
-    Artifact, Extension, ExtensionKey, ExtensionType, RegistryError, Source, Version,
+    Artifact, ByteRange, Extension, ExtensionKey, ExtensionType, RegistryError, Source, Version,
     VersionSelector,
 };
 
@@ -41,11 +41,13 @@ pub enum BackendRequest {
         key: ExtensionKey,
         source: Option<Source>,
     },
-    /// The artifact of one version, as a stream.
+    /// The artifact of one version, as a stream: all of it, or the one byte range asked for
+    /// (see [`crate::registry::select`] for how a backend settles what it serves).
     Download {
         key: ExtensionKey,
         version: VersionSelector,
         source: Option<Source>,
+        range: Option<ByteRange>,
     },
     /// What `Download` would answer, from metadata alone (name, size, checksum), with an
     /// empty body: no stream is opened. For HEAD.

@@ -18,7 +18,7 @@ use crate::registry::{
 /// without holding back the others' reports.
 pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Fans requests out over the backends, held in precedence order (Gitea, OCI, local).
+/// Fans requests out over the backends, held in precedence order (Gitea, OCI, GitHub, local).
 #[derive(Clone)]
 pub struct Merge {
     backends: Arc<[(Source, BackendService)]>,

@@ -11,7 +11,10 @@ mod model;
 mod search;
 pub mod version;
 
-pub use self::artifact::{sha256_digest, Artifact, ArtifactBody, VerifyingBody};
+pub use self::artifact::{
+    download_etag, select, sha256_digest, Artifact, ArtifactBody, ByteRange, RangeSpec, Served,
+    Span, VerifyingBody,
+};
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
     ListFilter,

@@ -55,16 +55,18 @@ impl FromStr for ExtensionType {
 pub enum Source {
     Gitea,
     Oci,
+    Github,
     Local,
 }
 
 impl Source {
-    pub const ALL: [Source; 3] = [Self::Gitea, Self::Oci, Self::Local];
+    pub const ALL: [Source; 4] = [Self::Gitea, Self::Oci, Self::Github, Self::Local];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Gitea => "gitea",
             Self::Oci => "oci",
+            Self::Github => "github",
             Self::Local => "local",
         }
     }
@@ -85,7 +87,7 @@ impl FromStr for Source {
             .find(|t| t.as_str() == s)
             .ok_or_else(|| RegistryError::InvalidParameter {
                 name: "source",
-                reason: "must be one of: gitea, oci, local".into(),
+                reason: "must be one of: gitea, oci, github, local".into(),
             })
     }
 }

@@ -1,5 +1,9 @@
 //! Helpers for tests of the whole application: configurations, backends that count or fail,
-//! and one-call requests through the full stack.
+//! and one-call requests through the full stack, each response checked against the OpenAPI
+//! document (`contract.rs`).
+
+#[path = "contract.rs"]
+pub mod contract;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,16 +113,34 @@ impl Answer {
     }
 }
 
-/// Sends one request through the whole stack.
+/// Sends one request through the whole stack; the response must match the OpenAPI document.
 pub async fn send(app: &HttpService, method: &str, uri: &str) -> Answer {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .body(body::empty())
-        .expect("test request is valid");
+    send_with(app, method, uri, &[]).await
+}
+
+/// Sends one request with `headers` through the whole stack, checked as [`send`] does.
+pub async fn send_with(
+    app: &HttpService,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+) -> Answer {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(body::empty()).expect("test request is valid");
+    send_request(app, req).await
+}
+
+/// Sends a request built by the caller, checked as [`send`] does.
+pub async fn send_request(app: &HttpService, req: Request<body::Body>) -> Answer {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
     let response = app.clone().oneshot(req).await.expect("infallible");
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body streams").to_bytes();
+    contract::check(&method, &path, parts.status, &parts.headers, &body);
     Answer {
         status: parts.status,
         headers: parts.headers,

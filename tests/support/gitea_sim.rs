@@ -3,7 +3,9 @@
 //! (50-item cap, `X-Total-Count`, `Link` from a ROOT_URL with a sub-path, `200 []` past the end,
 //! short pages for signed-in callers), private repositories (404), 401 for a wrong token on
 //! every route, asset downloads served directly or by a 303 to a second "object storage" host,
-//! the sign-in trap, slow and failing modes, and Gitea's JSON error bodies.
+//! the sign-in trap, slow and failing modes, Gitea's JSON error bodies, and single byte ranges
+//! on asset downloads as Go's `http.ServeContent` answers them (or ignored, or misanswered,
+//! per [`Ranges`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -311,6 +313,20 @@ pub struct SimConfig {
     pub releases_rendezvous: usize,
     /// Serve the API over TLS (see [`SimConfig::tls`]); object storage stays plain HTTP.
     pub tls: bool,
+    /// How asset downloads (on either host) answer `Range`.
+    pub ranges: Ranges,
+}
+
+/// How asset downloads answer a `Range` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ranges {
+    /// Like Gitea (Go's `http.ServeContent`) and object storage: one `bytes=` range is a 206
+    /// with `Content-Range`, one past the end a 416.
+    Honour,
+    /// Like a host that does not do ranges: 200 with the whole file.
+    Ignore,
+    /// A broken host: a 206 whose bytes and `Content-Range` start one byte late.
+    OffByOne,
 }
 
 impl SimConfig {
@@ -326,6 +342,7 @@ impl SimConfig {
             utc_offset_hours: 0,
             releases_rendezvous: 0,
             tls: false,
+            ranges: Ranges::Honour,
         }
     }
 
@@ -405,6 +422,8 @@ pub struct Calls {
     pub storage_with_authorization: u64,
     /// Most releases requests ever in flight at once.
     pub releases_in_flight_max: u64,
+    /// Asset downloads (either host) that asked for a `Range`.
+    pub ranged_downloads: u64,
 }
 
 struct State {
@@ -558,11 +577,12 @@ async fn serve(listener: TcpListener, state: Arc<State>, storage: bool) {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let state = Arc::clone(&state);
             async move {
-                Ok::<_, Infallible>(if storage {
+                let reply = if storage {
                     state.storage_route(&req)
                 } else {
                     state.route(&req).await
-                })
+                };
+                Ok::<_, Infallible>(state.ranged(&req, reply).await)
             }
         });
         connections.spawn(async move {
@@ -1184,6 +1204,67 @@ impl State {
     }
 }
 
+impl State {
+    /// Applies the request's `Range` to a 200 file answer (an asset's bytes), per
+    /// `SimConfig::ranges`; other answers pass unchanged.
+    async fn ranged(&self, req: &Request<Incoming>, answer: Reply) -> Reply {
+        use http_body_util::BodyExt;
+        let Some(range) = req.headers().get(hyper::header::RANGE) else {
+            return answer;
+        };
+        let is_file = answer.status() == StatusCode::OK
+            && answer
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                == Some("application/octet-stream");
+        if !is_file {
+            return answer;
+        }
+        self.count(|c| c.ranged_downloads += 1);
+        if self.config.ranges == Ranges::Ignore {
+            return answer;
+        }
+        let (mut parts, body) = answer.into_parts();
+        let bytes = body.collect().await.expect("full body").to_bytes();
+        let size = bytes.len() as u64;
+        let Some((first, last)) = range
+            .to_str()
+            .ok()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| match (a, b) {
+                ("", n) => Some((size.saturating_sub(n.parse().ok()?), size.checked_sub(1)?)),
+                (a, "") => Some((a.parse().ok()?, size.checked_sub(1)?)),
+                (a, b) => Some((
+                    a.parse().ok()?,
+                    b.parse::<u64>().ok()?.min(size.checked_sub(1)?),
+                )),
+            })
+            .filter(|(first, last)| first <= last && *first < size)
+        else {
+            let mut r = reply(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "text/plain; charset=utf-8",
+                "",
+            );
+            add_header(&mut r, "content-range", &format!("bytes */{size}"));
+            return r;
+        };
+        let shift = u64::from(self.config.ranges == Ranges::OffByOne);
+        let (first, last) = ((first + shift).min(last), last);
+        parts.status = StatusCode::PARTIAL_CONTENT;
+        parts.headers.insert(
+            "content-range",
+            format!("bytes {first}-{last}/{size}")
+                .parse()
+                .expect("header"),
+        );
+        let part = bytes.slice(first as usize..=last as usize);
+        Response::from_parts(parts, Full::new(part))
+    }
+}
+
 fn uuid(id: u64) -> String {
     format!("8f14e45f-ceea-467f-a0e6-{id:012x}")
 }
@@ -1639,7 +1720,10 @@ pub mod fault_modes {
                 };
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(state.route(&req).await) }
+                    async move {
+                        let reply = state.route(&req).await;
+                        Ok::<_, Infallible>(state.ranged(&req, reply).await)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .keep_alive(false)

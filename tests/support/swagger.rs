@@ -1,7 +1,8 @@
 //! A validator for the subset of Swagger 2.0 that Gitea's document uses for the bodies we
 //! read (`type`, `properties`, `required`, `items`, `$ref`, `additionalProperties`, formats
-//! `date-time` and `int64`). Stricter than the spec on purpose: a property the schema does
-//! not define is an error, so a simulator cannot grow fields the real server never sends.
+//! `date-time` and `int64`), and of OpenAPI 3.0 that GitHub's description adds (schemas under
+//! `components`, `nullable`, `enum`). Stricter than the spec on purpose: a property the schema
+//! does not define is an error, so a simulator cannot grow fields the real server never sends.
 
 use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
@@ -10,6 +11,8 @@ use time::OffsetDateTime;
 /// The definitions of one Swagger document.
 pub struct Swagger {
     definitions: Map<String, Value>,
+    /// What `$ref`s start with: `#/definitions/` (Swagger 2.0) or `#/components/schemas/`.
+    prefix: &'static str,
     /// `Definition.property` pairs the server sends although the schema lacks them.
     known_extras: Vec<String>,
 }
@@ -21,6 +24,22 @@ impl Swagger {
         let definitions = doc["definitions"].as_object().expect("definitions").clone();
         Self {
             definitions,
+            prefix: "#/definitions/",
+            known_extras: Vec::new(),
+        }
+    }
+
+    /// The schemas of an OpenAPI 3.0 document (`components.schemas`).
+    pub fn from_openapi(path: &str) -> Self {
+        let text = std::fs::read_to_string(path).expect("read OpenAPI document");
+        let doc: Value = serde_json::from_str(&text).expect("parse OpenAPI document");
+        let definitions = doc["components"]["schemas"]
+            .as_object()
+            .expect("components.schemas")
+            .clone();
+        Self {
+            definitions,
+            prefix: "#/components/schemas/",
             known_extras: Vec::new(),
         }
     }
@@ -34,7 +53,7 @@ impl Swagger {
     /// Checks `value` against definition `name`; the errors name JSON paths.
     pub fn validate(&self, name: &str, value: &Value) -> Result<(), Vec<String>> {
         let mut errors = Vec::new();
-        let schema = Value::String(format!("#/definitions/{name}"));
+        let schema = Value::String(format!("{}{name}", self.prefix));
         let schema = serde_json::json!({ "$ref": schema });
         self.check(&schema, value, "$", None, &mut errors);
         if errors.is_empty() {
@@ -54,13 +73,21 @@ impl Swagger {
     ) {
         if let Some(reference) = schema.get("$ref").and_then(Value::as_str) {
             let name = reference
-                .strip_prefix("#/definitions/")
+                .strip_prefix(self.prefix)
                 .expect("only local definitions");
             let Some(target) = self.definitions.get(name) else {
                 errors.push(format!("{path}: unknown definition {name}"));
                 return;
             };
             return self.check(target, value, path, Some(name), errors);
+        }
+        if value.is_null() && schema.get("nullable").and_then(Value::as_bool) == Some(true) {
+            return;
+        }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+            if !allowed.contains(value) {
+                errors.push(format!("{path}: {value} is not one of {allowed:?}"));
+            }
         }
         let ty = schema.get("type").and_then(Value::as_str);
         let format = schema.get("format").and_then(Value::as_str);

@@ -10,9 +10,10 @@ use serde::de::DeserializeOwned;
 
 use super::model::AssetLink;
 use crate::backend::http::{
-    is_html, next_link, read_capped, send_per_hop, throttled, transport_error, MAX_METADATA_BYTES,
+    is_html, next_link, range_headers, read_capped, send_per_hop, throttled, transport_error,
+    MAX_METADATA_BYTES,
 };
-use crate::registry::{RegistryError, Source};
+use crate::registry::{RegistryError, Source, Span};
 
 /// Items per page. Gitea's default cap (`MAX_RESPONSE_ITEMS`); a lower cap cuts it silently,
 /// which is harmless as pagination follows the server's `Link`, not our arithmetic.
@@ -135,14 +136,19 @@ impl Api {
         }
     }
 
-    /// Sends a GET, following its redirects with the token only on the hops
-    /// [`Api::carries_token`] accepts under `grant`.
-    async fn get(&self, first: Url, grant: Grant<'_>) -> Result<Response, RegistryError> {
+    /// Sends a GET with `headers` (on every hop), following its redirects with the token only
+    /// on the hops [`Api::carries_token`] accepts under `grant`.
+    async fn get(
+        &self,
+        first: Url,
+        grant: Grant<'_>,
+        headers: &HeaderMap,
+    ) -> Result<Response, RegistryError> {
         send_per_hop(
             &self.http,
             &Method::GET,
             first,
-            &HeaderMap::new(),
+            headers,
             self.authorization.as_ref(),
             |url| self.carries_token(url, grant),
         )
@@ -157,7 +163,9 @@ impl Api {
         segments: &[&str],
         what: &str,
     ) -> Result<Option<T>, RegistryError> {
-        let response = self.get(self.api_url(segments), Grant::Api).await?;
+        let response = self
+            .get(self.api_url(segments), Grant::Api, &HeaderMap::new())
+            .await?;
         match api_status(response, what)? {
             Some(response) => decode(response, what).await.map(Some),
             None => Ok(None),
@@ -178,7 +186,9 @@ impl Api {
             url.query_pairs_mut()
                 .append_pair("limit", PAGE_LIMIT)
                 .append_pair("page", &page.to_string());
-            let Some(response) = api_status(self.get(url, Grant::Api).await?, what)? else {
+            let Some(response) =
+                api_status(self.get(url, Grant::Api, &HeaderMap::new()).await?, what)?
+            else {
                 return Ok(None);
             };
             // Only the page number is taken from the link: its host is the server's own idea
@@ -207,12 +217,20 @@ impl Api {
         }
     }
 
-    /// Starts the download of a release asset: a 2xx answer that is not an HTML page (a
-    /// sign-in page is what an instance requiring sign-in ends on), else an error.
-    pub async fn download(&self, asset: &AssetLink, what: &str) -> Result<Response, RegistryError> {
+    /// Starts the download of a release asset, or of the bytes `span` names of it: a 2xx
+    /// answer that is not an HTML page (a sign-in page is what an instance requiring sign-in
+    /// ends on), else an error.
+    pub async fn download(
+        &self,
+        asset: &AssetLink,
+        span: Option<Span>,
+        what: &str,
+    ) -> Result<Response, RegistryError> {
         let url = Url::parse(&asset.url)
             .map_err(|_| unavailable(format!("{what}: the download URL is not a URL")))?;
-        let response = self.get(url, Grant::Asset(asset)).await?;
+        let response = self
+            .get(url, Grant::Asset(asset), &range_headers(span))
+            .await?;
         let status = response.status();
         if !status.is_success() {
             if let Some(throttled) = throttled(Source::Gitea, &response, what) {
@@ -235,7 +253,7 @@ impl Api {
 
     /// The text of a small asset (a checksum file), read whole up to a cap.
     pub async fn small_text(&self, asset: &AssetLink, what: &str) -> Result<String, RegistryError> {
-        let response = self.download(asset, what).await?;
+        let response = self.download(asset, None, what).await?;
         let bytes = read_capped(response, MAX_SIDECAR_BYTES)
             .await
             .map_err(|e| transport_error(Source::Gitea, &e))?

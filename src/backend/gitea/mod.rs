@@ -18,12 +18,12 @@ use tower::Service;
 
 use self::client::Api;
 use self::model::{AssetStamp, Candidate, Release, Repository, ServerVersion};
-use crate::backend::http;
+use crate::backend::{forge, http};
 use crate::config::{ConfigError, GiteaConfig, Secret};
 use crate::registry::{
-    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
-    ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Source,
-    VerifyingBody, Version, VersionSelector,
+    select, version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse,
+    ByteRange, Extension, ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter,
+    RegistryError, Served, Source, VerifyingBody, Version, VersionSelector,
 };
 
 /// Bytes of checksums remembered by the sidecar they were read from (each weighed by
@@ -144,11 +144,14 @@ impl Inner {
             BackendRequest::Versions { key, .. } => {
                 BackendResponse::Versions(Arc::new(self.versions(&key).await?))
             }
-            BackendRequest::Download { key, version, .. } => {
-                BackendResponse::Artifact(self.download(&key, &version, true).await?)
-            }
+            BackendRequest::Download {
+                key,
+                version,
+                range,
+                ..
+            } => BackendResponse::Artifact(self.download(&key, &version, Some(range)).await?),
             BackendRequest::DownloadHead { key, version, .. } => {
-                BackendResponse::Artifact(self.download(&key, &version, false).await?)
+                BackendResponse::Artifact(self.download(&key, &version, None).await?)
             }
             BackendRequest::Health => {
                 BackendResponse::Health(HealthReport(vec![self.health().await]))
@@ -232,7 +235,7 @@ impl Inner {
 
     /// The key of an extension repository that should be shown, `None` for any other.
     fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
-        let (ty, name) = model::split_repo_name(&repo.name)?;
+        let (ty, name) = forge::split_repo_name(&repo.name)?;
         if repo.archived && !self.include_archived {
             return None;
         }
@@ -251,7 +254,7 @@ impl Inner {
             .api
             .pages(&["repos", self.api.org(), repo, "releases"], "releases")
             .await?;
-        let name = model::split_repo_name(repo).map_or(repo, |(_, name)| name);
+        let name = forge::split_repo_name(repo).map_or(repo, |(_, name)| name);
         Ok(releases.map(|rs| {
             rs.into_iter()
                 .filter_map(|r| r.into_candidate(repo, name))
@@ -261,7 +264,7 @@ impl Inner {
 
     /// One extension's repository and versions, or not found.
     async fn find(&self, key: &ExtensionKey) -> Result<Found, RegistryError> {
-        let name = model::repo_name(key.ty, key.name.as_str());
+        let name = forge::repo_name(key.ty, key.name.as_str());
         let (repo, candidates) = future::try_join(
             self.api
                 .object::<Repository>(&["repos", self.api.org(), &name], "repository"),
@@ -307,8 +310,8 @@ impl Inner {
         }
         let what = format!("checksum of {}", candidate.artifact.name);
         let text = self.api.small_text(sidecar.asset(), &what).await?;
-        let digest =
-            model::parse_sidecar(sidecar, &text, &candidate.artifact.name).ok_or_else(|| {
+        let digest = forge::parse_sidecar(sidecar.kind(), &text, &candidate.artifact.name)
+            .ok_or_else(|| {
                 RegistryError::unavailable(Source::Gitea, format!("{what}: no sha256 digest found"))
             })?;
         if let Some(key) = key {
@@ -321,11 +324,13 @@ impl Inner {
     /// only describes it (for HEAD). A checksum file that exists but cannot be read fails the
     /// download: the bytes could not be vouched for. The length is the asset's size from the
     /// release; a download answering another length is refused.
+    /// Streams a version's asset: whole, verified when its checksum is known, or the range
+    /// `open` holds (not verifiable); with `open` `None`, only describes it (for HEAD).
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
-        open: bool,
+        open: Option<Option<ByteRange>>,
     ) -> Result<Artifact, RegistryError> {
         let found = self.find(key).await?;
         let chosen = match selector {
@@ -336,33 +341,54 @@ impl Inner {
         };
         let checksum = self.checksum(chosen).await?;
         let size = chosen.version.size;
-        if !open {
-            return Ok(Artifact::head(
-                chosen.artifact.name.clone(),
-                Some(size),
-                checksum,
-            ));
-        }
-        let what = format!("{key} {}", chosen.version.version);
-        let response = self.api.download(&chosen.artifact, &what).await?;
-        if response.content_length().is_some_and(|len| len != size) {
-            return Err(RegistryError::unavailable(
-                Source::Gitea,
-                format!("{what}: the download's length differs from the asset's size"),
-            ));
-        }
-        let body = http::stream_body(response);
-        let body = match &checksum {
-            None => body,
-            Some(checksum) => VerifyingBody::new(body, checksum, Source::Gitea, what)
-                .map(BodyExt::boxed_unsync)
-                .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
+        let filename = chosen.artifact.name.clone();
+        let Some(range) = open else {
+            return Ok(Artifact::head(filename, Some(size), checksum));
         };
+        // A size of 0 is also what an external link shows, whose real length is unknown: its
+        // range is ignored (RFC 9110 allows it) rather than answered 416.
+        let range = range.filter(|_| size > 0);
+        let span = match select(range.as_ref(), size, checksum.as_deref()) {
+            Served::Unsatisfiable { size } => {
+                return Ok(Artifact::unsatisfiable(filename, size, checksum))
+            }
+            Served::Whole => None,
+            Served::Part(span) => Some(span),
+        };
+        let what = format!("{key} {}", chosen.version.version);
+        let (response, served) = http::open_range(Source::Gitea, span, |span| {
+            self.api.download(&chosen.artifact, span, &what)
+        })
+        .await?;
+        let Served::Part(span) = served else {
+            if response.content_length().is_some_and(|len| len != size) {
+                return Err(RegistryError::unavailable(
+                    Source::Gitea,
+                    format!("{what}: the download's length differs from the asset's size"),
+                ));
+            }
+            let body = http::stream_body(response);
+            let body = match &checksum {
+                None => body,
+                Some(checksum) => VerifyingBody::new(body, checksum, Source::Gitea, what)
+                    .map(BodyExt::boxed_unsync)
+                    .ok_or_else(|| RegistryError::Internal(format!("bad digest {checksum}")))?,
+            };
+            return Ok(Artifact {
+                filename,
+                content_length: Some(size),
+                checksum,
+                served,
+                body,
+            });
+        };
+        // A part cannot be verified: only the whole asset has a known digest.
         Ok(Artifact {
-            filename: chosen.artifact.name.clone(),
-            content_length: Some(size),
+            filename,
+            content_length: Some(span.length()),
             checksum,
-            body,
+            served,
+            body: http::stream_body(response),
         })
     }
 

@@ -4,7 +4,8 @@
 
 use serde::Deserialize;
 
-use crate::registry::{ExtensionType, Timestamp, Version};
+use crate::backend::forge::{choose_assets, SidecarKind};
+use crate::registry::{Timestamp, Version};
 
 /// One repository of `GET /orgs/{org}/repos` or `GET /repos/{owner}/{repo}`.
 #[derive(Debug, Deserialize)]
@@ -145,31 +146,6 @@ pub struct ServerVersion {
     pub version: String,
 }
 
-/// The repository suffix of each extension type.
-const SUFFIXES: [(&str, ExtensionType); 3] = [
-    ("_prov", ExtensionType::Provider),
-    ("_taskserv", ExtensionType::Taskserv),
-    ("_cluster", ExtensionType::Cluster),
-];
-
-/// Splits a repository name into the extension's type and name; `None` for other repositories.
-pub fn split_repo_name(repo: &str) -> Option<(ExtensionType, &str)> {
-    SUFFIXES.iter().find_map(|(suffix, ty)| {
-        repo.strip_suffix(suffix)
-            .filter(|name| !name.is_empty())
-            .map(|name| (*ty, name))
-    })
-}
-
-/// The repository that holds an extension.
-pub fn repo_name(ty: ExtensionType, name: &str) -> String {
-    let suffix = SUFFIXES
-        .iter()
-        .find(|(_, t)| *t == ty)
-        .map_or("", |(s, _)| *s);
-    format!("{name}{suffix}")
-}
-
 /// Where a version's sha256 can be read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Sidecar {
@@ -180,6 +156,14 @@ pub enum Sidecar {
 }
 
 impl Sidecar {
+    /// How the checksum file gives the digest.
+    pub fn kind(&self) -> SidecarKind {
+        match self {
+            Sidecar::Single(_) => SidecarKind::Single,
+            Sidecar::Sums(_) => SidecarKind::Sums,
+        }
+    }
+
     pub fn asset(&self) -> &AssetLink {
         match self {
             Sidecar::Single(asset) | Sidecar::Sums(asset) => asset,
@@ -201,10 +185,6 @@ pub struct Candidate {
     pub sidecar: Option<Sidecar>,
 }
 
-fn is_tarball(name: &str) -> bool {
-    name.ends_with(".tar.gz") || name.ends_with(".tgz")
-}
-
 impl Release {
     /// The release as a version of extension `name` kept in `repo`, or `None` when it is a
     /// draft, has no artifact asset or no readable date.
@@ -213,10 +193,8 @@ impl Release {
             return None;
         }
         let assets = self.assets.unwrap_or_default();
-        let by_name = |wanted: &str| assets.iter().find(|a| a.name == wanted);
-        let artifact = by_name(&format!("{repo}.tar.gz"))
-            .or_else(|| by_name(&format!("{name}-{}.tar.gz", self.tag_name)))
-            .or_else(|| assets.iter().find(|a| is_tarball(&a.name)))?;
+        let chosen = choose_assets(&assets, |a| a.name.as_str(), repo, name, &self.tag_name)?;
+        let artifact = chosen.artifact;
         let published_at = [&self.published_at, &self.created_at]
             .into_iter()
             .flatten()
@@ -225,12 +203,6 @@ impl Release {
             tracing::warn!(repo, tag = %self.tag_name, "release has no readable date; left out");
             return None;
         };
-        // Both spellings are in use: `x-1.0.tar.gz.sha256` and `x-1.0.sha256`.
-        let stem = artifact
-            .name
-            .strip_suffix(".tar.gz")
-            .or_else(|| artifact.name.strip_suffix(".tgz"))
-            .unwrap_or(&artifact.name);
         let link = |a: &Attachment| AssetLink {
             url: a.browser_download_url.clone(),
             repo: repo.to_owned(),
@@ -239,10 +211,10 @@ impl Release {
             uuid: a.uuid.clone(),
             stamp: a.stamp(),
         };
-        let sidecar = by_name(&format!("{}.sha256", artifact.name))
-            .or_else(|| by_name(&format!("{stem}.sha256")))
-            .map(|a| Sidecar::Single(link(a)))
-            .or_else(|| by_name("SHA256SUMS").map(|a| Sidecar::Sums(link(a))));
+        let sidecar = chosen.sidecar.map(|(kind, a)| match kind {
+            SidecarKind::Single => Sidecar::Single(link(a)),
+            SidecarKind::Sums => Sidecar::Sums(link(a)),
+        });
         let artifact_link = link(artifact);
         Some(Candidate {
             version: Version {
@@ -257,22 +229,6 @@ impl Release {
             sidecar,
         })
     }
-}
-
-/// Reads the digest of `artifact` from a sidecar's text, as `sha256:<hex>`.
-pub fn parse_sidecar(kind: &Sidecar, text: &str, artifact: &str) -> Option<String> {
-    let is_digest = |w: &str| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit());
-    let digest = match kind {
-        Sidecar::Single(_) => text.split_whitespace().next().filter(|w| is_digest(w)),
-        Sidecar::Sums(_) => text.lines().find_map(|line| {
-            let mut words = line.split_whitespace();
-            let digest = words.next().filter(|w| is_digest(w))?;
-            // `sha256sum -b` marks binary files with a leading `*`.
-            let file = words.next()?.trim_start_matches('*');
-            (file == artifact).then_some(digest)
-        }),
-    }?;
-    Some(format!("sha256:{}", digest.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -299,25 +255,6 @@ mod tests {
             author: None,
             assets: Some(assets.iter().map(|a| asset(a)).collect()),
         }
-    }
-
-    #[test]
-    fn repo_names_carry_type_and_name() {
-        assert_eq!(
-            split_repo_name("aws_prov"),
-            Some((ExtensionType::Provider, "aws"))
-        );
-        assert_eq!(
-            split_repo_name("k8s_taskserv"),
-            Some((ExtensionType::Taskserv, "k8s"))
-        );
-        assert_eq!(
-            split_repo_name("web_cluster"),
-            Some((ExtensionType::Cluster, "web"))
-        );
-        assert_eq!(split_repo_name("_prov"), None);
-        assert_eq!(split_repo_name("docs"), None);
-        assert_eq!(repo_name(ExtensionType::Cluster, "web"), "web_cluster");
     }
 
     #[test]
@@ -349,16 +286,7 @@ mod tests {
         let c = release("1.0", &["SHA256SUMS", "x-1.0.tar.gz"])
             .into_candidate("x_prov", "x")
             .unwrap();
-        let sums = c.sidecar.unwrap();
-        let hex = "AB".repeat(32);
-        let text = format!("{}  other.tar.gz\n{hex} *x-1.0.tar.gz\n", "cd".repeat(32));
-        assert_eq!(
-            parse_sidecar(&sums, &text, "x-1.0.tar.gz"),
-            Some(format!("sha256:{}", "ab".repeat(32)))
-        );
-        assert_eq!(parse_sidecar(&sums, &text, "y.tar.gz"), None);
-        let single = Sidecar::Single(c.artifact.clone());
-        assert_eq!(parse_sidecar(&single, "nothex  x\n", "x"), None);
+        assert_eq!(c.sidecar.map(|s| s.kind()), Some(SidecarKind::Sums));
     }
 
     #[test]

@@ -365,7 +365,9 @@ impl Client {
         accept: Option<&str>,
         what: &str,
     ) -> Result<(Bytes, HeaderMap), CallError> {
-        let response = self.send(Method::GET, url, scope, accept, what).await?;
+        let response = self
+            .send(Method::GET, url, scope, accept_header(accept), what)
+            .await?;
         let headers = response.headers().clone();
         let body = read_bounded(response).await?.ok_or_else(|| {
             CallError::broken(format!("{what} larger than {MAX_METADATA_BYTES} bytes"))
@@ -373,22 +375,18 @@ impl Client {
         Ok((body, headers))
     }
 
-    /// Sends a GET or HEAD through the challenge flow and returns a 2xx response; any other
-    /// status becomes a [`CallError`]. Redirects are followed with the credentials only on the
-    /// hops [`Client::carries_credentials`] accepts for `scope`.
+    /// Sends a GET or HEAD with `headers` (on every hop) through the challenge flow and
+    /// returns a 2xx response; any other status becomes a [`CallError`]. Redirects are followed
+    /// with the credentials only on the hops [`Client::carries_credentials`] accepts for `scope`.
     pub async fn send(
         &self,
         method: Method,
         url: Url,
         scope: Scope<'_>,
-        accept: Option<&str>,
+        headers: HeaderMap,
         what: &str,
     ) -> Result<reqwest::Response, CallError> {
         let scope_key = scope.as_string();
-        let mut headers = HeaderMap::new();
-        if let Some(accept) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
-            headers.insert(ACCEPT, accept);
-        }
         let mut challenged = false;
         loop {
             let (credential, sent_basic) = self.credential(&scope_key);
@@ -585,6 +583,15 @@ impl Client {
 }
 
 /// A header value marked sensitive, so it is left out of any debug output.
+/// The `Accept` header a request sends, if any.
+pub fn accept_header(accept: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(accept) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
+        headers.insert(ACCEPT, accept);
+    }
+    headers
+}
+
 fn sensitive(value: &str) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_str(value).ok()?;
     value.set_sensitive(true);

@@ -18,9 +18,9 @@ use sha2::{Digest, Sha256};
 use crate::backend::http;
 use crate::config::{ConfigError, OciConfig, Secret};
 use crate::registry::{
-    version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
-    ExtensionInfo, ExtensionKey, HealthReport, ListFilter, RegistryError, Source, VerifyingBody,
-    Version, VersionSelector, VersionTag,
+    select, version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse,
+    ByteRange, Extension, ExtensionInfo, ExtensionKey, HealthReport, ListFilter, RegistryError,
+    Served, Source, Span, VerifyingBody, Version, VersionSelector, VersionTag,
 };
 
 use self::client::{BasicCredentials, CallError, Client, Scope};
@@ -201,12 +201,17 @@ impl Inner {
                 version::sort_newest_first(&mut versions);
                 Ok(BackendResponse::Versions(Arc::new(versions)))
             }
-            BackendRequest::Download { key, version, .. } => self
-                .download(&key, &version, true)
+            BackendRequest::Download {
+                key,
+                version,
+                range,
+                ..
+            } => self
+                .download(&key, &version, Some(range))
                 .await
                 .map(BackendResponse::Artifact),
             BackendRequest::DownloadHead { key, version, .. } => self
-                .download(&key, &version, false)
+                .download(&key, &version, None)
                 .await
                 .map(BackendResponse::Artifact),
             BackendRequest::Health => Ok(BackendResponse::Health(HealthReport(vec![
@@ -478,7 +483,7 @@ impl Inner {
                 Method::HEAD,
                 self.client.url(repo, &["manifests", tag]),
                 Scope::Pull(repo),
-                Some(MANIFEST_ACCEPT),
+                client::accept_header(Some(MANIFEST_ACCEPT)),
                 "manifest",
             )
             .await?;
@@ -559,14 +564,15 @@ impl Inner {
         Ok((doc, digest))
     }
 
-    /// Streams a version's artifact layer, verified against its digest; with `open` false,
-    /// only describes it from the manifest (for HEAD). The length is the layer's size from
-    /// the manifest; a blob answering another length is refused.
+    /// Streams a version's artifact layer: whole, verified against its digest, or the range
+    /// `open` holds (not verifiable); with `open` `None`, only describes it from the manifest
+    /// (for HEAD). The length is the layer's size from the manifest; a blob answering another
+    /// length is refused.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
-        open: bool,
+        open: Option<Option<ByteRange>>,
     ) -> Result<Artifact, RegistryError> {
         let repo = self.repository(key)?;
         let resolved = match selector {
@@ -583,16 +589,66 @@ impl Inner {
         let filename = filename(key, &version, &resolved.layer);
         let size = resolved.layer.size;
         let digest = resolved.layer.digest;
-        if !open {
+        let Some(range) = open else {
             return Ok(Artifact::head(filename, Some(size), Some(digest)));
-        }
+        };
+        let span = match select(range.as_ref(), size, Some(&digest)) {
+            Served::Unsatisfiable { size } => {
+                return Ok(Artifact::unsatisfiable(filename, size, Some(digest)))
+            }
+            Served::Whole => None,
+            Served::Part(span) => Some(span),
+        };
+        let (response, served) = http::open_range(Source::Oci, span, |span| {
+            self.blob(&repo, &digest, span, key)
+        })
+        .await?;
+        let Served::Part(span) = served else {
+            if response.content_length().is_some_and(|len| len != size) {
+                return Err(RegistryError::unavailable(
+                    Source::Oci,
+                    "blob length differs from the layer size in the manifest",
+                ));
+            }
+            let what = format!("{key} {version}");
+            let body = http::stream_body(response);
+            let body = VerifyingBody::new(body, &digest, Source::Oci, what).ok_or_else(|| {
+                RegistryError::unavailable(Source::Oci, "artifact layer digest is not sha256")
+            })?;
+            return Ok(Artifact {
+                filename,
+                content_length: Some(size),
+                checksum: Some(digest),
+                served,
+                body: http_body_util::BodyExt::boxed_unsync(body),
+            });
+        };
+        // A part cannot be verified: only the whole blob has a known digest.
+        Ok(Artifact {
+            filename,
+            content_length: Some(span.length()),
+            checksum: Some(digest),
+            served,
+            body: http::stream_body(response),
+        })
+    }
+
+    /// Starts the GET of a blob, or of the bytes `span` names of it: a 2xx answer that is not
+    /// an HTML page.
+    async fn blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        span: Option<Span>,
+        key: &ExtensionKey,
+    ) -> Result<reqwest::Response, RegistryError> {
         let response = self
             .client
             .send(
                 Method::GET,
-                self.client.url(&repo, &["blobs", &digest]),
-                Scope::Pull(&repo),
-                None,
+                self.client.url(repo, &["blobs", digest]),
+                Scope::Pull(repo),
+                http::range_headers(span),
                 "blob",
             )
             .await
@@ -603,23 +659,7 @@ impl Inner {
                 "blob download answered with an HTML page",
             ));
         }
-        if response.content_length().is_some_and(|len| len != size) {
-            return Err(RegistryError::unavailable(
-                Source::Oci,
-                "blob length differs from the layer size in the manifest",
-            ));
-        }
-        let what = format!("{key} {version}");
-        let body = http::stream_body(response);
-        let body = VerifyingBody::new(body, &digest, Source::Oci, what).ok_or_else(|| {
-            RegistryError::unavailable(Source::Oci, "artifact layer digest is not sha256")
-        })?;
-        Ok(Artifact {
-            filename,
-            content_length: Some(size),
-            checksum: Some(digest),
-            body: http_body_util::BodyExt::boxed_unsync(body),
-        })
+        Ok(response)
     }
 }
 

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The cached path against a bare hyper server and nginx, on the same bytes.
+#
+# Captures the service's answers (one extension; a list of 100; the same list for a client
+# accepting gzip/br), then serves the captured identity bytes from `benches/baseline` (bare
+# hyper) and from nginx (1 worker, open_file_cache, if installed), and runs the release
+# binary with its full default stack (rate limit on, with a quota the run cannot exhaust).
+# Servers are pinned to core 0 and wrk to core 1 where `taskset` exists; wrk runs
+# (-t1 -c64) are interleaved server by server, round by round, so a change in the machine's
+# load hits every server alike. Prints, per answer and server: req/s (every round), p99,
+# the ratio to bare hyper, and the server's CPU µs per request (utime+stime deltas of the
+# server's processes in /proc/<pid>/stat over the requests wrk counted).
+#
+#   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64)
+# Needs wrk, curl, python3 (free ports); nginx optional (Debian nginx-light). Builds the
+# release binary and the baseline, unless BASELINE names a baseline binary already built
+# (then the release binary in target/ is used as it is). PRELOAD names a shared library to
+# preload into the service alone, e.g. another malloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
+# to measure it without a rebuild. Everything listens on 127.0.0.1 and stops on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/registry.sh
+duration=${DURATION:-5s}
+rounds=${ROUNDS:-2}
+connections=${CONNECTIONS:-64}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk" >&2; exit 1; }
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  on_server=(taskset -c 0); on_client=(taskset -c 1)
+else
+  on_server=(); on_client=()
+fi
+
+if [ -n "${BASELINE:-}" ]; then
+  baseline=$BASELINE
+else
+  cargo build --release --quiet --bin extension-registry
+  baseline=$(cargo build --release --quiet --bench baseline --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="baseline" and m.get("executable"): print(m["executable"])')
+fi
+service=${CARGO_TARGET_DIR:-target}/release/extension-registry
+
+# 120 local extensions with realistic descriptive fields, so a list of 100 is ~50 KB.
+root="$work/extensions"
+for i in $(seq -w 0 119); do
+  dir="$root/provider/ext$i"
+  mkdir -p "$dir/1.$((10#$i)).0"
+  head -c 4096 /dev/zero > "$dir/1.$((10#$i)).0/ext$i-1.$((10#$i)).0.tar.gz"
+  cat > "$dir/extension.toml" <<TOML
+description = "Extension number $i, provisioning things in a realistic way"
+author = "provisioning-team"
+repository = "https://git.example.com/extensions/ext${i}_prov"
+tags = ["cloud", "bench"]
+TOML
+done
+
+svc_port=$(free_port)
+cat > "$work/service.toml" <<TOML
+[server]
+host = "127.0.0.1"
+port = $svc_port
+[local]
+path = "$root"
+[rate_limit]
+requests_per_second = 4000000000
+burst = 4000000000
+TOML
+"${on_server[@]}" env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$service" --config "$work/service.toml" \
+  --log-level warn,extension_registry=info,extension_registry::telemetry=warn >"$work/service.log" 2>&1 &
+svc=$!; pids+=("$svc")
+wait_http "http://127.0.0.1:$svc_port/livez"
+
+single=/api/v1/extensions/provider/ext042
+list='/api/v1/extensions?limit=100'
+gzip_header='Accept-Encoding: gzip, deflate, br'
+capture() { # NAME URI [HEADER]: the service's answer, warmed, as NAME.headers and NAME.body
+  curl -fsS ${3:+-H "$3"} -o /dev/null "http://127.0.0.1:$svc_port$2"
+  curl -fsS ${3:+-H "$3"} -D "$work/$1.headers" -o "$work/$1.body" "http://127.0.0.1:$svc_port$2"
+}
+capture single "$single"
+capture list "$list"
+capture gzip "$list" "$gzip_header"
+
+bare_port=$(free_port)
+"${on_server[@]}" "$baseline" "127.0.0.1:$bare_port" "$single=$work/single" "$list=$work/list" &
+bare=$!; pids+=("$bare")
+wait_http "http://127.0.0.1:$bare_port$single"
+
+servers=(bare service)
+if command -v nginx >/dev/null; then
+  nginx_port=$(free_port)
+  nginx_config "$work/nginx" "$nginx_port" \
+    "open_file_cache max=16 inactive=60s; open_file_cache_valid 60s; default_type application/json;" \
+    "location = $single { alias $work/single.body; } location = ${list%%\?*} { alias $work/list.body; }"
+  "${on_server[@]}" bash -c "source benches/registry.sh; nginx_run $work/nginx" &
+  ngx=$!; pids+=("$ngx")
+  wait_http "http://127.0.0.1:$nginx_port$single"
+  servers=(bare nginx service)
+fi
+
+port_of() { case $1 in bare) echo "$bare_port";; nginx) echo "$nginx_port";; service) echo "$svc_port";; esac; }
+pid_of() { case $1 in bare) echo "$bare";; nginx) echo "$ngx";; service) echo "$svc";; esac; }
+hz=$(getconf CLK_TCK)
+
+echo "load before: $(uptime)"
+results="$work/results"
+for round in $(seq "$rounds"); do
+  for answer in single list gzip; do
+    for server in "${servers[@]}"; do
+      uri=$single; [ "$answer" = single ] || uri=$list
+      header=(); [ "$answer" = gzip ] && header=(-H "$gzip_header")
+      pid=$(pid_of "$server"); before=$(cpu_ticks "$pid")
+      out=$("${on_client[@]}" wrk -t1 -c"$connections" -d"$duration" --latency "${header[@]}" \
+        "http://127.0.0.1:$(port_of "$server")$uri")
+      after=$(cpu_ticks "$pid")
+      requests=$(awk '/requests in/ {print $1}' <<<"$out")
+      rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
+      p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
+      bad=$(awk '/Non-2xx/ {print $5}' <<<"$out")
+      cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
+      echo "$answer $server $rps $p99 $cpu ${bad:-0}" >> "$results"
+      printf 'round %s  %-6s %-7s %7s req/s  p99 %-8s %6s µs CPU/req%s\n' \
+        "$round" "$answer" "$server" "$rps" "$p99" "$cpu" "${bad:+  ($bad non-2xx!)}"
+    done
+  done
+done
+echo "load after: $(uptime)"
+echo
+echo "answer  bytes  server    req/s (each round)      p99 (each round)     CPU µs/req   x bare"
+for answer in single list gzip; do
+  bytes=$(stat -c%s "$work/$answer.body")
+  bare_mean=$(awk -v a="$answer" '$1 == a && $2 == "bare" {s += $3; n++} END {print s / n}' "$results")
+  for server in "${servers[@]}"; do
+    awk -v a="$answer" -v s="$server" -v b="$bare_mean" -v bytes="$bytes" '
+      $1 == a && $2 == s {r = r sep $3; p = p sep $4; c = c sep $5; sep = " "; sum += $3; n++}
+      END {printf "%-7s %6s %-8s %-23s %-20s %-12s %.2f\n", a, bytes, s, r, p, c, sum / n / b}' "$results"
+  done
+done
