@@ -362,7 +362,8 @@ pub struct RedisConfig {
     /// refresh a cold key on one replica only.
     #[serde(default = "yes")]
     pub enable_cache: bool,
-    /// Count each client's quota across replicas (with `[rate_limit] enabled`).
+    /// Reserved for counting each client's quota across replicas. Not implemented yet: accepted
+    /// and ignored, each replica counts its own quota.
     #[serde(default = "yes")]
     pub enable_rate_limit: bool,
     /// Carry invalidations to every replica.
