@@ -205,7 +205,7 @@ async fn every_route_answers_its_documented_statuses_over_the_local_backend() {
         ("/api/v1/extensions?limit=1001", "invalid_parameter"),
         ("/api/v1/extensions?offset=-1", "invalid_parameter"),
         ("/api/v1/extensions?type=plugin", "invalid_type"),
-        ("/api/v1/extensions?source=github", "invalid_parameter"),
+        ("/api/v1/extensions?source=gitlab", "invalid_parameter"),
         ("/api/v1/extensions/search", "invalid_parameter"),
         ("/api/v1/extensions/search?q=%ff", "invalid_parameter"),
         ("/api/v1/extensions/plugin/aws", "invalid_type"),
