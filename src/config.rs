@@ -45,6 +45,8 @@ pub struct Config {
     pub circuit_breaker: CircuitBreakerConfig,
     /// Redis (or Valkey) shared by several replicas; absent means each replica stands alone.
     pub redis: Option<RedisConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// `[server]`: the listening socket and the HTTP edge.
@@ -166,6 +168,10 @@ pub struct GiteaConfig {
     /// List archived repositories too.
     #[serde(default)]
     pub include_archived: bool,
+    /// File holding the shared secret of the organization's webhook; `POST
+    /// /api/v1/hooks/gitea` accepts deliveries signed with it (HMAC-SHA256 of the body).
+    /// Absent: that route answers 404.
+    pub webhook_secret_path: Option<PathBuf>,
 }
 
 /// `[oci]`: extensions kept as OCI artifacts in `{namespace}/{name}-provider|-taskserv|-cluster`.
@@ -196,6 +202,19 @@ pub struct OciConfig {
     /// Most calls in flight at once when fanning out over repositories.
     #[serde(default = "default_max_concurrency")]
     pub max_concurrency: usize,
+    /// File holding the bearer token the registry's notifications carry (`Authorization:
+    /// Bearer …`, set in its `notifications` endpoint `headers`); `POST /api/v1/hooks/oci`
+    /// accepts only those. Absent: that route answers 404.
+    pub webhook_token_path: Option<PathBuf>,
+}
+
+/// `[admin]`: operators' routes.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// File holding the bearer token `POST /api/v1/cache/purge` requires. Absent: that
+    /// route answers 404.
+    pub token_path: Option<PathBuf>,
 }
 
 /// `[github]`: extensions kept as releases of `{name}_prov|_taskserv|_cluster` repositories
@@ -260,6 +279,10 @@ pub struct CacheConfig {
     /// Most background refreshes running at once; a stale answer found while all are busy is
     /// served without starting another.
     pub max_background_refreshes: usize,
+    /// When a webhook or a purge invalidates one extension, fetch its metadata and versions
+    /// again at once in the background (sharing `max_background_refreshes`), so the next
+    /// client finds a warm answer.
+    pub refresh_on_invalidate: bool,
 }
 
 impl Default for CacheConfig {
@@ -273,6 +296,7 @@ impl Default for CacheConfig {
             stale_if_error_seconds: 86400,
             stale_while_revalidate_seconds: 60,
             max_background_refreshes: 16,
+            refresh_on_invalidate: true,
         }
     }
 }
@@ -472,19 +496,33 @@ impl Config {
     }
 
     fn secret_paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
-        let gitea = self.gitea.as_mut().and_then(|g| g.token_path.as_mut());
-        let (oci_token, oci_password) = match self.oci.as_mut() {
-            Some(o) => (o.auth_token_path.as_mut(), o.password_path.as_mut()),
+        let (gitea, gitea_hook) = match self.gitea.as_mut() {
+            Some(g) => (g.token_path.as_mut(), g.webhook_secret_path.as_mut()),
             None => (None, None),
         };
-        let redis = self.redis.as_mut().and_then(|r| r.password_path.as_mut());
+        let (oci_token, oci_password, oci_hook) = match self.oci.as_mut() {
+            Some(o) => (
+                o.auth_token_path.as_mut(),
+                o.password_path.as_mut(),
+                o.webhook_token_path.as_mut(),
+            ),
+            None => (None, None, None),
+        };
         let github = self.github.as_mut().and_then(|g| g.token_path.as_mut());
-        gitea
-            .into_iter()
-            .chain(oci_token)
-            .chain(oci_password)
-            .chain(redis)
-            .chain(github)
+        let admin = self.admin.token_path.as_mut();
+        let redis = self.redis.as_mut().and_then(|r| r.password_path.as_mut());
+        [
+            gitea,
+            gitea_hook,
+            oci_token,
+            oci_password,
+            oci_hook,
+            github,
+            admin,
+            redis,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     fn validate(&self) -> Result<(), String> {

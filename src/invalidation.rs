@@ -4,22 +4,41 @@
 //! scope to the [`Bus`], when one is attached, so the other replicas drop it too; a scope
 //! arriving from another replica goes to [`Invalidator::apply`], which drops locally only.
 //! Whatever learns of a change (a webhook, an operator's purge) calls `invalidate` and
-//! nothing else.
+//! nothing else; a source that may announce a change before it can be seen (the CNCF
+//! registry, distribution issue #2625) calls [`Invalidator::invalidate_settling`], which
+//! invalidates once more [`SETTLE`] later, so an answer read in between is not kept for the
+//! whole TTL.
+//!
+//! With `[cache] refresh_on_invalidate`, dropping one extension also fetches its metadata and
+//! versions again in the background (on every replica that drops it), under one of the
+//! cache's background-refresh permits: none free, no refresh ahead, and the next client
+//! fetches as it would have.
 //!
 //! Renderings need no dropping of their own: each is served only while the cached value it
 //! was rendered from is the one in the cache, so the next answer after an invalidation is
 //! rendered afresh. A refresh already under way when an invalidation arrives may have read
 //! the old state; its answer is handed to the requests waiting for it but not kept.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
+use tower::ServiceExt;
 
 use crate::middleware::cache::Caches;
-use crate::registry::{ExtensionKey, ExtensionType, ListFilter};
+use crate::registry::{BackendRequest, BackendService, ExtensionKey, ExtensionType, ListFilter};
+
+/// How long after a settling invalidation the scope is invalidated again: the CNCF registry
+/// notifies as soon as a manifest is written, and its tag list may lag that by moments.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// Most settling re-checks waiting at once (one per scope); past it a new one is skipped,
+/// and that scope's answer is as fresh as the TTL keeps it.
+pub const MAX_SETTLING: usize = 1024;
 
 /// What changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Scope {
     /// Anything: every cached answer.
     All,
@@ -78,12 +97,21 @@ pub trait Bus: Send + Sync + 'static {
 pub struct Invalidator {
     caches: Caches,
     bus: Option<Arc<dyn Bus>>,
+    /// The cached registry, asked again for an invalidated extension when refreshing ahead.
+    ahead: Option<BackendService>,
+    /// The scopes with a settling re-check waiting.
+    settling: Arc<Mutex<HashSet<Scope>>>,
 }
 
 impl Invalidator {
     /// Invalidates this replica's `caches` only.
     pub fn new(caches: Caches) -> Self {
-        Self { caches, bus: None }
+        Self {
+            caches,
+            bus: None,
+            ahead: None,
+            settling: Arc::default(),
+        }
     }
 
     /// Invalidates the other replicas too, through `bus`.
@@ -94,11 +122,40 @@ impl Invalidator {
         }
     }
 
+    /// After dropping one extension, asks `registry` (the cached one) for its metadata and
+    /// versions again in the background, so the next client finds them warm.
+    pub fn refreshing_ahead(self, registry: BackendService) -> Self {
+        Self {
+            ahead: Some(registry),
+            ..self
+        }
+    }
+
     /// `scope` changed: drops it here and tells the other replicas.
     pub async fn invalidate(&self, scope: Scope) -> Dropped {
         let dropped = self.drop_local(&scope, "local").await;
         if let Some(bus) = &self.bus {
             bus.publish(&scope);
+        }
+        dropped
+    }
+
+    /// `scope` changed, but its source may not show the change yet: invalidates now and once
+    /// more [`SETTLE`] later (at most one re-check waits per scope; replays while one waits
+    /// add none). Returns what was dropped now.
+    pub async fn invalidate_settling(&self, scope: Scope) -> Dropped {
+        let dropped = self.invalidate(scope.clone()).await;
+        let fresh = {
+            let mut settling = lock(&self.settling);
+            settling.len() < MAX_SETTLING && settling.insert(scope.clone())
+        };
+        if fresh {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SETTLE).await;
+                lock(&this.settling).remove(&scope);
+                this.invalidate(scope).await;
+            });
         }
         dropped
     }
@@ -113,6 +170,159 @@ impl Invalidator {
         metrics::counter!("invalidations_total", "scope" => scope.label(), "origin" => origin)
             .increment(1);
         tracing::info!(?scope, origin, ?dropped, "cached answers invalidated");
+        self.refresh_ahead(scope);
         dropped
+    }
+
+    /// Fetches an invalidated extension's metadata and versions in the background, when
+    /// refreshing ahead and a background permit is free.
+    fn refresh_ahead(&self, scope: &Scope) {
+        let (Some(registry), Scope::Extension(key)) = (&self.ahead, scope) else {
+            return;
+        };
+        let Some(permit) = self.caches.background_permit() else {
+            tracing::debug!(%key, "every background refresh permit is taken; not refreshing ahead");
+            return;
+        };
+        let (registry, key) = (registry.clone(), key.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let requests = [
+                BackendRequest::Get {
+                    key: key.clone(),
+                    source: None,
+                },
+                BackendRequest::Versions { key, source: None },
+            ];
+            for request in requests {
+                // A failure is the cache's to remember and the next client's to see.
+                let _ = registry.clone().oneshot(request).await;
+            }
+        });
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // One insert or remove at a time: consistent whatever panicked.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tower::Layer;
+
+    use super::*;
+    use crate::config::CacheConfig;
+    use crate::middleware::cache::CacheLayer;
+    use crate::registry::{BackendResponse, ExtensionName, RegistryError};
+
+    /// A cached registry over a backend counting its calls.
+    fn registry(caches: &Caches) -> (BackendService, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let backend = tower::service_fn(move |req: BackendRequest| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                match req {
+                    BackendRequest::Get { key, .. } => Err(RegistryError::not_found(&key)),
+                    _ => Ok(BackendResponse::Versions(Arc::new(Vec::new()))),
+                }
+            }
+        });
+        let service = BackendService::new(CacheLayer::new(caches.clone()).layer(backend));
+        (service, calls)
+    }
+
+    fn caches() -> Caches {
+        Caches::new(&CacheConfig::default(), Duration::from_secs(30))
+    }
+
+    fn aws() -> ExtensionKey {
+        ExtensionKey {
+            ty: ExtensionType::Provider,
+            name: ExtensionName::parse("aws").unwrap(),
+        }
+    }
+
+    async fn versions(registry: &BackendService) {
+        let request = BackendRequest::Versions {
+            key: aws(),
+            source: None,
+        };
+        registry.clone().oneshot(request).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settling_invalidation_drops_again_what_was_read_in_between() {
+        for settling in [false, true] {
+            let caches = caches();
+            let (registry, calls) = registry(&caches);
+            let invalidator = Invalidator::new(caches);
+            versions(&registry).await;
+            let scope = Scope::Extension(aws());
+            if settling {
+                invalidator.invalidate_settling(scope).await;
+            } else {
+                invalidator.invalidate(scope).await;
+            }
+            // Read at once, as the registry's tag list may still lack the new tag.
+            versions(&registry).await;
+            assert_eq!(calls.load(Ordering::SeqCst), 2);
+            tokio::time::sleep(SETTLE + Duration::from_millis(1)).await;
+            versions(&registry).await;
+            // Without settling, the early read stays fresh for the whole TTL.
+            let expected = if settling { 3 } else { 2 };
+            assert_eq!(
+                calls.load(Ordering::SeqCst),
+                expected,
+                "settling: {settling}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replayed_settling_invalidations_wait_for_one_recheck() {
+        let caches = caches();
+        let (registry, calls) = registry(&caches);
+        let invalidator = Invalidator::new(caches);
+        for _ in 0..5 {
+            invalidator
+                .invalidate_settling(Scope::Extension(aws()))
+                .await;
+        }
+        assert_eq!(lock(&invalidator.settling).len(), 1);
+        tokio::time::sleep(SETTLE + Duration::from_millis(1)).await;
+        assert!(lock(&invalidator.settling).is_empty());
+        versions(&registry).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refreshing_ahead_warms_an_invalidated_extension() {
+        let caches = caches();
+        let (registry, calls) = registry(&caches);
+        let invalidator = Invalidator::new(caches).refreshing_ahead(registry.clone());
+        versions(&registry).await;
+        invalidator.invalidate(Scope::Extension(aws())).await;
+        // The background refresh asks for the metadata and the versions.
+        while calls.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        versions(&registry).await;
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "the client found them warm"
+        );
+        // A whole type is not refreshed ahead.
+        invalidator
+            .invalidate(Scope::Type(ExtensionType::Provider))
+            .await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 }

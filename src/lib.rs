@@ -22,6 +22,9 @@
 //!   artifact and checksum rules the two forges share.
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
+//! - [`hooks`]: the secrets of the webhook and purge routes, checking deliveries against them
+//!   (HMAC-SHA256, bearer tokens, constant time) and reading Gitea/Forgejo webhooks and CNCF
+//!   registry notifications into the extensions they change; the routes are in `api`.
 //! - [`redis`]: Redis (or Valkey) shared by several replicas: the connection and its health,
 //!   the shared cache level with cluster-wide single-flight ([`redis::cache`]), the
 //!   invalidation bus ([`redis::bus`]). Never needed to answer.
@@ -32,6 +35,7 @@ pub mod backend;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod hooks;
 pub mod invalidation;
 pub mod middleware;
 pub mod redis;
@@ -43,8 +47,9 @@ pub mod telemetry;
 /// The error type of services below the error-rescue layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Builds the application for a configuration: its backends and Redis (connected in the
-/// background), then the stack around them. Call within a Tokio runtime when `[redis]` is set.
+/// Builds the application for a configuration: its backends, the webhook and purge secrets
+/// (read here, at start) and Redis (connected in the background), then the stack around them.
+/// Call within a Tokio runtime when `[redis]` is set.
 pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
     let backends = backend::from_config(config)?;
     let redis = config
@@ -52,5 +57,10 @@ pub fn build(config: &config::Config) -> Result<stack::HttpService, config::Conf
         .as_ref()
         .map(redis::Redis::connect)
         .transpose()?;
-    Ok(stack::app_with(config, backends, redis))
+    Ok(stack::app_with(
+        config,
+        backends,
+        hooks::Keys::load(config)?,
+        redis,
+    ))
 }

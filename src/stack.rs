@@ -17,6 +17,7 @@ use crate::api::representation::Renderings;
 use crate::api::{HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
 use crate::config::{Config, ServerConfig};
+use crate::hooks::Keys;
 use crate::invalidation::Invalidator;
 use crate::middleware::backend_metrics::BackendMetricsLayer;
 use crate::middleware::breaker::{BreakerLayer, Gate};
@@ -44,17 +45,20 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order), standing alone:
-/// `[redis]` is not used (see [`app_with`]).
+/// Builds the application around the given backends (in precedence order), standing alone
+/// and without the webhook and purge secrets: those routes answer 404 and `[redis]` is not
+/// used (see [`app_with`]).
 pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
-    app_with(config, backends, None)
+    app_with(config, backends, Keys::default(), None)
 }
 
-/// Builds the application around the given backends (in precedence order), sharing `redis`
-/// with the other replicas when given (as `[redis]` switches each part on).
+/// Builds the application around the given backends (in precedence order), with the secrets
+/// of the webhook and purge routes read at start, sharing `redis` with the other replicas
+/// when given (as `[redis]` switches each part on).
 pub fn app_with(
     config: &Config,
     backends: Vec<(Source, BackendService)>,
+    hooks: Keys,
     redis: Option<Redis>,
 ) -> HttpService {
     let shared = |enabled: fn(&crate::config::RedisConfig) -> bool| {
@@ -102,10 +106,18 @@ pub fn app_with(
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
+    // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
+    // extension ahead through the cached registry (so the refresh is single-flight with
+    // clients' requests) when `[cache] refresh_on_invalidate`.
+    let invalidator = Invalidator::new(caches.clone());
+    let invalidator = if config.cache.refresh_on_invalidate {
+        invalidator.refreshing_ahead(registry.clone())
+    } else {
+        invalidator
+    };
 
     // Invalidations reach the other replicas over the bus, and theirs reach this one's
     // caches.
-    let invalidator = Invalidator::new(caches.clone());
     let invalidator = match shared(|r| r.enable_invalidation) {
         Some(redis) => {
             let bus = RedisBus::new(redis);
@@ -132,6 +144,7 @@ pub fn app_with(
             Duration::from_secs(config.cache.ttl_seconds),
         ),
         max_age: Duration::from_secs(config.cache.ttl_seconds),
+        hooks,
     });
 
     let service = ServiceBuilder::new()

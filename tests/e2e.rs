@@ -9,71 +9,13 @@ mod app;
 mod gitea_sim;
 #[path = "support/registry/mod.rs"]
 mod registry;
-
-use std::net::SocketAddr;
-use std::time::Duration;
+#[path = "support/running.rs"]
+mod running;
 
 use extension_registry::config::Config;
-use extension_registry::server;
 use gitea_sim::{artifact_bytes, sha256_hex, GiteaSim, SimConfig, SimRelease, SimRepo};
+use running::Running;
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-/// The service running on a loopback port until dropped.
-struct Running {
-    addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Running {
-    async fn start(config: &Config) -> Self {
-        let app = extension_registry::build(config).expect("configuration builds");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(server::run(
-            listener,
-            app,
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
-        Self {
-            addr,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// A successful JSON answer, checked against the OpenAPI document.
-    async fn json(&self, path: &str) -> Value {
-        let response = reqwest::get(self.url(path)).await.unwrap();
-        let status = response.status();
-        assert!(status.is_success(), "{path}: {status}");
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap();
-        let route = path.split('?').next().unwrap_or_default();
-        app::contract::check("GET", route, status, &headers, &body);
-        serde_json::from_slice(&body).unwrap()
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
 
 fn names(list: &Value) -> Vec<String> {
     list.as_array()

@@ -2,6 +2,7 @@
 //! choice, checksums, downloads through object storage, failure modes, and the simulator's
 //! own fidelity to Gitea's schema and paging.
 
+#[allow(dead_code)]
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
 #[path = "support/logs.rs"]

@@ -63,7 +63,12 @@ fn replica(config: &Config, gate: Option<Arc<Semaphore>>) -> Replica {
         },
     )));
     let redis = Redis::connect(config.redis.as_ref().unwrap()).expect("redis config");
-    let app = stack::app_with(config, vec![(Source::Local, backend)], Some(redis));
+    let app = stack::app_with(
+        config,
+        vec![(Source::Local, backend)],
+        extension_registry::hooks::Keys::default(),
+        Some(redis),
+    );
     Replica { app, calls }
 }
 

@@ -356,6 +356,7 @@ async fn an_upstream_retry_after_is_passed_on_and_the_backend_not_called_before_
         verify_ssl: true,
         max_concurrency: 8,
         include_archived: false,
+        webhook_secret_path: None,
     });
     let app = extension_registry::build(&config).unwrap();
 

@@ -88,8 +88,10 @@ impl Call<'_> {
                 .await
                 .map_err(|e| self.version_not_found(e)),
             Route::Resolve => self.resolve(&query).await,
-            // Answered by the router, which hands the batch handler the request body.
-            Route::ResolveBatch => Err(ApiError::internal()),
+            // Answered by the router, which hands these handlers the request body.
+            Route::ResolveBatch | Route::HookGitea | Route::HookOci | Route::CachePurge => {
+                Err(ApiError::internal())
+            }
             Route::Health => Ok(self.shared.health.health_response().await),
             Route::Livez => Ok(json(
                 StatusCode::OK,

@@ -5,10 +5,12 @@
 
 mod handlers;
 mod health;
+mod hooks;
 pub mod openapi;
 pub mod query;
 pub mod range;
 pub mod representation;
+pub mod request_body;
 pub mod resolve;
 
 use std::convert::Infallible;
@@ -34,7 +36,7 @@ pub use self::health::HealthProbe;
 use self::representation::Renderings;
 
 /// The routes, matched on the path alone; each answers GET and HEAD, but the batch resolve,
-/// which answers POST only.
+/// the webhooks and the purge, which answer POST only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     List,
@@ -49,6 +51,9 @@ pub enum Route {
     Readyz,
     Metrics,
     CacheStats,
+    HookGitea,
+    HookOci,
+    CachePurge,
     OpenApi,
 }
 
@@ -68,19 +73,31 @@ impl Route {
             Self::Readyz => "/readyz",
             Self::Metrics => "/api/v1/metrics",
             Self::CacheStats => "/api/v1/cache/stats",
+            Self::HookGitea => "/api/v1/hooks/gitea",
+            Self::HookOci => "/api/v1/hooks/oci",
+            Self::CachePurge => "/api/v1/cache/purge",
             Self::OpenApi => "/api/v1/openapi.json",
         }
     }
 
     /// The methods the route answers, as a 405's `Allow` lists them.
     pub fn allow(self) -> &'static str {
-        match self {
-            Self::ResolveBatch => "POST",
-            _ => ALLOW,
+        if self.takes_post() {
+            "POST"
+        } else {
+            ALLOW
         }
     }
 
-    pub const ALL: [Route; 13] = [
+    /// Whether the route answers POST (and only POST).
+    fn takes_post(self) -> bool {
+        matches!(
+            self,
+            Self::ResolveBatch | Self::HookGitea | Self::HookOci | Self::CachePurge
+        )
+    }
+
+    pub const ALL: [Route; 16] = [
         Self::List,
         Self::Search,
         Self::Get,
@@ -93,6 +110,9 @@ impl Route {
         Self::Readyz,
         Self::Metrics,
         Self::CacheStats,
+        Self::HookGitea,
+        Self::HookOci,
+        Self::CachePurge,
         Self::OpenApi,
     ];
 }
@@ -158,6 +178,20 @@ pub struct Shared {
     pub invalidator: Invalidator,
     /// `max-age` of cacheable answers.
     pub max_age: Duration,
+    /// The secrets of the webhook and purge routes; a route without one does not exist.
+    pub hooks: crate::hooks::Keys,
+}
+
+impl Shared {
+    /// Whether `route` exists here: the webhook and purge routes only with their secret.
+    fn serves(&self, route: Route) -> bool {
+        match route {
+            Route::HookGitea => self.hooks.gitea.is_some(),
+            Route::HookOci => self.hooks.oci.is_some(),
+            Route::CachePurge => self.hooks.admin.is_some(),
+            _ => true,
+        }
+    }
 }
 
 /// The router: a plain service that matches the path and calls the handler.
@@ -174,7 +208,8 @@ impl Router {
     }
 }
 
-/// The methods most paths answer: the API is read-only but for the batch resolve.
+/// The methods most paths answer: the API is read-only but for the batch resolve, the
+/// webhooks and the purge.
 pub const ALLOW: &str = "GET, HEAD";
 
 /// The methods `path` answers, for a `405` decided above the router (see
@@ -201,7 +236,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let shared = self.shared.clone();
         let method = req.method().clone();
         let uri = req.uri().clone();
@@ -211,6 +246,7 @@ where
         let range = (method == Method::GET)
             .then(|| range::requested(req.headers()))
             .flatten();
+        let headers = std::mem::take(req.headers_mut());
         let body = req.into_body();
         Box::pin(async move {
             if let Err(e) = host {
@@ -218,10 +254,14 @@ where
             }
             let path = uri.path();
             let found = shared.routes.at(path);
+            // A route whose secret is not configured does not exist, whatever the method.
+            if found.is_some_and(|(route, _)| !shared.serves(route)) {
+                return Ok(ApiError::route_not_found().into_response());
+            }
             // Before anything else about the path: each route answers its own methods; unknown
             // paths and `*` answer GET and HEAD only.
             let allowed = match found {
-                Some((Route::ResolveBatch, _)) => method == Method::POST,
+                Some((route, _)) if route.takes_post() => method == Method::POST,
                 _ => method == Method::GET || method == Method::HEAD,
             };
             if !allowed {
@@ -243,6 +283,11 @@ where
             };
             let answer = match route {
                 Route::ResolveBatch => resolve::batch(&shared, body, quota).await,
+                Route::HookGitea => {
+                    hooks::deliver(&shared, hooks::Sender::Gitea, &headers, body).await
+                }
+                Route::HookOci => hooks::deliver(&shared, hooks::Sender::Oci, &headers, body).await,
+                Route::CachePurge => hooks::purge(&shared, &headers, body).await,
                 _ => call.handle(route).await,
             };
             let mut response = match answer {

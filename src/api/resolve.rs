@@ -4,18 +4,15 @@
 //! by the same rules ([`crate::registry::constraint`]). Every answer comes from the cached
 //! versions of each extension.
 
-use std::time::Duration;
-
-use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{Response, StatusCode};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use super::handlers::{json, rendered, Call};
 use super::query::Query;
 use super::representation::Keep;
+use super::request_body;
 use super::Shared;
 use crate::body::Body;
 use crate::error::ApiError;
@@ -28,10 +25,6 @@ use crate::BoxError;
 
 /// Most requirements one batch may hold.
 pub const MAX_REQUIREMENTS: usize = 200;
-/// Largest batch body accepted.
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
-/// How long a client may take to send a batch body.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requirements of one batch resolved at once.
 pub const BATCH_CONCURRENCY: usize = 8;
 /// How many available versions a `no_matching_version` message lists.
@@ -191,47 +184,10 @@ struct Answer {
 }
 
 fn invalid_body(reason: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "invalid_body",
-        format!(
-            "{reason}; the body is {{\"requirements\": [{{\"type\", \"name\", \"constraint\", \
+    request_body::invalid_body(format!(
+        "{reason}; the body is {{\"requirements\": [{{\"type\", \"name\", \"constraint\", \
              \"source\"?}}], \"prerelease\"?: bool}} with 1 to {MAX_REQUIREMENTS} requirements"
-        ),
-    )
-}
-
-fn too_large() -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        format!("the body is larger than {MAX_BODY_BYTES} bytes"),
-    )
-}
-
-/// Reads a body of at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`].
-async fn read_body<B>(body: B) -> Result<Bytes, ApiError>
-where
-    B: http_body::Body,
-    B::Error: Into<BoxError>,
-{
-    if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
-        return Err(too_large());
-    }
-    let read = Limited::new(body, MAX_BODY_BYTES).collect();
-    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "body_timeout",
-            format!(
-                "the body did not arrive within {} s",
-                BODY_READ_TIMEOUT.as_secs()
-            ),
-        )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(invalid_body("the body could not be read")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-    }
+    ))
 }
 
 /// `POST /api/v1/resolve`: resolves every requirement, at most [`BATCH_CONCURRENCY`] at once,
@@ -246,7 +202,7 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let bytes = read_body(body).await?;
+    let bytes = request_body::read(body).await?;
     let plan: Plan = serde_json::from_slice(&bytes).map_err(invalid_body)?;
     let n = plan.requirements.len();
     if n == 0 {

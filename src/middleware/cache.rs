@@ -537,6 +537,12 @@ impl Caches {
         }
     }
 
+    /// A permit for one refresh run in the background, if one of `max_background_refreshes`
+    /// is free; held until that refresh ends.
+    pub fn background_permit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.background.clone().try_acquire_owned().ok()
+    }
+
     /// Entry counts, hits, misses and hit ratios, for `/api/v1/cache/stats`.
     pub async fn stats(&self) -> CacheStats {
         let stores = &self.0;

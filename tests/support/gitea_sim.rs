@@ -445,6 +445,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     /// Assets replaced while running (see [`GiteaSim::reupload`]).
     reuploads: Mutex<Reuploads>,
+    /// Releases published while running (see [`GiteaSim::publish`]).
+    published: Mutex<Vec<(String, SimRelease)>>,
     /// The fault-matrix state: the current [`Fault`] and the TLS listener's certificates.
     faults: Faults,
 }
@@ -514,6 +516,7 @@ impl GiteaSim {
             rendezvous,
             seen: Mutex::new(Vec::new()),
             reuploads: Mutex::new(Reuploads::default()),
+            published: Mutex::new(Vec::new()),
             faults,
         });
         let tasks = vec![
@@ -550,6 +553,7 @@ impl GiteaSim {
             verify_ssl: true,
             max_concurrency: 8,
             include_archived: false,
+            webhook_secret_path: None,
         }
     }
 
@@ -904,8 +908,13 @@ impl State {
                     return self.server_error_json();
                 }
                 // The caller never has write access here, so drafts are never listed.
-                let mut releases: Vec<&SimRelease> =
-                    repo.releases.iter().filter(|r| !r.draft).collect();
+                let published = self.published_in(&repo.name);
+                let mut releases: Vec<&SimRelease> = repo
+                    .releases
+                    .iter()
+                    .chain(&published)
+                    .filter(|r| !r.draft)
+                    .collect();
                 releases.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
                 let (range, headers) = self.paginate(rel, query, releases.len());
                 let items: Vec<Value> = releases[range]
@@ -1785,5 +1794,110 @@ pub mod fault_modes {
     fn retry_after(mut r: Reply, seconds: u64) -> Reply {
         add_header(&mut r, "retry-after", &seconds.to_string());
         r
+    }
+}
+
+// Publishing while running, and the webhook deliveries Gitea sends for it (services/webhook/
+// deliver.go: the JSON body signed with HMAC-SHA256 under the webhook's secret, hex, in
+// `X-Gitea-Signature` and `X-Hub-Signature-256: sha256=…`; Forgejo adds `X-Forgejo-*`).
+// Kept apart from the routes above; published releases are listed, not downloadable.
+
+impl GiteaSim {
+    /// Publishes `release` in `repo` (a seeded repository): listed from now on.
+    pub fn publish(&self, repo: &str, mut release: SimRelease) -> Value {
+        let mut published = self.state.published.lock().expect("published");
+        release.id = 2_000_000 + published.len() as u64;
+        let json = self.state.release_json(self.seeded(repo), &release);
+        published.push((repo.to_owned(), release));
+        json
+    }
+
+    /// The `release` event payload Gitea sends for `action` (`published`, `updated`,
+    /// `deleted`) of `release` (as [`GiteaSim::publish`] returned it) in `repo`.
+    pub fn release_payload(&self, repo: &str, action: &str, release: &Value) -> Value {
+        json!({
+            "action": action,
+            "release": release,
+            "repository": self.state.repo_json(self.seeded(repo)),
+            "sender": self.state.user_json(7, "release-bot"),
+        })
+    }
+
+    /// POSTs `payload` as a delivery of `event` to `url`, signed with `secret` the way this
+    /// instance (Gitea, or Forgejo) signs; `secret` `None` sends it unsigned.
+    pub async fn deliver(
+        &self,
+        url: &str,
+        event: &str,
+        payload: &Value,
+        secret: Option<&str>,
+    ) -> reqwest::Response {
+        let body = serde_json::to_vec_pretty(payload).expect("payload JSON");
+        let delivery = format!("{:032x}", fastrand::u128(..));
+        let mut request = reqwest::Client::new()
+            .post(url)
+            .header(CONTENT_TYPE, "application/json")
+            .header("X-Gitea-Delivery", &delivery)
+            .header("X-Gitea-Event", event)
+            .header("X-Gitea-Event-Type", event)
+            .header("X-Gogs-Delivery", &delivery)
+            .header("X-Gogs-Event", event)
+            .header("X-GitHub-Delivery", &delivery)
+            .header("X-GitHub-Event", event);
+        if self.state.config.forgejo {
+            request = request
+                .header("X-Forgejo-Delivery", &delivery)
+                .header("X-Forgejo-Event", event);
+        }
+        if let Some(secret) = secret {
+            let signature = hook_signature(secret, &body);
+            request = request
+                .header("X-Gitea-Signature", &signature)
+                .header("X-Gogs-Signature", &signature)
+                .header("X-Hub-Signature-256", format!("sha256={signature}"));
+            if self.state.config.forgejo {
+                request = request.header("X-Forgejo-Signature", &signature);
+            }
+        }
+        request
+            .body(body)
+            .send()
+            .await
+            .expect("deliver the webhook")
+    }
+}
+
+impl GiteaSim {
+    fn seeded(&self, repo: &str) -> &SimRepo {
+        self.state
+            .config
+            .repos
+            .iter()
+            .find(|r| r.name == repo)
+            .expect("a seeded repository")
+    }
+}
+
+/// The hex HMAC-SHA256 of `body` under `secret`, as Gitea signs deliveries.
+pub fn hook_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl State {
+    /// The releases of `repo` published while running.
+    fn published_in(&self, repo: &str) -> Vec<SimRelease> {
+        let published = self.published.lock().expect("published");
+        published
+            .iter()
+            .filter(|(r, _)| r.eq_ignore_ascii_case(repo))
+            .map(|(_, release)| release.clone())
+            .collect()
     }
 }

@@ -26,6 +26,15 @@ use crate::registry::{
     RegistryError, Served, Source, VerifyingBody, Version, VersionSelector,
 };
 
+/// The extension a repository of the organization holds, by the naming convention
+/// (`{name}_prov`, `{name}_taskserv`, `{name}_cluster` with a valid name); `None` for any
+/// other repository.
+pub fn extension_of(repository: &str) -> Option<ExtensionKey> {
+    let (ty, name) = forge::split_repo_name(repository)?;
+    let name = ExtensionName::parse(name).ok()?;
+    Some(ExtensionKey { ty, name })
+}
+
 /// Bytes of checksums remembered by the sidecar they were read from (each weighed by
 /// [`SidecarKey::weight`] plus its digest). A sidecar of a published release never changes
 /// (see [`AssetStamp`]), so this only bounds memory: about 300 bytes an entry, so some 28,000
@@ -235,17 +244,15 @@ impl Inner {
 
     /// The key of an extension repository that should be shown, `None` for any other.
     fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
-        let (ty, name) = forge::split_repo_name(&repo.name)?;
+        forge::split_repo_name(&repo.name)?;
         if repo.archived && !self.include_archived {
             return None;
         }
-        match ExtensionName::parse(name) {
-            Ok(name) => Some(ExtensionKey { ty, name }),
-            Err(_) => {
-                tracing::warn!(repo = %repo.name, "repository name is not a valid extension name; ignored");
-                None
-            }
+        let key = extension_of(&repo.name);
+        if key.is_none() {
+            tracing::warn!(repo = %repo.name, "repository name is not a valid extension name; ignored");
         }
+        key
     }
 
     /// The releases of a repository that qualify as versions; `None` when it is not visible.

@@ -6,6 +6,9 @@
 mod client;
 mod model;
 
+/// The extension a repository under the namespace holds, by the naming convention.
+pub use self::model::extension_of;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -25,8 +28,8 @@ use crate::registry::{
 
 use self::client::{BasicCredentials, CallError, Client, Scope};
 use self::model::{
-    extension_of, is_sha256_digest, is_valid_repository, is_version_tag, repository_of, Catalog,
-    Descriptor, ManifestDoc, ManifestMetadata, TagList, MANIFEST_ACCEPT,
+    is_sha256_digest, is_valid_repository, is_version_tag, repository_of, Catalog, Descriptor,
+    ManifestDoc, ManifestMetadata, TagList, MANIFEST_ACCEPT,
 };
 
 /// Catalog page size asked for: distribution's maximum (`n` above 1000 is a 400).
@@ -36,6 +39,11 @@ pub const CATALOG_PAGE: usize = 1000;
 /// They never change, so this only bounds memory: a registry can hand out manifests of up to
 /// 16 MiB, and a count alone would let a few thousand of them hold gigabytes.
 pub const MANIFEST_MEMO_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The repository prefix extensions live under, as configured less any outer `/`.
+pub fn namespace_of(config: &OciConfig) -> String {
+    config.namespace.trim_matches('/').to_owned()
+}
 
 /// The OCI backend as a tower service; clones share one client, token cache and manifest cache.
 #[derive(Clone)]
@@ -84,7 +92,7 @@ impl OciBackend {
             message,
         };
         let base = base_url(&config.registry, config.insecure).map_err(err)?;
-        let namespace = config.namespace.trim_matches('/').to_owned();
+        let namespace = namespace_of(config);
         if !is_valid_repository(&namespace) {
             return Err(err(format!(
                 "namespace: '{namespace}' is not a valid OCI repository path \

@@ -95,19 +95,29 @@ pub fn sha256(bytes: &[u8]) -> String {
 impl Registry {
     /// Starts a registry and waits until it listens.
     pub async fn start(auth: Auth) -> Registry {
-        Self::launch(auth, None).await
+        Self::launch(auth, None, None).await
+    }
+
+    /// Starts a registry that notifies `endpoint` of pushes and deletes (pulls ignored), with
+    /// `Authorization: Bearer <token>`: the `notifications` block an operator writes.
+    pub async fn start_notifying(auth: Auth, endpoint: &str, token: &str) -> Registry {
+        Self::launch(auth, None, Some((endpoint, token))).await
     }
 
     /// Starts a registry behind `front`: its `redirect` storage middleware answers blob
     /// downloads with a `307` to the front's origin, which serves the blob from storage; the
     /// front forwards everything else here. Clients are configured with the front's address.
     pub async fn start_behind(front: &front::Front, auth: Auth) -> Registry {
-        let registry = Self::launch(auth, Some(&front.url())).await;
+        let registry = Self::launch(auth, Some(&front.url()), None).await;
         front.forward_to(&registry);
         registry
     }
 
-    async fn launch(auth: Auth, blob_redirect: Option<&str>) -> Registry {
+    async fn launch(
+        auth: Auth,
+        blob_redirect: Option<&str>,
+        notify: Option<(&str, &str)>,
+    ) -> Registry {
         need("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("registry temp dir");
         let mut config = format!(
@@ -121,6 +131,9 @@ impl Registry {
             config.push_str(&format!(
                 "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base}\n"
             ));
+        }
+        if let Some((endpoint, token)) = notify {
+            config.push_str(&notifications_block(endpoint, token));
         }
         let token_server = match &auth {
             Auth::Anonymous => None,
@@ -552,6 +565,16 @@ impl Registry {
         );
         layer
     }
+}
+
+/// The registry's `notifications` configuration for one endpoint: pushes and deletes are
+/// sent at once (`threshold`/`backoff` retry a failing endpoint), pulls are not sent at all.
+pub fn notifications_block(endpoint: &str, token: &str) -> String {
+    format!(
+        "notifications:\n  endpoints:\n    - name: extension-registry\n      url: {endpoint}\n      \
+         headers:\n        Authorization: [\"Bearer {token}\"]\n      timeout: 5s\n      \
+         threshold: 3\n      backoff: 100ms\n      ignore:\n        actions: [pull]\n"
+    )
 }
 
 impl Drop for Registry {
