@@ -2,6 +2,7 @@
 //! sits where it sits. Read it top to bottom to know what a request goes through.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
@@ -92,6 +93,8 @@ pub fn app_with(
     let merge = Merge::new(backends);
     let sources = merge.sources();
     let caches = Caches::new(&config.cache, config.server.request_timeout());
+    let shared_cache = shared(|r| r.enable_cache)
+        .map(|redis| SharedCacheLayer::new(redis, &config.cache, config.server.request_timeout()));
     let registry = ServiceBuilder::new()
         // List, metadata and versions caches with single-flight, negative caching,
         // stale-while-revalidate, stale-if-error and a backoff per failing key; above the
@@ -100,16 +103,20 @@ pub fn app_with(
         // The shared cache level and cluster-wide single-flight: under the in-process cache,
         // so only its misses and refreshes reach Redis and a hit costs no network; above the
         // merge, so one shared answer stands for every backend combination, as above.
-        .option_layer(shared(|r| r.enable_cache).map(|redis| {
-            SharedCacheLayer::new(redis, &config.cache, config.server.request_timeout())
-        }))
+        .option_layer(shared_cache.clone())
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
     // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
     // extension ahead through the cached registry (so the refresh is single-flight with
-    // clients' requests) when `[cache] refresh_on_invalidate`.
+    // clients' requests, and cluster-wide through the shared cache's lock) when `[cache]
+    // refresh_on_invalidate`. The shared answers of what changed are dropped first (by this
+    // replica only), so no replica takes the old answer back from Redis.
     let invalidator = Invalidator::new(caches.clone());
+    let invalidator = match shared_cache {
+        Some(layer) => invalidator.with_shared(Arc::new(layer)),
+        None => invalidator,
+    };
     let invalidator = if config.cache.refresh_on_invalidate {
         invalidator.refreshing_ahead(registry.clone())
     } else {
@@ -122,7 +129,7 @@ pub fn app_with(
         Some(redis) => {
             let bus = RedisBus::new(redis);
             bus.subscribe(invalidator.clone());
-            invalidator.with_bus(std::sync::Arc::new(bus))
+            invalidator.with_bus(Arc::new(bus))
         }
         None => invalidator,
     };

@@ -1,21 +1,29 @@
 //! A whole cluster: three replicas of the release binary (separate processes and ports), one
 //! real `redis-server` and the Gitea simulator. Cold listings fan out once over the cluster,
-//! an answer fetched by one replica is served by the others, an invalidation reaches every
-//! replica, and losing Redis costs no answer.
+//! an answer fetched by one replica is served by the others, a webhook on one replica makes
+//! every replica serve the new release at once (fetched once for the cluster), and losing
+//! Redis costs no answer.
 
 #[allow(dead_code)]
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
+#[allow(dead_code)]
 #[path = "support/redis.rs"]
 mod redis_server;
 
 use std::process::{Child, Command, Stdio};
 
-use gitea_sim::{seeded_org, Calls, GiteaSim, SimConfig};
+use gitea_sim::{seeded_org, token_file, Calls, GiteaSim, SimConfig, SimRelease};
 use redis_server::{until, RedisServer};
 
 /// Extension repositories in the simulated organization.
 const EXTENSIONS: usize = 30;
+
+/// The secret Gitea signs its webhooks with.
+const HOOK_SECRET: &str = "cluster-hook-secret";
+
+/// The extension a release is published for while the cluster runs.
+const ONE: &str = "/api/v1/extensions/provider/ext000";
 
 /// One replica process, killed on drop.
 struct Replica {
@@ -43,9 +51,10 @@ fn config(
     gitea: &GiteaSim,
     redis: Option<&RedisServer>,
 ) -> std::path::PathBuf {
+    let secret = token_file(dir, HOOK_SECRET);
     let mut text = format!(
         "[server]\nhost = \"127.0.0.1\"\n[rate_limit]\nenabled = false\n\
-         [gitea]\nurl = {:?}\norganization = \"extensions\"\n",
+         [gitea]\nurl = {:?}\norganization = \"extensions\"\nwebhook_secret_path = {secret:?}\n",
         gitea.url()
     );
     if let Some(redis) = redis {
@@ -99,6 +108,58 @@ fn listing_calls(calls: Calls) -> (u64, u64, u64) {
     (calls.org_repos, calls.repo, calls.releases)
 }
 
+/// What a listing or lookup cost Gitea since `before`.
+fn since(gitea: &GiteaSim, before: (u64, u64, u64)) -> (u64, u64, u64) {
+    let now = listing_calls(gitea.calls());
+    (now.0 - before.0, now.1 - before.1, now.2 - before.2)
+}
+
+/// Publishes 2.0.0 of ext000 and tells `hooked` through a signed Gitea release event; returns
+/// what Gitea was asked once every one of `replicas` serves 2.0.0 as ext000's current version
+/// and among its versions.
+async fn release_through_hook(
+    gitea: &GiteaSim,
+    hooked: &Replica,
+    replicas: &[&Replica],
+) -> (u64, u64, u64) {
+    let before = listing_calls(gitea.calls());
+    let release = gitea.publish(
+        "ext000_prov",
+        SimRelease::new("2.0.0", 1_800_000_000).artifact("ext000"),
+    );
+    let payload = gitea.release_payload("ext000_prov", "published", &release);
+    let hook = format!("{}/api/v1/hooks/gitea", hooked.base);
+    let delivered = gitea
+        .deliver(&hook, "release", &payload, Some(HOOK_SECRET))
+        .await;
+    assert_eq!(delivered.status(), 200);
+    for replica in replicas {
+        until("the replica serves the new release", || async {
+            let versions = json(replica, &format!("{ONE}/versions")).await;
+            json(replica, ONE).await["version"] == "2.0.0"
+                && versions
+                    .as_array()
+                    .is_some_and(|v| v.iter().any(|v| v["version"] == "2.0.0"))
+        })
+        .await;
+    }
+    since(gitea, before)
+}
+
+/// The invalidations a replica received from the others.
+async fn peer_invalidations(replica: &Replica) -> u64 {
+    let text = reqwest::get(format!("{}/api/v1/metrics", replica.base))
+        .await
+        .expect("the replica answers")
+        .text()
+        .await
+        .expect("a body");
+    text.lines()
+        .filter(|l| l.starts_with("invalidations_total{") && l.contains("origin=\"peer\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 async fn health(replica: &Replica) -> (String, String) {
     let health = json(replica, "/api/v1/health").await;
     (
@@ -120,6 +181,11 @@ async fn three_replicas_sharing_redis_act_as_one_registry() {
     let after = listing_calls(alone_gitea.calls());
     let one_listing = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
     assert!(one_listing.2 >= EXTENSIONS as u64, "{one_listing:?}");
+    // What refreshing one extension after a webhook costs it.
+    assert_eq!(status(&alone, ONE).await, Some(200));
+    assert_eq!(status(&alone, &format!("{ONE}/versions")).await, Some(200));
+    let one_refresh = release_through_hook(&alone_gitea, &alone, &[&alone]).await;
+    assert!(one_refresh.2 >= 1, "{one_refresh:?}");
     drop(alone);
 
     let gitea = GiteaSim::start(org()).await;
@@ -154,41 +220,46 @@ async fn three_replicas_sharing_redis_act_as_one_registry() {
     );
 
     // Fetched through A, served by B and C without a backend call.
-    let one = "/api/v1/extensions/provider/ext000";
-    let through_a = json(&replicas[0], one).await;
-    let calls = gitea.calls();
-    assert_eq!(json(&replicas[1], one).await, through_a);
-    assert_eq!(json(&replicas[2], one).await, through_a);
-    assert_eq!(listing_calls(gitea.calls()), listing_calls(calls));
+    let through_a = json(&replicas[0], ONE).await;
+    let versions = format!("{ONE}/versions");
+    json(&replicas[0], &versions).await;
+    let calls = listing_calls(gitea.calls());
+    for replica in &replicas[1..] {
+        assert_eq!(json(replica, ONE).await, through_a);
+        json(replica, &versions).await;
+    }
+    assert_eq!(since(&gitea, calls), (0, 0, 0));
 
-    // An invalidation of ext000 (published as a replica would) empties B's and C's copies.
-    let entries = |stats: serde_json::Value| stats["metadata_entries"].as_u64().unwrap();
-    for replica in &replicas[1..] {
-        assert_eq!(entries(json(replica, "/api/v1/cache/stats").await), 1);
+    // A release announced to A by a webhook: B and C drop their copies (and take no old one
+    // back from Redis), every replica serves the new release before any TTL ends, and the
+    // cluster fetched it once, as one replica alone does.
+    let received: Vec<u64> =
+        futures_util::future::join_all(replicas.iter().map(peer_invalidations)).await;
+    let all: Vec<&Replica> = replicas.iter().collect();
+    let refresh = release_through_hook(&gitea, &replicas[0], &all).await;
+    assert_eq!(
+        refresh, one_refresh,
+        "the cluster fetched the new release once"
+    );
+    for (replica, before) in replicas.iter().zip(&received).skip(1) {
+        assert!(
+            peer_invalidations(replica).await > *before,
+            "{}",
+            replica.base
+        );
     }
-    let message =
-        r#"{"v":1,"from":"a-replica","scope":"extension","type":"provider","name":"ext000"}"#;
-    let receivers: i64 = redis
-        .command(
-            redis::cmd("PUBLISH")
-                .arg("cluster:v1:invalidations")
-                .arg(message),
-        )
-        .await;
-    assert_eq!(receivers, 3);
-    for replica in &replicas[1..] {
-        until("the replica dropped ext000", || async {
-            entries(json(replica, "/api/v1/cache/stats").await) == 0
-        })
-        .await;
-    }
+    assert_eq!(
+        peer_invalidations(&replicas[0]).await,
+        received[0],
+        "A's own is not received"
+    );
 
     // Redis killed: every replica answers, and says it is degraded.
     redis.stop();
     for replica in &replicas {
         for path in [
             "/api/v1/extensions",
-            one,
+            ONE,
             "/api/v1/extensions/taskserv/ext001",
         ] {
             assert_eq!(status(replica, path).await, Some(200), "{path}");

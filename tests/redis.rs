@@ -180,7 +180,10 @@ async fn set_calls(redis: &RedisServer) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_invalidation_on_the_bus_empties_every_replicas_cache_for_that_extension() {
     let redis = RedisServer::start().await;
-    let config = config(&redis, "bus:");
+    let mut config = config(&redis, "bus:");
+    // Not refreshing ahead, so the drop itself can be seen (tests/cluster.rs shows the
+    // refresh ahead after an invalidation, fetched once for the cluster).
+    config.cache.refresh_on_invalidate = false;
     let (a, b) = (replica(&config, None), replica(&config, None));
     connected(&[&a, &b]).await;
     let aws = "/api/v1/extensions/provider/aws";

@@ -17,20 +17,30 @@
 //! is held, for at most nine tenths of the request timeout, then ask the backends
 //! themselves. A lock gone with no answer (its holder failed or died) is taken over by the
 //! next poller. Whenever Redis does not answer, the request goes straight to the backends.
+//!
+//! An invalidation drops the shared answers its scope covers ([`SharedLevel::forget`]): the
+//! keys under `{key_prefix}v1:cache:` are walked with `SCAN` (1000 at a time, each step
+//! bounded like any command) and the covered ones removed with `UNLINK`, so its cost grows
+//! with the number of keys in the database, once per invalidation, never per request.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use super::Redis;
 use crate::config::CacheConfig;
+use crate::invalidation::{Scope, SharedLevel};
 use crate::registry::{
     BackendFuture, BackendRequest, BackendResponse, Extension, RegistryError, Version,
 };
+
+/// How many keys one `SCAN` step of an invalidation looks at.
+const SCAN_COUNT: u64 = 1000;
 
 /// The first wait between polls for another replica's answer.
 const POLL_INITIAL: Duration = Duration::from_millis(10);
@@ -161,6 +171,12 @@ impl SharedCacheLayer {
     }
 }
 
+impl SharedLevel for SharedCacheLayer {
+    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64> {
+        Box::pin(self.state.forget(scope))
+    }
+}
+
 impl<S> Layer<S> for SharedCacheLayer {
     type Service = SharedCache<S>;
 
@@ -204,6 +220,26 @@ where
         let inner = self.inner.clone();
         let state = self.state.clone();
         Box::pin(async move { state.answer(inner, req, key).await })
+    }
+}
+
+/// Whether the shared key `key` (as [`key_of`] makes it) may hold an answer `scope` changed.
+fn covered(scope: &Scope, key: &str) -> bool {
+    // `list:{type|any}:{source}`, `get:{type}/{name}:{source}`, `versions:{type}/{name}:{source}`
+    let Some((kind, what)) = key.split_once(':') else {
+        return false;
+    };
+    let Some((what, _source)) = what.rsplit_once(':') else {
+        return false;
+    };
+    match (scope, kind) {
+        (Scope::All, _) => true,
+        (Scope::Type(ty), "list") => what == "any" || what == ty.as_str(),
+        (Scope::Extension(key), "list") => what == "any" || what == key.ty.as_str(),
+        (Scope::Type(ty), _) => what
+            .split_once('/')
+            .is_some_and(|(listed, _)| listed == ty.as_str()),
+        (Scope::Extension(key), _) => what == key.to_string(),
     }
 }
 
@@ -297,6 +333,37 @@ impl State {
         }
     }
 
+    /// Drops the shared answers `scope` covers; see the module documentation.
+    async fn forget(&self, scope: &Scope) -> u64 {
+        let base = self.redis.key("cache:");
+        let pattern = format!("{base}*");
+        let (mut cursor, mut forgotten) = (0_u64, 0);
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .clone();
+            let Some((next, keys)) = self.redis.run::<(u64, Vec<String>)>(&scan).await else {
+                return forgotten;
+            };
+            let covered: Vec<&String> = keys
+                .iter()
+                .filter(|k| k.strip_prefix(&base).is_some_and(|k| covered(scope, k)))
+                .collect();
+            if !covered.is_empty() {
+                let unlink = redis::cmd("UNLINK").arg(&covered).clone();
+                forgotten += self.redis.run::<u64>(&unlink).await.unwrap_or(0);
+            }
+            if next == 0 {
+                return forgotten;
+            }
+            cursor = next;
+        }
+    }
+
     /// A fresh shared answer for `value_key`, if Redis has one.
     async fn lookup(&self, value_key: &str) -> Option<Result<BackendResponse, RegistryError>> {
         let text: Option<String> = self
@@ -345,5 +412,64 @@ impl State {
             .arg(keep.as_millis() as u64)
             .clone();
         self.redis.run::<()>(&set).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ExtensionKey, ExtensionName, ExtensionType, ListFilter, Source};
+
+    #[test]
+    fn an_invalidation_drops_the_shared_keys_the_in_process_cache_drops() {
+        let key = |ty, name| ExtensionKey {
+            ty,
+            name: ExtensionName::parse(name).unwrap(),
+        };
+        let (aws, aws2, k8s) = (
+            key(ExtensionType::Provider, "aws"),
+            key(ExtensionType::Provider, "aws2"),
+            key(ExtensionType::Taskserv, "k8s.io"),
+        );
+        let mut requests = Vec::new();
+        for source in [None, Some(Source::Gitea), Some(Source::Local)] {
+            for ty in [
+                None,
+                Some(ExtensionType::Provider),
+                Some(ExtensionType::Cluster),
+            ] {
+                requests.push(BackendRequest::List(ListFilter { ty, source }));
+            }
+            for key in [&aws, &aws2, &k8s] {
+                requests.push(BackendRequest::Get {
+                    key: key.clone(),
+                    source,
+                });
+                requests.push(BackendRequest::Versions {
+                    key: key.clone(),
+                    source,
+                });
+            }
+        }
+        let scopes = [
+            Scope::All,
+            Scope::Type(ExtensionType::Provider),
+            Scope::Type(ExtensionType::Taskserv),
+            Scope::Extension(aws.clone()),
+            Scope::Extension(k8s.clone()),
+        ];
+        for scope in &scopes {
+            for request in &requests {
+                let expected = match request {
+                    BackendRequest::List(filter) => scope.covers_listing(filter),
+                    BackendRequest::Get { key, .. } | BackendRequest::Versions { key, .. } => {
+                        scope.covers(key)
+                    }
+                    _ => unreachable!(),
+                };
+                let shared = key_of(request).unwrap();
+                assert_eq!(covered(scope, &shared), expected, "{scope:?} {shared}");
+            }
+        }
     }
 }
