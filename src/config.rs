@@ -386,8 +386,9 @@ pub struct RedisConfig {
     /// refresh a cold key on one replica only.
     #[serde(default = "yes")]
     pub enable_cache: bool,
-    /// Reserved for counting each client's quota across replicas. Not implemented yet: accepted
-    /// and ignored, each replica counts its own quota.
+    /// Count each client's `[rate_limit]` quota across replicas (one GCRA state per client in
+    /// Redis); each replica's own quota still refuses first, and decides alone while Redis
+    /// does not answer.
     #[serde(default = "yes")]
     pub enable_rate_limit: bool,
     /// Carry invalidations to every replica.

@@ -26,8 +26,9 @@
 //!   (HMAC-SHA256, bearer tokens, constant time) and reading Gitea/Forgejo webhooks and CNCF
 //!   registry notifications into the extensions they change; the routes are in `api`.
 //! - [`redis`]: Redis (or Valkey) shared by several replicas: the connection and its health,
-//!   the shared cache level with cluster-wide single-flight ([`redis::cache`]), the
-//!   invalidation bus ([`redis::bus`]). Never needed to answer.
+//!   the shared cache level with cluster-wide single-flight ([`redis::cache`]), the quota
+//!   shared by the replicas ([`redis::quota`]), the invalidation bus ([`redis::bus`]). Never
+//!   needed to answer.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;

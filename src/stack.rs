@@ -35,6 +35,7 @@ use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
 use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
+use crate::redis::quota::RedisQuota;
 use crate::redis::Redis;
 use crate::registry::{BackendService, Merge, Source};
 use crate::telemetry;
@@ -209,13 +210,13 @@ pub fn app_with(
         }))
         .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // Refuses clients over their quota with 429 before any work is done for them; above
-        // the concurrency limit so a flooding client cannot take the others' slots.
-        .option_layer(
-            config
-                .rate_limit
-                .enabled
-                .then(|| RateLimitLayer::new(&config.rate_limit)),
-        )
+        // the concurrency limit so a flooding client cannot take the others' slots. With
+        // Redis, the quota is the cluster's (each replica's own refusing first).
+        .option_layer(config.rate_limit.enabled.then(|| {
+            let quota = shared(|r| r.enable_rate_limit)
+                .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
+            RateLimitLayer::shared(&config.rate_limit, quota)
+        }))
         .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
         // until its body is dropped (the concurrency limit below lets go at the response

@@ -1,7 +1,7 @@
 //! Replicas sharing a real `redis-server`, in process: each replica is a whole application over
 //! its own counting backend, so a test sees which replica asked its backends. The shared cache
-//! level, cluster-wide single-flight, the invalidation bus, and what happens when Redis dies
-//! and comes back.
+//! level, cluster-wide single-flight, the shared quota, the invalidation bus, and what happens
+//! when Redis dies and comes back.
 
 #[allow(dead_code)]
 #[path = "support/app.rs"]
@@ -36,10 +36,15 @@ impl Replica {
 }
 
 fn config(redis: &RedisServer, prefix: &str) -> Config {
+    config_with(redis, prefix, "")
+}
+
+/// [`config`] with more sections.
+fn config_with(redis: &RedisServer, prefix: &str, more: &str) -> Config {
     let text = format!(
         "[local]\npath = {:?}\n[cache]\nstale_while_revalidate_seconds = 0\n\
          [server]\nrequest_timeout_seconds = 10\n\
-         [redis]\nurl = {:?}\nkey_prefix = {prefix:?}\ntimeout_milliseconds = 500\n",
+         [redis]\nurl = {:?}\nkey_prefix = {prefix:?}\ntimeout_milliseconds = 500\n{more}",
         samples().display().to_string(),
         redis.url(),
     );
@@ -273,4 +278,61 @@ async fn without_redis_every_request_is_answered_and_redis_is_used_again_once_ba
     get(&b.app, "/api/v1/extensions/cluster/web").await;
     assert_eq!(a.calls(), before_a + 1);
     assert_eq!(b.calls(), before_b, "the shared cache is used again");
+}
+
+/// A burst far above what the rate of one request a second adds while a test runs, so a
+/// client's quota within the test is its burst (give or take a request per second taken).
+const BURST: usize = 30;
+
+/// Sends `n` listings round robin over `replicas` (one client: in-process requests have no
+/// peer address); returns how many were let through. Every answer is a 200 or a 429.
+async fn through(replicas: &[&Replica], n: usize) -> usize {
+    let mut through = 0;
+    for i in 0..n {
+        let answer = get(&replicas[i % replicas.len()].app, "/api/v1/extensions").await;
+        match answer.status {
+            StatusCode::OK => through += 1,
+            StatusCode::TOO_MANY_REQUESTS => {
+                assert!(answer.header("retry-after").parse::<u64>().unwrap() >= 1);
+                assert_eq!(answer.header("ratelimit-remaining"), "0");
+            }
+            other => panic!("{other}: {:?}", answer.body),
+        }
+    }
+    through
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clients_burst_holds_across_replicas_and_each_replica_limits_alone_without_redis() {
+    let mut redis = RedisServer::start().await;
+    let quota = format!("[rate_limit]\nrequests_per_second = 1\nburst = {BURST}\n");
+    let config = config_with(&redis, "quota:", &quota);
+    let replicas = [
+        replica(&config, None),
+        replica(&config, None),
+        replica(&config, None),
+    ];
+    let all: Vec<&Replica> = replicas.iter().collect();
+    connected(&all).await;
+
+    // Three times the burst over three replicas: the burst, not three.
+    let got = through(&all, 3 * BURST).await;
+    assert!((BURST..=BURST + 2).contains(&got), "{got} let through");
+    let state: String = redis
+        .command(redis::cmd("GET").arg("quota:v1:rl:api:0.0.0.0"))
+        .await;
+    assert!(state.parse::<u64>().unwrap() > 0, "{state}");
+
+    // Redis gone: no request fails, and each replica counts the client alone (these replicas
+    // had no Redis from the start, so their own quotas are full).
+    redis.stop();
+    through(&all, 3 * BURST).await;
+    let alone = [
+        replica(&config, None),
+        replica(&config, None),
+        replica(&config, None),
+    ];
+    let alone: Vec<&Replica> = alone.iter().collect();
+    let got = through(&alone, 3 * BURST).await;
+    assert!(got >= 3 * BURST - 2, "{got} let through");
 }

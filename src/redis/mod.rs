@@ -1,6 +1,7 @@
 //! Redis (or Valkey) shared by several replicas, so that they act as one registry: the
 //! connection and its health here, the shared cache level and cluster-wide single-flight in
-//! [`cache`], the invalidation bus in [`bus`].
+//! [`cache`], each client's quota counted across replicas in [`quota`], the invalidation bus
+//! in [`bus`].
 //!
 //! Redis is never needed to answer. Every command is bounded by `timeout_milliseconds`; the
 //! first one that fails or times out marks Redis unavailable (logged once), and from then on
@@ -11,6 +12,7 @@
 
 pub mod bus;
 pub mod cache;
+pub mod quota;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
