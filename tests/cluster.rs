@@ -51,9 +51,19 @@ fn config(
     gitea: &GiteaSim,
     redis: Option<&RedisServer>,
 ) -> std::path::PathBuf {
+    config_with(dir, gitea, redis, "enabled = false")
+}
+
+/// [`config`] with this `[rate_limit]` section.
+fn config_with(
+    dir: &std::path::Path,
+    gitea: &GiteaSim,
+    redis: Option<&RedisServer>,
+    rate_limit: &str,
+) -> std::path::PathBuf {
     let secret = token_file(dir, HOOK_SECRET);
     let mut text = format!(
-        "[server]\nhost = \"127.0.0.1\"\n[rate_limit]\nenabled = false\n\
+        "[server]\nhost = \"127.0.0.1\"\n[rate_limit]\n{rate_limit}\n\
          [gitea]\nurl = {:?}\norganization = \"extensions\"\nwebhook_secret_path = {secret:?}\n",
         gitea.url()
     );
@@ -160,6 +170,22 @@ async fn peer_invalidations(replica: &Replica) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// Three replicas with `config`, once each sees Redis.
+async fn three(config: &std::path::Path) -> [Replica; 3] {
+    let replicas = [
+        start(config).await,
+        start(config).await,
+        start(config).await,
+    ];
+    for replica in &replicas {
+        until("the replica sees redis", || async {
+            health(replica).await == ("healthy".into(), "healthy".into())
+        })
+        .await;
+    }
+    replicas
+}
+
 async fn health(replica: &Replica) -> (String, String) {
     let health = json(replica, "/api/v1/health").await;
     (
@@ -191,17 +217,7 @@ async fn three_replicas_sharing_redis_act_as_one_registry() {
     let gitea = GiteaSim::start(org()).await;
     let mut redis = RedisServer::start().await;
     let shared = config(dir.path(), &gitea, Some(&redis));
-    let replicas = [
-        start(&shared).await,
-        start(&shared).await,
-        start(&shared).await,
-    ];
-    for replica in &replicas {
-        until("the replica sees redis", || async {
-            health(replica).await == ("healthy".into(), "healthy".into())
-        })
-        .await;
-    }
+    let replicas = three(&shared).await;
 
     // 60 concurrent cold listings, round robin over the replicas: one listing's worth.
     let before = listing_calls(gitea.calls());
@@ -285,4 +301,46 @@ async fn three_replicas_sharing_redis_act_as_one_registry() {
     assert_eq!(json(&replicas[1], other).await, through_a);
     assert_eq!(json(&replicas[2], other).await, through_a);
     assert_eq!(listing_calls(gitea.calls()), listing_calls(calls));
+}
+
+/// A client's burst in the quota test: with a refill of one request a second, its quota
+/// within the test's span is this burst plus a request per second the test takes.
+const BURST: u64 = 60;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_clients_quota_holds_across_three_replicas_behind_round_robin() {
+    let dir = tempfile::tempdir().unwrap();
+    let gitea = GiteaSim::start(SimConfig::new("extensions").repos(seeded_org(3))).await;
+    let redis = RedisServer::start().await;
+    let rate_limit = format!("requests_per_second = 1\nburst = {BURST}");
+    let shared = config_with(dir.path(), &gitea, Some(&redis), &rate_limit);
+    let replicas = three(&shared).await;
+
+    // Three times the quota, round robin: within 10% of the quota gets through.
+    let (mut through, mut refused) = (0, 0);
+    for i in 0..3 * BURST as usize {
+        match status(&replicas[i % 3], "/api/v1/extensions").await {
+            Some(200) => through += 1,
+            Some(429) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(through + refused, 3 * BURST);
+    assert!(
+        through.abs_diff(BURST) <= BURST / 10,
+        "{through} of {} let through, the quota is {BURST}",
+        3 * BURST
+    );
+}
+
+#[test]
+fn the_operators_three_replica_config_is_valid_and_shares_everything() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cluster/config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config =
+        extension_registry::config::Config::parse(&text, "deploy/cluster/config.toml", None)
+            .expect("deploy/cluster/config.toml is valid");
+    let redis = config.redis.expect("[redis]");
+    assert!(redis.enable_cache && redis.enable_rate_limit && redis.enable_invalidation);
+    assert!(config.rate_limit.enabled && !config.rate_limit.trusted_proxies.is_empty());
 }
