@@ -43,6 +43,8 @@ pub struct Config {
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Redis (or Valkey) shared by several replicas; absent means each replica stands alone.
+    pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
 }
@@ -363,6 +365,52 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
+/// `[redis]`: the Redis or Valkey several replicas share, so that they act as one registry.
+/// Redis is never needed to answer: when it is down or slow each replica goes on alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host[:port][/database]`, or `rediss://` for TLS; without a password (see
+    /// `password_path`).
+    pub url: String,
+    /// File holding the password (with `AUTH`); absent means none.
+    pub password_path: Option<PathBuf>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// Longest time one Redis command may take; past it the command counts as failed, Redis
+    /// as unavailable, and the request goes on without it.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_milliseconds: u64,
+    /// Share answers across replicas (a second cache level under the in-process one) and
+    /// refresh a cold key on one replica only.
+    #[serde(default = "yes")]
+    pub enable_cache: bool,
+    /// Count each client's `[rate_limit]` quota across replicas (one GCRA state per client in
+    /// Redis); each replica's own quota still refuses first, and decides alone while Redis
+    /// does not answer.
+    #[serde(default = "yes")]
+    pub enable_rate_limit: bool,
+    /// Carry invalidations to every replica.
+    #[serde(default = "yes")]
+    pub enable_invalidation: bool,
+}
+
+impl RedisConfig {
+    /// The per-command bound.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_milliseconds)
+    }
+}
+
+fn default_redis_prefix() -> String {
+    "extension-registry:".into()
+}
+
+fn default_redis_timeout() -> u64 {
+    50
+}
+
 /// `[rate_limit] client_ip_header`: how the trusted proxy in front names the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -463,6 +511,7 @@ impl Config {
         };
         let github = self.github.as_mut().and_then(|g| g.token_path.as_mut());
         let admin = self.admin.token_path.as_mut();
+        let redis = self.redis.as_mut().and_then(|r| r.password_path.as_mut());
         [
             gitea,
             gitea_hook,
@@ -471,6 +520,7 @@ impl Config {
             oci_hook,
             github,
             admin,
+            redis,
         ]
         .into_iter()
         .flatten()
@@ -599,6 +649,35 @@ impl Config {
             }
             positive("[oci] timeout_seconds", o.timeout_seconds)?;
             positive("[oci] max_concurrency", o.max_concurrency as u64)?;
+        }
+        if let Some(r) = &self.redis {
+            let url = reqwest::Url::parse(&r.url).map_err(|e| {
+                format!(
+                    "[redis] url: '{}' is not a URL ({e}); expected e.g. \"redis://127.0.0.1:6379/0\"",
+                    r.url
+                )
+            })?;
+            if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
+                return Err(
+                    "[redis] url: expected redis://host[:port][/database] or rediss://...".into(),
+                );
+            }
+            if url.password().is_some() {
+                return Err(
+                    "[redis] url: must not hold a password; put it in a file named by password_path"
+                        .into(),
+                );
+            }
+            let database = url.path().trim_start_matches('/');
+            if !database.is_empty() && database.parse::<u16>().is_err() {
+                return Err(format!(
+                    "[redis] url: the path '/{database}' must be a database number (e.g. /0)"
+                ));
+            }
+            if r.key_prefix.is_empty() {
+                return Err("[redis] key_prefix: must not be empty".into());
+            }
+            positive("[redis] timeout_milliseconds", r.timeout_milliseconds)?;
         }
         if let Some(g) = &self.github {
             let url = reqwest::Url::parse(&g.api_url).map_err(|e| {

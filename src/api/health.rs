@@ -15,6 +15,7 @@ use tower::ServiceExt;
 use crate::api::handlers::json;
 use crate::body::Body;
 use crate::middleware::breaker::{CircuitState, Gate};
+use crate::redis::{Redis, RedisStatus};
 use crate::registry::{
     BackendHealth, BackendRequest, BackendService, HealthReport, Source, HEALTH_PROBE_TIMEOUT,
 };
@@ -45,6 +46,8 @@ struct ProbeState {
     ready: AtomicBool,
     /// Whether the probing task runs.
     probing: AtomicBool,
+    /// The shared Redis, if configured: its own probe keeps its status.
+    redis: Option<Redis>,
 }
 
 #[derive(Serialize)]
@@ -62,6 +65,9 @@ struct HealthBody {
     version: &'static str,
     uptime: u64,
     backends: BTreeMap<&'static str, BackendStatus>,
+    /// Present when `[redis]` is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<RedisStatus>,
 }
 
 impl HealthProbe {
@@ -72,6 +78,7 @@ impl HealthProbe {
         sources: Vec<Source>,
         gates: Vec<Gate>,
         interval: Duration,
+        redis: Option<Redis>,
     ) -> Self {
         let probe = Self {
             state: Arc::new(ProbeState {
@@ -83,6 +90,7 @@ impl HealthProbe {
                 last: RwLock::new(None),
                 ready: AtomicBool::new(false),
                 probing: AtomicBool::new(false),
+                redis,
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -107,7 +115,8 @@ impl HealthProbe {
         last.clone()
     }
 
-    /// `/api/v1/health`: healthy when every backend is, degraded when some are (200),
+    /// `/api/v1/health`: healthy when every backend is (and Redis, when configured, answers),
+    /// degraded when some are or Redis does not answer (200),
     /// unhealthy when none is (503), starting before the first probe has ended (503). A backend
     /// is healthy when it answered the last probe and its circuit breaker is not open.
     pub async fn health_response(&self) -> Response<Body> {
@@ -129,6 +138,12 @@ impl HealthProbe {
             (Some(r), n) if n == r.0.len() => ("healthy", StatusCode::OK),
             _ => ("degraded", StatusCode::OK),
         };
+        // Without Redis the replica still answers correctly, alone: degraded, not unhealthy.
+        let redis = self.state.redis.as_ref().map(Redis::status);
+        let status = match (status, redis) {
+            ("healthy", Some(RedisStatus::Unavailable)) => "degraded",
+            (status, _) => status,
+        };
         let backends = Source::ALL
             .into_iter()
             .map(|source| {
@@ -149,6 +164,7 @@ impl HealthProbe {
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.state.started.elapsed().as_secs(),
             backends,
+            redis,
         };
         json(code, &body)
     }

@@ -814,14 +814,21 @@ where
         let ask = self.inner.clone().oneshot(self.req.clone());
         let policy = self.policy;
         async move {
-            let outcome = ask.await;
+            // An answer from the shared cache was fetched `age` ago, on whichever replica.
+            let (outcome, fetched) = match ask.await {
+                Ok(BackendResponse::Shared { response, age }) => {
+                    (Ok(*response), Instant::now().checked_sub(age))
+                }
+                other => (other, None),
+            };
             let store = &refresh.store;
             if store.generation.load(Ordering::Acquire) != refresh.generation {
                 // Invalidated meanwhile: its waiters find no new entry and ask again.
                 return;
             }
             let current = store.entries.get(&refresh.key).await;
-            let entry = policy.next(current.as_deref(), outcome, Instant::now());
+            let now = fetched.unwrap_or_else(Instant::now);
+            let entry = policy.next(current.as_deref(), outcome, now);
             store
                 .entries
                 .insert(refresh.key.clone(), Arc::new(entry))

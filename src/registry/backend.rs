@@ -77,6 +77,12 @@ pub enum BackendResponse {
         response: Box<BackendResponse>,
         error: Option<RegistryError>,
     },
+    /// An answer another replica fetched `age` ago, found in the shared cache: the cache above
+    /// judges its freshness from when it was fetched, so every replica judges it alike.
+    Shared {
+        response: Box<BackendResponse>,
+        age: std::time::Duration,
+    },
 }
 
 /// One backend's health as its probe saw it.
@@ -114,7 +120,7 @@ impl BackendResponse {
 
     fn fresh(self) -> Self {
         match self {
-            Self::Stale { response, .. } => response.fresh(),
+            Self::Stale { response, .. } | Self::Shared { response, .. } => response.fresh(),
             other => other,
         }
     }
