@@ -32,7 +32,7 @@ use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
-use crate::registry::{BackendService, Merge, Source};
+use crate::registry::{BackendService, Instance, Merge};
 use crate::telemetry;
 use crate::BoxError;
 
@@ -42,9 +42,10 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order), without the
-/// webhook and purge secrets: those routes answer 404 (see [`app_with_hooks`]).
-pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+/// Builds the application around the given backends (instances, or kinds standing for their
+/// single instance, in precedence order), without the webhook and purge secrets: those
+/// routes answer 404 (see [`app_with_hooks`]).
+pub fn app(config: &Config, backends: Vec<(impl Into<Instance>, BackendService)>) -> HttpService {
     app_with_hooks(config, backends, Keys::default())
 }
 
@@ -52,20 +53,24 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
 /// of the webhook and purge routes read at start.
 pub fn app_with_hooks(
     config: &Config,
-    backends: Vec<(Source, BackendService)>,
+    backends: Vec<(impl Into<Instance>, BackendService)>,
     hooks: Keys,
 ) -> HttpService {
+    let backends: Vec<(Instance, BackendService)> = backends
+        .into_iter()
+        .map(|(instance, backend)| (instance.into(), backend))
+        .collect();
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
-    // One circuit breaker per backend, read by the health endpoint too.
+    // One circuit breaker per backend instance, read by the health endpoint too.
     let gates: Vec<Gate> = backends
         .iter()
-        .map(|(source, _)| Gate::new(*source, &config.circuit_breaker))
+        .map(|(instance, _)| Gate::new(instance.clone(), &config.circuit_breaker))
         .collect();
     let backends = backends
         .into_iter()
         .zip(&gates)
-        .map(|((source, backend), gate)| {
+        .map(|((instance, backend), gate)| {
             let backend = ServiceBuilder::new()
                 // The circuit breaker, right below the merge: a backend that keeps failing is
                 // not called for a cool-down, so the merge gets its error at once and serves
@@ -74,9 +79,9 @@ pub fn app_with_hooks(
                 // Per-backend metrics below the breaker, so each backend's calls, outcomes,
                 // latency and download bytes are what that backend answered, and calls the
                 // breaker refused are not counted as calls.
-                .layer(BackendMetricsLayer::new(source))
+                .layer(BackendMetricsLayer::new(instance.clone()))
                 .service(backend);
-            (source, BackendService::new(backend))
+            (instance, BackendService::new(backend))
         })
         .collect();
     // The registry: what the router asks.
@@ -105,11 +110,12 @@ pub fn app_with_hooks(
         routes: RouteTable::new(),
         health: HealthProbe::new(
             registry.clone(),
-            sources,
+            sources.clone(),
             gates,
             config.server.probe_interval(),
         ),
         registry,
+        sources,
         metrics,
         invalidator,
         caches,

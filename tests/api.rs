@@ -520,8 +520,9 @@ fn the_example_configuration_parses_and_serves_the_samples() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let config = Config::load(&path).unwrap();
     assert_eq!(config.server.port, 8082);
-    assert_eq!(config.local.unwrap().path, samples());
-    assert!(config.gitea.is_none() && config.oci.is_none());
+    assert_eq!(config.local.len(), 1);
+    assert_eq!(config.local[0].path, samples());
+    assert!(config.gitea.is_empty() && config.oci.is_empty() && config.github.is_empty());
     assert_eq!(
         Config::embedded().unwrap().server.shutdown_grace_seconds,
         30

@@ -1,4 +1,5 @@
-//! Per-backend metrics, between the merge and each backend: how often each backend is asked
+//! Per-backend metrics, between the merge and each backend instance (the `backend` label is
+//! the instance's name, so bounded by the configuration): how often each backend is asked
 //! what, how it answers and how long it takes; the bytes of the downloads it streams, counted
 //! as they pass; and the extensions its listings return.
 
@@ -10,11 +11,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use metrics::SharedString;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::registry::{
-    ArtifactBody, BackendRequest, BackendResponse, Extension, ExtensionType, RegistryError, Source,
+    ArtifactBody, BackendRequest, BackendResponse, Extension, ExtensionType, Instance,
+    RegistryError,
 };
 use crate::BoxError;
 
@@ -57,15 +60,17 @@ fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
     }
 }
 
-/// Adds [`BackendMetrics`] to one backend.
-#[derive(Clone, Copy, Debug)]
+/// Adds [`BackendMetrics`] to one backend instance.
+#[derive(Clone, Debug)]
 pub struct BackendMetricsLayer {
-    backend: Source,
+    backend: SharedString,
 }
 
 impl BackendMetricsLayer {
-    pub fn new(backend: Source) -> Self {
-        Self { backend }
+    pub fn new(backend: impl Into<Instance>) -> Self {
+        Self {
+            backend: backend.into().name.shared().into(),
+        }
     }
 }
 
@@ -75,7 +80,7 @@ impl<S> Layer<S> for BackendMetricsLayer {
     fn layer(&self, inner: S) -> BackendMetrics<S> {
         BackendMetrics {
             inner,
-            backend: self.backend,
+            backend: self.backend.clone(),
         }
     }
 }
@@ -84,8 +89,8 @@ impl<S> Layer<S> for BackendMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct BackendMetrics<S> {
     inner: S,
-    /// The `backend` label.
-    backend: Source,
+    /// The `backend` label: the instance's name, shared, so a clone per call is a count.
+    backend: SharedString,
 }
 
 impl<S> Service<BackendRequest> for BackendMetrics<S>
@@ -102,7 +107,7 @@ where
 
     fn call(&mut self, req: BackendRequest) -> Self::Future {
         ResponseFuture {
-            backend: self.backend,
+            backend: self.backend.clone(),
             operation: operation(&req),
             start: Instant::now(),
             inner: self.inner.call(req),
@@ -114,7 +119,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        backend: Source,
+        backend: SharedString,
         operation: &'static str,
         start: Instant,
     }
@@ -129,11 +134,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        let backend = this.backend.as_str();
+        let backend = &*this.backend;
         let labels = [
-            ("backend", backend),
-            ("operation", *this.operation),
-            ("outcome", outcome(&result)),
+            ("backend", backend.clone()),
+            ("operation", SharedString::from(*this.operation)),
+            ("outcome", SharedString::from(outcome(&result))),
         ];
         metrics::counter!(BACKEND_REQUESTS_TOTAL, &labels).increment(1);
         metrics::histogram!(BACKEND_REQUEST_DURATION_SECONDS, &labels).record(this.start.elapsed());
@@ -145,7 +150,7 @@ where
             BackendResponse::Artifact(mut artifact) => {
                 artifact.body = CountingBody {
                     inner: artifact.body,
-                    bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend),
+                    bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend.clone()),
                 }
                 .boxed_unsync();
                 BackendResponse::Artifact(artifact)
@@ -155,11 +160,11 @@ where
     }
 }
 
-fn count_extensions(backend: &'static str, list: &[Extension]) {
+fn count_extensions(backend: &SharedString, list: &[Extension]) {
     for ty in ExtensionType::ALL {
         let n = list.iter().filter(|e| e.ty == ty).count();
         if n > 0 {
-            metrics::counter!(EXTENSIONS_TOTAL, "backend" => backend, "type" => ty.as_str())
+            metrics::counter!(EXTENSIONS_TOTAL, "backend" => backend.clone(), "type" => ty.as_str())
                 .increment(n as u64);
         }
     }
@@ -203,7 +208,7 @@ impl http_body::Body for CountingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, VersionSelector};
+    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, Source, VersionSelector};
     use crate::telemetry;
     use tower::ServiceExt;
 
