@@ -296,7 +296,10 @@ async fn one_instance_down_leaves_the_others_serving_and_health_names_it() {
         assert_eq!(backends[up]["circuit"], "closed", "{up}");
     }
     assert_eq!(backends["forge-a"]["kind"], "gitea");
-    assert_eq!(backends["oci"]["kind"], "oci");
+    assert!(
+        backends["oci"].get("kind").is_none(),
+        "named after its kind"
+    );
     // The kinds with no instance are listed as before, disabled; `gitea` is no instance here.
     assert_eq!(backends["github"]["enabled"], false);
     assert!(backends.get("gitea").is_none(), "{backends}");
@@ -325,4 +328,39 @@ async fn the_single_table_health_body_keeps_its_shape() {
     assert_eq!(json["backends"]["oci"]["enabled"], false);
     let aws = get(&app, "/api/v1/extensions/provider/aws").await;
     assert_eq!(provenance(&aws), triple("gitea", "gitea", "3.0.0"));
+}
+
+#[tokio::test]
+async fn a_digest_mismatch_is_counted_under_the_instance_that_served_it() {
+    let bad = SimRepo::new("tampered_prov").release(
+        SimRelease::new("1.0.0", 1_735_689_600)
+            .artifact("tampered")
+            .sha256_sidecar(false),
+    );
+    let sim = GiteaSim::start(SimConfig::new("extensions").repo(bad)).await;
+    let text = format!(
+        "[[gitea]]\nname = \"forge-tampered\"\nurl = {:?}\norganization = \"extensions\"\n\
+         [rate_limit]\nenabled = false\n",
+        sim.url()
+    );
+    let app = app(&Config::parse(&text, "tampered.toml", None).unwrap());
+    let request = http::Request::get("/api/v1/extensions/provider/tampered/1.0.0")
+        .body(extension_registry::body::empty())
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(app.clone(), request)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let streamed = http_body_util::BodyExt::collect(response.into_body()).await;
+    assert!(streamed.is_err(), "the download ends in an error");
+    let metrics = String::from_utf8(get(&app, "/api/v1/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        metrics.contains("download_digest_mismatch_total{backend=\"forge-tampered\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("mismatch"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }

@@ -51,7 +51,8 @@ struct ProbeState {
 
 #[derive(Serialize)]
 struct BackendStatus {
-    /// The kind of an enabled instance.
+    /// The kind of an enabled instance not named after its kind (the single-table sections
+    /// keep their former shape).
     #[serde(skip_serializing_if = "Option::is_none")]
     kind: Option<Source>,
     enabled: bool,
@@ -148,7 +149,8 @@ impl HealthProbe {
         let backends = instances
             .map(|(i, instance)| {
                 let status = BackendStatus {
-                    kind: Some(instance.kind),
+                    kind: (instance.name.as_str() != instance.kind.as_str())
+                        .then_some(instance.kind),
                     enabled: true,
                     healthy: healthy_now((i, instance)),
                     circuit: self.gate(instance).map(Gate::state),
