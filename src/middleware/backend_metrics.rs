@@ -16,8 +16,8 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::registry::{
-    ArtifactBody, BackendRequest, BackendResponse, Extension, ExtensionType, Instance,
-    RegistryError,
+    ArtifactBody, BackendRequest, BackendResponse, DigestMismatch, Extension, ExtensionType,
+    Instance, RegistryError,
 };
 use crate::BoxError;
 
@@ -27,6 +27,8 @@ pub const BACKEND_REQUESTS_TOTAL: &str = "backend_requests_total";
 pub const BACKEND_REQUEST_DURATION_SECONDS: &str = "backend_request_duration_seconds";
 /// Counter of artifact bytes streamed from a backend, by backend.
 pub const DOWNLOAD_BYTES_TOTAL: &str = "download_bytes_total";
+/// Counter of downloads aborted because their bytes did not match the digest, by backend.
+pub const DOWNLOAD_DIGEST_MISMATCH_TOTAL: &str = "download_digest_mismatch_total";
 /// Counter of the extensions backend listings returned, by backend and type.
 pub const EXTENSIONS_TOTAL: &str = "extensions_total";
 
@@ -151,6 +153,7 @@ where
                 artifact.body = CountingBody {
                     inner: artifact.body,
                     bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend.clone()),
+                    backend: backend.clone(),
                 }
                 .boxed_unsync();
                 BackendResponse::Artifact(artifact)
@@ -172,11 +175,14 @@ fn count_extensions(backend: &SharedString, list: &[Extension]) {
 
 pin_project! {
     /// A download body that counts its bytes as they stream, so aborted and partial downloads
-    /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing.
+    /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing;
+    /// and a stream ended by a digest mismatch, by the instance it came from.
     struct CountingBody {
         #[pin]
         inner: ArtifactBody,
         bytes: metrics::Counter,
+        // The `backend` label of a digest mismatch.
+        backend: SharedString,
     }
 }
 
@@ -190,8 +196,18 @@ impl http_body::Body for CountingBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            this.bytes.increment(data.len() as u64);
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.increment(data.len() as u64);
+                }
+            }
+            Some(Err(e)) if e.is::<DigestMismatch>() => {
+                let backend = this.backend.clone();
+                metrics::counter!(DOWNLOAD_DIGEST_MISMATCH_TOTAL, "backend" => backend)
+                    .increment(1);
+            }
+            _ => {}
         }
         Poll::Ready(frame)
     }

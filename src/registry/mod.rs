@@ -12,8 +12,8 @@ mod search;
 pub mod version;
 
 pub use self::artifact::{
-    download_etag, select, sha256_digest, Artifact, ArtifactBody, ByteRange, RangeSpec, Served,
-    Span, VerifyingBody,
+    download_etag, select, sha256_digest, Artifact, ArtifactBody, ByteRange, DigestMismatch,
+    RangeSpec, Served, Span, VerifyingBody,
 };
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
