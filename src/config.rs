@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::registry::{InstanceName, Source};
+
 /// The configuration that ships with the binary: the local backend over the sample extensions.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
 
@@ -620,14 +622,15 @@ impl Config {
         for section in self.backends() {
             let at = |key: &str| section.key(self, key);
             let name = section.name();
-            if !valid_instance_name(name) {
+            if !InstanceName::is_valid(name) {
                 return Err(format!(
                     "{}: '{name}' is not a valid name: use 1 to 32 lowercase ASCII letters, \
                      digits or '-'",
                     at("name")
                 ));
             }
-            if let Some(kind) = KINDS.iter().find(|k| **k == name && **k != section.kind()) {
+            let kinds = Source::ALL.map(Source::as_str);
+            if let Some(kind) = kinds.iter().find(|k| **k == name && **k != section.kind()) {
                 return Err(format!(
                     "{}: '{name}' is the name of the kind [{kind}]; only a [{kind}] may be named so",
                     at("name")
@@ -644,16 +647,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// The backend kinds, in their default precedence order.
-const KINDS: [&str; 4] = ["gitea", "oci", "github", "local"];
-
-fn valid_instance_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// One configured backend section, of whichever kind.
