@@ -202,6 +202,8 @@ async fn unhealthy_backends_make_health_503_and_readyz_503() {
 #[tokio::test]
 async fn head_works_wherever_get_does_and_other_methods_get_405() {
     let (app, _) = app::sample_app();
+    // Health answers 503 `starting` until the first background probe ends.
+    app::probed(&app).await;
     for uri in [
         "/api/v1/extensions",
         "/api/v1/extensions/provider/aws",
