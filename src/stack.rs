@@ -37,7 +37,7 @@ use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
 use crate::redis::quota::RedisQuota;
 use crate::redis::Redis;
-use crate::registry::{BackendService, Merge, Source};
+use crate::registry::{BackendService, Instance, Merge};
 use crate::telemetry;
 use crate::BoxError;
 
@@ -47,10 +47,10 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order), standing alone
-/// and without the webhook and purge secrets: those routes answer 404 and `[redis]` is not
-/// used (see [`app_with`]).
-pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
+/// Builds the application around the given backends (instances, or kinds standing for their
+/// single instance, in precedence order), standing alone and without the webhook and purge
+/// secrets: those routes answer 404 and `[redis]` is not used (see [`app_with`]).
+pub fn app(config: &Config, backends: Vec<(impl Into<Instance>, BackendService)>) -> HttpService {
     app_with(config, backends, Keys::default(), None)
 }
 
@@ -59,24 +59,28 @@ pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpServ
 /// when given (as `[redis]` switches each part on).
 pub fn app_with(
     config: &Config,
-    backends: Vec<(Source, BackendService)>,
+    backends: Vec<(impl Into<Instance>, BackendService)>,
     hooks: Keys,
     redis: Option<Redis>,
 ) -> HttpService {
     let shared = |enabled: fn(&crate::config::RedisConfig) -> bool| {
         redis.clone().filter(|r| enabled(r.config()))
     };
+    let backends: Vec<(Instance, BackendService)> = backends
+        .into_iter()
+        .map(|(instance, backend)| (instance.into(), backend))
+        .collect();
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
-    // One circuit breaker per backend, read by the health endpoint too.
+    // One circuit breaker per backend instance, read by the health endpoint too.
     let gates: Vec<Gate> = backends
         .iter()
-        .map(|(source, _)| Gate::new(*source, &config.circuit_breaker))
+        .map(|(instance, _)| Gate::new(instance.clone(), &config.circuit_breaker))
         .collect();
     let backends = backends
         .into_iter()
         .zip(&gates)
-        .map(|((source, backend), gate)| {
+        .map(|((instance, backend), gate)| {
             let backend = ServiceBuilder::new()
                 // The circuit breaker, right below the merge: a backend that keeps failing is
                 // not called for a cool-down, so the merge gets its error at once and serves
@@ -85,9 +89,9 @@ pub fn app_with(
                 // Per-backend metrics below the breaker, so each backend's calls, outcomes,
                 // latency and download bytes are what that backend answered, and calls the
                 // breaker refused are not counted as calls.
-                .layer(BackendMetricsLayer::new(source))
+                .layer(BackendMetricsLayer::new(instance.clone()))
                 .service(backend);
-            (source, BackendService::new(backend))
+            (instance, BackendService::new(backend))
         })
         .collect();
     // The registry: what the router asks.
@@ -138,12 +142,13 @@ pub fn app_with(
         routes: RouteTable::new(),
         health: HealthProbe::new(
             registry.clone(),
-            sources,
+            sources.clone(),
             gates,
             config.server.probe_interval(),
             redis.clone(),
         ),
         registry,
+        sources,
         metrics,
         invalidator,
         caches,

@@ -29,7 +29,7 @@ use crate::error::ApiError;
 use crate::invalidation::Invalidator;
 use crate::middleware::cache::Caches;
 use crate::middleware::rate_limit::QuotaCharge;
-use crate::registry::BackendService;
+use crate::registry::{BackendService, Sources};
 use crate::BoxError;
 
 pub use self::health::HealthProbe;
@@ -166,6 +166,8 @@ pub struct Shared {
     pub routes: RouteTable,
     /// The registry: the cached, merged backends.
     pub registry: BackendService,
+    /// The configured backend instances, for reading `source=`.
+    pub sources: Sources,
     /// Cached backend health, for `/health` and `/readyz`.
     pub health: HealthProbe,
     /// Renders the Prometheus exposition for `/metrics`.

@@ -36,7 +36,8 @@ use super::Redis;
 use crate::config::CacheConfig;
 use crate::invalidation::{Scope, SharedLevel};
 use crate::registry::{
-    BackendFuture, BackendRequest, BackendResponse, Extension, RegistryError, Version,
+    BackendFuture, BackendRequest, BackendResponse, Extension, RegistryError, SourceSelector,
+    Version,
 };
 
 /// How many keys one `SCAN` step of an invalidation looks at.
@@ -68,7 +69,7 @@ struct Stored {
 #[serde(rename_all = "snake_case")]
 enum Answer {
     List(Vec<Extension>),
-    Extension(Extension),
+    Extension(Box<Extension>),
     Versions(Vec<Version>),
     /// "Not found", with its message.
     NotFound(String),
@@ -79,7 +80,7 @@ impl Answer {
     fn of(outcome: &Result<BackendResponse, RegistryError>) -> Option<Self> {
         match outcome {
             Ok(BackendResponse::List(l)) => Some(Self::List(l.to_vec())),
-            Ok(BackendResponse::Extension(e)) => Some(Self::Extension((**e).clone())),
+            Ok(BackendResponse::Extension(e)) => Some(Self::Extension(Box::new((**e).clone()))),
             Ok(BackendResponse::Versions(v)) => Some(Self::Versions(v.to_vec())),
             Err(RegistryError::NotFound(message)) => Some(Self::NotFound(message.clone())),
             _ => None,
@@ -89,7 +90,7 @@ impl Answer {
     fn outcome(self, age: Duration) -> Result<BackendResponse, RegistryError> {
         let response = match self {
             Self::List(l) => BackendResponse::List(Arc::new(l)),
-            Self::Extension(e) => BackendResponse::Extension(Arc::new(e)),
+            Self::Extension(e) => BackendResponse::Extension(Arc::from(e)),
             Self::Versions(v) => BackendResponse::Versions(Arc::new(v)),
             Self::NotFound(message) => return Err(RegistryError::NotFound(message)),
         };
@@ -226,6 +227,7 @@ where
 /// Whether the shared key `key` (as [`key_of`] makes it) may hold an answer `scope` changed.
 fn covered(scope: &Scope, key: &str) -> bool {
     // `list:{type|any}:{source}`, `get:{type}/{name}:{source}`, `versions:{type}/{name}:{source}`
+    // where the source is `any`, a kind, or `@{instance}`
     let Some((kind, what)) = key.split_once(':') else {
         return false;
     };
@@ -245,7 +247,12 @@ fn covered(scope: &Scope, key: &str) -> bool {
 
 /// The key of a shared request, without the prefix; `None` for what is not shared.
 fn key_of(req: &BackendRequest) -> Option<String> {
-    let source = |s: &Option<crate::registry::Source>| s.map_or("any", |s| s.as_str());
+    // A kind by its name, an instance as `@name` (instance names may repeat a kind's).
+    let source = |s: &Option<SourceSelector>| match s {
+        None => "any".to_owned(),
+        Some(SourceSelector::Kind(kind)) => kind.as_str().to_owned(),
+        Some(SourceSelector::Instance(instance)) => format!("@{}", instance.name),
+    };
     match req {
         BackendRequest::List(filter) => Some(format!(
             "list:{}:{}",
@@ -418,7 +425,9 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{ExtensionKey, ExtensionName, ExtensionType, ListFilter, Source};
+    use crate::registry::{
+        ExtensionKey, ExtensionName, ExtensionType, Instance, ListFilter, Source,
+    };
 
     #[test]
     fn an_invalidation_drops_the_shared_keys_the_in_process_cache_drops() {
@@ -432,22 +441,34 @@ mod tests {
             key(ExtensionType::Taskserv, "k8s.io"),
         );
         let mut requests = Vec::new();
-        for source in [None, Some(Source::Gitea), Some(Source::Local)] {
+        let named = SourceSelector::Instance(Instance {
+            kind: Source::Gitea,
+            name: "forge-b".into(),
+        });
+        for source in [
+            None,
+            Some(Source::Gitea.into()),
+            Some(Source::Local.into()),
+            Some(named),
+        ] {
             for ty in [
                 None,
                 Some(ExtensionType::Provider),
                 Some(ExtensionType::Cluster),
             ] {
-                requests.push(BackendRequest::List(ListFilter { ty, source }));
+                requests.push(BackendRequest::List(ListFilter {
+                    ty,
+                    source: source.clone(),
+                }));
             }
             for key in [&aws, &aws2, &k8s] {
                 requests.push(BackendRequest::Get {
                     key: key.clone(),
-                    source,
+                    source: source.clone(),
                 });
                 requests.push(BackendRequest::Versions {
                     key: key.clone(),
-                    source,
+                    source: source.clone(),
                 });
             }
         }
