@@ -43,6 +43,7 @@ fn extension(i: usize) -> Extension {
         author: "provisioning-team".into(),
         repository: format!("https://git.example.com/extensions/ext{i:03}_prov"),
         source: Source::Local,
+        instance: Source::Local.into(),
         published_at: Timestamp::unix_epoch(),
         download_url: format!("/api/v1/extensions/provider/ext{i:03}/1.{i}.0"),
         size: 4096 + i as u64,

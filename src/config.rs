@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::registry::{InstanceName, Source};
+
 /// The configuration that ships with the binary: the local backend over the sample extensions.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config.example.toml");
 
@@ -29,20 +31,28 @@ pub struct ConfigError {
 pub struct Config {
     #[serde(default)]
     pub server: ServerConfig,
-    /// Gitea/Forgejo releases backend; absent means disabled.
-    pub gitea: Option<GiteaConfig>,
-    /// OCI registry backend; absent means disabled.
-    pub oci: Option<OciConfig>,
-    /// GitHub (github.com or Enterprise Server) releases backend; absent means disabled.
-    pub github: Option<GithubConfig>,
-    /// Local directory backend; absent means disabled.
-    pub local: Option<LocalConfig>,
+    /// Gitea/Forgejo releases backends: `[gitea]` (one) or `[[gitea]]` (any number); none
+    /// means disabled.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub gitea: Vec<GiteaConfig>,
+    /// OCI registry backends: `[oci]` or `[[oci]]`; none means disabled.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub oci: Vec<OciConfig>,
+    /// GitHub (github.com or Enterprise Server) releases backends: `[github]` or
+    /// `[[github]]`; none means disabled.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub github: Vec<GithubConfig>,
+    /// Local directory backends: `[local]` or `[[local]]`; none means disabled.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub local: Vec<LocalConfig>,
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
     #[serde(default)]
     pub circuit_breaker: CircuitBreakerConfig,
+    /// Redis (or Valkey) shared by several replicas; absent means each replica stands alone.
+    pub redis: Option<RedisConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
 }
@@ -148,6 +158,12 @@ impl ServerConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GiteaConfig {
+    /// The instance's name (`[a-z0-9-]{1,32}`, unique), for `source=`, the `instance` field,
+    /// health and metrics; default: the kind, `gitea`.
+    pub name: Option<String>,
+    /// Precedence among all instances, lower first; default: the instance's position in the
+    /// default order (see [`Config::backends`]).
+    pub priority: Option<u32>,
     /// Root URL of the instance, possibly with a sub-path (`https://host/git/`).
     pub url: String,
     /// The organization whose repositories hold the extensions.
@@ -176,6 +192,10 @@ pub struct GiteaConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OciConfig {
+    /// The instance's name (`[a-z0-9-]{1,32}`, unique); default: `oci`.
+    pub name: Option<String>,
+    /// Precedence among all instances, lower first; default: see [`Config::backends`].
+    pub priority: Option<u32>,
     /// `host[:port]`, or a URL with an explicit `http://` or `https://` scheme.
     pub registry: String,
     /// The repository prefix under which extensions live.
@@ -220,6 +240,10 @@ pub struct AdminConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GithubConfig {
+    /// The instance's name (`[a-z0-9-]{1,32}`, unique); default: `github`.
+    pub name: Option<String>,
+    /// Precedence among all instances, lower first; default: see [`Config::backends`].
+    pub priority: Option<u32>,
     /// The REST API's base URL: `https://api.github.com`, or `https://HOST/api/v3` for
     /// GitHub Enterprise Server.
     #[serde(default = "default_github_api_url")]
@@ -248,6 +272,10 @@ fn default_github_api_url() -> String {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
+    /// The instance's name (`[a-z0-9-]{1,32}`, unique); default: `local`.
+    pub name: Option<String>,
+    /// Precedence among all instances, lower first; default: see [`Config::backends`].
+    pub priority: Option<u32>,
     /// The root directory; relative paths are taken from the configuration file's directory.
     pub path: PathBuf,
 }
@@ -363,6 +391,52 @@ impl Default for CircuitBreakerConfig {
     }
 }
 
+/// `[redis]`: the Redis or Valkey several replicas share, so that they act as one registry.
+/// Redis is never needed to answer: when it is down or slow each replica goes on alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host[:port][/database]`, or `rediss://` for TLS; without a password (see
+    /// `password_path`).
+    pub url: String,
+    /// File holding the password (with `AUTH`); absent means none.
+    pub password_path: Option<PathBuf>,
+    /// Prefix of every key and channel, so several deployments can share one Redis.
+    #[serde(default = "default_redis_prefix")]
+    pub key_prefix: String,
+    /// Longest time one Redis command may take; past it the command counts as failed, Redis
+    /// as unavailable, and the request goes on without it.
+    #[serde(default = "default_redis_timeout")]
+    pub timeout_milliseconds: u64,
+    /// Share answers across replicas (a second cache level under the in-process one) and
+    /// refresh a cold key on one replica only.
+    #[serde(default = "yes")]
+    pub enable_cache: bool,
+    /// Count each client's `[rate_limit]` quota across replicas (one GCRA state per client in
+    /// Redis); each replica's own quota still refuses first, and decides alone while Redis
+    /// does not answer.
+    #[serde(default = "yes")]
+    pub enable_rate_limit: bool,
+    /// Carry invalidations to every replica.
+    #[serde(default = "yes")]
+    pub enable_invalidation: bool,
+}
+
+impl RedisConfig {
+    /// The per-command bound.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_milliseconds)
+    }
+}
+
+fn default_redis_prefix() -> String {
+    "extension-registry:".into()
+}
+
+fn default_redis_timeout() -> u64 {
+    50
+}
+
 /// `[rate_limit] client_ip_header`: how the trusted proxy in front names the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -421,8 +495,8 @@ impl Config {
         };
         let mut config: Config = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         config.validate().map_err(err)?;
-        if let (Some(local), Some(base)) = (config.local.as_mut(), base) {
-            if local.path.is_relative() {
+        for local in &mut config.local {
+            if let (true, Some(base)) = (local.path.is_relative(), base) {
                 local.path = base.join(&local.path);
             }
         }
@@ -449,40 +523,51 @@ impl Config {
     }
 
     fn secret_paths_mut(&mut self) -> impl Iterator<Item = &mut PathBuf> {
-        let (gitea, gitea_hook) = match self.gitea.as_mut() {
-            Some(g) => (g.token_path.as_mut(), g.webhook_secret_path.as_mut()),
-            None => (None, None),
-        };
-        let (oci_token, oci_password, oci_hook) = match self.oci.as_mut() {
-            Some(o) => (
+        let gitea = self
+            .gitea
+            .iter_mut()
+            .flat_map(|g| [g.token_path.as_mut(), g.webhook_secret_path.as_mut()]);
+        let oci = self.oci.iter_mut().flat_map(|o| {
+            [
                 o.auth_token_path.as_mut(),
                 o.password_path.as_mut(),
                 o.webhook_token_path.as_mut(),
-            ),
-            None => (None, None, None),
-        };
-        let github = self.github.as_mut().and_then(|g| g.token_path.as_mut());
+            ]
+        });
+        let github = self.github.iter_mut().map(|g| g.token_path.as_mut());
         let admin = self.admin.token_path.as_mut();
-        [
-            gitea,
-            gitea_hook,
-            oci_token,
-            oci_password,
-            oci_hook,
-            github,
-            admin,
-        ]
-        .into_iter()
-        .flatten()
+        let redis = self.redis.as_mut().and_then(|r| r.password_path.as_mut());
+        gitea
+            .chain(oci)
+            .chain(github)
+            .chain([admin, redis])
+            .flatten()
+    }
+
+    /// Every configured backend, in precedence order: by `priority`, lower first. An
+    /// instance without one takes its position in the default order (Gitea, OCI, GitHub,
+    /// local; each kind's instances in file order) as its priority, and ties keep that order.
+    pub fn backends(&self) -> Vec<BackendSection<'_>> {
+        let gitea = self.gitea.iter().enumerate();
+        let oci = self.oci.iter().enumerate();
+        let github = self.github.iter().enumerate();
+        let local = self.local.iter().enumerate();
+        let by_default = (gitea.map(|(i, c)| BackendSection::Gitea(c, i)))
+            .chain(oci.map(|(i, c)| BackendSection::Oci(c, i)))
+            .chain(github.map(|(i, c)| BackendSection::Github(c, i)))
+            .chain(local.map(|(i, c)| BackendSection::Local(c, i)));
+        let mut ranked: Vec<_> = by_default
+            .enumerate()
+            .map(|(position, s)| (s.priority().map_or(position as u64, u64::from), s))
+            .collect();
+        // Stable, so equal priorities keep the default order.
+        ranked.sort_by_key(|(priority, _)| *priority);
+        ranked.into_iter().map(|(_, s)| s).collect()
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.gitea.is_none()
-            && self.oci.is_none()
-            && self.github.is_none()
-            && self.local.is_none()
-        {
-            return Err("no backend configured: add at least one of the sections [gitea], [oci], [github], [local]".into());
+        if self.backends().is_empty() {
+            return Err("no backend configured: add at least one of the sections [gitea], [oci], [github], [local] (or [[gitea]] …)".into());
         }
         let positive = |key: &str, value: u64| {
             if value == 0 {
@@ -572,60 +657,283 @@ impl Config {
                 "[rate_limit] exempt_paths: '{path}' must be a path starting with '/' (e.g. \"/livez\")"
             ));
         }
-        if let Some(g) = &self.gitea {
-            let url = reqwest::Url::parse(&g.url).map_err(|e| {
-                format!("[gitea] url: '{}' is not a URL ({e}); expected e.g. \"https://gitea.example.com/\"", g.url)
+        if let Some(r) = &self.redis {
+            let url = reqwest::Url::parse(&r.url).map_err(|e| {
+                format!(
+                    "[redis] url: '{}' is not a URL ({e}); expected e.g. \"redis://127.0.0.1:6379/0\"",
+                    r.url
+                )
             })?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err("[gitea] url: the scheme must be http or https".into());
-            }
-            if g.organization.is_empty() {
-                return Err("[gitea] organization: must not be empty".into());
-            }
-            positive("[gitea] timeout_seconds", g.timeout_seconds)?;
-            positive("[gitea] max_concurrency", g.max_concurrency as u64)?;
-        }
-        if let Some(o) = &self.oci {
-            if o.registry.is_empty() {
+            if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
                 return Err(
-                    "[oci] registry: must not be empty; expected host[:port] or a URL".into(),
+                    "[redis] url: expected redis://host[:port][/database] or rediss://...".into(),
                 );
             }
-            if o.namespace.is_empty() {
-                return Err("[oci] namespace: must not be empty".into());
+            if url.password().is_some() {
+                return Err(
+                    "[redis] url: must not hold a password; put it in a file named by password_path"
+                        .into(),
+                );
             }
-            if o.password_path.is_some() != o.username.is_some() {
-                return Err("[oci] username and password_path: set both or neither".into());
-            }
-            positive("[oci] timeout_seconds", o.timeout_seconds)?;
-            positive("[oci] max_concurrency", o.max_concurrency as u64)?;
-        }
-        if let Some(g) = &self.github {
-            let url = reqwest::Url::parse(&g.api_url).map_err(|e| {
-                format!("[github] api_url: '{}' is not a URL ({e}); expected \"https://api.github.com\" or \"https://HOST/api/v3\"", g.api_url)
-            })?;
-            if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-                return Err("[github] api_url: the scheme must be http or https".into());
-            }
-            if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
-                return Err("[github] api_url: must not carry a query or credentials; put the token in token_path".into());
-            }
-            let valid_login = !g.owner.is_empty()
-                && g.owner.len() <= 39
-                && g.owner
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-');
-            if !valid_login {
+            let database = url.path().trim_start_matches('/');
+            if !database.is_empty() && database.parse::<u16>().is_err() {
                 return Err(format!(
-                    "[github] owner: '{}' is not a GitHub login (letters, digits and '-', at most 39)",
-                    g.owner
+                    "[redis] url: the path '/{database}' must be a database number (e.g. /0)"
                 ));
             }
-            positive("[github] timeout_seconds", g.timeout_seconds)?;
-            positive("[github] max_concurrency", g.max_concurrency as u64)?;
+            if r.key_prefix.is_empty() {
+                return Err("[redis] key_prefix: must not be empty".into());
+            }
+            positive("[redis] timeout_milliseconds", r.timeout_milliseconds)?;
+        }
+        let hooked = |count: usize, kind: &str, key: &str| match count {
+            0 | 1 => Ok(()),
+            _ => Err(format!(
+                "{kind}: {key} is set on {count} [[{kind}]] tables; set it on one (its route \
+                 checks deliveries against one secret)"
+            )),
+        };
+        let gitea_hooks = self
+            .gitea
+            .iter()
+            .filter(|g| g.webhook_secret_path.is_some());
+        hooked(gitea_hooks.count(), "gitea", "webhook_secret_path")?;
+        let oci_hooks = self.oci.iter().filter(|o| o.webhook_token_path.is_some());
+        hooked(oci_hooks.count(), "oci", "webhook_token_path")?;
+        let mut named: Vec<(String, &str)> = Vec::new();
+        for section in self.backends() {
+            let at = |key: &str| section.key(self, key);
+            let name = section.name();
+            if !InstanceName::is_valid(name) {
+                return Err(format!(
+                    "{}: '{name}' is not a valid name: use 1 to 32 lowercase ASCII letters, \
+                     digits or '-'",
+                    at("name")
+                ));
+            }
+            let kinds = Source::ALL.map(Source::as_str);
+            if let Some(kind) = kinds.iter().find(|k| **k == name && **k != section.kind()) {
+                return Err(format!(
+                    "{}: '{name}' is the name of the kind [{kind}]; only a [{kind}] may be named so",
+                    at("name")
+                ));
+            }
+            if let Some((other, _)) = named.iter().find(|(_, n)| *n == name) {
+                return Err(format!(
+                    "{}: '{name}' is already the name of {other}; give each backend its own name",
+                    at("name")
+                ));
+            }
+            named.push((at("").trim_end_matches(['.', ' ']).to_owned(), name));
+            section.validate(&at)?;
         }
         Ok(())
     }
+}
+
+/// One configured backend section, of whichever kind.
+#[derive(Clone, Copy, Debug)]
+pub enum BackendSection<'a> {
+    Gitea(&'a GiteaConfig, usize),
+    Oci(&'a OciConfig, usize),
+    Github(&'a GithubConfig, usize),
+    Local(&'a LocalConfig, usize),
+}
+
+impl<'a> BackendSection<'a> {
+    /// `gitea`, `oci`, `github` or `local`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Gitea(..) => "gitea",
+            Self::Oci(..) => "oci",
+            Self::Github(..) => "github",
+            Self::Local(..) => "local",
+        }
+    }
+
+    /// The instance's name: the configured one, or the kind's.
+    pub fn name(&self) -> &'a str {
+        match *self {
+            Self::Gitea(c, _) => c.instance_name(),
+            Self::Oci(c, _) => c.instance_name(),
+            Self::Github(c, _) => c.instance_name(),
+            Self::Local(c, _) => c.instance_name(),
+        }
+    }
+
+    fn priority(&self) -> Option<u32> {
+        match self {
+            Self::Gitea(c, _) => c.priority,
+            Self::Oci(c, _) => c.priority,
+            Self::Github(c, _) => c.priority,
+            Self::Local(c, _) => c.priority,
+        }
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            Self::Gitea(_, i) | Self::Oci(_, i) | Self::Github(_, i) | Self::Local(_, i) => *i,
+        }
+    }
+
+    /// How messages name `key` of this section: `[gitea] url` when it is the only one of its
+    /// kind, `gitea[1].url` (index in file order) when there are several.
+    fn key(&self, config: &Config, key: &str) -> String {
+        let count = match self {
+            Self::Gitea(..) => config.gitea.len(),
+            Self::Oci(..) => config.oci.len(),
+            Self::Github(..) => config.github.len(),
+            Self::Local(..) => config.local.len(),
+        };
+        if count == 1 {
+            format!("[{}] {key}", self.kind())
+        } else {
+            format!("{}[{}].{key}", self.kind(), self.index())
+        }
+    }
+
+    fn validate(&self, at: &dyn Fn(&str) -> String) -> Result<(), String> {
+        let positive = |key: &str, value: u64| {
+            if value == 0 {
+                Err(format!("{}: must be a whole number above 0", at(key)))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Self::Gitea(g, _) => {
+                let url = reqwest::Url::parse(&g.url).map_err(|e| {
+                    format!(
+                        "{}: '{}' is not a URL ({e}); expected e.g. \"https://gitea.example.com/\"",
+                        at("url"),
+                        g.url
+                    )
+                })?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(format!("{}: the scheme must be http or https", at("url")));
+                }
+                if g.organization.is_empty() {
+                    return Err(format!("{}: must not be empty", at("organization")));
+                }
+                positive("timeout_seconds", g.timeout_seconds)?;
+                positive("max_concurrency", g.max_concurrency as u64)?;
+            }
+            Self::Oci(o, _) => {
+                if o.registry.is_empty() {
+                    return Err(format!(
+                        "{}: must not be empty; expected host[:port] or a URL",
+                        at("registry")
+                    ));
+                }
+                if o.namespace.is_empty() {
+                    return Err(format!("{}: must not be empty", at("namespace")));
+                }
+                if o.password_path.is_some() != o.username.is_some() {
+                    return Err(format!(
+                        "{} and password_path: set both or neither",
+                        at("username")
+                    ));
+                }
+                positive("timeout_seconds", o.timeout_seconds)?;
+                positive("max_concurrency", o.max_concurrency as u64)?;
+            }
+            Self::Github(g, _) => {
+                let url = reqwest::Url::parse(&g.api_url).map_err(|e| {
+                    format!(
+                        "{}: '{}' is not a URL ({e}); expected \"https://api.github.com\" or \"https://HOST/api/v3\"",
+                        at("api_url"),
+                        g.api_url
+                    )
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+                    return Err(format!(
+                        "{}: the scheme must be http or https",
+                        at("api_url")
+                    ));
+                }
+                if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+                    return Err(format!(
+                        "{}: must not carry a query or credentials; put the token in token_path",
+                        at("api_url")
+                    ));
+                }
+                let valid_login = !g.owner.is_empty()
+                    && g.owner.len() <= 39
+                    && g.owner
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                if !valid_login {
+                    return Err(format!(
+                        "{}: '{}' is not a GitHub login (letters, digits and '-', at most 39)",
+                        at("owner"),
+                        g.owner
+                    ));
+                }
+                positive("timeout_seconds", g.timeout_seconds)?;
+                positive("max_concurrency", g.max_concurrency as u64)?;
+            }
+            Self::Local(..) => {}
+        }
+        Ok(())
+    }
+}
+
+/// A backend section's kind, for messages about its tables.
+trait Section {
+    /// `gitea`, `oci`, `github` or `local`.
+    const KIND: &'static str;
+}
+
+/// `instance_name()` for each backend section: its `name`, or its kind's.
+macro_rules! instance_names {
+    ($($section:ty => $kind:literal),*) => {$(
+        impl Section for $section {
+            const KIND: &'static str = $kind;
+        }
+
+        impl $section {
+            /// The instance's name: `name`, or the kind's when not set.
+            pub fn instance_name(&self) -> &str {
+                self.name.as_deref().unwrap_or($kind)
+            }
+        }
+    )*};
+}
+
+instance_names!(GiteaConfig => "gitea", OciConfig => "oci", GithubConfig => "github", LocalConfig => "local");
+
+/// Reads `[kind]` (one table) or `[[kind]]` (an array of tables) into a list; an error in
+/// the array names the table's index (`gitea[1]: …`).
+fn one_or_many<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Section,
+{
+    struct OneOrMany<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de> + Section> serde::de::Visitor<'de> for OneOrMany<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table or an array of tables")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Vec<T>, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|one| vec![one])
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut all = Vec::new();
+            while let Some(one) = seq.next_element().map_err(|e: A::Error| {
+                serde::de::Error::custom(format!("{}[{}]: {e}", T::KIND, all.len()))
+            })? {
+                all.push(one);
+            }
+            Ok(all)
+        }
+    }
+
+    deserializer.deserialize_any(OneOrMany(std::marker::PhantomData))
 }
 
 /// A secret read from a file. Its `Debug` and `Display` never show the value.
@@ -671,5 +979,157 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gitea(name: &str, extra: &str) -> String {
+        format!("[[gitea]]\nname = {name:?}\nurl = \"http://forge.test/\"\norganization = \"o\"\n{extra}")
+    }
+
+    fn oci(name: &str, extra: &str) -> String {
+        format!(
+            "[[oci]]\nname = {name:?}\nregistry = \"registry.test\"\nnamespace = \"x\"\n{extra}"
+        )
+    }
+
+    fn order(text: &str) -> Vec<String> {
+        let config = Config::parse(text, "config.toml", None).unwrap();
+        let names = config
+            .backends()
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        names
+    }
+
+    fn refusal(text: &str) -> String {
+        Config::parse(text, "config.toml", None)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn single_tables_are_named_after_their_kind_in_the_default_order() {
+        let text = "[local]\npath = \".\"\n[oci]\nregistry = \"r.test\"\nnamespace = \"x\"\n\
+                    [gitea]\nurl = \"http://forge.test/\"\norganization = \"o\"\n";
+        assert_eq!(order(text), ["gitea", "oci", "local"]);
+    }
+
+    #[test]
+    fn arrays_of_tables_keep_file_order_within_a_kind_and_mix_with_single_tables() {
+        let text = format!(
+            "{}{}{}[local]\npath = \".\"\n",
+            gitea("public", ""),
+            gitea("private", ""),
+            oci("eu", "")
+        );
+        assert_eq!(order(&text), ["public", "private", "eu", "local"]);
+    }
+
+    #[test]
+    fn priority_orders_across_kinds_lower_first() {
+        let text = format!(
+            "{}{}{}[[local]]\nname = \"disk\"\npath = \".\"\npriority = 0\n",
+            gitea("public", "priority = 30\n"),
+            gitea("private", "priority = 10\n"),
+            oci("eu", "priority = 20\n"),
+        );
+        assert_eq!(order(&text), ["disk", "private", "eu", "public"]);
+        // Without a priority, an instance ranks by its position in the default order.
+        let text = format!(
+            "{}{}[local]\npath = \".\"\npriority = 0\n",
+            gitea("a", ""),
+            gitea("b", "")
+        );
+        assert_eq!(order(&text), ["a", "local", "b"]);
+    }
+
+    #[test]
+    fn names_are_unique_valid_and_not_another_kind() {
+        let duplicate = refusal(&format!("{}{}", gitea("forge", ""), oci("forge", "")));
+        assert_eq!(
+            duplicate,
+            "config.toml: [oci] name: 'forge' is already the name of [gitea]; give each backend \
+             its own name"
+        );
+        let unnamed = refusal(&format!(
+            "{}[[gitea]]\nurl = \"http://forge.test/\"\norganization = \"o\"\n",
+            gitea("gitea", "")
+        ));
+        assert!(
+            unnamed
+                .starts_with("config.toml: gitea[1].name: 'gitea' is already the name of gitea[0]"),
+            "{unnamed}"
+        );
+        for bad in ["Forge", "a_b", "", &"a".repeat(33)] {
+            let text = format!("{}{}", gitea("ok", ""), gitea(bad, ""));
+            let refused = refusal(&text);
+            assert!(
+                refused.starts_with(&format!(
+                    "config.toml: gitea[1].name: '{bad}' is not a valid name"
+                )),
+                "{refused}"
+            );
+        }
+        let kind = refusal(&gitea("oci", ""));
+        assert!(
+            kind.starts_with("config.toml: [gitea] name: 'oci' is the name of the kind [oci]"),
+            "{kind}"
+        );
+        assert_eq!(order(&gitea("gitea", "")), ["gitea"]);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_table_index_and_the_key() {
+        let checked = refusal(&format!(
+            "{}{}",
+            gitea("a", ""),
+            gitea("b", "max_concurrency = 0\n")
+        ));
+        assert_eq!(
+            checked,
+            "config.toml: gitea[1].max_concurrency: must be a whole number above 0"
+        );
+        let parsed = refusal(&format!(
+            "{}{}",
+            oci("a", ""),
+            oci("b", "timeout_seconds = \"x\"\n")
+        ));
+        assert!(parsed.starts_with("config.toml: "), "{parsed}");
+        assert!(parsed.contains("oci[1]: invalid type"), "{parsed}");
+        assert!(parsed.contains("timeout_seconds"), "{parsed}");
+        let missing = refusal(&format!(
+            "{}[[oci]]\nname = \"b\"\nregistry = \"r\"\n",
+            oci("a", "")
+        ));
+        assert!(
+            missing.contains("oci[1]: missing field `namespace`"),
+            "{missing}"
+        );
+        let single = refusal("[gitea]\nurl = \"ftp://x/\"\norganization = \"o\"\n");
+        assert_eq!(
+            single,
+            "config.toml: [gitea] url: the scheme must be http or https"
+        );
+    }
+
+    #[test]
+    fn one_instance_per_kind_takes_webhook_deliveries() {
+        let hook = "webhook_secret_path = \"secret\"\n";
+        let refused = refusal(&format!("{}{}", gitea("a", hook), gitea("b", hook)));
+        assert!(
+            refused.contains("gitea: webhook_secret_path is set on 2"),
+            "{refused}"
+        );
+        assert!(Config::parse(
+            &format!("{}{}", gitea("a", hook), gitea("b", "")),
+            "c",
+            None
+        )
+        .is_ok());
     }
 }

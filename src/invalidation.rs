@@ -9,6 +9,13 @@
 //! invalidates once more [`SETTLE`] later, so an answer read in between is not kept for the
 //! whole TTL.
 //!
+//! The level the replicas share (Redis, [`SharedLevel`]) is dropped by the replica that learns
+//! of the change, before it drops its own entries and before it tells the others: every
+//! replica that then asks again (a client, or a refresh ahead) finds the shared level empty
+//! for that scope and fetches once for the whole cluster, through the shared single-flight,
+//! instead of taking the old answer back from it. Replicas applying a peer's invalidation do
+//! not drop the shared level again: they would drop the new answer the first one fetched.
+//!
 //! With `[cache] refresh_on_invalidate`, dropping one extension also fetches its metadata and
 //! versions again in the background (on every replica that drops it), under one of the
 //! cache's background-refresh permits: none free, no refresh ahead, and the next client
@@ -23,6 +30,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tower::ServiceExt;
 
@@ -92,11 +100,20 @@ pub trait Bus: Send + Sync + 'static {
     fn publish(&self, scope: &Scope);
 }
 
+/// The cache level every replica reads (Redis).
+pub trait SharedLevel: Send + Sync + 'static {
+    /// Drops the shared answers `scope` covers, returning how many; drops nothing (0) when the
+    /// level does not answer.
+    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64>;
+}
+
 /// Drops cached answers here and, through the bus, on every other replica.
 #[derive(Clone)]
 pub struct Invalidator {
     caches: Caches,
     bus: Option<Arc<dyn Bus>>,
+    /// The level shared with the other replicas, dropped by the replica learning of a change.
+    shared: Option<Arc<dyn SharedLevel>>,
     /// The cached registry, asked again for an invalidated extension when refreshing ahead.
     ahead: Option<BackendService>,
     /// The scopes with a settling re-check waiting.
@@ -109,6 +126,7 @@ impl Invalidator {
         Self {
             caches,
             bus: None,
+            shared: None,
             ahead: None,
             settling: Arc::default(),
         }
@@ -122,6 +140,14 @@ impl Invalidator {
         }
     }
 
+    /// Drops `shared` too when this replica learns of a change.
+    pub fn with_shared(self, shared: Arc<dyn SharedLevel>) -> Self {
+        Self {
+            shared: Some(shared),
+            ..self
+        }
+    }
+
     /// After dropping one extension, asks `registry` (the cached one) for its metadata and
     /// versions again in the background, so the next client finds them warm.
     pub fn refreshing_ahead(self, registry: BackendService) -> Self {
@@ -131,8 +157,12 @@ impl Invalidator {
         }
     }
 
-    /// `scope` changed: drops it here and tells the other replicas.
+    /// `scope` changed: drops it from the shared level, here, and tells the other replicas.
     pub async fn invalidate(&self, scope: Scope) -> Dropped {
+        if let Some(shared) = &self.shared {
+            let forgotten = shared.forget(&scope).await;
+            tracing::debug!(?scope, forgotten, "shared answers dropped");
+        }
         let dropped = self.drop_local(&scope, "local").await;
         if let Some(bus) = &self.bus {
             bus.publish(&scope);
@@ -324,5 +354,36 @@ mod tests {
             .await;
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A shared level remembering what it was told to forget.
+    #[derive(Default)]
+    struct Forgetting(Mutex<Vec<Scope>>);
+
+    impl SharedLevel for Forgetting {
+        fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64> {
+            lock(&self.0).push(scope.clone());
+            Box::pin(async { 1 })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shared_level_is_dropped_by_the_replica_learning_of_a_change_only() {
+        let shared = Arc::new(Forgetting::default());
+        let invalidator = Invalidator::new(caches()).with_shared(shared.clone());
+        invalidator.invalidate(Scope::Extension(aws())).await;
+        invalidator.invalidate_settling(Scope::All).await;
+        assert_eq!(
+            *lock(&shared.0),
+            [Scope::Extension(aws()), Scope::All],
+            "dropped at once"
+        );
+        // A peer's invalidation: the peer dropped it; dropping again here would drop the
+        // answer fetched since.
+        invalidator.apply(&Scope::Extension(aws())).await;
+        assert_eq!(lock(&shared.0).len(), 2);
+        // The settling re-check drops it again.
+        tokio::time::sleep(SETTLE + Duration::from_millis(1)).await;
+        assert_eq!(lock(&shared.0).len(), 3);
     }
 }

@@ -25,6 +25,10 @@
 //! - [`hooks`]: the secrets of the webhook and purge routes, checking deliveries against them
 //!   (HMAC-SHA256, bearer tokens, constant time) and reading Gitea/Forgejo webhooks and CNCF
 //!   registry notifications into the extensions they change; the routes are in `api`.
+//! - [`redis`]: Redis (or Valkey) shared by several replicas: the connection and its health,
+//!   the shared cache level with cluster-wide single-flight ([`redis::cache`]), the quota
+//!   shared by the replicas ([`redis::quota`]), the invalidation bus ([`redis::bus`]). Never
+//!   needed to answer.
 //! - [`telemetry`]: logging, per-request spans, the Prometheus recorder.
 
 pub mod api;
@@ -35,6 +39,7 @@ pub mod error;
 pub mod hooks;
 pub mod invalidation;
 pub mod middleware;
+pub mod redis;
 pub mod registry;
 pub mod server;
 pub mod stack;
@@ -43,13 +48,20 @@ pub mod telemetry;
 /// The error type of services below the error-rescue layer.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Builds the application for a configuration: its backends and the webhook and purge
-/// secrets (read here, at start), then the stack around them.
+/// Builds the application for a configuration: its backends, the webhook and purge secrets
+/// (read here, at start) and Redis (connected in the background), then the stack around them.
+/// Call within a Tokio runtime when `[redis]` is set.
 pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
     let backends = backend::from_config(config)?;
-    Ok(stack::app_with_hooks(
+    let redis = config
+        .redis
+        .as_ref()
+        .map(redis::Redis::connect)
+        .transpose()?;
+    Ok(stack::app_with(
         config,
         backends,
         hooks::Keys::load(config)?,
+        redis,
     ))
 }

@@ -2,6 +2,7 @@
 //! sits where it sits. Read it top to bottom to know what a request goes through.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
@@ -32,7 +33,11 @@ use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
-use crate::registry::{BackendService, Merge, Source};
+use crate::redis::bus::RedisBus;
+use crate::redis::cache::SharedCacheLayer;
+use crate::redis::quota::RedisQuota;
+use crate::redis::Redis;
+use crate::registry::{BackendService, Instance, Merge};
 use crate::telemetry;
 use crate::BoxError;
 
@@ -42,30 +47,40 @@ const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// The whole application as hyper is given it: infallible, cloneable, shareable.
 pub type HttpService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 
-/// Builds the application around the given backends (in precedence order), without the
-/// webhook and purge secrets: those routes answer 404 (see [`app_with_hooks`]).
-pub fn app(config: &Config, backends: Vec<(Source, BackendService)>) -> HttpService {
-    app_with_hooks(config, backends, Keys::default())
+/// Builds the application around the given backends (instances, or kinds standing for their
+/// single instance, in precedence order), standing alone and without the webhook and purge
+/// secrets: those routes answer 404 and `[redis]` is not used (see [`app_with`]).
+pub fn app(config: &Config, backends: Vec<(impl Into<Instance>, BackendService)>) -> HttpService {
+    app_with(config, backends, Keys::default(), None)
 }
 
 /// Builds the application around the given backends (in precedence order), with the secrets
-/// of the webhook and purge routes read at start.
-pub fn app_with_hooks(
+/// of the webhook and purge routes read at start, sharing `redis` with the other replicas
+/// when given (as `[redis]` switches each part on).
+pub fn app_with(
     config: &Config,
-    backends: Vec<(Source, BackendService)>,
+    backends: Vec<(impl Into<Instance>, BackendService)>,
     hooks: Keys,
+    redis: Option<Redis>,
 ) -> HttpService {
+    let shared = |enabled: fn(&crate::config::RedisConfig) -> bool| {
+        redis.clone().filter(|r| enabled(r.config()))
+    };
+    let backends: Vec<(Instance, BackendService)> = backends
+        .into_iter()
+        .map(|(instance, backend)| (instance.into(), backend))
+        .collect();
     // First, so the counters layers register at construction go to the process recorder.
     let metrics = telemetry::prometheus();
-    // One circuit breaker per backend, read by the health endpoint too.
+    // One circuit breaker per backend instance, read by the health endpoint too.
     let gates: Vec<Gate> = backends
         .iter()
-        .map(|(source, _)| Gate::new(*source, &config.circuit_breaker))
+        .map(|(instance, _)| Gate::new(instance.clone(), &config.circuit_breaker))
         .collect();
     let backends = backends
         .into_iter()
         .zip(&gates)
-        .map(|((source, backend), gate)| {
+        .map(|((instance, backend), gate)| {
             let backend = ServiceBuilder::new()
                 // The circuit breaker, right below the merge: a backend that keeps failing is
                 // not called for a cool-down, so the merge gets its error at once and serves
@@ -74,42 +89,66 @@ pub fn app_with_hooks(
                 // Per-backend metrics below the breaker, so each backend's calls, outcomes,
                 // latency and download bytes are what that backend answered, and calls the
                 // breaker refused are not counted as calls.
-                .layer(BackendMetricsLayer::new(source))
+                .layer(BackendMetricsLayer::new(instance.clone()))
                 .service(backend);
-            (source, BackendService::new(backend))
+            (instance, BackendService::new(backend))
         })
         .collect();
     // The registry: what the router asks.
     let merge = Merge::new(backends);
     let sources = merge.sources();
     let caches = Caches::new(&config.cache, config.server.request_timeout());
+    let shared_cache = shared(|r| r.enable_cache)
+        .map(|redis| SharedCacheLayer::new(redis, &config.cache, config.server.request_timeout()));
     let registry = ServiceBuilder::new()
         // List, metadata and versions caches with single-flight, negative caching,
         // stale-while-revalidate, stale-if-error and a backoff per failing key; above the
         // merge so one cached answer serves every backend combination.
         .layer(CacheLayer::new(caches.clone()))
+        // The shared cache level and cluster-wide single-flight: under the in-process cache,
+        // so only its misses and refreshes reach Redis and a hit costs no network; above the
+        // merge, so one shared answer stands for every backend combination, as above.
+        .option_layer(shared_cache.clone())
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
     let registry = BackendService::new(registry);
     // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
     // extension ahead through the cached registry (so the refresh is single-flight with
-    // clients' requests) when `[cache] refresh_on_invalidate`.
+    // clients' requests, and cluster-wide through the shared cache's lock) when `[cache]
+    // refresh_on_invalidate`. The shared answers of what changed are dropped first (by this
+    // replica only), so no replica takes the old answer back from Redis.
     let invalidator = Invalidator::new(caches.clone());
+    let invalidator = match shared_cache {
+        Some(layer) => invalidator.with_shared(Arc::new(layer)),
+        None => invalidator,
+    };
     let invalidator = if config.cache.refresh_on_invalidate {
         invalidator.refreshing_ahead(registry.clone())
     } else {
         invalidator
     };
 
+    // Invalidations reach the other replicas over the bus, and theirs reach this one's
+    // caches.
+    let invalidator = match shared(|r| r.enable_invalidation) {
+        Some(redis) => {
+            let bus = RedisBus::new(redis);
+            bus.subscribe(invalidator.clone());
+            invalidator.with_bus(Arc::new(bus))
+        }
+        None => invalidator,
+    };
     let router = Router::new(Shared {
         routes: RouteTable::new(),
         health: HealthProbe::new(
             registry.clone(),
-            sources,
+            sources.clone(),
             gates,
             config.server.probe_interval(),
+            redis.clone(),
         ),
         registry,
+        sources,
         metrics,
         invalidator,
         caches,
@@ -176,13 +215,13 @@ pub fn app_with_hooks(
         }))
         .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // Refuses clients over their quota with 429 before any work is done for them; above
-        // the concurrency limit so a flooding client cannot take the others' slots.
-        .option_layer(
-            config
-                .rate_limit
-                .enabled
-                .then(|| RateLimitLayer::new(&config.rate_limit)),
-        )
+        // the concurrency limit so a flooding client cannot take the others' slots. With
+        // Redis, the quota is the cluster's (each replica's own refusing first).
+        .option_layer(config.rate_limit.enabled.then(|| {
+            let quota = shared(|r| r.enable_rate_limit)
+                .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
+            RateLimitLayer::shared(&config.rate_limit, quota)
+        }))
         .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
         // until its body is dropped (the concurrency limit below lets go at the response

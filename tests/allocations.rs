@@ -158,7 +158,7 @@ fn cached_answers_allocate_a_small_fixed_number_of_times() {
     rt.block_on(async {
         let root = local_tree();
         let config = config(root.path());
-        let local = Local::new(config.local.as_ref().expect("[local] is set")).expect("local root");
+        let local = Local::new(config.local.first().expect("[local] is set")).expect("local root");
         let app = stack::app(&config, vec![(Source::Local, BackendService::new(local))]);
         let single = "/api/v1/extensions/provider/ext042";
         let list = "/api/v1/extensions?limit=100";

@@ -202,6 +202,8 @@ async fn unhealthy_backends_make_health_503_and_readyz_503() {
 #[tokio::test]
 async fn head_works_wherever_get_does_and_other_methods_get_405() {
     let (app, _) = app::sample_app();
+    // Health answers 503 `starting` until the first background probe ends.
+    app::probed(&app).await;
     for uri in [
         "/api/v1/extensions",
         "/api/v1/extensions/provider/aws",
@@ -520,8 +522,9 @@ fn the_example_configuration_parses_and_serves_the_samples() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.toml");
     let config = Config::load(&path).unwrap();
     assert_eq!(config.server.port, 8082);
-    assert_eq!(config.local.unwrap().path, samples());
-    assert!(config.gitea.is_none() && config.oci.is_none());
+    assert_eq!(config.local.len(), 1);
+    assert_eq!(config.local[0].path, samples());
+    assert!(config.gitea.is_empty() && config.oci.is_empty() && config.github.is_empty());
     assert_eq!(
         Config::embedded().unwrap().server.shutdown_grace_seconds,
         30

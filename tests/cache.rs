@@ -101,6 +101,7 @@ fn extension(i: usize) -> Extension {
         author: "team".into(),
         repository: String::new(),
         source: Source::Local,
+        instance: Source::Local.into(),
         published_at: Timestamp::unix_epoch(),
         download_url: format!("/api/v1/extensions/provider/ext{i}/1.0.0"),
         size: 0,

@@ -60,7 +60,7 @@ async fn serves_gitea_releases_beside_the_local_directory() {
     )
     .await;
     let mut config = app::local_config(&app::samples(), "");
-    config.gitea = Some(sim.gitea_config());
+    config.gitea = vec![sim.gitea_config()];
     let service = Running::start(&config).await;
 
     // List: both backends, in (type, name, source) order.

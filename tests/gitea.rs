@@ -61,7 +61,7 @@ fn key(ty: ExtensionType, name: &str) -> ExtensionKey {
 async fn get(b: &Gitea, k: &ExtensionKey) -> Result<Arc<Extension>, RegistryError> {
     let req = BackendRequest::Get {
         key: k.clone(),
-        source: Some(Source::Gitea),
+        source: Some(Source::Gitea.into()),
     };
     ask(b, req).await?.into_extension()
 }
@@ -69,7 +69,7 @@ async fn get(b: &Gitea, k: &ExtensionKey) -> Result<Arc<Extension>, RegistryErro
 async fn versions(b: &Gitea, k: &ExtensionKey) -> Result<Arc<Vec<Version>>, RegistryError> {
     let req = BackendRequest::Versions {
         key: k.clone(),
-        source: Some(Source::Gitea),
+        source: Some(Source::Gitea.into()),
     };
     ask(b, req).await?.into_versions()
 }
@@ -78,7 +78,7 @@ async fn download(b: &Gitea, k: &ExtensionKey, v: &str) -> Result<Artifact, Regi
     let req = BackendRequest::Download {
         key: k.clone(),
         version: VersionSelector::parse(v).unwrap(),
-        source: Some(Source::Gitea),
+        source: Some(Source::Gitea.into()),
         range: None,
     };
     ask(b, req).await?.into_artifact()
@@ -183,7 +183,7 @@ async fn a_gitea_section_builds_the_backend() {
     let backends = extension_registry::backend::from_config(&config).unwrap();
     assert_eq!(backends.len(), 1);
     let (source, service) = backends.into_iter().next().unwrap();
-    assert_eq!(source, Source::Gitea);
+    assert_eq!(source, Source::Gitea.into());
     let listed = service
         .oneshot(BackendRequest::List(ListFilter::default()))
         .await

@@ -71,7 +71,7 @@ fn provider(name: &str) -> ExtensionKey {
 async fn get(b: &Github, k: &ExtensionKey) -> Result<Arc<Extension>, RegistryError> {
     let req = BackendRequest::Get {
         key: k.clone(),
-        source: Some(Source::Github),
+        source: Some(Source::Github.into()),
     };
     ask(b, req).await?.into_extension()
 }
@@ -79,7 +79,7 @@ async fn get(b: &Github, k: &ExtensionKey) -> Result<Arc<Extension>, RegistryErr
 async fn versions(b: &Github, k: &ExtensionKey) -> Result<Arc<Vec<Version>>, RegistryError> {
     let req = BackendRequest::Versions {
         key: k.clone(),
-        source: Some(Source::Github),
+        source: Some(Source::Github.into()),
     };
     ask(b, req).await?.into_versions()
 }
@@ -88,7 +88,7 @@ async fn download(b: &Github, k: &ExtensionKey, v: &str) -> Result<Artifact, Reg
     let req = BackendRequest::Download {
         key: k.clone(),
         version: VersionSelector::parse(v).unwrap(),
-        source: Some(Source::Github),
+        source: Some(Source::Github.into()),
         range: None,
     };
     ask(b, req).await?.into_artifact()
@@ -359,7 +359,7 @@ async fn enterprise_server_urls_work_and_health_reads_the_free_rate_limit() {
 #[tokio::test]
 async fn the_github_section_is_parsed_and_validated() {
     let ok = Config::parse(&format!("[github]\nowner = \"{OWNER}\"\n"), "t.toml", None).unwrap();
-    let github = ok.github.unwrap();
+    let github = &ok.github[0];
     assert_eq!(github.api_url, "https://api.github.com");
     assert_eq!(github.timeout_seconds, 10);
     for (text, key) in [

@@ -183,7 +183,7 @@ async fn gitea_app(ranges: Ranges, storage_redirect: bool) -> (GiteaSim, HttpSer
     }
     let sim = GiteaSim::start(sim).await;
     let mut config = app::local_config(&app::samples(), "");
-    config.gitea = Some(sim.gitea_config());
+    config.gitea = vec![sim.gitea_config()];
     let app = extension_registry::build(&config).unwrap();
     (sim, app)
 }

@@ -46,6 +46,7 @@ fn extension(version: String) -> Extension {
         author: String::new(),
         repository: String::new(),
         source: Source::Local,
+        instance: Source::Local.into(),
         published_at: Timestamp::unix_epoch(),
         download_url: String::new(),
         size: 0,
@@ -348,7 +349,9 @@ async fn throttling_gitea() -> (String, Arc<AtomicUsize>) {
 async fn an_upstream_retry_after_is_passed_on_and_the_backend_not_called_before_it() {
     let (url, calls) = throttling_gitea().await;
     let mut config = local_config(&samples(), NO_RATE_LIMIT);
-    config.gitea = Some(GiteaConfig {
+    config.gitea = vec![GiteaConfig {
+        name: None,
+        priority: None,
         url,
         organization: "extensions".into(),
         token_path: None,
@@ -357,7 +360,7 @@ async fn an_upstream_retry_after_is_passed_on_and_the_backend_not_called_before_
         max_concurrency: 8,
         include_archived: false,
         webhook_secret_path: None,
-    });
+    }];
     let app = extension_registry::build(&config).unwrap();
 
     let first = get(&app, "/api/v1/extensions?source=gitea").await;
@@ -385,10 +388,10 @@ async fn two_thousand_health_requests_beside_a_slow_gitea_answer_at_once_and_hol
     sim.set_mode(Mode::Slow);
     let extra = format!("[server]\nmax_concurrent_requests = 8\n{NO_RATE_LIMIT}");
     let mut config = local_config(&samples(), &extra);
-    config.gitea = Some(GiteaConfig {
+    config.gitea = vec![GiteaConfig {
         timeout_seconds: 60,
         ..sim.gitea_config()
-    });
+    }];
     let app = extension_registry::build(&config).unwrap();
 
     // The background probe is stuck on Gitea (until its 5 s timeout); meanwhile 2,000 health

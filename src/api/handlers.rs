@@ -22,7 +22,7 @@ use crate::error::ApiError;
 use crate::middleware::cache::CacheStats;
 use crate::registry::{
     download_etag, search, sha256_digest, Artifact, BackendRequest, BackendResponse, ByteRange,
-    ExtensionKey, ExtensionName, ExtensionType, ListFilter, RegistryError, Served, Source,
+    ExtensionKey, ExtensionName, ExtensionType, ListFilter, RegistryError, Served, SourceSelector,
     VersionSelector,
 };
 
@@ -190,7 +190,7 @@ impl Call<'_> {
     async fn listing(
         &self,
         ty: Option<ExtensionType>,
-        source: Option<Source>,
+        source: Option<SourceSelector>,
     ) -> Result<(Arc<Vec<crate::registry::Extension>>, Stale), ApiError> {
         let (response, stale) = self
             .ask(BackendRequest::List(ListFilter { ty, source }))
@@ -198,12 +198,18 @@ impl Call<'_> {
         Ok((response.into_list()?, stale))
     }
 
+    /// `source=`: a backend kind or a configured instance's name.
+    pub(super) fn source(&self, query: &Query<'_>) -> Result<Option<SourceSelector>, ApiError> {
+        let sources = &self.shared.sources;
+        Ok(query.parsed("source", |text| sources.selector(text))?)
+    }
+
     async fn list(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
-        let source = query.parsed("source", str::parse::<Source>)?;
+        let source = self.source(query)?;
         let limit = query.int("limit", 100, 0, MAX_LIMIT)?;
         let offset = query.int("offset", 0, 0, u32::MAX as usize)?;
-        let (all, stale) = self.listing(ty, source).await?;
+        let (all, stale) = self.listing(ty, source.clone()).await?;
         // Keyed by the items the page holds, not by how it was asked for: every empty page
         // (past the end, `limit=0`) is one entry, and so is every spelling of a last page.
         let total = all.len();
@@ -244,7 +250,7 @@ impl Call<'_> {
 
     async fn get(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
-        let source = query.parsed("source", str::parse::<Source>)?;
+        let source = self.source(query)?;
         let memo = memo_key(format_args!("get {key} {source:?}"));
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
@@ -256,7 +262,7 @@ impl Call<'_> {
 
     async fn versions(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
-        let source = query.parsed("source", str::parse::<Source>)?;
+        let source = self.source(query)?;
         let filter = Filter::from_query(query)?;
         let memo = memo_key(format_args!(
             "versions {key} {source:?} {}",
@@ -276,7 +282,7 @@ impl Call<'_> {
     async fn download(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
-        let source = query.parsed("source", str::parse::<Source>)?;
+        let source = self.source(query)?;
         let request = if self.head {
             BackendRequest::DownloadHead {
                 key,

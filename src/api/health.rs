@@ -15,8 +15,10 @@ use tower::ServiceExt;
 use crate::api::handlers::json;
 use crate::body::Body;
 use crate::middleware::breaker::{CircuitState, Gate};
+use crate::redis::{Redis, RedisStatus};
 use crate::registry::{
-    BackendHealth, BackendRequest, BackendService, HealthReport, Source, HEALTH_PROBE_TIMEOUT,
+    BackendHealth, BackendRequest, BackendService, HealthReport, Instance, Source, Sources,
+    HEALTH_PROBE_TIMEOUT,
 };
 
 /// How long a probe may take before every backend counts as unhealthy: a backstop, a little
@@ -31,9 +33,10 @@ pub struct HealthProbe {
 struct ProbeState {
     /// Asked for `BackendRequest::Health`.
     registry: BackendService,
-    /// The configured backends, in precedence order.
-    sources: Vec<Source>,
-    /// Each backend's circuit breaker, shown beside its probe result.
+    /// The configured backend instances, in precedence order: the merge's health report
+    /// holds one entry per instance, in this order.
+    sources: Sources,
+    /// Each instance's circuit breaker, shown beside its probe result.
     gates: Vec<Gate>,
     /// Time between the end of one probe and the start of the next.
     interval: Duration,
@@ -45,10 +48,16 @@ struct ProbeState {
     ready: AtomicBool,
     /// Whether the probing task runs.
     probing: AtomicBool,
+    /// The shared Redis, if configured: its own probe keeps its status.
+    redis: Option<Redis>,
 }
 
 #[derive(Serialize)]
 struct BackendStatus {
+    /// The kind of an enabled instance not named after its kind (the single-table sections
+    /// keep their former shape).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<Source>,
     enabled: bool,
     healthy: bool,
     /// The circuit breaker's state, for enabled backends.
@@ -61,7 +70,11 @@ struct HealthBody {
     status: &'static str,
     version: &'static str,
     uptime: u64,
-    backends: BTreeMap<&'static str, BackendStatus>,
+    /// By instance name; kinds with no instance are listed by kind, disabled.
+    backends: BTreeMap<String, BackendStatus>,
+    /// Present when `[redis]` is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redis: Option<RedisStatus>,
 }
 
 impl HealthProbe {
@@ -69,9 +82,10 @@ impl HealthProbe {
     /// health or readiness request.
     pub fn new(
         registry: BackendService,
-        sources: Vec<Source>,
+        sources: Sources,
         gates: Vec<Gate>,
         interval: Duration,
+        redis: Option<Redis>,
     ) -> Self {
         let probe = Self {
             state: Arc::new(ProbeState {
@@ -83,6 +97,7 @@ impl HealthProbe {
                 last: RwLock::new(None),
                 ready: AtomicBool::new(false),
                 probing: AtomicBool::new(false),
+                redis,
             }),
         };
         if tokio::runtime::Handle::try_current().is_ok() {
@@ -107,54 +122,70 @@ impl HealthProbe {
         last.clone()
     }
 
-    /// `/api/v1/health`: healthy when every backend is, degraded when some are (200),
+    /// `/api/v1/health`: healthy when every backend is (and Redis, when configured, answers),
+    /// degraded when some are or Redis does not answer (200),
     /// unhealthy when none is (503), starting before the first probe has ended (503). A backend
     /// is healthy when it answered the last probe and its circuit breaker is not open.
     pub async fn health_response(&self) -> Response<Body> {
         let report = self.last();
-        let healthy_now = |health: &BackendHealth| {
-            health.healthy
+        let probed = |i: usize| report.as_ref().and_then(|r| r.0.get(i));
+        let healthy_now = |(i, instance): (usize, &Instance)| {
+            probed(i).is_some_and(|health| health.healthy)
                 && self
-                    .gate(health.source)
+                    .gate(instance)
                     .is_none_or(|g| g.state() != CircuitState::Open)
         };
-        let healthy = report
-            .iter()
-            .flat_map(|r| r.0.iter())
-            .filter(|b| healthy_now(b))
-            .count();
+        let instances = self.state.sources.iter().enumerate();
+        let healthy = instances.clone().filter(|&b| healthy_now(b)).count();
         let (status, code) = match (&report, healthy) {
             (None, _) => ("starting", StatusCode::SERVICE_UNAVAILABLE),
             (Some(_), 0) => ("unhealthy", StatusCode::SERVICE_UNAVAILABLE),
             (Some(r), n) if n == r.0.len() => ("healthy", StatusCode::OK),
             _ => ("degraded", StatusCode::OK),
         };
-        let backends = Source::ALL
+        // Without Redis the replica still answers correctly, alone: degraded, not unhealthy.
+        let redis = self.state.redis.as_ref().map(Redis::status);
+        let status = match (status, redis) {
+            ("healthy", Some(RedisStatus::Unavailable)) => "degraded",
+            (status, _) => status,
+        };
+        let disabled = Source::ALL
             .into_iter()
-            .map(|source| {
-                let enabled = self.state.sources.contains(&source);
-                let probed = report
-                    .as_ref()
-                    .and_then(|r| r.0.iter().find(|b| b.source == source));
+            .filter(|kind| self.state.sources.iter().all(|i| i.kind != *kind))
+            .map(|kind| {
                 let status = BackendStatus {
-                    enabled,
-                    healthy: probed.is_some_and(healthy_now),
-                    circuit: self.gate(source).map(Gate::state),
+                    kind: None,
+                    enabled: false,
+                    healthy: false,
+                    circuit: None,
                 };
-                (source.as_str(), status)
+                (kind.to_string(), status)
+            });
+        let backends = instances
+            .map(|(i, instance)| {
+                let status = BackendStatus {
+                    kind: (instance.name.as_str() != instance.kind.as_str())
+                        .then_some(instance.kind),
+                    enabled: true,
+                    healthy: healthy_now((i, instance)),
+                    circuit: self.gate(instance).map(Gate::state),
+                };
+                (instance.name.to_string(), status)
             })
+            .chain(disabled)
             .collect();
         let body = HealthBody {
             status,
             version: env!("CARGO_PKG_VERSION"),
             uptime: self.state.started.elapsed().as_secs(),
             backends,
+            redis,
         };
         json(code, &body)
     }
 
-    fn gate(&self, source: Source) -> Option<&Gate> {
-        self.state.gates.iter().find(|g| g.backend() == source)
+    fn gate(&self, instance: &Instance) -> Option<&Gate> {
+        self.state.gates.iter().find(|g| g.instance() == instance)
     }
 
     /// `/readyz`: ready once any backend has answered a health probe.
@@ -195,16 +226,17 @@ impl ProbeState {
             HealthReport(
                 self.sources
                     .iter()
-                    .map(|&source| BackendHealth {
-                        source,
+                    .map(|instance| BackendHealth {
+                        source: instance.kind,
                         healthy: false,
                         detail: Some("health probe failed or timed out".into()),
                     })
                     .collect(),
             )
         });
-        for unhealthy in report.0.iter().filter(|b| !b.healthy) {
-            tracing::warn!(backend = %unhealthy.source, detail = ?unhealthy.detail, "backend unhealthy");
+        let probed = self.sources.iter().zip(&report.0);
+        for (instance, unhealthy) in probed.filter(|(_, b)| !b.healthy) {
+            tracing::warn!(backend = %instance.name, detail = ?unhealthy.detail, "backend unhealthy");
         }
         if report.0.iter().any(|b| b.healthy) {
             self.ready.store(true, Ordering::Release);

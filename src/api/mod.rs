@@ -28,7 +28,7 @@ use crate::error::ApiError;
 use crate::invalidation::Invalidator;
 use crate::middleware::cache::Caches;
 use crate::middleware::rate_limit::QuotaCharge;
-use crate::registry::BackendService;
+use crate::registry::{BackendService, Sources};
 use crate::BoxError;
 
 pub use self::handlers::cache_control;
@@ -167,6 +167,8 @@ pub struct Shared {
     pub routes: RouteTable,
     /// The registry: the cached, merged backends.
     pub registry: BackendService,
+    /// The configured backend instances, for reading `source=`.
+    pub sources: Sources,
     /// Cached backend health, for `/health` and `/readyz`.
     pub health: HealthProbe,
     /// Renders the Prometheus exposition for `/metrics`.

@@ -18,9 +18,7 @@ use crate::body::Body;
 use crate::error::ApiError;
 use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::constraint::Constraint;
-use crate::registry::{
-    BackendRequest, ExtensionKey, ExtensionName, ExtensionType, Source, Version,
-};
+use crate::registry::{BackendRequest, ExtensionKey, ExtensionName, ExtensionType, Version};
 use crate::BoxError;
 
 /// Most requirements one batch may hold.
@@ -125,7 +123,7 @@ impl Call<'_> {
     /// `GET /api/v1/resolve/{type}/{name}?constraint=…[&source=…][&prerelease=true]`.
     pub(super) async fn resolve(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
-        let source = query.parsed("source", str::parse::<Source>)?;
+        let source = self.source(query)?;
         let filter = match Filter::from_query(query)? {
             Some(filter) => filter,
             // Required here: refused as an empty one, with the same explanation.
@@ -262,7 +260,7 @@ async fn resolve_one(
     let source = requirement
         .source
         .as_deref()
-        .map(str::parse::<Source>)
+        .map(|text| shared.sources.selector(text))
         .transpose()?;
     let filter = Filter::new(&requirement.constraint, prerelease)?;
     let versions = shared

@@ -9,33 +9,32 @@ pub mod http;
 pub mod local;
 pub mod oci;
 
-use crate::config::{Config, ConfigError};
-use crate::registry::{BackendService, Source};
+use crate::config::{BackendSection, Config, ConfigError};
+use crate::registry::{BackendService, Instance, Source};
 
-/// Builds every configured backend, in precedence order (Gitea, OCI, GitHub, local). Secret files
-/// are read here, at start-up.
-pub fn from_config(config: &Config) -> Result<Vec<(Source, BackendService)>, ConfigError> {
-    let mut backends = Vec::new();
-    if let Some(gitea) = &config.gitea {
-        backends.push((
-            Source::Gitea,
-            BackendService::new(gitea::Gitea::new(gitea)?),
-        ));
-    }
-    if let Some(oci) = &config.oci {
-        backends.push((Source::Oci, BackendService::new(oci::OciBackend::new(oci)?)));
-    }
-    if let Some(github) = &config.github {
-        backends.push((
-            Source::Github,
-            BackendService::new(github::Github::new(github)?),
-        ));
-    }
-    if let Some(local) = &config.local {
-        backends.push((
-            Source::Local,
-            BackendService::new(local::Local::new(local)?),
-        ));
-    }
-    Ok(backends)
+/// Builds every configured backend instance, in precedence order (see
+/// [`Config::backends`]). Secret files are read here, at start-up.
+pub fn from_config(config: &Config) -> Result<Vec<(Instance, BackendService)>, ConfigError> {
+    config
+        .backends()
+        .into_iter()
+        .map(|section| {
+            let (kind, backend) = match section {
+                BackendSection::Gitea(c, _) => {
+                    (Source::Gitea, BackendService::new(gitea::Gitea::new(c)?))
+                }
+                BackendSection::Oci(c, _) => {
+                    (Source::Oci, BackendService::new(oci::OciBackend::new(c)?))
+                }
+                BackendSection::Github(c, _) => {
+                    (Source::Github, BackendService::new(github::Github::new(c)?))
+                }
+                BackendSection::Local(c, _) => {
+                    (Source::Local, BackendService::new(local::Local::new(c)?))
+                }
+            };
+            let name = section.name().into();
+            Ok((Instance { kind, name }, backend))
+        })
+        .collect()
 }

@@ -29,12 +29,13 @@ pub struct Keys {
 
 impl Keys {
     /// Reads the secret files `config` names (`[gitea] webhook_secret_path`, `[oci]
-    /// webhook_token_path`, `[admin] token_path`).
+    /// webhook_token_path`, `[admin] token_path`). One instance of a kind may set its
+    /// kind's webhook secret (validated with the configuration).
     pub fn load(config: &Config) -> Result<Self, ConfigError> {
         let gitea = config
             .gitea
-            .as_ref()
-            .and_then(|g| Some((g, g.webhook_secret_path.as_ref()?)))
+            .iter()
+            .find_map(|g| Some((g, g.webhook_secret_path.as_ref()?)))
             .map(|(g, path)| {
                 Ok::<_, ConfigError>(gitea::Receiver::new(
                     Secret::from_file(path, "[gitea] webhook_secret_path")?,
@@ -44,8 +45,8 @@ impl Keys {
             .transpose()?;
         let oci = config
             .oci
-            .as_ref()
-            .and_then(|o| Some((o, o.webhook_token_path.as_ref()?)))
+            .iter()
+            .find_map(|o| Some((o, o.webhook_token_path.as_ref()?)))
             .map(|(o, path)| {
                 Ok::<_, ConfigError>(oci::Receiver::new(
                     Secret::from_file(path, "[oci] webhook_token_path")?,

@@ -127,10 +127,7 @@ mod tests {
             "[oci]\nregistry = \"127.0.0.1:5000\"\nnamespace = \"/provisioning/\"\n",
         )
         .unwrap();
-        Receiver::new(
-            Secret::from_file(&path, "test").unwrap(),
-            config.oci.as_ref().unwrap(),
-        )
+        Receiver::new(Secret::from_file(&path, "test").unwrap(), &config.oci[0])
     }
 
     fn authorized() -> HeaderMap {

@@ -1,4 +1,5 @@
-//! Per-backend metrics, between the merge and each backend: how often each backend is asked
+//! Per-backend metrics, between the merge and each backend instance (the `backend` label is
+//! the instance's name, so bounded by the configuration): how often each backend is asked
 //! what, how it answers and how long it takes; the bytes of the downloads it streams, counted
 //! as they pass; and the extensions its listings return.
 
@@ -10,11 +11,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 use http_body_util::BodyExt;
+use metrics::SharedString;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::registry::{
-    ArtifactBody, BackendRequest, BackendResponse, Extension, ExtensionType, RegistryError, Source,
+    ArtifactBody, BackendRequest, BackendResponse, DigestMismatch, Extension, ExtensionType,
+    Instance, RegistryError,
 };
 use crate::BoxError;
 
@@ -24,6 +27,8 @@ pub const BACKEND_REQUESTS_TOTAL: &str = "backend_requests_total";
 pub const BACKEND_REQUEST_DURATION_SECONDS: &str = "backend_request_duration_seconds";
 /// Counter of artifact bytes streamed from a backend, by backend.
 pub const DOWNLOAD_BYTES_TOTAL: &str = "download_bytes_total";
+/// Counter of downloads aborted because their bytes did not match the digest, by backend.
+pub const DOWNLOAD_DIGEST_MISMATCH_TOTAL: &str = "download_digest_mismatch_total";
 /// Counter of the extensions backend listings returned, by backend and type.
 pub const EXTENSIONS_TOTAL: &str = "extensions_total";
 
@@ -57,15 +62,17 @@ fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
     }
 }
 
-/// Adds [`BackendMetrics`] to one backend.
-#[derive(Clone, Copy, Debug)]
+/// Adds [`BackendMetrics`] to one backend instance.
+#[derive(Clone, Debug)]
 pub struct BackendMetricsLayer {
-    backend: Source,
+    backend: SharedString,
 }
 
 impl BackendMetricsLayer {
-    pub fn new(backend: Source) -> Self {
-        Self { backend }
+    pub fn new(backend: impl Into<Instance>) -> Self {
+        Self {
+            backend: backend.into().name.shared().into(),
+        }
     }
 }
 
@@ -75,7 +82,7 @@ impl<S> Layer<S> for BackendMetricsLayer {
     fn layer(&self, inner: S) -> BackendMetrics<S> {
         BackendMetrics {
             inner,
-            backend: self.backend,
+            backend: self.backend.clone(),
         }
     }
 }
@@ -84,8 +91,8 @@ impl<S> Layer<S> for BackendMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct BackendMetrics<S> {
     inner: S,
-    /// The `backend` label.
-    backend: Source,
+    /// The `backend` label: the instance's name, shared, so a clone per call is a count.
+    backend: SharedString,
 }
 
 impl<S> Service<BackendRequest> for BackendMetrics<S>
@@ -102,7 +109,7 @@ where
 
     fn call(&mut self, req: BackendRequest) -> Self::Future {
         ResponseFuture {
-            backend: self.backend,
+            backend: self.backend.clone(),
             operation: operation(&req),
             start: Instant::now(),
             inner: self.inner.call(req),
@@ -114,7 +121,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        backend: Source,
+        backend: SharedString,
         operation: &'static str,
         start: Instant,
     }
@@ -129,11 +136,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
-        let backend = this.backend.as_str();
+        let backend = &*this.backend;
         let labels = [
-            ("backend", backend),
-            ("operation", *this.operation),
-            ("outcome", outcome(&result)),
+            ("backend", backend.clone()),
+            ("operation", SharedString::from(*this.operation)),
+            ("outcome", SharedString::from(outcome(&result))),
         ];
         metrics::counter!(BACKEND_REQUESTS_TOTAL, &labels).increment(1);
         metrics::histogram!(BACKEND_REQUEST_DURATION_SECONDS, &labels).record(this.start.elapsed());
@@ -145,7 +152,8 @@ where
             BackendResponse::Artifact(mut artifact) => {
                 artifact.body = CountingBody {
                     inner: artifact.body,
-                    bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend),
+                    bytes: metrics::counter!(DOWNLOAD_BYTES_TOTAL, "backend" => backend.clone()),
+                    backend: backend.clone(),
                 }
                 .boxed_unsync();
                 BackendResponse::Artifact(artifact)
@@ -155,11 +163,11 @@ where
     }
 }
 
-fn count_extensions(backend: &'static str, list: &[Extension]) {
+fn count_extensions(backend: &SharedString, list: &[Extension]) {
     for ty in ExtensionType::ALL {
         let n = list.iter().filter(|e| e.ty == ty).count();
         if n > 0 {
-            metrics::counter!(EXTENSIONS_TOTAL, "backend" => backend, "type" => ty.as_str())
+            metrics::counter!(EXTENSIONS_TOTAL, "backend" => backend.clone(), "type" => ty.as_str())
                 .increment(n as u64);
         }
     }
@@ -167,11 +175,14 @@ fn count_extensions(backend: &'static str, list: &[Extension]) {
 
 pin_project! {
     /// A download body that counts its bytes as they stream, so aborted and partial downloads
-    /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing.
+    /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing;
+    /// and a stream ended by a digest mismatch, by the instance it came from.
     struct CountingBody {
         #[pin]
         inner: ArtifactBody,
         bytes: metrics::Counter,
+        // The `backend` label of a digest mismatch.
+        backend: SharedString,
     }
 }
 
@@ -185,8 +196,18 @@ impl http_body::Body for CountingBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(data) = frame.as_ref().and_then(|f| f.as_ref().ok()?.data_ref()) {
-            this.bytes.increment(data.len() as u64);
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes.increment(data.len() as u64);
+                }
+            }
+            Some(Err(e)) if e.is::<DigestMismatch>() => {
+                let backend = this.backend.clone();
+                metrics::counter!(DOWNLOAD_DIGEST_MISMATCH_TOTAL, "backend" => backend)
+                    .increment(1);
+            }
+            _ => {}
         }
         Poll::Ready(frame)
     }
@@ -203,7 +224,7 @@ impl http_body::Body for CountingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, VersionSelector};
+    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, Source, VersionSelector};
     use crate::telemetry;
     use tower::ServiceExt;
 

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::config::CircuitBreakerConfig;
-use crate::registry::{BackendRequest, BackendResponse, RegistryError, Source};
+use crate::registry::{BackendRequest, BackendResponse, Instance, RegistryError, Source};
 
 /// Gauge of each backend's breaker: 0 closed, 1 half-open, 2 open.
 pub const BACKEND_CIRCUIT_STATE: &str = "backend_circuit_state";
@@ -94,7 +94,7 @@ pub struct Gate(Arc<GateInner>);
 
 #[derive(Debug)]
 struct GateInner {
-    backend: Source,
+    backend: Instance,
     policy: Policy,
     breaker: Mutex<Breaker>,
     /// `backend_circuit_state{backend}`, registered once.
@@ -109,10 +109,12 @@ enum Admission {
 }
 
 impl Gate {
-    /// A closed breaker for `backend`. Registers its gauge, so the recorder must be installed
-    /// before.
-    pub fn new(backend: Source, config: &CircuitBreakerConfig) -> Self {
-        let gauge = metrics::gauge!(BACKEND_CIRCUIT_STATE, "backend" => backend.as_str());
+    /// A closed breaker for the backend instance `backend`. Registers its gauge, so the
+    /// recorder must be installed before.
+    pub fn new(backend: impl Into<Instance>, config: &CircuitBreakerConfig) -> Self {
+        let backend = backend.into();
+        let gauge =
+            metrics::gauge!(BACKEND_CIRCUIT_STATE, "backend" => backend.name.as_str().to_owned());
         gauge.set(CircuitState::Closed.gauge_value());
         Self(Arc::new(GateInner {
             backend,
@@ -129,8 +131,14 @@ impl Gate {
         }))
     }
 
+    /// The kind of backend behind the breaker.
     pub fn backend(&self) -> Source {
-        self.0.backend
+        self.0.backend.kind
+    }
+
+    /// The backend instance behind the breaker.
+    pub fn instance(&self) -> &Instance {
+        &self.0.backend
     }
 
     /// The state now; an open breaker whose cool-down is over shows as half-open.
@@ -164,7 +172,7 @@ impl Gate {
 
     fn suspended(&self, reason: String, retry_after: Duration) -> RegistryError {
         RegistryError::BackendSuspended {
-            backend: self.0.backend,
+            backend: self.0.backend.kind,
             reason,
             retry_after,
         }
@@ -180,7 +188,7 @@ impl Gate {
                 Err(self.suspended(reason.clone(), *until - now))
             }
             State::Open { .. } | State::HalfOpen { probing: false } => {
-                tracing::info!(backend = %self.0.backend, "circuit half-open: probing the backend");
+                tracing::info!(backend = %self.0.backend.name, "circuit half-open: probing the backend");
                 self.set(&mut breaker, State::HalfOpen { probing: true });
                 Ok(Admission::Probe)
             }
@@ -200,7 +208,7 @@ impl Gate {
             }
         }
         tracing::warn!(
-            backend = %self.0.backend,
+            backend = %self.0.backend.name,
             seconds = wait.as_secs_f64(),
             %reason,
             "circuit open: the backend is not called until the cool-down ends"
@@ -228,7 +236,7 @@ impl Gate {
         match (admission, &breaker.state, sick) {
             // An answer from the probe (not-found and refused credentials are answers too).
             (Admission::Probe, _, None) => {
-                tracing::info!(backend = %self.0.backend, "circuit closed: the backend answered the probe");
+                tracing::info!(backend = %self.0.backend.name, "circuit closed: the backend answered the probe");
                 breaker.openings = 0;
                 self.set(&mut breaker, State::Closed { failures: 0 });
             }

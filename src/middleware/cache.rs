@@ -44,11 +44,12 @@ use crate::config::CacheConfig;
 use crate::invalidation::{Dropped, Scope};
 use crate::registry::{
     BackendFuture, BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter,
-    RegistryError, Source, Version,
+    RegistryError, SourceSelector, Version,
 };
 
-/// Key of the metadata and versions caches: the extension, and the backend when pinned.
-type ExtensionCacheKey = (ExtensionKey, Option<Source>);
+/// Key of the metadata and versions caches: the extension, and the backend kind or instance
+/// when pinned.
+type ExtensionCacheKey = (ExtensionKey, Option<SourceSelector>);
 
 /// The first wait before a key whose refresh failed is refreshed again.
 const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
@@ -660,10 +661,10 @@ where
         let key = match &req {
             BackendRequest::List(filter) if stores.list.enabled => Key::List(filter.clone()),
             BackendRequest::Get { key, source } if stores.metadata.enabled => {
-                Key::Metadata((key.clone(), *source))
+                Key::Metadata((key.clone(), source.clone()))
             }
             BackendRequest::Versions { key, source } if stores.versions.enabled => {
-                Key::Versions((key.clone(), *source))
+                Key::Versions((key.clone(), source.clone()))
             }
             _ => return Box::pin(self.inner.call(req)),
         };
@@ -814,14 +815,21 @@ where
         let ask = self.inner.clone().oneshot(self.req.clone());
         let policy = self.policy;
         async move {
-            let outcome = ask.await;
+            // An answer from the shared cache was fetched `age` ago, on whichever replica.
+            let (outcome, fetched) = match ask.await {
+                Ok(BackendResponse::Shared { response, age }) => {
+                    (Ok(*response), Instant::now().checked_sub(age))
+                }
+                other => (other, None),
+            };
             let store = &refresh.store;
             if store.generation.load(Ordering::Acquire) != refresh.generation {
                 // Invalidated meanwhile: its waiters find no new entry and ask again.
                 return;
             }
             let current = store.entries.get(&refresh.key).await;
-            let entry = policy.next(current.as_deref(), outcome, Instant::now());
+            let now = fetched.unwrap_or_else(Instant::now);
+            let entry = policy.next(current.as_deref(), outcome, now);
             store
                 .entries
                 .insert(refresh.key.clone(), Arc::new(entry))
@@ -856,7 +864,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::registry::{ExtensionName, ExtensionType, Timestamp};
+    use crate::registry::{ExtensionName, ExtensionType, Source, Timestamp};
 
     const TTL: Duration = Duration::from_secs(300);
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -884,6 +892,7 @@ mod tests {
             author: String::new(),
             repository: String::new(),
             source: Source::Local,
+            instance: Source::Local.into(),
             published_at: Timestamp::unix_epoch(),
             download_url: String::new(),
             size: 0,

@@ -14,6 +14,13 @@
 //!
 //! The per-client state is bounded: it is swept of idle clients at most once a second, and at
 //! `max_clients` new clients share one overflow quota instead of getting their own entry.
+//!
+//! With a [`SharedQuota`] (Redis, `[redis] enable_rate_limit`), the replicas count each client
+//! together: a request the local quota lets through is then decided by the shared one, and
+//! answered exactly as the local quota answers (429, `Retry-After`, `RateLimit-*`). The local
+//! quota stays in front as a pre-filter (a flooding client is refused without a round trip)
+//! and decides alone while the shared one does not answer in time. The extra charge of a
+//! batch ([`QuotaCharge`]) is taken from the local quota only.
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -25,6 +32,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use governor::clock::{Clock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
@@ -51,6 +59,46 @@ pub struct PeerAddr(pub SocketAddr);
 pub const RATE_LIMITED_TOTAL: &str = "rate_limited_total";
 /// Gauge of the clients whose quota state is kept, set at every sweep.
 pub const RATE_LIMIT_CLIENTS: &str = "rate_limit_clients";
+/// Counter of decisions, by which quota decided (`local`; `shared`; `fallback`: the local one
+/// because the shared one did not answer) and `outcome` (`allowed`, `refused`).
+pub const RATE_LIMIT_DECISIONS_TOTAL: &str = "rate_limit_decisions_total";
+
+/// A quota the replicas share, asked after the local one let a request through.
+pub trait SharedQuota: Send + Sync + 'static {
+    /// Takes `cost` requests from `client`'s shared quota, if they fit; `None` when the quota
+    /// did not answer in time (the local decision stands).
+    fn check(&self, client: IpAddr, cost: u32) -> BoxFuture<'static, Option<SharedDecision>>;
+}
+
+/// What the shared quota decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedDecision {
+    pub allowed: bool,
+    /// Requests the client may still make at once.
+    pub remaining: u32,
+    /// Until the request would fit (zero when allowed).
+    pub wait: Duration,
+    /// Until the client's whole burst is available again.
+    pub reset: Duration,
+}
+
+/// [`RATE_LIMIT_DECISIONS_TOTAL`], one series per label pair, registered once.
+struct Decisions {
+    local: [metrics::Counter; 2],
+    shared: [metrics::Counter; 2],
+    fallback: metrics::Counter,
+}
+
+impl Decisions {
+    fn new() -> Self {
+        let counter = |by: &'static str, outcome: &'static str| metrics::counter!(RATE_LIMIT_DECISIONS_TOTAL, "by" => by, "outcome" => outcome);
+        Self {
+            local: [counter("local", "allowed"), counter("local", "refused")],
+            shared: [counter("shared", "allowed"), counter("shared", "refused")],
+            fallback: counter("fallback", "allowed"),
+        }
+    }
+}
 
 /// How often idle clients are forgotten, at most.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -167,6 +215,10 @@ struct Limits {
     hinted: AtomicBool,
     /// `rate_limit_clients`, registered once.
     clients_gauge: metrics::Gauge,
+    /// Counts every decision.
+    decisions: Decisions,
+    /// The quota shared with the other replicas, if any.
+    shared: Option<Arc<dyn SharedQuota>>,
 }
 
 /// The quota state a response reports in `RateLimit-*` headers.
@@ -229,6 +281,8 @@ impl Limits {
             epoch: tokio::time::Instant::now(),
             hinted: AtomicBool::new(false),
             clients_gauge: metrics::gauge!(RATE_LIMIT_CLIENTS),
+            decisions: Decisions::new(),
+            shared: None,
         }
     }
 
@@ -297,7 +351,9 @@ impl Limits {
         }
         self.sweep_if_due();
         let key = client_key(self.client(req));
-        match self.limiter.check_key(&key) {
+        let decided = self.limiter.check_key(&key);
+        self.decisions.local[usize::from(decided.is_err())].increment(1);
+        match decided {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
                 let used = self.limit.saturating_sub(remaining);
@@ -312,23 +368,61 @@ impl Limits {
             }
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.limiter.clock().now());
-                let retry_after = retry_after(wait);
-                let full = wait + self.per_request * (self.limit - 1);
+                let (quotas, retry_after) =
+                    self.refused(wait, wait + self.per_request * (self.limit - 1));
                 Decision::Refused {
-                    quotas: Quotas {
-                        limit: self.limit,
-                        remaining: 0,
-                        reset: whole_seconds_up(full).max(retry_after),
-                    },
+                    quotas,
                     retry_after,
                 }
             }
         }
     }
+
+    /// A refusal's headers and `Retry-After`: the request fits after `wait`, the whole burst
+    /// after `full`.
+    fn refused(&self, wait: Duration, full: Duration) -> (Quotas, u64) {
+        let retry_after = retry_after(wait);
+        let quotas = Quotas {
+            limit: self.limit,
+            remaining: 0,
+            reset: whole_seconds_up(full).max(retry_after),
+        };
+        (quotas, retry_after)
+    }
+
+    /// The shared quota's decision on a request the local one let through with the headers
+    /// `local`: the headers to pass it with, or those of the 429 and its `Retry-After`. The
+    /// local decision when the shared quota did not answer.
+    fn shared_decision(
+        &self,
+        decided: Option<SharedDecision>,
+        local: Quotas,
+    ) -> Result<Quotas, (Quotas, u64)> {
+        let Some(decided) = decided else {
+            self.decisions.fallback.increment(1);
+            return Ok(local);
+        };
+        self.decisions.shared[usize::from(!decided.allowed)].increment(1);
+        if !decided.allowed {
+            return Err(self.refused(decided.wait, decided.reset));
+        }
+        Ok(Quotas {
+            limit: self.limit,
+            remaining: decided.remaining,
+            reset: whole_seconds_up(decided.reset),
+        })
+    }
 }
 
 fn retry_after(wait: Duration) -> u64 {
     whole_seconds_up(wait).max(1)
+}
+
+/// The 429 answer with its `RateLimit-*` headers.
+fn refused_response(quotas: Quotas, retry_after: u64) -> Response<Body> {
+    let mut response = refusal(retry_after).into_response();
+    quotas.insert_into(response.headers_mut());
+    response
 }
 
 /// The 429 answer, counted.
@@ -434,11 +528,20 @@ pub struct RateLimitLayer {
 }
 
 impl RateLimitLayer {
+    /// Each replica counting its own clients; see [`RateLimitLayer::shared`].
     pub fn new(config: &RateLimitConfig) -> Self {
+        Self::shared(config, None)
+    }
+
+    /// Counting clients together with the other replicas through `shared`, when given.
+    pub fn shared(config: &RateLimitConfig, shared: Option<Arc<dyn SharedQuota>>) -> Self {
         // Registered at zero so the series exists before the first refusal.
         metrics::counter!(RATE_LIMITED_TOTAL).increment(0);
         Self {
-            limits: Arc::new(Limits::new(config)),
+            limits: Arc::new(Limits {
+                shared,
+                ..Limits::new(config)
+            }),
         }
     }
 }
@@ -463,11 +566,13 @@ pub struct RateLimit<S> {
 
 impl<S, B> Service<Request<B>> for RateLimit<S>
 where
-    S: Service<Request<B>, Response = Response<Body>>,
+    S: Service<Request<B>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send,
+    B: Send + 'static,
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -484,32 +589,51 @@ where
                     limits: self.limits.clone(),
                     key,
                 });
-                ResponseFuture::Passed {
-                    inner: self.inner.call(req),
-                    quotas: Some(quotas),
+                let Some(shared) = &self.limits.shared else {
+                    return ResponseFuture::Passed {
+                        inner: self.inner.call(req),
+                        quotas: Some(quotas),
+                    };
+                };
+                let check = shared.check(key, 1);
+                let limits = self.limits.clone();
+                // The ready service is called once the shared quota has answered.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::Shared {
+                    future: Box::pin(async move {
+                        match limits.shared_decision(check.await, quotas) {
+                            Ok(quotas) => {
+                                let mut response = inner.call(req).await?;
+                                quotas.insert_into(response.headers_mut());
+                                Ok(response)
+                            }
+                            Err((quotas, retry_after)) => Ok(refused_response(quotas, retry_after)),
+                        }
+                    }),
                 }
             }
             Decision::Refused {
                 quotas,
                 retry_after,
-            } => {
-                let mut response = refusal(retry_after).into_response();
-                quotas.insert_into(response.headers_mut());
-                ResponseFuture::Refused {
-                    response: Some(response),
-                }
-            }
+            } => ResponseFuture::Refused {
+                response: Some(refused_response(quotas, retry_after)),
+            },
         }
     }
 }
 
 pin_project! {
     #[project = ResponseFutureProj]
-    pub enum ResponseFuture<F> {
+    pub enum ResponseFuture<F, E> {
         Passed {
             #[pin]
             inner: F,
             quotas: Option<Quotas>,
+        },
+        /// Waiting for the shared quota, then for the inner service.
+        Shared {
+            future: BoxFuture<'static, Result<Response<Body>, E>>,
         },
         Refused {
             response: Option<Response<Body>>,
@@ -517,7 +641,7 @@ pin_project! {
     }
 }
 
-impl<F, E> Future for ResponseFuture<F>
+impl<F, E> Future for ResponseFuture<F, E>
 where
     F: Future<Output = Result<Response<Body>, E>>,
 {
@@ -532,6 +656,7 @@ where
                 }
                 Poll::Ready(Ok(response))
             }
+            ResponseFutureProj::Shared { future } => future.as_mut().poll(cx),
             ResponseFutureProj::Refused { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => panic!("ResponseFuture polled after completion"),
@@ -559,7 +684,12 @@ mod tests {
     fn limited(
         layer: &RateLimitLayer,
     ) -> (
-        RateLimit<impl Service<Request<()>, Response = Response<Body>, Error = Infallible> + Clone>,
+        RateLimit<
+            impl Service<Request<()>, Response = Response<Body>, Error = Infallible, Future: Send>
+                + Clone
+                + Send
+                + 'static,
+        >,
         Arc<AtomicU64>,
     ) {
         let calls = Arc::new(AtomicU64::new(0));
@@ -844,5 +974,70 @@ mod tests {
         let text = "[local]\npath = \".\"\n[rate_limit]\ntrusted_proxies = [\"10.0.0.0/33\"]\n";
         let error = Config::parse(text, "test", None).unwrap_err().to_string();
         assert!(error.contains("trusted_proxies: '10.0.0.0/33'"), "{error}");
+    }
+
+    /// A shared quota answering what it is given, remembering who asked.
+    struct Answering(Option<SharedDecision>, std::sync::Mutex<Vec<IpAddr>>);
+
+    impl SharedQuota for Answering {
+        fn check(&self, client: IpAddr, _: u32) -> BoxFuture<'static, Option<SharedDecision>> {
+            self.1.lock().unwrap().push(client);
+            let decided = self.0;
+            Box::pin(async move { decided })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_shared_quota_decides_what_the_local_one_lets_through_and_answers_alike() {
+        tokio::time::pause();
+        let refusing = SharedDecision {
+            allowed: false,
+            remaining: 0,
+            wait: Duration::from_millis(1500),
+            reset: Duration::from_millis(2500),
+        };
+        let allowing = SharedDecision {
+            allowed: true,
+            remaining: 7,
+            wait: Duration::ZERO,
+            reset: Duration::from_millis(2100),
+        };
+        for (decided, status, remaining, reset) in [
+            (Some(refusing), StatusCode::TOO_MANY_REQUESTS, "0", "3"),
+            (Some(allowing), StatusCode::OK, "7", "3"),
+            // Not answering: the local quota decides.
+            (None, StatusCode::OK, "9", "1"),
+        ] {
+            let shared = Arc::new(Answering(decided, Default::default()));
+            let layer = RateLimitLayer::shared(&config(10, ""), Some(shared.clone()));
+            let (service, calls) = limited(&layer);
+            let response = respond(&service, request("/api/v1/extensions", "192.0.2.1", &[])).await;
+            assert_eq!(response.status(), status, "{decided:?}");
+            assert_eq!(header(&response, "ratelimit-limit"), "10");
+            assert_eq!(header(&response, "ratelimit-remaining"), remaining);
+            assert_eq!(header(&response, "ratelimit-reset"), reset);
+            let refused = status == StatusCode::TOO_MANY_REQUESTS;
+            if refused {
+                assert_eq!(header(&response, "retry-after"), "2");
+            }
+            assert_eq!(calls.load(Ordering::Relaxed), u64::from(!refused));
+            assert_eq!(
+                *shared.1.lock().unwrap(),
+                ["192.0.2.1".parse::<IpAddr>().unwrap()]
+            );
+        }
+
+        // What the local quota refuses never reaches the shared one, nor do exempt paths.
+        let shared = Arc::new(Answering(Some(allowing), Default::default()));
+        let layer = RateLimitLayer::shared(&config(1, ""), Some(shared.clone()));
+        let (service, _) = limited(&layer);
+        let req = || request("/api/v1/extensions", "192.0.2.1", &[]);
+        assert_eq!(status(&service, req()).await, StatusCode::OK);
+        assert_eq!(status(&service, req()).await, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            status(&service, request("/livez", "192.0.2.1", &[])).await,
+            StatusCode::OK
+        );
+        assert_eq!(shared.1.lock().unwrap().len(), 1);
     }
 }

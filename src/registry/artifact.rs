@@ -143,7 +143,8 @@ pub fn download_etag(checksum: &str) -> Option<String> {
     sha256_digest(checksum).map(|digest| format!("\"sha256:{}\"", encode_hex(&digest)))
 }
 
-/// The error a download ends with when its bytes do not match the expected digest.
+/// The error a download ends with when its bytes do not match the expected digest (counted
+/// per backend instance by `middleware::backend_metrics`).
 #[derive(Debug, thiserror::Error)]
 #[error("{backend} artifact {what}: sha256 mismatch (expected {expected}, got {actual})")]
 pub struct DigestMismatch {
@@ -253,8 +254,6 @@ where
                         actual: encode_hex(&actual),
                     };
                     tracing::error!(error = %err, "download aborted");
-                    metrics::counter!("download_digest_mismatch_total", "backend" => this.backend.as_str())
-                        .increment(1);
                     return Poll::Ready(Some(Err(err.into())));
                 }
             }

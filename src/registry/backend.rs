@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tower::util::BoxCloneSyncService;
 
 use crate::registry::{
-    Artifact, ByteRange, Extension, ExtensionKey, ExtensionType, RegistryError, Source, Version,
-    VersionSelector,
+    Artifact, ByteRange, Extension, ExtensionKey, ExtensionType, RegistryError, Source,
+    SourceSelector, Version, VersionSelector,
 };
 
 /// A backend as the rest of the program holds it.
@@ -23,7 +23,7 @@ pub type BackendFuture =
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ListFilter {
     pub ty: Option<ExtensionType>,
-    pub source: Option<Source>,
+    pub source: Option<SourceSelector>,
 }
 
 /// What a backend (or the merged registry) can be asked.
@@ -31,22 +31,22 @@ pub struct ListFilter {
 pub enum BackendRequest {
     /// Every extension matching the filter, each at its current version, in no particular order.
     List(ListFilter),
-    /// One extension at its current version. `source` pins the backend when merged.
+    /// One extension at its current version. `source` pins the backends when merged.
     Get {
         key: ExtensionKey,
-        source: Option<Source>,
+        source: Option<SourceSelector>,
     },
     /// All versions of one extension, newest first.
     Versions {
         key: ExtensionKey,
-        source: Option<Source>,
+        source: Option<SourceSelector>,
     },
     /// The artifact of one version, as a stream: all of it, or the one byte range asked for
     /// (see [`crate::registry::select`] for how a backend settles what it serves).
     Download {
         key: ExtensionKey,
         version: VersionSelector,
-        source: Option<Source>,
+        source: Option<SourceSelector>,
         range: Option<ByteRange>,
     },
     /// What `Download` would answer, from metadata alone (name, size, checksum), with an
@@ -54,7 +54,7 @@ pub enum BackendRequest {
     DownloadHead {
         key: ExtensionKey,
         version: VersionSelector,
-        source: Option<Source>,
+        source: Option<SourceSelector>,
     },
     /// Whether the backend answers.
     Health,
@@ -76,6 +76,12 @@ pub enum BackendResponse {
     Stale {
         response: Box<BackendResponse>,
         error: Option<RegistryError>,
+    },
+    /// An answer another replica fetched `age` ago, found in the shared cache: the cache above
+    /// judges its freshness from when it was fetched, so every replica judges it alike.
+    Shared {
+        response: Box<BackendResponse>,
+        age: std::time::Duration,
     },
 }
 
@@ -114,7 +120,7 @@ impl BackendResponse {
 
     fn fresh(self) -> Self {
         match self {
-            Self::Stale { response, .. } => response.fresh(),
+            Self::Stale { response, .. } | Self::Shared { response, .. } => response.fresh(),
             other => other,
         }
     }

@@ -1,6 +1,7 @@
-//! The registry as one service over every configured backend: listings fan out and merge in a
-//! fixed order, single lookups take the first backend (in precedence order) that has the
-//! extension, downloads try backends one at a time so only one stream is ever opened.
+//! The registry as one service over every configured backend instance: listings fan out and
+//! merge in a fixed order, single lookups take the first instance (in precedence order) that
+//! has the extension, downloads try instances one at a time so only one stream is ever opened.
+//! Each extension answered is named after the instance that found it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,30 +11,31 @@ use futures_util::future::join_all;
 use tower::{Service, ServiceExt};
 
 use crate::registry::{
-    BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
-    RegistryError, Source,
+    BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, Extension,
+    HealthReport, Instance, RegistryError, Sources,
 };
 
 /// How long each backend's health probe may take: one slow backend is reported unhealthy
 /// without holding back the others' reports.
 pub const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Fans requests out over the backends, held in precedence order (Gitea, OCI, GitHub, local).
+/// Fans requests out over the backend instances, held in precedence order (by `priority`;
+/// by default Gitea, OCI, GitHub, local, each kind's instances in file order).
 #[derive(Clone)]
 pub struct Merge {
-    backends: Arc<[(Source, BackendService)]>,
+    backends: Arc<[(Instance, BackendService)]>,
 }
 
 impl Merge {
-    pub fn new(backends: Vec<(Source, BackendService)>) -> Self {
+    pub fn new(backends: Vec<(Instance, BackendService)>) -> Self {
         Self {
             backends: backends.into(),
         }
     }
 
-    /// The configured backend kinds, in precedence order.
-    pub fn sources(&self) -> Vec<Source> {
-        self.backends.iter().map(|(s, _)| *s).collect()
+    /// The configured instances, in precedence order.
+    pub fn sources(&self) -> Sources {
+        Sources::new(self.backends.iter().map(|(i, _)| i.clone()).collect())
     }
 }
 
@@ -42,6 +44,36 @@ async fn ask(
     req: BackendRequest,
 ) -> Result<BackendResponse, RegistryError> {
     backend.ready().await?.call(req).await
+}
+
+/// Asks one instance, naming it in the extensions it answers with.
+async fn ask_instance(
+    (instance, backend): (Instance, BackendService),
+    req: BackendRequest,
+) -> Result<BackendResponse, RegistryError> {
+    ask(backend, req)
+        .await
+        .map(|response| found_in(&instance, response))
+}
+
+/// `response` with every extension in it named after `instance`.
+fn found_in(instance: &Instance, response: BackendResponse) -> BackendResponse {
+    let name = |e: &mut Extension| e.instance = instance.name.clone();
+    match response {
+        BackendResponse::List(mut list) => {
+            Arc::make_mut(&mut list).iter_mut().for_each(name);
+            BackendResponse::List(list)
+        }
+        BackendResponse::Extension(mut extension) => {
+            name(Arc::make_mut(&mut extension));
+            BackendResponse::Extension(extension)
+        }
+        BackendResponse::Stale { response, error } => BackendResponse::Stale {
+            response: Box::new(found_in(instance, *response)),
+            error,
+        },
+        other => other,
+    }
 }
 
 /// The answer for a lookup that every candidate backend was asked: the first success in
@@ -78,30 +110,30 @@ impl Service<BackendRequest> for Merge {
         let backends = self.backends.clone();
         Box::pin(async move {
             let pinned = match &req {
-                BackendRequest::List(f) => f.source,
+                BackendRequest::List(f) => f.source.as_ref(),
                 BackendRequest::Get { source, .. }
                 | BackendRequest::Versions { source, .. }
                 | BackendRequest::Download { source, .. }
-                | BackendRequest::DownloadHead { source, .. } => *source,
+                | BackendRequest::DownloadHead { source, .. } => source.as_ref(),
                 BackendRequest::Health => None,
             };
             let candidates: Vec<_> = backends
                 .iter()
-                .filter(|(s, _)| pinned.is_none_or(|p| p == *s))
+                .filter(|(instance, _)| pinned.is_none_or(|p| p.admits(instance)))
                 .cloned()
                 .collect();
             match req {
                 BackendRequest::List(_) => list(candidates, req).await,
                 BackendRequest::Get { ref key, .. } | BackendRequest::Versions { ref key, .. } => {
                     let not_found = RegistryError::not_found(key);
-                    let asks = candidates.into_iter().map(|(_, b)| ask(b, req.clone()));
+                    let asks = candidates.into_iter().map(|c| ask_instance(c, req.clone()));
                     first_found(join_all(asks).await, not_found)
                 }
                 BackendRequest::Download { ref key, .. }
                 | BackendRequest::DownloadHead { ref key, .. } => {
                     let mut results = Vec::new();
-                    for (_, backend) in candidates {
-                        let result = ask(backend, req.clone()).await;
+                    for candidate in candidates {
+                        let result = ask_instance(candidate, req.clone()).await;
                         let found = result.is_ok();
                         results.push(result);
                         if found {
@@ -117,22 +149,23 @@ impl Service<BackendRequest> for Merge {
 }
 
 async fn list(
-    candidates: Vec<(Source, BackendService)>,
+    candidates: Vec<(Instance, BackendService)>,
     req: BackendRequest,
 ) -> Result<BackendResponse, RegistryError> {
-    let asks = candidates.iter().map(|(_, b)| ask(b.clone(), req.clone()));
+    let names: Vec<_> = candidates.iter().map(|(i, _)| i.name.clone()).collect();
+    let asks = candidates.into_iter().map(|c| ask_instance(c, req.clone()));
     let results = join_all(asks).await;
     let mut merged = Vec::new();
     let mut fault = None;
-    let mut answered = candidates.is_empty();
-    for ((source, _), result) in candidates.iter().zip(results) {
+    let mut answered = names.is_empty();
+    for (name, result) in names.iter().zip(results) {
         match result.and_then(BackendResponse::into_list) {
             Ok(list) => {
                 answered = true;
                 merged.extend(list.iter().cloned());
             }
             Err(e) => {
-                tracing::warn!(backend = %source, error = %e, "backend left out of the listing");
+                tracing::warn!(backend = %name, error = %e, "backend left out of the listing");
                 fault.get_or_insert(e);
             }
         }
@@ -142,6 +175,7 @@ async fn list(
             return Err(e);
         }
     }
+    // Stable: entries equal in all of this stay in precedence order, as collected.
     merged.sort_by(|a, b| {
         (a.ty, &a.name, a.source)
             .cmp(&(b.ty, &b.name, b.source))
@@ -162,29 +196,32 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
     }
 }
 
+/// One report per instance, in precedence order (the order [`Merge::sources`] gives).
 async fn health(
-    candidates: Vec<(Source, BackendService)>,
+    candidates: Vec<(Instance, BackendService)>,
 ) -> Result<BackendResponse, RegistryError> {
-    let asks = candidates.iter().map(|(source, b)| async move {
-        let probe = ask(b.clone(), BackendRequest::Health);
-        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
-            .await
-            .unwrap_or_else(|_| {
-                Err(RegistryError::unavailable(
-                    *source,
-                    format!(
-                        "no answer to the health probe within {} s",
-                        HEALTH_PROBE_TIMEOUT.as_secs()
-                    ),
-                ))
-            })
-    });
+    let asks = candidates
+        .iter()
+        .map(|(Instance { kind: source, .. }, b)| async move {
+            let probe = ask(b.clone(), BackendRequest::Health);
+            tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(RegistryError::unavailable(
+                        *source,
+                        format!(
+                            "no answer to the health probe within {} s",
+                            HEALTH_PROBE_TIMEOUT.as_secs()
+                        ),
+                    ))
+                })
+        });
     let results = join_all(asks).await;
     let report = candidates
         .iter()
         .zip(results)
-        .map(
-            |((source, _), result)| match result.and_then(BackendResponse::into_health) {
+        .map(|((Instance { kind: source, .. }, _), result)| {
+            match result.and_then(BackendResponse::into_health) {
                 Ok(HealthReport(mut own)) if !own.is_empty() => own.swap_remove(0),
                 Ok(_) => BackendHealth {
                     source: *source,
@@ -196,8 +233,8 @@ async fn health(
                     healthy: false,
                     detail: Some(e.to_string()),
                 },
-            },
-        )
+            }
+        })
         .collect();
     Ok(BackendResponse::Health(HealthReport(report)))
 }

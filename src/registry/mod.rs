@@ -12,8 +12,8 @@ mod search;
 pub mod version;
 
 pub use self::artifact::{
-    download_etag, select, sha256_digest, Artifact, ArtifactBody, ByteRange, RangeSpec, Served,
-    Span, VerifyingBody,
+    download_etag, select, sha256_digest, Artifact, ArtifactBody, ByteRange, DigestMismatch,
+    RangeSpec, Served, Span, VerifyingBody,
 };
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
@@ -22,7 +22,7 @@ pub use self::backend::{
 pub use self::error::RegistryError;
 pub use self::merge::{Merge, HEALTH_PROBE_TIMEOUT};
 pub use self::model::{
-    Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, Source, Timestamp,
-    Version, VersionSelector, VersionTag,
+    Extension, ExtensionInfo, ExtensionKey, ExtensionName, ExtensionType, Instance, InstanceName,
+    Source, SourceSelector, Sources, Timestamp, Version, VersionSelector, VersionTag,
 };
 pub use self::search::search;

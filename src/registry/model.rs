@@ -4,15 +4,16 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
 
 use crate::registry::RegistryError;
 
 /// The three kinds of extension the provisioning tools know.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExtensionType {
     Provider,
@@ -50,7 +51,7 @@ impl FromStr for ExtensionType {
 }
 
 /// Where an extension was found. The order of the variants is the tie-break order of listings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Gitea,
@@ -89,6 +90,148 @@ impl FromStr for Source {
                 name: "source",
                 reason: "must be one of: gitea, oci, github, local".into(),
             })
+    }
+}
+
+/// The name of one configured backend instance (`[a-z0-9-]{1,32}`, unique in the
+/// configuration); a single-table `[gitea]` … is named after its kind. Cheap to clone.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceName(Arc<str>);
+
+impl InstanceName {
+    pub const MAX_LEN: usize = 32;
+
+    /// Whether `s` may name an instance.
+    pub fn is_valid(s: &str) -> bool {
+        (1..=Self::MAX_LEN).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The name, shared (for metric labels, cloned per call).
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
+}
+
+impl From<&str> for InstanceName {
+    fn from(s: &str) -> Self {
+        Self(s.into())
+    }
+}
+
+impl From<Source> for InstanceName {
+    fn from(kind: Source) -> Self {
+        Self::from(kind.as_str())
+    }
+}
+
+impl fmt::Display for InstanceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for InstanceName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// Read back from answers the replicas share (`[redis]`), which this service wrote.
+impl<'de> Deserialize<'de> for InstanceName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|name| Self(name.into()))
+    }
+}
+
+/// One configured backend: its kind and its name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Instance {
+    pub kind: Source,
+    pub name: InstanceName,
+}
+
+impl From<Source> for Instance {
+    /// The instance a single-table section (`[gitea]` …) configures.
+    fn from(kind: Source) -> Self {
+        Self {
+            kind,
+            name: kind.into(),
+        }
+    }
+}
+
+/// What `source=` pins a request to: every instance of a kind, or one instance.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum SourceSelector {
+    Kind(Source),
+    Instance(Instance),
+}
+
+impl SourceSelector {
+    /// Whether `instance` is one the selector names.
+    pub fn admits(&self, instance: &Instance) -> bool {
+        match self {
+            Self::Kind(kind) => *kind == instance.kind,
+            Self::Instance(named) => named == instance,
+        }
+    }
+
+    /// The kind of backend every admitted instance is.
+    pub fn kind(&self) -> Source {
+        match self {
+            Self::Kind(kind) => *kind,
+            Self::Instance(instance) => instance.kind,
+        }
+    }
+}
+
+impl From<Source> for SourceSelector {
+    fn from(kind: Source) -> Self {
+        Self::Kind(kind)
+    }
+}
+
+/// The configured instances, in precedence order: what `source=` may name.
+#[derive(Clone, Debug, Default)]
+pub struct Sources(Arc<[Instance]>);
+
+impl Sources {
+    pub fn new(instances: Vec<Instance>) -> Self {
+        Self(instances.into())
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Instance> {
+        self.0.iter()
+    }
+
+    /// Reads a `source=` value: a kind (all its instances, configured or not) or the name
+    /// of a configured instance. Anything else is refused with the list of what is accepted.
+    pub fn selector(&self, text: &str) -> Result<SourceSelector, RegistryError> {
+        if let Some(kind) = Source::ALL.into_iter().find(|k| k.as_str() == text) {
+            return Ok(SourceSelector::Kind(kind));
+        }
+        if let Some(instance) = self.0.iter().find(|i| i.name.as_str() == text) {
+            return Ok(SourceSelector::Instance(instance.clone()));
+        }
+        let kinds = Source::ALL.map(Source::as_str);
+        let names = self.0.iter().map(|i| i.name.as_str());
+        let accepted: Vec<&str> = kinds
+            .into_iter()
+            .chain(names.filter(|n| !kinds.contains(n)))
+            .collect();
+        Err(RegistryError::InvalidParameter {
+            name: "source",
+            reason: format!(
+                "must be a backend kind or a configured instance, one of: {}",
+                accepted.join(", ")
+            ),
+        })
     }
 }
 
@@ -250,8 +393,17 @@ impl Serialize for Timestamp {
     }
 }
 
+/// Read back what [`Serialize`] wrote (answers shared between replicas).
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Self::parse_rfc3339(&text)
+            .ok_or_else(|| serde::de::Error::custom("expected an RFC 3339 timestamp"))
+    }
+}
+
 /// An extension as the API shows it: the fields of its latest version plus its description.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extension {
     pub name: String,
     #[serde(rename = "type")]
@@ -261,24 +413,26 @@ pub struct Extension {
     pub author: String,
     pub repository: String,
     pub source: Source,
+    /// The configured instance it was found in (see [`InstanceName`]).
+    pub instance: InstanceName,
     pub published_at: Timestamp,
     pub download_url: String,
     pub size: u64,
     /// `sha256:<hex>` when the backend knows it.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
 }
 
 /// One published version of an extension.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
     pub version: String,
     pub published_at: Timestamp,
     pub download_url: String,
     pub size: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checksum: Option<String>,
 }
 
@@ -292,7 +446,8 @@ pub struct ExtensionInfo {
 }
 
 impl Extension {
-    /// Builds the API view of an extension from its descriptive fields and its latest version.
+    /// Builds the API view of an extension from its descriptive fields and its latest version,
+    /// named after the single instance of its kind; the merge names the instance that found it.
     pub fn new(key: &ExtensionKey, source: Source, info: ExtensionInfo, latest: &Version) -> Self {
         Self {
             name: key.name.as_str().to_owned(),
@@ -302,6 +457,7 @@ impl Extension {
             author: info.author,
             repository: info.repository,
             source,
+            instance: source.into(),
             published_at: latest.published_at,
             download_url: latest.download_url.clone(),
             size: latest.size,

@@ -57,6 +57,7 @@ mod tests {
             author: String::new(),
             repository: String::new(),
             source: Source::Local,
+            instance: Source::Local.into(),
             published_at: Timestamp::unix_epoch(),
             download_url: String::new(),
             size: 0,

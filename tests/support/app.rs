@@ -48,7 +48,7 @@ pub fn counting(inner: BackendService) -> (BackendService, Arc<AtomicUsize>) {
 /// The local backend over `root`.
 pub fn local_backend(root: &Path) -> BackendService {
     let config = local_config(root, "");
-    let local = extension_registry::backend::local::Local::new(config.local.as_ref().unwrap())
+    let local = extension_registry::backend::local::Local::new(&config.local[0])
         .expect("local root exists");
     BackendService::new(local)
 }

@@ -546,6 +546,8 @@ impl GiteaSim {
     /// A `[gitea]` section pointing at this simulator, anonymous, 5 s timeout.
     pub fn gitea_config(&self) -> GiteaConfig {
         GiteaConfig {
+            name: None,
+            priority: None,
             url: self.url(),
             organization: self.state.config.org.clone(),
             token_path: None,

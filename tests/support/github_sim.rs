@@ -356,6 +356,8 @@ impl GithubSim {
     /// A `[github]` section pointing at this simulator, anonymous.
     pub fn github_config(&self) -> GithubConfig {
         GithubConfig {
+            name: None,
+            priority: None,
             api_url: self.url(),
             owner: self.state.config.owner.clone(),
             token_path: None,

@@ -198,7 +198,11 @@ impl Inner {
 
     /// Every extension at its current version. Repositories that fail are logged and left out.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
-        if filter.source.is_some_and(|s| s != Source::Gitea) {
+        if filter
+            .source
+            .as_ref()
+            .is_some_and(|s| s.kind() != Source::Gitea)
+        {
             return Ok(Vec::new());
         }
         let repos: Vec<Repository> = self

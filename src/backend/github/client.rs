@@ -100,6 +100,8 @@ pub struct Api {
     suspended: Mutex<Option<(Instant, String)>>,
     /// Whether the owner's repositories are listed under `orgs/` or `users/`.
     owner_kind: AtomicU8,
+    /// The instance's name: the `backend` label of its metrics.
+    instance: String,
 }
 
 /// A page (or object) as [`Api::fetch`] returns it.
@@ -116,12 +118,14 @@ impl Api {
         root: Url,
         owner: String,
         authorization: Option<HeaderValue>,
+        instance: String,
     ) -> Self {
         Self {
             http,
             root,
             owner,
             authorization,
+            instance,
             memo: moka::future::Cache::builder()
                 .max_capacity(MEMO_BYTES)
                 .weigher(|url: &String, held: &Arc<Held>| {
@@ -204,7 +208,7 @@ impl Api {
             // GHES without rate limits sends none.
             return;
         };
-        metrics::gauge!(BACKEND_RATE_LIMIT_REMAINING, "backend" => Source::Github.as_str())
+        metrics::gauge!(BACKEND_RATE_LIMIT_REMAINING, "backend" => self.instance.clone())
             .set(remaining as f64);
         if remaining == 0 && response.status().is_success() {
             let wait = until_reset(headers, SystemTime::now()).unwrap_or(SECONDARY_WAIT);
@@ -271,7 +275,7 @@ impl Api {
             let value = Arc::clone(&held.value)
                 .downcast::<T>()
                 .map_err(|_| RegistryError::Internal(format!("{what}: memo of another type")))?;
-            metrics::counter!(BACKEND_REVALIDATIONS_TOTAL, "backend" => Source::Github.as_str(), "outcome" => "not_modified").increment(1);
+            metrics::counter!(BACKEND_REVALIDATIONS_TOTAL, "backend" => self.instance.clone(), "outcome" => "not_modified").increment(1);
             return Ok(Some(Fetched {
                 value,
                 next: held.next.clone(),
@@ -282,7 +286,7 @@ impl Api {
             return Ok(None);
         };
         if held.is_some() {
-            metrics::counter!(BACKEND_REVALIDATIONS_TOTAL, "backend" => Source::Github.as_str(), "outcome" => "changed").increment(1);
+            metrics::counter!(BACKEND_REVALIDATIONS_TOTAL, "backend" => self.instance.clone(), "outcome" => "changed").increment(1);
         }
         let headers = response.headers();
         let etag = headers.get(ETAG).cloned();
@@ -570,6 +574,7 @@ mod tests {
             Url::parse("https://ghe.test/api/v3/").unwrap(),
             "o".into(),
             None,
+            "github".into(),
         );
         let carries = |u: &str| api.carries_token(&Url::parse(u).unwrap());
         assert!(carries("https://ghe.test/api/v3/orgs/o/repos?per_page=100"));

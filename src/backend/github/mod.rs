@@ -93,7 +93,13 @@ impl Github {
             .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                api: Api::new(client, root, config.owner.clone(), authorization),
+                api: Api::new(
+                    client,
+                    root,
+                    config.owner.clone(),
+                    authorization,
+                    config.instance_name().to_owned(),
+                ),
                 include_archived: config.include_archived,
                 max_concurrency: config.max_concurrency.max(1),
                 sidecars: moka::future::Cache::builder()
@@ -168,7 +174,11 @@ impl Inner {
     /// out, except for a rate limit: then the whole listing fails as suspended, so the cache
     /// above serves what it holds instead of a listing with holes.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
-        if filter.source.is_some_and(|s| s != Source::Github) {
+        if filter
+            .source
+            .as_ref()
+            .is_some_and(|s| s.kind() != Source::Github)
+        {
             return Ok(Vec::new());
         }
         let pages = self

@@ -359,7 +359,7 @@ impl Registry {
     pub fn oci_config(&self, namespace: &str, credentials: Option<(&str, &str)>) -> OciConfig {
         let toml = self.oci_toml(namespace, credentials);
         let config = Config::parse(&toml, "oci-test.toml", None).expect("valid [oci] section");
-        config.oci.expect("an [oci] section")
+        config.oci.into_iter().next().expect("an [oci] section")
     }
 
     fn push_auth(&self, repo: &str, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

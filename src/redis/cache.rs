@@ -1,0 +1,496 @@
+//! The shared cache level, under each replica's in-process cache: what one replica fetched
+//! from the backends, the others take from Redis; and a key cold everywhere is fetched by one
+//! replica only (cluster-wide single-flight).
+//!
+//! Only listings, single extensions and versions are shared (renderings and compressed forms
+//! are cheap to rebuild per replica). A value is stored as JSON with the time it was fetched
+//! (`fetched_at_ms`, wall clock) and the schema version in its key; the replica that takes it
+//! hands its age up ([`BackendResponse::Shared`]), so the cache above judges its freshness,
+//! stale-while-revalidate and stale-if-error windows from when it was fetched, as every other
+//! replica does. It is served from here only while fresh (`ttl_seconds`); "not found" is
+//! shared too, for `negative_ttl_seconds`. Redis expires a value once no replica could serve
+//! it any more.
+//!
+//! Single-flight: the replica that misses takes a lock (`SET NX PX`, expiring after the
+//! request timeout, so a replica dying with it holds nobody up for longer) and asks the
+//! backends; the others poll for its answer (every 10 ms, doubling to 200 ms) while the lock
+//! is held, for at most nine tenths of the request timeout, then ask the backends
+//! themselves. A lock gone with no answer (its holder failed or died) is taken over by the
+//! next poller. Whenever Redis does not answer, the request goes straight to the backends.
+//!
+//! An invalidation drops the shared answers its scope covers ([`SharedLevel::forget`]): the
+//! keys under `{key_prefix}v1:cache:` are walked with `SCAN` (1000 at a time, each step
+//! bounded like any command) and the covered ones removed with `UNLINK`, so its cost grows
+//! with the number of keys in the database, once per invalidation, never per request.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+
+use super::Redis;
+use crate::config::CacheConfig;
+use crate::invalidation::{Scope, SharedLevel};
+use crate::registry::{
+    BackendFuture, BackendRequest, BackendResponse, Extension, RegistryError, SourceSelector,
+    Version,
+};
+
+/// How many keys one `SCAN` step of an invalidation looks at.
+const SCAN_COUNT: u64 = 1000;
+
+/// The first wait between polls for another replica's answer.
+const POLL_INITIAL: Duration = Duration::from_millis(10);
+/// The longest.
+const POLL_MAX: Duration = Duration::from_millis(200);
+
+/// Deletes the lock only if it is still the one this replica took (a lock that expired may
+/// have been taken over).
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// An answer as it is kept in Redis.
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    /// When a backend gave it, in milliseconds since the Unix epoch.
+    fetched_at_ms: u64,
+    answer: Answer,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer {
+    List(Vec<Extension>),
+    Extension(Box<Extension>),
+    Versions(Vec<Version>),
+    /// "Not found", with its message.
+    NotFound(String),
+}
+
+impl Answer {
+    /// What of a backend outcome is shared: values and "not found", never failures.
+    fn of(outcome: &Result<BackendResponse, RegistryError>) -> Option<Self> {
+        match outcome {
+            Ok(BackendResponse::List(l)) => Some(Self::List(l.to_vec())),
+            Ok(BackendResponse::Extension(e)) => Some(Self::Extension(Box::new((**e).clone()))),
+            Ok(BackendResponse::Versions(v)) => Some(Self::Versions(v.to_vec())),
+            Err(RegistryError::NotFound(message)) => Some(Self::NotFound(message.clone())),
+            _ => None,
+        }
+    }
+
+    fn outcome(self, age: Duration) -> Result<BackendResponse, RegistryError> {
+        let response = match self {
+            Self::List(l) => BackendResponse::List(Arc::new(l)),
+            Self::Extension(e) => BackendResponse::Extension(Arc::from(e)),
+            Self::Versions(v) => BackendResponse::Versions(Arc::new(v)),
+            Self::NotFound(message) => return Err(RegistryError::NotFound(message)),
+        };
+        Ok(BackendResponse::Shared {
+            response: Box::new(response),
+            age,
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The freshness rules, from `[cache]` and the request timeout.
+#[derive(Clone, Copy, Debug)]
+struct Rules {
+    ttl: Duration,
+    negative_ttl: Duration,
+    /// How long Redis keeps a value: as long as a replica could serve it, fresh or stale.
+    keep: Duration,
+    /// The lock's expiry.
+    lock: Duration,
+    /// How long a replica waits for another's answer.
+    wait: Duration,
+}
+
+/// Counters of the shared cache.
+struct Counters {
+    hits: metrics::Counter,
+    misses: metrics::Counter,
+    lock_waits: metrics::Counter,
+    takeovers: metrics::Counter,
+}
+
+/// Puts the shared cache under the in-process one.
+#[derive(Clone)]
+pub struct SharedCacheLayer {
+    state: Arc<State>,
+}
+
+struct State {
+    redis: Redis,
+    rules: Rules,
+    counters: Counters,
+    release: redis::Script,
+}
+
+impl SharedCacheLayer {
+    pub fn new(redis: Redis, cache: &CacheConfig, request_timeout: Duration) -> Self {
+        let ttl = Duration::from_secs(cache.ttl_seconds);
+        let rules = Rules {
+            ttl,
+            negative_ttl: Duration::from_secs(cache.negative_ttl_seconds),
+            keep: ttl
+                + Duration::from_secs(
+                    cache
+                        .stale_if_error_seconds
+                        .max(cache.stale_while_revalidate_seconds),
+                ),
+            lock: request_timeout,
+            wait: request_timeout.mul_f64(0.9),
+        };
+        Self {
+            state: Arc::new(State {
+                redis,
+                rules,
+                counters: Counters {
+                    hits: metrics::counter!("redis_cache_hits_total"),
+                    misses: metrics::counter!("redis_cache_misses_total"),
+                    lock_waits: metrics::counter!("redis_cache_lock_waits_total"),
+                    takeovers: metrics::counter!("redis_cache_lock_takeovers_total"),
+                },
+                release: redis::Script::new(RELEASE),
+            }),
+        }
+    }
+}
+
+impl SharedLevel for SharedCacheLayer {
+    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64> {
+        Box::pin(self.state.forget(scope))
+    }
+}
+
+impl<S> Layer<S> for SharedCacheLayer {
+    type Service = SharedCache<S>;
+
+    fn layer(&self, inner: S) -> SharedCache<S> {
+        SharedCache {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct SharedCache<S> {
+    inner: S,
+    state: Arc<State>,
+}
+
+impl<S> Service<BackendRequest> for SharedCache<S>
+where
+    S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = BackendResponse;
+    type Error = RegistryError;
+    type Future = BackendFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: BackendRequest) -> BackendFuture {
+        let Some(key) = key_of(&req) else {
+            return Box::pin(self.inner.call(req));
+        };
+        // Answered from Redis or by the backends after a wait: a clone of the backends is
+        // asked then; the ready one is left unused.
+        let inner = self.inner.clone();
+        let state = self.state.clone();
+        Box::pin(async move { state.answer(inner, req, key).await })
+    }
+}
+
+/// Whether the shared key `key` (as [`key_of`] makes it) may hold an answer `scope` changed.
+fn covered(scope: &Scope, key: &str) -> bool {
+    // `list:{type|any}:{source}`, `get:{type}/{name}:{source}`, `versions:{type}/{name}:{source}`
+    // where the source is `any`, a kind, or `@{instance}`
+    let Some((kind, what)) = key.split_once(':') else {
+        return false;
+    };
+    let Some((what, _source)) = what.rsplit_once(':') else {
+        return false;
+    };
+    match (scope, kind) {
+        (Scope::All, _) => true,
+        (Scope::Type(ty), "list") => what == "any" || what == ty.as_str(),
+        (Scope::Extension(key), "list") => what == "any" || what == key.ty.as_str(),
+        (Scope::Type(ty), _) => what
+            .split_once('/')
+            .is_some_and(|(listed, _)| listed == ty.as_str()),
+        (Scope::Extension(key), _) => what == key.to_string(),
+    }
+}
+
+/// The key of a shared request, without the prefix; `None` for what is not shared.
+fn key_of(req: &BackendRequest) -> Option<String> {
+    // A kind by its name, an instance as `@name` (instance names may repeat a kind's).
+    let source = |s: &Option<SourceSelector>| match s {
+        None => "any".to_owned(),
+        Some(SourceSelector::Kind(kind)) => kind.as_str().to_owned(),
+        Some(SourceSelector::Instance(instance)) => format!("@{}", instance.name),
+    };
+    match req {
+        BackendRequest::List(filter) => Some(format!(
+            "list:{}:{}",
+            filter.ty.map_or("any", |t| t.as_str()),
+            source(&filter.source)
+        )),
+        BackendRequest::Get { key, source: s } => Some(format!("get:{key}:{}", source(s))),
+        BackendRequest::Versions { key, source: s } => {
+            Some(format!("versions:{key}:{}", source(s)))
+        }
+        _ => None,
+    }
+}
+
+impl State {
+    async fn answer<S>(
+        &self,
+        inner: S,
+        req: BackendRequest,
+        key: String,
+    ) -> Result<BackendResponse, RegistryError>
+    where
+        S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
+    {
+        let redis = &self.redis;
+        let value_key = redis.key(&format!("cache:{key}"));
+        let lock_key = redis.key(&format!("lock:{key}"));
+        let started = Instant::now();
+        let mut poll = POLL_INITIAL;
+        let mut waited = false;
+        loop {
+            if let Some(found) = self.lookup(&value_key).await {
+                self.counters.hits.increment(1);
+                return found;
+            }
+            if !redis.is_available() || started.elapsed() >= self.rules.wait {
+                // Redis gone, or the other replica too slow: the backends, unshared.
+                return inner.oneshot(req).await;
+            }
+            let token = format!("{:016x}", fastrand::u64(..));
+            let take = redis::cmd("SET")
+                .arg(&lock_key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(self.rules.lock.as_millis() as u64)
+                .clone();
+            match redis.run::<Option<String>>(&take).await {
+                Some(Some(_)) => {
+                    if waited {
+                        self.counters.takeovers.increment(1);
+                    }
+                    // Another replica may have stored its answer and let go of the lock
+                    // between the lookup above and taking it.
+                    let outcome = match self.lookup(&value_key).await {
+                        Some(found) => {
+                            self.counters.hits.increment(1);
+                            found
+                        }
+                        None => {
+                            self.counters.misses.increment(1);
+                            let outcome = inner.oneshot(req).await;
+                            // Taken out first: an answer is not `Sync` (downloads stream).
+                            let shared = Answer::of(&outcome);
+                            self.store(&value_key, shared).await;
+                            outcome
+                        }
+                    };
+                    let mut release = self.release.key(&lock_key);
+                    release.arg(&token);
+                    redis.invoke::<i64>(&release).await;
+                    return outcome;
+                }
+                Some(None) => {
+                    if !waited {
+                        self.counters.lock_waits.increment(1);
+                        waited = true;
+                    }
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(POLL_MAX);
+                }
+                // Redis failed just now.
+                None => return inner.oneshot(req).await,
+            }
+        }
+    }
+
+    /// Drops the shared answers `scope` covers; see the module documentation.
+    async fn forget(&self, scope: &Scope) -> u64 {
+        let base = self.redis.key("cache:");
+        let pattern = format!("{base}*");
+        let (mut cursor, mut forgotten) = (0_u64, 0);
+        loop {
+            let scan = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(SCAN_COUNT)
+                .clone();
+            let Some((next, keys)) = self.redis.run::<(u64, Vec<String>)>(&scan).await else {
+                return forgotten;
+            };
+            let covered: Vec<&String> = keys
+                .iter()
+                .filter(|k| k.strip_prefix(&base).is_some_and(|k| covered(scope, k)))
+                .collect();
+            if !covered.is_empty() {
+                let unlink = redis::cmd("UNLINK").arg(&covered).clone();
+                forgotten += self.redis.run::<u64>(&unlink).await.unwrap_or(0);
+            }
+            if next == 0 {
+                return forgotten;
+            }
+            cursor = next;
+        }
+    }
+
+    /// A fresh shared answer for `value_key`, if Redis has one.
+    async fn lookup(&self, value_key: &str) -> Option<Result<BackendResponse, RegistryError>> {
+        let text: Option<String> = self
+            .redis
+            .run(redis::cmd("GET").arg(value_key))
+            .await
+            .flatten();
+        let stored: Stored = match serde_json::from_str(&text?) {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(key = value_key, error = %e, "unreadable shared answer ignored");
+                return None;
+            }
+        };
+        let age = Duration::from_millis(now_ms().saturating_sub(stored.fetched_at_ms));
+        let fresh_for = match stored.answer {
+            Answer::NotFound(_) => self.rules.negative_ttl,
+            _ => self.rules.ttl,
+        };
+        (age < fresh_for).then(|| stored.answer.outcome(age))
+    }
+
+    /// Shares what of a backend outcome is to be shared ([`Answer::of`]).
+    async fn store(&self, value_key: &str, answer: Option<Answer>) {
+        let Some(answer) = answer else {
+            return;
+        };
+        let keep = match answer {
+            Answer::NotFound(_) => self.rules.negative_ttl,
+            _ => self.rules.keep,
+        };
+        if keep.is_zero() {
+            return;
+        }
+        let stored = Stored {
+            fetched_at_ms: now_ms(),
+            answer,
+        };
+        let Ok(text) = serde_json::to_string(&stored) else {
+            return;
+        };
+        let set = redis::cmd("SET")
+            .arg(value_key)
+            .arg(text)
+            .arg("PX")
+            .arg(keep.as_millis() as u64)
+            .clone();
+        self.redis.run::<()>(&set).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{
+        ExtensionKey, ExtensionName, ExtensionType, Instance, ListFilter, Source,
+    };
+
+    #[test]
+    fn an_invalidation_drops_the_shared_keys_the_in_process_cache_drops() {
+        let key = |ty, name| ExtensionKey {
+            ty,
+            name: ExtensionName::parse(name).unwrap(),
+        };
+        let (aws, aws2, k8s) = (
+            key(ExtensionType::Provider, "aws"),
+            key(ExtensionType::Provider, "aws2"),
+            key(ExtensionType::Taskserv, "k8s.io"),
+        );
+        let mut requests = Vec::new();
+        let named = SourceSelector::Instance(Instance {
+            kind: Source::Gitea,
+            name: "forge-b".into(),
+        });
+        for source in [
+            None,
+            Some(Source::Gitea.into()),
+            Some(Source::Local.into()),
+            Some(named),
+        ] {
+            for ty in [
+                None,
+                Some(ExtensionType::Provider),
+                Some(ExtensionType::Cluster),
+            ] {
+                requests.push(BackendRequest::List(ListFilter {
+                    ty,
+                    source: source.clone(),
+                }));
+            }
+            for key in [&aws, &aws2, &k8s] {
+                requests.push(BackendRequest::Get {
+                    key: key.clone(),
+                    source: source.clone(),
+                });
+                requests.push(BackendRequest::Versions {
+                    key: key.clone(),
+                    source: source.clone(),
+                });
+            }
+        }
+        let scopes = [
+            Scope::All,
+            Scope::Type(ExtensionType::Provider),
+            Scope::Type(ExtensionType::Taskserv),
+            Scope::Extension(aws.clone()),
+            Scope::Extension(k8s.clone()),
+        ];
+        for scope in &scopes {
+            for request in &requests {
+                let expected = match request {
+                    BackendRequest::List(filter) => scope.covers_listing(filter),
+                    BackendRequest::Get { key, .. } | BackendRequest::Versions { key, .. } => {
+                        scope.covers(key)
+                    }
+                    _ => unreachable!(),
+                };
+                let shared = key_of(request).unwrap();
+                assert_eq!(covered(scope, &shared), expected, "{scope:?} {shared}");
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Redis (or Valkey) shared by several replicas, so that they act as one registry: the
+//! connection and its health here, the shared cache level and cluster-wide single-flight in
+//! [`cache`], each client's quota counted across replicas in [`quota`], the invalidation bus
+//! in [`bus`].
+//!
+//! Redis is never needed to answer. Every command is bounded by `timeout_milliseconds`; the
+//! first one that fails or times out marks Redis unavailable (logged once), and from then on
+//! commands are not sent at all, so a dead Redis costs at most one timeout per request under
+//! way when it dies, not one per request. A background probe (`PING`, once a second) marks it
+//! available again (logged once) when it answers. The connection itself reconnects by itself
+//! (redis-rs's `ConnectionManager`).
+
+pub mod bus;
+pub mod cache;
+pub mod quota;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, IntoConnectionInfo};
+use serde::Serialize;
+
+use crate::config::{ConfigError, RedisConfig, Secret};
+
+/// The wire schema of everything this module writes; a replica only reads its own version, so
+/// a rolling upgrade never reads a shape it does not know.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// How often an unavailable Redis is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The shared Redis: cheap to clone.
+#[derive(Clone)]
+pub struct Redis(Arc<Inner>);
+
+struct Inner {
+    /// For the subscriber's own connection (pub/sub needs one of its own).
+    client: redis::Client,
+    /// The connection commands go through; reconnects by itself.
+    connection: ConnectionManager,
+    /// `key_prefix` plus the schema version.
+    prefix: String,
+    /// The bound on every command.
+    timeout: Duration,
+    /// `false` while Redis is unavailable: no command is sent then.
+    available: AtomicBool,
+    /// Whether the probe task runs.
+    probing: AtomicBool,
+    config: RedisConfig,
+}
+
+/// The `redis` component of `/api/v1/health`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisStatus {
+    Healthy,
+    Unavailable,
+}
+
+impl Redis {
+    /// Reads the password and prepares the connection; connects in the background (call within
+    /// a Tokio runtime). Redis is counted unavailable until it first answers.
+    pub fn connect(config: &RedisConfig) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            file: "[redis]".into(),
+            message,
+        };
+        let mut info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| err(format!("url: {e}")))?;
+        if let Some(path) = &config.password_path {
+            let password = Secret::from_file(path, "[redis] password_path")?;
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = redis::Client::open(info).map_err(|e| err(format!("url: {e}")))?;
+        let timeout = config.timeout();
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            // Connecting happens in the background (probe, reconnect); a request never waits
+            // for it longer than its own command's bound.
+            .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+            .map_err(|e| err(format!("cannot prepare the connection: {e}")))?;
+        let redis = Self(Arc::new(Inner {
+            client,
+            connection,
+            prefix: format!("{}v{SCHEMA_VERSION}:", config.key_prefix),
+            timeout,
+            available: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            config: config.clone(),
+        }));
+        redis.probe_in_background();
+        Ok(redis)
+    }
+
+    /// The `[redis]` section it was built from.
+    pub fn config(&self) -> &RedisConfig {
+        &self.0.config
+    }
+
+    /// A key (or channel) under the prefix and schema version.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.0.prefix)
+    }
+
+    pub fn status(&self) -> RedisStatus {
+        if self.is_available() {
+            RedisStatus::Healthy
+        } else {
+            RedisStatus::Unavailable
+        }
+    }
+
+    pub fn is_available(&self) -> bool {
+        self.0.available.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn client(&self) -> &redis::Client {
+        &self.0.client
+    }
+
+    /// Runs `cmd`, bounded by the timeout; `None` when Redis is unavailable (nothing is
+    /// sent), fails or is too slow (then it is marked unavailable). Counted in
+    /// `redis_commands_total{outcome}`.
+    pub async fn run<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Option<T> {
+        self.bounded(|mut connection| async move { cmd.query_async(&mut connection).await })
+            .await
+    }
+
+    /// Runs `script` with its keys and arguments (`EVALSHA`, `EVAL` when Redis does not know
+    /// it yet), like [`Redis::run`].
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Option<T> {
+        self.bounded(|mut connection| async move { invocation.invoke_async(&mut connection).await })
+            .await
+    }
+
+    async fn bounded<T, F, Fut>(&self, command: F) -> Option<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.is_available() {
+            count("skipped");
+            return None;
+        }
+        match tokio::time::timeout(self.0.timeout, command(self.0.connection.clone())).await {
+            Ok(Ok(value)) => {
+                count("ok");
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                count("error");
+                // A reply error (a script's, a wrong type) says nothing of Redis's health.
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    self.unavailable(&e.to_string());
+                } else {
+                    tracing::warn!(error = %e, "redis command failed");
+                }
+                None
+            }
+            Err(_) => {
+                count("timeout");
+                self.unavailable("command timed out");
+                None
+            }
+        }
+    }
+
+    /// Marks Redis unavailable, logging once, and probes it until it answers.
+    fn unavailable(&self, reason: &str) {
+        if self.0.available.swap(false, Ordering::AcqRel) {
+            tracing::warn!(
+                reason,
+                "redis unavailable; each replica goes on alone until it answers again"
+            );
+            metrics::gauge!("redis_available").set(0.0);
+        }
+        self.probe_in_background();
+    }
+
+    fn probe_in_background(&self) {
+        if self.0.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(probe(Arc::downgrade(&self.0)));
+    }
+}
+
+/// Pings until Redis answers, then marks it available; ends with the application.
+async fn probe(inner: Weak<Inner>) {
+    loop {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let mut connection = inner.connection.clone();
+        let ping = redis::cmd("PING");
+        let answered = tokio::time::timeout(
+            inner.timeout.max(Duration::from_secs(1)),
+            ping.query_async::<String>(&mut connection),
+        )
+        .await;
+        if let Ok(Ok(_)) = answered {
+            inner.probing.store(false, Ordering::Release);
+            inner.available.store(true, Ordering::Release);
+            metrics::gauge!("redis_available").set(1.0);
+            tracing::info!("redis available");
+            return;
+        }
+        drop(inner);
+        tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+fn count(outcome: &'static str) {
+    metrics::counter!("redis_commands_total", "outcome" => outcome).increment(1);
+}
