@@ -1308,3 +1308,16 @@ async fn a_reuploaded_sidecar_is_read_again() {
     let reads = sim.seen_at(".sha256");
     assert!(reads[2].target.contains("/1.1.0/"), "{reads:?}");
 }
+
+/// A log line another test's thread reaches first, while this test alone captures, is
+/// captured all the same (tracing once switched it off for every thread).
+#[test]
+fn a_log_line_first_reached_on_a_thread_without_a_capture_is_captured() {
+    fn say() {
+        tracing::warn!(seen = "by the capture", "a line two threads reach");
+    }
+    let logs = logs::LogCapture::start();
+    std::thread::spawn(say).join().unwrap();
+    say();
+    logs.assert_line_with(&["a line two threads reach", "by the capture"]);
+}

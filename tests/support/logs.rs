@@ -2,7 +2,7 @@
 //! and for details that must be (with the request id) rather than in a client's answer; and
 //! that answer, as a client of the whole application sees it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use http_body_util::BodyExt;
 use tower::ServiceExt;
@@ -62,8 +62,16 @@ impl std::io::Write for LogWriter {
     }
 }
 
+/// A dispatcher that lives as long as the test binary, so that tracing never sees just one.
+/// With one registered dispatcher, tracing decides whether a callsite is ever enabled by the
+/// default of the thread that first reaches it: a test thread without a capture would then
+/// switch a log line off for the capturing test too, and "nothing was logged".
+static SECOND_DISPATCHER: OnceLock<tracing::Dispatch> = OnceLock::new();
+
 impl LogCapture {
     pub fn start() -> Self {
+        SECOND_DISPATCHER
+            .get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
         let lines = Arc::new(Mutex::new(Vec::new()));
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
