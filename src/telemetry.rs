@@ -287,6 +287,51 @@ fn describe_metrics() {
         Unit::Count,
         "Conditional upstream requests by outcome: not_modified (304, answer reused) or changed"
     );
+    describe_counter!(
+        rate_limit::RATE_LIMIT_DECISIONS_TOTAL,
+        Unit::Count,
+        "Rate-limit decisions by who decided (local: this replica's governor, shared: the \
+         cluster's quota in Redis, fallback: the governor while Redis did not answer) and outcome"
+    );
+    describe_counter!(
+        "redis_commands_total",
+        Unit::Count,
+        "Redis commands by outcome (ok, error, timeout; skipped: not sent, Redis unavailable)"
+    );
+    describe_gauge!(
+        "redis_available",
+        "1 while Redis answers, 0 after a failure until a background probe answers"
+    );
+    describe_counter!(
+        "redis_cache_hits_total",
+        Unit::Count,
+        "Shared-cache lookups answered from Redis"
+    );
+    describe_counter!(
+        "redis_cache_misses_total",
+        Unit::Count,
+        "Shared-cache misses this replica fetched from the backends under the refresh lock"
+    );
+    describe_counter!(
+        "redis_cache_lock_waits_total",
+        Unit::Count,
+        "Waits for another replica's refresh of the same key"
+    );
+    describe_counter!(
+        "redis_cache_lock_takeovers_total",
+        Unit::Count,
+        "Refresh locks taken after such a wait (the holder failed or died)"
+    );
+    describe_counter!(
+        "redis_invalidations_sent_total",
+        Unit::Count,
+        "Invalidations published to the other replicas, by outcome"
+    );
+    describe_counter!(
+        "redis_invalidations_received_total",
+        Unit::Count,
+        "Other replicas' invalidations applied here, by scope"
+    );
 }
 
 /// Something held (a connection's or a download's slot) and counted in a gauge while it lives.
