@@ -140,6 +140,7 @@ pub fn app_with(
     };
     let router = Router::new(Shared {
         routes: RouteTable::new(),
+        openapi: api::openapi::rendered(&sources),
         health: HealthProbe::new(
             registry.clone(),
             sources.clone(),

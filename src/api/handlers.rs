@@ -118,7 +118,7 @@ impl Call<'_> {
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
             Route::CacheStats => Ok(self.stats().await),
-            Route::OpenApi => Ok(openapi::response()),
+            Route::OpenApi => Ok(openapi::response(&self.shared.openapi)),
         }
     }
 

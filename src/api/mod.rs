@@ -27,6 +27,7 @@ use crate::body::{self, Body};
 use crate::error::ApiError;
 use crate::invalidation::Invalidator;
 use crate::middleware::cache::Caches;
+use crate::middleware::compression::Representation;
 use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::{BackendService, Sources};
 use crate::BoxError;
@@ -183,6 +184,8 @@ pub struct Shared {
     pub cache_control: HeaderValue,
     /// The secrets of the webhook and purge routes; a route without one does not exist.
     pub hooks: crate::hooks::Keys,
+    /// The OpenAPI document as served here (see [`openapi::rendered`]).
+    pub openapi: Arc<Representation>,
 }
 
 impl Shared {
