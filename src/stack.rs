@@ -37,7 +37,7 @@ use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
 use crate::redis::quota::RedisQuota;
 use crate::redis::Redis;
-use crate::registry::{BackendService, Instance, Merge};
+use crate::registry::{BackendService, Instance, Merge, RegistryError};
 use crate::telemetry;
 use crate::BoxError;
 
@@ -81,8 +81,13 @@ pub fn app_with(
         .into_iter()
         .zip(&gates)
         .map(|((instance, backend), gate)| {
+            let named = instance.clone();
             let backend = ServiceBuilder::new()
-                // The circuit breaker, right below the merge: a backend that keeps failing is
+                // Above everything that fails per instance, the breaker included: a backend
+                // fault names the instance it came from when its name is not its kind's
+                // ("gitea backend 'forge-b' unavailable: …"); the backends only know their kind.
+                .map_err(move |e: RegistryError| e.with_instance(&named))
+                // The circuit breaker, below the merge: a backend that keeps failing is
                 // not called for a cool-down, so the merge gets its error at once and serves
                 // the others' answers (and the cache above a stale one).
                 .layer(BreakerLayer::new(gate.clone()))

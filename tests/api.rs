@@ -476,9 +476,7 @@ async fn backend_faults_map_to_502_and_504_and_bugs_to_500() {
     assert!(answer.json()["message"].as_str().unwrap().contains("local"));
 
     let auth = app_with(&config, |_| async {
-        Err(RegistryError::BackendAuthFailed {
-            backend: Source::Local,
-        })
+        Err(RegistryError::auth_failed(Source::Local))
     });
     assert_eq!(
         get(&auth, "/api/v1/extensions").await.json()["error"],
@@ -486,9 +484,7 @@ async fn backend_faults_map_to_502_and_504_and_bugs_to_500() {
     );
 
     let slow = app_with(&config, |_| async {
-        Err(RegistryError::BackendTimeout {
-            backend: Source::Local,
-        })
+        Err(RegistryError::timeout(Source::Local))
     });
     let answer = get(&slow, "/api/v1/extensions/provider/aws/versions").await;
     assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);

@@ -305,16 +305,12 @@ async fn backend_faults_answer_the_documented_5xx_on_every_backend_route() {
             "backend_unavailable",
         ),
         (
-            || RegistryError::BackendAuthFailed {
-                backend: Source::Local,
-            },
+            || RegistryError::auth_failed(Source::Local),
             StatusCode::BAD_GATEWAY,
             "backend_auth_failed",
         ),
         (
-            || RegistryError::BackendTimeout {
-                backend: Source::Local,
-            },
+            || RegistryError::timeout(Source::Local),
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
         ),

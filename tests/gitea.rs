@@ -563,12 +563,7 @@ async fn tokens_present_absent_and_wrong() {
         list(&wrong).await.unwrap_err(),
         get(&wrong, &provider("pub")).await.unwrap_err(),
     ] {
-        assert_eq!(
-            err,
-            RegistryError::BackendAuthFailed {
-                backend: Source::Gitea
-            }
-        );
+        assert_eq!(err, RegistryError::auth_failed(Source::Gitea));
         assert!(!err.to_string().contains("not-the-token"));
     }
     let h = health(&wrong).await;
@@ -674,9 +669,7 @@ async fn a_slow_backend_times_out_as_a_gitea_timeout() {
         .await
         .expect("the health probe times out too");
     assert!(!h.healthy);
-    let timeout = RegistryError::BackendTimeout {
-        backend: Source::Gitea,
-    };
+    let timeout = RegistryError::timeout(Source::Gitea);
     assert_eq!(err, timeout);
     assert_eq!(h.detail, Some(timeout.to_string()));
 }
@@ -1135,7 +1128,7 @@ async fn redirect_chains_are_followed_up_to_five_hops_without_the_token() {
     ] {
         let err = download(&b, &provider("chain"), version).await.unwrap_err();
         assert!(
-            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason: r } if r == reason),
+            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason: r, .. } if r == reason),
             "{version}: {err}"
         );
     }
@@ -1174,7 +1167,7 @@ async fn oversized_json_pages_and_sidecars_are_refused() {
             .unwrap_err(),
     ] {
         assert!(
-            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 16777216 bytes")),
+            matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason, .. } if reason.contains("larger than 16777216 bytes")),
             "{err}"
         );
     }
@@ -1183,7 +1176,7 @@ async fn oversized_json_pages_and_sidecars_are_refused() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason } if reason.contains("larger than 65536 bytes")),
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason, .. } if reason.contains("larger than 65536 bytes")),
         "{err}"
     );
 }

@@ -389,9 +389,7 @@ async fn basic_auth_accepts_the_right_credentials_only() {
     assert_eq!(download_bytes(&reader, &aws, "latest").await.1, bytes);
 
     let wrong = OciBackend::new(&reg.oci_config(NS, Some((ADMIN.0, "wrong")))).unwrap();
-    let auth_failed = RegistryError::BackendAuthFailed {
-        backend: Source::Oci,
-    };
+    let auth_failed = RegistryError::auth_failed(Source::Oci);
     assert_eq!(list(&wrong, None).await.unwrap_err(), auth_failed);
     assert_eq!(get(&wrong, &aws).await.unwrap_err(), auth_failed);
     assert_eq!(
@@ -439,9 +437,7 @@ async fn bearer_tokens_are_fetched_per_scope_and_reused() {
     assert_eq!(download_bytes(&reader, &aws, "1.0.0").await.1, aws_bytes);
     assert_eq!(reg.tokens_issued() - before, 3, "cached tokens are reused");
 
-    let auth_failed = RegistryError::BackendAuthFailed {
-        backend: Source::Oci,
-    };
+    let auth_failed = RegistryError::auth_failed(Source::Oci);
     let wrong = OciBackend::new(&reg.oci_config(NS, Some((READER.0, "wrong")))).unwrap();
     assert_eq!(list(&wrong, None).await.unwrap_err(), auth_failed);
     assert_eq!(get(&wrong, &aws).await.unwrap_err(), auth_failed);
@@ -491,9 +487,7 @@ async fn a_static_token_is_sent_as_is() {
 
     config.auth_token_path = Some(reg.secret_file("bogus.token", "not.a.token"));
     let bogus = OciBackend::new(&config).unwrap();
-    let auth_failed = RegistryError::BackendAuthFailed {
-        backend: Source::Oci,
-    };
+    let auth_failed = RegistryError::auth_failed(Source::Oci);
     assert_eq!(get(&bogus, &aws).await.unwrap_err(), auth_failed);
     let signature = token.rsplit('.').next().unwrap();
     logs.assert_free_of(&[&token, signature, "not.a.token"]);
@@ -508,9 +502,7 @@ async fn a_hung_registry_times_out() {
     config.timeout_seconds = 1;
     let backend = OciBackend::new(&config).unwrap();
     reg.freeze();
-    let timeout = RegistryError::BackendTimeout {
-        backend: Source::Oci,
-    };
+    let timeout = RegistryError::timeout(Source::Oci);
     assert_eq!(
         get(&backend, &key(ExtensionType::Provider, "aws"))
             .await
@@ -674,9 +666,7 @@ async fn a_name_a_ghcr_style_registry_refuses_is_not_found_when_absent_from_the_
     let aws = key(ExtensionType::Provider, "aws");
     let missing = key(ExtensionType::Provider, "nosuch");
     let not_found = |e: RegistryError| e.is_not_found();
-    let auth_failed = RegistryError::BackendAuthFailed {
-        backend: Source::Oci,
-    };
+    let auth_failed = RegistryError::auth_failed(Source::Oci);
 
     // With the catalog: valid credentials, yet the registry answers 401 for the missing name.
     let reader = OciBackend::new(&reg.oci_config(NS, Some(READER))).unwrap();

@@ -187,7 +187,7 @@ impl Flaky {
                 if this.recovered.load(Ordering::SeqCst) {
                     Err(RegistryError::not_found("that extension"))
                 } else {
-                    Err(RegistryError::BackendTimeout { backend: source })
+                    Err(RegistryError::timeout(source))
                 }
             }
         }))

@@ -103,6 +103,14 @@ fn provenance(answer: &Answer) -> (String, String, String) {
     (field("source"), field("instance"), field("version"))
 }
 
+/// Asserts an error answer's status and how its message starts.
+fn assert_error(answer: &Answer, status: StatusCode, message_start: &str) {
+    assert_eq!(answer.status, status, "{:?}", answer.body);
+    let json = answer.json();
+    let message = json["message"].as_str().unwrap_or_default();
+    assert!(message.starts_with(message_start), "{message}");
+}
+
 fn triple(source: &str, instance: &str, version: &str) -> (String, String, String) {
     (source.into(), instance.into(), version.into())
 }
@@ -136,7 +144,7 @@ async fn lookups_take_the_first_instance_by_priority_unless_source_names_a_kind_
     assert_eq!(aws("?source=oci").await, triple("oci", "oci", "5.0.0"));
     assert_eq!(aws("?source=local").await.1, "local");
     // Only one forge has `alpha`: found there whatever comes first.
-    let alpha = get(&app, "/api/v1/extensions/provider/alpha").await;
+    let alpha = get(&app, "/api/v1/extensions/provider/alpha?source=gitea").await;
     assert_eq!(provenance(&alpha), triple("gitea", "forge-a", "0.1.0"));
     let elsewhere = get(&app, "/api/v1/extensions/provider/alpha?source=forge-b").await;
     assert_eq!(elsewhere.status, StatusCode::NOT_FOUND);
@@ -261,15 +269,20 @@ async fn one_instance_down_leaves_the_others_serving_and_health_names_it() {
         aws.headers
     );
     let pinned = get(&app, "/api/v1/extensions/provider/aws?source=forge-b").await;
-    assert_eq!(pinned.status, StatusCode::BAD_GATEWAY, "{:?}", pinned.body);
+    // The message names the instance that failed, not just its kind.
+    assert_error(
+        &pinned,
+        StatusCode::BAD_GATEWAY,
+        "gitea backend 'forge-b' unavailable: ",
+    );
     // Two faults: forge-b's breaker opens, and it alone is no longer called.
     let calls = sources.forge_b.calls().api;
     let cut_off = get(&app, "/api/v1/extensions/provider/beta?source=forge-b").await;
-    assert_eq!(
-        cut_off.status,
+    // The breaker's refusal names it too.
+    assert_error(
+        &cut_off,
         StatusCode::SERVICE_UNAVAILABLE,
-        "{:?}",
-        cut_off.body
+        "gitea backend 'forge-b' unavailable: ",
     );
     assert_eq!(
         sources.forge_b.calls().api,
@@ -328,6 +341,15 @@ async fn the_single_table_health_body_keeps_its_shape() {
     assert_eq!(json["backends"]["oci"]["enabled"], false);
     let aws = get(&app, "/api/v1/extensions/provider/aws").await;
     assert_eq!(provenance(&aws), triple("gitea", "gitea", "3.0.0"));
+
+    // The single instance's faults read as they always did: named by the kind alone.
+    sources.forge_a.set_mode(Mode::ServerError);
+    let down = get(&app, "/api/v1/extensions/provider/alpha?source=gitea").await;
+    assert_error(
+        &down,
+        StatusCode::BAD_GATEWAY,
+        "gitea backend unavailable: ",
+    );
 }
 
 #[tokio::test]

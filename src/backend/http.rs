@@ -129,7 +129,7 @@ pub async fn read_capped(
 /// never carries the URL (it could hold a presigned query).
 pub fn transport_error(backend: Source, e: &reqwest::Error) -> RegistryError {
     if e.is_timeout() {
-        RegistryError::BackendTimeout { backend }
+        RegistryError::timeout(backend)
     } else if e.is_connect() {
         RegistryError::unavailable(backend, "cannot connect")
     } else if e.is_decode() || e.is_body() {
@@ -156,14 +156,14 @@ pub fn throttled(
     }
     let header = response.headers().get(reqwest::header::RETRY_AFTER)?;
     let retry_after = parse_retry_after(header.to_str().ok()?, SystemTime::now())?;
-    Some(RegistryError::BackendSuspended {
+    Some(RegistryError::suspended(
         backend,
-        reason: format!(
+        format!(
             "{what}: HTTP {status} asking to retry after {} s",
             retry_after.as_secs()
         ),
         retry_after,
-    })
+    ))
 }
 
 /// A `Retry-After` value (RFC 9110 §10.2.3: delta-seconds or an HTTP-date) as a wait from
@@ -408,6 +408,7 @@ mod tests {
             backend: Source::Gitea,
             reason,
             retry_after,
+            ..
         }) = throttled(429, Some("7"))
         else {
             panic!("a 429 with Retry-After suspends");

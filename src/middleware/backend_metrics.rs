@@ -249,9 +249,7 @@ mod tests {
                     body: body.boxed_unsync(),
                 }))
             }
-            BackendRequest::Get { .. } => Err(RegistryError::BackendTimeout {
-                backend: Source::Oci,
-            }),
+            BackendRequest::Get { .. } => Err(RegistryError::timeout(Source::Oci)),
             _ => Err(RegistryError::not_found(key())),
         }
     }

@@ -171,11 +171,7 @@ impl Gate {
     }
 
     fn suspended(&self, reason: String, retry_after: Duration) -> RegistryError {
-        RegistryError::BackendSuspended {
-            backend: self.0.backend.kind,
-            reason,
-            retry_after,
-        }
+        RegistryError::suspended(self.0.backend.kind, reason, retry_after)
     }
 
     /// Lets a call through, or refuses it with the error its client gets.
@@ -472,9 +468,7 @@ mod tests {
     }
 
     fn timeout() -> RegistryError {
-        RegistryError::BackendTimeout {
-            backend: Source::Gitea,
-        }
+        RegistryError::timeout(Source::Gitea)
     }
 
     #[tokio::test(start_paused = true)]
@@ -506,6 +500,7 @@ mod tests {
             backend: Source::Gitea,
             retry_after,
             reason,
+            ..
         } = &refused
         else {
             panic!("not a suspension: {refused:?}");
@@ -582,18 +577,16 @@ mod tests {
         for _ in 0..5 {
             backend.fail_with(Some(RegistryError::not_found("provider/aws")));
             service.clone().oneshot(get()).await.unwrap_err();
-            backend.fail_with(Some(RegistryError::BackendAuthFailed {
-                backend: Source::Gitea,
-            }));
+            backend.fail_with(Some(RegistryError::auth_failed(Source::Gitea)));
             service.clone().oneshot(get()).await.unwrap_err();
         }
         assert_eq!(gate.state(), CircuitState::Closed);
 
-        backend.fail_with(Some(RegistryError::BackendSuspended {
-            backend: Source::Gitea,
-            reason: "HTTP 429 asking to retry after 42 s".into(),
-            retry_after: Duration::from_secs(42),
-        }));
+        backend.fail_with(Some(RegistryError::suspended(
+            Source::Gitea,
+            "HTTP 429 asking to retry after 42 s",
+            Duration::from_secs(42),
+        )));
         service.clone().oneshot(get()).await.unwrap_err();
         assert_eq!(gate.state(), CircuitState::Open);
         let calls = backend.calls();

@@ -101,19 +101,13 @@ struct Entry {
 impl Entry {
     /// The remembered failure, a suspension's `Retry-After` counting down with the backoff.
     fn waiting(&self, error: &RegistryError, now: Instant) -> RegistryError {
-        match (error, self.backoff) {
-            (
-                RegistryError::BackendSuspended {
-                    backend, reason, ..
-                },
-                Some((_, until)),
-            ) => RegistryError::BackendSuspended {
-                backend: *backend,
-                reason: reason.clone(),
-                retry_after: until.saturating_duration_since(now),
-            },
-            _ => error.clone(),
+        let mut error = error.clone();
+        if let (RegistryError::BackendSuspended { retry_after, .. }, Some((_, until))) =
+            (&mut error, self.backoff)
+        {
+            *retry_after = until.saturating_duration_since(now);
         }
+        error
     }
 
     /// The kept answer served in place of a fresh one: marked with the backend failure it
@@ -1236,11 +1230,11 @@ mod tests {
         assert_eq!(backend.calls(), 5);
 
         // A backend asking for more time (Retry-After) is given it.
-        let suspended = RegistryError::BackendSuspended {
-            backend: Source::Gitea,
-            reason: "HTTP 429 asking to retry after 60 s".into(),
-            retry_after: Duration::from_secs(60),
-        };
+        let suspended = RegistryError::suspended(
+            Source::Gitea,
+            "HTTP 429 asking to retry after 60 s",
+            Duration::from_secs(60),
+        );
         backend.fail_with(Some(suspended.clone()));
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::registry::Source;
+use crate::registry::{Instance, InstanceName, Source};
 
 /// Everything that can go wrong between a validated request and a backend's answer.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -29,22 +29,36 @@ pub enum RegistryError {
     #[error("{0} not found")]
     NotFound(String),
 
+    // The backend faults carry the backend's kind, set where they arise, and the instance's
+    // name, set by the stack above each instance (see [`RegistryError::with_instance`]) when
+    // it is not the kind's: with two `[[gitea]]` tables the message says which one failed.
     /// The backend answered, but not usefully: 5xx, malformed body, refused connection.
-    #[error("{backend} backend unavailable: {reason}")]
-    BackendUnavailable { backend: Source, reason: String },
+    #[error("{backend} backend{} unavailable: {reason}", named(.instance))]
+    BackendUnavailable {
+        backend: Source,
+        instance: Option<InstanceName>,
+        reason: String,
+    },
 
     /// The backend refused the configured credentials. Never carries the credentials.
-    #[error("{backend} backend rejected the configured credentials")]
-    BackendAuthFailed { backend: Source },
+    #[error("{backend} backend{} rejected the configured credentials", named(.instance))]
+    BackendAuthFailed {
+        backend: Source,
+        instance: Option<InstanceName>,
+    },
 
-    #[error("{backend} backend did not answer in time")]
-    BackendTimeout { backend: Source },
+    #[error("{backend} backend{} did not answer in time", named(.instance))]
+    BackendTimeout {
+        backend: Source,
+        instance: Option<InstanceName>,
+    },
 
     /// The backend is not asked for `retry_after`: its circuit breaker is open after repeated
     /// faults, or it answered `429`/`503` with `Retry-After`.
-    #[error("{backend} backend unavailable: {reason}")]
+    #[error("{backend} backend{} unavailable: {reason}", named(.instance))]
     BackendSuspended {
         backend: Source,
+        instance: Option<InstanceName>,
         reason: String,
         retry_after: Duration,
     },
@@ -62,8 +76,46 @@ impl RegistryError {
     pub fn unavailable(backend: Source, reason: impl Into<String>) -> Self {
         Self::BackendUnavailable {
             backend,
+            instance: None,
             reason: reason.into(),
         }
+    }
+
+    pub fn auth_failed(backend: Source) -> Self {
+        Self::BackendAuthFailed {
+            backend,
+            instance: None,
+        }
+    }
+
+    pub fn timeout(backend: Source) -> Self {
+        Self::BackendTimeout {
+            backend,
+            instance: None,
+        }
+    }
+
+    pub fn suspended(backend: Source, reason: impl Into<String>, retry_after: Duration) -> Self {
+        Self::BackendSuspended {
+            backend,
+            instance: None,
+            reason: reason.into(),
+            retry_after,
+        }
+    }
+
+    /// The error as the instance it came from says it: a backend fault names the instance
+    /// when its name is not its kind's (so a single-table configuration's messages stay
+    /// "gitea backend unavailable: …"); other errors are returned as they are.
+    pub fn with_instance(mut self, from: &Instance) -> Self {
+        if let Self::BackendUnavailable { instance, .. }
+        | Self::BackendAuthFailed { instance, .. }
+        | Self::BackendTimeout { instance, .. }
+        | Self::BackendSuspended { instance, .. } = &mut self
+        {
+            *instance = (from.name.as_str() != from.kind.as_str()).then(|| from.name.clone());
+        }
+        self
     }
 
     pub fn is_not_found(&self) -> bool {
@@ -98,5 +150,72 @@ impl RegistryError {
             Self::BackendSuspended { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
+    }
+}
+
+/// What follows the kind in a backend fault's message: the instance's name, quoted, if set.
+fn named(instance: &Option<InstanceName>) -> String {
+    instance
+        .as_ref()
+        .map(|name| format!(" '{name}'"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults() -> [RegistryError; 4] {
+        [
+            RegistryError::unavailable(Source::Gitea, "organization repositories: HTTP 500"),
+            RegistryError::auth_failed(Source::Gitea),
+            RegistryError::timeout(Source::Gitea),
+            RegistryError::suspended(Source::Gitea, "circuit open", Duration::from_secs(10)),
+        ]
+    }
+
+    #[test]
+    fn a_single_table_instance_leaves_the_message_as_it_was() {
+        let messages = faults().map(|e| e.with_instance(&Source::Gitea.into()).to_string());
+        assert_eq!(
+            messages,
+            [
+                "gitea backend unavailable: organization repositories: HTTP 500",
+                "gitea backend rejected the configured credentials",
+                "gitea backend did not answer in time",
+                "gitea backend unavailable: circuit open",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_named_instance_is_said_after_its_kind() {
+        let forge = Instance {
+            kind: Source::Gitea,
+            name: "forge-b".into(),
+        };
+        let faults = faults().map(|e| e.with_instance(&forge));
+        let messages = faults.clone().map(|e| e.to_string());
+        assert_eq!(
+            messages,
+            [
+                "gitea backend 'forge-b' unavailable: organization repositories: HTTP 500",
+                "gitea backend 'forge-b' rejected the configured credentials",
+                "gitea backend 'forge-b' did not answer in time",
+                "gitea backend 'forge-b' unavailable: circuit open",
+            ]
+        );
+        assert_eq!(faults[3].retry_after(), Some(Duration::from_secs(10)));
+        assert!(faults.iter().all(RegistryError::is_backend_fault));
+    }
+
+    #[test]
+    fn other_errors_are_left_alone() {
+        let forge = Instance {
+            kind: Source::Gitea,
+            name: "forge-b".into(),
+        };
+        let missing = RegistryError::not_found("provider/aws");
+        assert_eq!(missing.clone().with_instance(&forge), missing);
     }
 }

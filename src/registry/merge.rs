@@ -200,22 +200,23 @@ fn degraded(response: BackendResponse, fault: Option<RegistryError>) -> BackendR
 async fn health(
     candidates: Vec<(Instance, BackendService)>,
 ) -> Result<BackendResponse, RegistryError> {
-    let asks = candidates
-        .iter()
-        .map(|(Instance { kind: source, .. }, b)| async move {
-            let probe = ask(b.clone(), BackendRequest::Health);
-            tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(RegistryError::unavailable(
-                        *source,
-                        format!(
-                            "no answer to the health probe within {} s",
-                            HEALTH_PROBE_TIMEOUT.as_secs()
-                        ),
-                    ))
-                })
-        });
+    let asks = candidates.iter().map(|(instance, b)| async move {
+        let probe = ask(b.clone(), BackendRequest::Health);
+        tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| {
+                // Made here, above the instance's stack: named as the stack names its
+                // errors.
+                Err(RegistryError::unavailable(
+                    instance.kind,
+                    format!(
+                        "no answer to the health probe within {} s",
+                        HEALTH_PROBE_TIMEOUT.as_secs()
+                    ),
+                )
+                .with_instance(instance))
+            })
+    });
     let results = join_all(asks).await;
     let report = candidates
         .iter()

@@ -237,9 +237,7 @@ impl Api {
                 return Err(throttled);
             }
             return Err(match status {
-                StatusCode::UNAUTHORIZED => RegistryError::BackendAuthFailed {
-                    backend: Source::Gitea,
-                },
+                StatusCode::UNAUTHORIZED => RegistryError::auth_failed(Source::Gitea),
                 _ => unavailable(format!("{what}: download answered HTTP {status}")),
             });
         }
@@ -272,9 +270,7 @@ fn api_status(response: Response, what: &str) -> Result<Option<Response>, Regist
         s if s.is_success() => Ok(Some(response)),
         StatusCode::NOT_FOUND => Ok(None),
         // A wrong token gets 401 on every route, public ones too.
-        StatusCode::UNAUTHORIZED => Err(RegistryError::BackendAuthFailed {
-            backend: Source::Gitea,
-        }),
+        StatusCode::UNAUTHORIZED => Err(RegistryError::auth_failed(Source::Gitea)),
         StatusCode::FORBIDDEN => Err(unavailable(format!(
             "{what}: HTTP 403 (the token lacks a scope, or the instance requires sign-in)"
         ))),

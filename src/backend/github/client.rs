@@ -167,13 +167,11 @@ impl Api {
     fn admit(&self) -> Result<(), RegistryError> {
         let mut suspended = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
         match &*suspended {
-            Some((until, reason)) if Instant::now() < *until => {
-                Err(RegistryError::BackendSuspended {
-                    backend: Source::Github,
-                    reason: reason.clone(),
-                    retry_after: *until - Instant::now(),
-                })
-            }
+            Some((until, reason)) if Instant::now() < *until => Err(RegistryError::suspended(
+                Source::Github,
+                reason.clone(),
+                *until - Instant::now(),
+            )),
             Some(_) => {
                 *suspended = None;
                 Ok(())
@@ -193,11 +191,7 @@ impl Api {
             tracing::warn!(seconds = wait.as_secs(), %reason, "github rate limit: no calls until it resets");
             *suspended = Some((until, reason.clone()));
         }
-        RegistryError::BackendSuspended {
-            backend: Source::Github,
-            reason,
-            retry_after: wait,
-        }
+        RegistryError::suspended(Source::Github, reason, wait)
     }
 
     /// Reads the rate-limit headers of an API answer: records what is left, and when nothing
@@ -427,11 +421,7 @@ impl Api {
         match status {
             s if s.is_success() => return Ok(Some(response)),
             StatusCode::NOT_FOUND => return Ok(None),
-            StatusCode::UNAUTHORIZED => {
-                return Err(RegistryError::BackendAuthFailed {
-                    backend: Source::Github,
-                })
-            }
+            StatusCode::UNAUTHORIZED => return Err(RegistryError::auth_failed(Source::Github)),
             _ => {}
         }
         let headers = response.headers().clone();

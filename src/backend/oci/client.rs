@@ -416,9 +416,7 @@ impl Client {
                 // Basic credentials refused are wrong credentials, as htpasswd grants every
                 // user everything; a refused token is a scope this account is not granted.
                 return Err(if sent_basic {
-                    CallError::Fatal(RegistryError::BackendAuthFailed {
-                        backend: Source::Oci,
-                    })
+                    CallError::Fatal(RegistryError::auth_failed(Source::Oci))
                 } else {
                     CallError::Denied
                 });
@@ -554,9 +552,7 @@ impl Client {
         match response.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(CallError::Fatal(RegistryError::BackendAuthFailed {
-                    backend: Source::Oci,
-                }))
+                return Err(CallError::Fatal(RegistryError::auth_failed(Source::Oci)))
             }
             s => {
                 return Err(CallError::broken(format!("token server answered {s}")));

@@ -716,9 +716,7 @@ fn broken(reason: &str) -> CallError {
 fn registry_error(e: CallError, key: &ExtensionKey) -> RegistryError {
     match e {
         CallError::NotFound => RegistryError::not_found(key),
-        CallError::Denied => RegistryError::BackendAuthFailed {
-            backend: Source::Oci,
-        },
+        CallError::Denied => RegistryError::auth_failed(Source::Oci),
         CallError::Broken(e) | CallError::Fatal(e) => e,
     }
 }
