@@ -24,7 +24,8 @@
 //! Renderings need no dropping of their own: each is served only while the cached value it
 //! was rendered from is the one in the cache, so the next answer after an invalidation is
 //! rendered afresh. A refresh already under way when an invalidation arrives may have read
-//! the old state; its answer is handed to the requests waiting for it but not kept.
+//! the old state; its answer is handed to the requests waiting for it but not kept, here nor
+//! in the shared level (which counts invalidations for that, see [`crate::redis::cache`]).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -20,7 +20,7 @@ use http::StatusCode;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
-use app::{counting, get, local_backend, samples};
+use app::{counting, get, local_backend, samples, send_request};
 use redis_server::{until, RedisServer};
 
 /// One replica: the app and how often its backend was asked.
@@ -71,7 +71,7 @@ fn replica(config: &Config, gate: Option<Arc<Semaphore>>) -> Replica {
     let app = stack::app_with(
         config,
         vec![(Source::Local, backend)],
-        extension_registry::hooks::Keys::default(),
+        extension_registry::hooks::Keys::load(config).expect("secret files"),
         Some(redis),
     );
     Replica { app, calls }
@@ -170,6 +170,54 @@ async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
         1,
         "one listing's worth of backend calls"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refresh_under_way_when_an_invalidation_arrives_does_not_share_its_old_answer() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "purge-t0ken\n").unwrap();
+    let admin = format!("[admin]\ntoken_path = {:?}\n", token.display().to_string());
+    let mut config = config_with(&redis, "race:", &admin);
+    config.cache.refresh_on_invalidate = false;
+    let gate = Arc::new(Semaphore::new(0));
+    let (a, b) = (replica(&config, Some(gate.clone())), replica(&config, None));
+    connected(&[&a, &b]).await;
+
+    // A holds the shared lock and asks its (held) backend, which reads the old state.
+    let aws = "/api/v1/extensions/provider/aws";
+    let refresh = tokio::spawn(
+        a.app.clone().oneshot(
+            http::Request::get(aws)
+                .body(extension_registry::body::empty())
+                .unwrap(),
+        ),
+    );
+    until("A asked its backend", || async { a.calls() == 1 }).await;
+
+    // The change is learnt (here by B) while A's refresh is under way.
+    let purge = http::Request::post("/api/v1/cache/purge")
+        .header("authorization", "Bearer purge-t0ken")
+        .body(extension_registry::body::full(
+            r#"{"type": "provider", "name": "aws"}"#,
+        ))
+        .unwrap();
+    assert_eq!(send_request(&b.app, purge).await.status, StatusCode::OK);
+    gate.add_permits(1);
+    assert_eq!(refresh.await.unwrap().unwrap().status(), StatusCode::OK);
+
+    // A's in-process cache drops the answer read before the change and asks again: the
+    // backends, since Redis must not hold that answer either (it did: A took it back from
+    // there, and every replica served it until it expired).
+    assert_eq!(
+        a.calls(),
+        2,
+        "A asked its backend again after the invalidation"
+    );
+    // What A fetched the second time is what the cluster shares from now on.
+    assert_eq!(get(&b.app, aws).await.status, StatusCode::OK);
+    assert_eq!(b.calls(), 0);
 }
 
 /// How many `SET`s redis has run.

@@ -22,6 +22,15 @@
 //! keys under `{key_prefix}v1:cache:` are walked with `SCAN` (1000 at a time, each step
 //! bounded like any command) and the covered ones removed with `UNLINK`, so its cost grows
 //! with the number of keys in the database, once per invalidation, never per request.
+//!
+//! A refresh already under way when an invalidation arrives may have read the old state: it
+//! must not store that answer after the keys were dropped, where it would stay until it
+//! expires. An invalidation first increments one cluster-wide generation,
+//! `{key_prefix}v1:gen`; the replica holding the lock reads it before asking the backends,
+//! and stores their answer (a Lua script, so the check and the write are one step) only if
+//! the generation is still the one it read. Such an answer still goes to the requests that
+//! waited for it, it is only not shared. A generation that cannot be read (Redis failing)
+//! means the answer is not shared either.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -53,6 +62,16 @@ const POLL_MAX: Duration = Duration::from_millis(200);
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Stores an answer (`ARGV[1]`, kept `ARGV[2]` ms) only while the generation (`KEYS[2]`,
+/// none counting as 0) is still `ARGV[3]`, the one read before the backends were asked.
+const STORE: &str = r"
+if (redis.call('GET', KEYS[2]) or '0') == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
 end
 return 0
 ";
@@ -139,6 +158,9 @@ struct State {
     rules: Rules,
     counters: Counters,
     release: redis::Script,
+    store: redis::Script,
+    /// The generation key, `{key_prefix}v1:gen`.
+    generation: String,
 }
 
 impl SharedCacheLayer {
@@ -158,7 +180,6 @@ impl SharedCacheLayer {
         };
         Self {
             state: Arc::new(State {
-                redis,
                 rules,
                 counters: Counters {
                     hits: metrics::counter!("redis_cache_hits_total"),
@@ -167,6 +188,9 @@ impl SharedCacheLayer {
                     takeovers: metrics::counter!("redis_cache_lock_takeovers_total"),
                 },
                 release: redis::Script::new(RELEASE),
+                store: redis::Script::new(STORE),
+                generation: redis.key("gen"),
+                redis,
             }),
         }
     }
@@ -314,10 +338,17 @@ impl State {
                         }
                         None => {
                             self.counters.misses.increment(1);
+                            // Read before the backends are asked: see the module documentation.
+                            let generation = redis
+                                .run::<Option<u64>>(redis::cmd("GET").arg(&self.generation))
+                                .await;
                             let outcome = inner.oneshot(req).await;
                             // Taken out first: an answer is not `Sync` (downloads stream).
                             let shared = Answer::of(&outcome);
-                            self.store(&value_key, shared).await;
+                            if let Some(generation) = generation {
+                                self.store(&value_key, shared, generation.unwrap_or(0))
+                                    .await;
+                            }
                             outcome
                         }
                     };
@@ -342,6 +373,10 @@ impl State {
 
     /// Drops the shared answers `scope` covers; see the module documentation.
     async fn forget(&self, scope: &Scope) -> u64 {
+        // First, so a refresh that read the old state stores nothing from now on; the keys
+        // stored before are dropped below.
+        let bump = redis::cmd("INCR").arg(&self.generation).clone();
+        self.redis.run::<u64>(&bump).await;
         let base = self.redis.key("cache:");
         let pattern = format!("{base}*");
         let (mut cursor, mut forgotten) = (0_u64, 0);
@@ -393,8 +428,9 @@ impl State {
         (age < fresh_for).then(|| stored.answer.outcome(age))
     }
 
-    /// Shares what of a backend outcome is to be shared ([`Answer::of`]).
-    async fn store(&self, value_key: &str, answer: Option<Answer>) {
+    /// Shares what of a backend outcome is to be shared ([`Answer::of`]), unless an
+    /// invalidation has moved the generation on from `generation`.
+    async fn store(&self, value_key: &str, answer: Option<Answer>, generation: u64) {
         let Some(answer) = answer else {
             return;
         };
@@ -412,13 +448,13 @@ impl State {
         let Ok(text) = serde_json::to_string(&stored) else {
             return;
         };
-        let set = redis::cmd("SET")
-            .arg(value_key)
+        let mut store = self.store.key(value_key);
+        store
+            .key(&self.generation)
             .arg(text)
-            .arg("PX")
             .arg(keep.as_millis() as u64)
-            .clone();
-        self.redis.run::<()>(&set).await;
+            .arg(generation);
+        self.redis.invoke::<i64>(&store).await;
     }
 }
 
