@@ -2,6 +2,7 @@
 //! settles which part it serves; and the body wrapper that checks a sha256 digest while the
 //! bytes pass, holding back the last chunk until the digest is known to match.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
@@ -10,6 +11,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+use tokio_util::sync::PollSender;
 
 use crate::registry::Source;
 use crate::BoxError;
@@ -154,17 +157,108 @@ pub struct DigestMismatch {
     actual: String,
 }
 
+/// Past this many bytes a download is hashed on a blocking thread beside the one moving its
+/// bytes, so a large artifact streams faster than one core can hash it; a small one is hashed
+/// in place, where a thread hand-off would cost more than the hashing.
+const HASH_ASIDE_AFTER: u64 = 1024 * 1024;
+
+/// Frames handed to the hashing thread and not hashed yet, at most. When hashing falls behind,
+/// the stream waits for it, so a download holds at most this many frames more (references to
+/// bytes already received, not copies).
+const HASH_QUEUE_FRAMES: usize = 16;
+
+/// Where a download's digest is computed: in place until the stream proves large, then on a
+/// blocking thread fed through a bounded queue.
+enum Hasher {
+    Here {
+        sha: Sha256,
+        bytes: u64,
+    },
+    Aside {
+        queue: PollSender<Bytes>,
+        digest: JoinHandle<[u8; 32]>,
+    },
+    Finished,
+}
+
+impl Hasher {
+    /// Takes `data` into the digest; pending while the hashing thread's queue is full.
+    fn poll_update(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<Result<(), BoxError>> {
+        match self {
+            Self::Here { sha, bytes } => {
+                sha.update(data);
+                *bytes += data.len() as u64;
+                if *bytes > HASH_ASIDE_AFTER {
+                    self.set_aside();
+                }
+            }
+            Self::Aside { queue, .. } => {
+                ready!(queue.poll_reserve(cx))
+                    .map_err(|_| "the download's hashing thread ended")?;
+                queue
+                    .send_item(data.clone())
+                    .map_err(|_| "the download's hashing thread ended")?;
+            }
+            Self::Finished => {
+                return Poll::Ready(Err("the download's digest is already taken".into()))
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Moves the digest so far to a blocking thread, when there is a runtime to run one.
+    fn set_aside(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let Self::Here { mut sha, .. } = std::mem::replace(self, Self::Finished) else {
+            return;
+        };
+        let (queue, mut frames) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
+        let digest = runtime.spawn_blocking(move || {
+            while let Some(data) = frames.blocking_recv() {
+                sha.update(&data);
+            }
+            sha.finalize().into()
+        });
+        *self = Self::Aside {
+            queue: PollSender::new(queue),
+            digest,
+        };
+    }
+
+    /// The digest of every byte taken, once the hashing thread (if any) has caught up.
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<Result<[u8; 32], BoxError>> {
+        let digest = match self {
+            Self::Here { sha, .. } => std::mem::take(sha).finalize().into(),
+            Self::Aside { queue, digest } => {
+                queue.close();
+                ready!(Pin::new(digest).poll(cx))?
+            }
+            Self::Finished => {
+                return Poll::Ready(Err("the download's digest is already taken".into()))
+            }
+        };
+        *self = Self::Finished;
+        Poll::Ready(Ok(digest))
+    }
+}
+
 pin_project! {
     /// Hashes every data frame and delays each one by a frame, so the final bytes are released
     /// only once the whole stream has matched `expected`. On a mismatch the stream ends in an
     /// error instead: the connection is aborted and the client never holds a complete-looking
-    /// wrong file.
+    /// wrong file. Past [`HASH_ASIDE_AFTER`] bytes the hashing runs on a blocking thread while
+    /// the frames go on; only the held last frame waits for it.
     pub struct VerifyingBody<B> {
         #[pin]
         inner: B,
-        hasher: Sha256,
+        hasher: Hasher,
         expected: [u8; 32],
+        // Received, and waiting for room in the hashing thread's queue.
+        queued: Option<Bytes>,
         held: Option<Bytes>,
+        ended: bool,
         finished: bool,
         backend: Source,
         what: String,
@@ -178,9 +272,14 @@ impl<B> VerifyingBody<B> {
         let expected = sha256_digest(checksum)?;
         Some(Self {
             inner,
-            hasher: Sha256::new(),
+            hasher: Hasher::Here {
+                sha: Sha256::new(),
+                bytes: 0,
+            },
             expected,
+            queued: None,
             held: None,
+            ended: false,
             finished: false,
             backend,
             what,
@@ -222,40 +321,56 @@ where
             return Poll::Ready(None);
         }
         loop {
+            if *this.ended {
+                let actual = ready!(this.hasher.poll_finish(cx));
+                *this.finished = true;
+                let actual = match actual {
+                    Ok(actual) => actual,
+                    Err(e) => return Poll::Ready(Some(Err(e))),
+                };
+                if actual == *this.expected {
+                    return Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))));
+                }
+                let err = DigestMismatch {
+                    backend: *this.backend,
+                    what: std::mem::take(this.what),
+                    expected: encode_hex(this.expected),
+                    actual: encode_hex(&actual),
+                };
+                tracing::error!(error = %err, "download aborted");
+                return Poll::Ready(Some(Err(err.into())));
+            }
+            if let Some(data) = this.queued.take() {
+                match this.hasher.poll_update(cx, &data) {
+                    Poll::Pending => {
+                        *this.queued = Some(data);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => {
+                        *this.finished = true;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                if let Some(previous) = this.held.replace(data) {
+                    return Poll::Ready(Some(Ok(Frame::data(previous))));
+                }
+            }
             match ready!(this.inner.as_mut().poll_frame(cx)) {
                 Some(Ok(frame)) => {
                     // An empty frame must not take the place of the held one: that would
                     // release every real byte before the digest is known.
-                    let Ok(data) = frame.into_data() else {
-                        continue;
-                    };
-                    if data.is_empty() {
-                        continue;
-                    }
-                    this.hasher.update(&data);
-                    if let Some(previous) = this.held.replace(data) {
-                        return Poll::Ready(Some(Ok(Frame::data(previous))));
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            *this.queued = Some(data);
+                        }
                     }
                 }
                 Some(Err(e)) => {
                     *this.finished = true;
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                None => {
-                    *this.finished = true;
-                    let actual = std::mem::take(this.hasher).finalize();
-                    if actual.as_slice() == this.expected.as_slice() {
-                        return Poll::Ready(this.held.take().map(|b| Ok(Frame::data(b))));
-                    }
-                    let err = DigestMismatch {
-                        backend: *this.backend,
-                        what: std::mem::take(this.what),
-                        expected: encode_hex(this.expected),
-                        actual: encode_hex(&actual),
-                    };
-                    tracing::error!(error = %err, "download aborted");
-                    return Poll::Ready(Some(Err(err.into())));
-                }
+                None => *this.ended = true,
             }
         }
     }
@@ -332,6 +447,63 @@ mod tests {
             }
         }
         assert_eq!(released, b"ab");
+    }
+
+    /// 40 distinct frames of 64 KiB: past the size where hashing moves to its own thread.
+    fn large() -> (Vec<Bytes>, Vec<u8>) {
+        let frames: Vec<Bytes> = (0..40u8).map(|i| Bytes::from(vec![i; 64 * 1024])).collect();
+        let whole = frames.concat();
+        assert!(whole.len() as u64 > 2 * HASH_ASIDE_AFTER);
+        (frames, whole)
+    }
+
+    fn stream(frames: Vec<Bytes>) -> impl Body<Data = Bytes, Error = BoxError> {
+        StreamBody::new(futures_util::stream::iter(
+            frames
+                .into_iter()
+                .map(|b| Ok::<_, BoxError>(Frame::data(b))),
+        ))
+    }
+
+    /// Every byte released until the stream ends, and how it ended.
+    async fn drain<B>(mut body: VerifyingBody<B>) -> (Vec<u8>, Result<(), BoxError>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut released = Vec::new();
+        let mut set_aside = false;
+        while let Some(frame) = body.frame().await {
+            set_aside |= matches!(body.hasher, Hasher::Aside { .. });
+            match frame {
+                Ok(frame) => released.extend_from_slice(&frame.into_data().unwrap()),
+                Err(e) => return (released, Err(e)),
+            }
+        }
+        assert!(set_aside, "a large download is hashed on its own thread");
+        (released, Ok(()))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_download_is_hashed_aside_and_still_checked() {
+        let (frames, whole) = large();
+        let body = VerifyingBody::new(stream(frames), &sha(&whole), Source::Oci, "x".into());
+        let (released, end) = drain(body.unwrap()).await;
+        assert!(end.is_ok(), "{end:?}");
+        assert_eq!(released, whole);
+    }
+
+    #[tokio::test]
+    async fn a_large_download_that_does_not_match_withholds_its_last_frame() {
+        let (frames, whole) = large();
+        let last = frames.last().unwrap().len();
+        let mut wrong = whole.clone();
+        wrong[0] ^= 1;
+        let body = VerifyingBody::new(stream(frames), &sha(&wrong), Source::Oci, "x".into());
+        let (released, end) = drain(body.unwrap()).await;
+        let err = end.unwrap_err();
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        assert_eq!(released, whole[..whole.len() - last]);
     }
 
     fn range(spec: RangeSpec) -> ByteRange {
