@@ -2,6 +2,11 @@
 # Build stage: compile the binary (the `dist` profile: release with thin LTO) with the locked
 # dependency versions.
 FROM rust:1.95-slim-bookworm AS build
+# jemalloc (the service's allocator) is built from C with make, which the slim image lacks.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
