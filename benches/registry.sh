@@ -71,7 +71,7 @@ registry_upload() {
         | tr -d '\r' | awk 'tolower($1)=="location:"{print $2}')
   case "$loc" in http*) ;; *) loc="$1$loc";; esac
   curl -fsS -o /dev/null -X PUT -H "Content-Type: application/octet-stream" \
-       --data-binary @"$3" "$loc&digest=$(file_digest "$3")"
+       -T "$3" "$loc&digest=$(file_digest "$3")"
 }
 
 # Pushes FILE as the one gzip layer of an OCI artifact REPO:TAG, with an empty config.
