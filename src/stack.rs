@@ -209,11 +209,11 @@ pub fn app_with(
         // Compression: below CORS so CORS headers are added to the final response either way,
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
         // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
-        // (errors, health, metrics text), never downloads. Both see only the coding negotiated
-        // once, so they agree, and a client refusing every coding gets identity, never 406.
+        // (errors, health, metrics text), never downloads, and is passed by when the client
+        // takes identity. Both see only the coding negotiated once, so they agree, and a
+        // client refusing every coding gets identity, never 406.
         .option_layer(config.server.enable_compression.then(|| {
             ServiceBuilder::new()
-                .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
                 .map_request(compression::negotiated)
                 .layer(compression::streaming())
                 .layer(PrecompressedLayer)

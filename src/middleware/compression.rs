@@ -27,7 +27,7 @@ use http::{Extensions, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
-use tower_http::compression::CompressionLayer;
+use tower_http::compression::{Compression, CompressionLayer};
 
 use bytes::Bytes;
 
@@ -244,15 +244,90 @@ impl Representation {
 
 /// tower-http's streaming compression for responses without a representation: not for
 /// downloads, not for small bodies, not for what `PrecompressedLayer` already serves.
-pub fn streaming() -> CompressionLayer<impl Predicate> {
+pub fn streaming() -> StreamingLayer<impl Predicate> {
     fn not_precomputed(_: StatusCode, _: Version, _: &HeaderMap, ext: &Extensions) -> bool {
         ext.get::<Arc<Representation>>().is_none()
     }
-    CompressionLayer::new().compress_when(
-        SizeAbove::new(MIN_SIZE as u64)
-            .and(NotForContentType::const_new("application/octet-stream"))
-            .and(not_precomputed),
+    StreamingLayer(
+        CompressionLayer::new().compress_when(
+            SizeAbove::new(MIN_SIZE as u64)
+                .and(NotForContentType::const_new("application/octet-stream"))
+                .and(not_precomputed),
+        ),
     )
+}
+
+/// tower-http's compression, passed by for a request whose client takes identity (`negotiated`
+/// left it no `Accept-Encoding`): its body wrapper, boxed again, and its future would cost
+/// every such request for nothing.
+#[derive(Clone)]
+pub struct StreamingLayer<P>(CompressionLayer<P>);
+
+impl<S, P: Predicate> Layer<S> for StreamingLayer<P> {
+    type Service = Streaming<S, P>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Streaming(self.0.layer(inner))
+    }
+}
+
+/// See [`StreamingLayer`].
+#[derive(Clone)]
+pub struct Streaming<S, P>(Compression<S, P>);
+
+impl<S, P, B> Service<Request<B>> for Streaming<S, P>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    P: Predicate,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = StreamingFuture<S::Future, P>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Compression's readiness is its inner service's, which both paths call.
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if req.headers().contains_key(ACCEPT_ENCODING) {
+            StreamingFuture::Compressing {
+                future: self.0.call(req),
+            }
+        } else {
+            StreamingFuture::Plain {
+                future: self.0.get_mut().call(req),
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response of [`Streaming`]: straight from the service below, or through
+    /// tower-http's compression.
+    #[project = StreamingProjection]
+    pub enum StreamingFuture<F, P> {
+        Plain { #[pin] future: F },
+        Compressing { #[pin] future: tower_http::compression::ResponseFuture<F, P> },
+    }
+}
+
+impl<F, P, E> Future for StreamingFuture<F, P>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    P: Predicate,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            StreamingProjection::Plain { future } => future.poll(cx),
+            StreamingProjection::Compressing { future } => {
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(response.map(http_body_util::BodyExt::boxed_unsync)))
+            }
+        }
+    }
 }
 
 /// Serves the memoised compressed form of responses carrying a representation.
