@@ -84,6 +84,10 @@ fn main() -> ExitCode {
     if config.server.workers > 0 {
         runtime.worker_threads(config.server.workers);
     }
+    // Each verified download past its first MiB hashes on a blocking thread of its own
+    // (`registry::artifact`): room for all of them beside tokio's default 512 for file I/O,
+    // so file reads never queue behind digests. Idle blocking threads exit after 10 s.
+    runtime.max_blocking_threads(512 + config.server.max_concurrent_downloads);
     let runtime = match runtime.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
