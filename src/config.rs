@@ -800,18 +800,22 @@ impl<'a> BackendSection<'a> {
                 Ok(())
             }
         };
+        // An http(s) URL (which always has a base to join paths onto).
+        let http_url = |key: &str, value: &str, expected: &str| {
+            let url = reqwest::Url::parse(value).map_err(|e| {
+                format!(
+                    "{}: '{value}' is not a URL ({e}); expected {expected}",
+                    at(key)
+                )
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(format!("{}: the scheme must be http or https", at(key)));
+            }
+            Ok(url)
+        };
         match self {
             Self::Gitea(g, _) => {
-                let url = reqwest::Url::parse(&g.url).map_err(|e| {
-                    format!(
-                        "{}: '{}' is not a URL ({e}); expected e.g. \"https://gitea.example.com/\"",
-                        at("url"),
-                        g.url
-                    )
-                })?;
-                if !matches!(url.scheme(), "http" | "https") {
-                    return Err(format!("{}: the scheme must be http or https", at("url")));
-                }
+                http_url("url", &g.url, "e.g. \"https://gitea.example.com/\"")?;
                 if g.organization.is_empty() {
                     return Err(format!("{}: must not be empty", at("organization")));
                 }
@@ -838,19 +842,11 @@ impl<'a> BackendSection<'a> {
                 positive("max_concurrency", o.max_concurrency as u64)?;
             }
             Self::Github(g, _) => {
-                let url = reqwest::Url::parse(&g.api_url).map_err(|e| {
-                    format!(
-                        "{}: '{}' is not a URL ({e}); expected \"https://api.github.com\" or \"https://HOST/api/v3\"",
-                        at("api_url"),
-                        g.api_url
-                    )
-                })?;
-                if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
-                    return Err(format!(
-                        "{}: the scheme must be http or https",
-                        at("api_url")
-                    ));
-                }
+                let url = http_url(
+                    "api_url",
+                    &g.api_url,
+                    "\"https://api.github.com\" or \"https://HOST/api/v3\"",
+                )?;
                 if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
                     return Err(format!(
                         "{}: must not carry a query or credentials; put the token in token_path",
