@@ -104,6 +104,13 @@ fn provenance(answer: &Answer) -> (String, String, String) {
 }
 
 /// Asserts an error answer's status and how its message starts.
+/// `key` of every item of a listing, in order.
+fn each(listing: &Answer, key: &str) -> Vec<serde_json::Value> {
+    let items = listing.json();
+    let items = items.as_array().expect("a listing is an array");
+    items.iter().map(|e| e[key].clone()).collect()
+}
+
 fn assert_error(answer: &Answer, status: StatusCode, message_start: &str) {
     assert_eq!(answer.status, status, "{:?}", answer.body);
     let json = answer.json();
@@ -229,26 +236,14 @@ async fn listings_hold_every_instance_ordered_as_before_then_by_priority() {
         ]
     );
     let by_kind = get(&app, "/api/v1/extensions?type=provider&source=gitea").await;
-    let instances: Vec<_> = by_kind
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["instance"].clone())
-        .collect();
+    let instances = each(&by_kind, "instance");
     assert!(
         instances.iter().all(|i| i == "forge-a" || i == "forge-b"),
         "{instances:?}"
     );
     assert_eq!(instances.len(), 6, "three extensions in each forge");
     let by_name = get(&app, "/api/v1/extensions?type=provider&source=forge-b").await;
-    let names: Vec<_> = by_name
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].clone())
-        .collect();
+    let names = each(&by_name, "name");
     assert_eq!(names, ["aws", "beta", "shared"]);
 }
 
