@@ -61,6 +61,9 @@ struct State {
     /// When the connection is closed unless a request starts first; `None` while one is in
     /// flight.
     deadline: Option<Instant>,
+    /// When the watcher ([`Clock::expired`]) wakes to look at the deadline again; `None`
+    /// while it waits for a deadline to be set.
+    armed: Option<Instant>,
 }
 
 /// The clock of one connection, shared by its I/O, its service and its response bodies.
@@ -81,6 +84,7 @@ impl Clock {
                 protocol: Protocol::Detecting(0),
                 in_flight: 0,
                 deadline: Some(Instant::now() + timeouts.header),
+                armed: None,
             }),
             changed: Notify::new(),
         })
@@ -92,11 +96,11 @@ impl Clock {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets the deadline, waking the watcher when it is now earlier than it was.
+    /// Sets the deadline, waking the watcher only when it would otherwise wake too late: a
+    /// later deadline is found when the watcher wakes as armed.
     fn set_deadline(&self, state: &mut State, deadline: Instant) {
-        let earlier = state.deadline.is_none_or(|d| deadline < d);
         state.deadline = Some(deadline);
-        if earlier {
+        if state.armed.is_none_or(|armed| deadline < armed) {
             self.changed.notify_one();
         }
     }
@@ -142,15 +146,29 @@ impl Clock {
     }
 
     /// Completes when the deadline passes with nothing in flight.
+    ///
+    /// Sleeps at most the header timeout at once. A request head starting moves the deadline
+    /// to no earlier than then, so requests on a kept-alive connection never wake the
+    /// watcher, and its timer is set again only when it wakes (at most once per header
+    /// timeout), not per request.
     pub async fn expired(&self) {
         loop {
             let changed = self.changed.notified();
-            let deadline = self.lock().deadline;
-            match deadline {
-                Some(deadline) if deadline <= Instant::now() => return,
-                Some(deadline) => {
+            let now = Instant::now();
+            let armed = {
+                let mut state = self.lock();
+                let armed = match state.deadline {
+                    Some(deadline) if deadline <= now => return,
+                    Some(deadline) => Some(deadline.min(now + self.timeouts.header)),
+                    None => None,
+                };
+                state.armed = armed;
+                armed
+            };
+            match armed {
+                Some(armed) => {
                     tokio::select! {
-                        () = tokio::time::sleep_until(deadline) => {}
+                        () = tokio::time::sleep_until(armed) => {}
                         () = changed => {}
                     }
                 }
@@ -298,6 +316,10 @@ impl http_body::Body for ResponseBody {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Wake, Waker};
+
     use super::*;
 
     const TIMEOUTS: Timeouts = Timeouts {
@@ -380,6 +402,43 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         clock.read(b"E");
         assert_eq!(clock.deadline(), Some(first_byte + TIMEOUTS.header));
+    }
+
+    /// Counts the wake-ups of a future polled by hand.
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_on_a_kept_alive_connection_do_not_wake_the_watcher() {
+        let clock = Clock::new(TIMEOUTS);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut watcher = std::pin::pin!(clock.expired());
+        let mut idle = Instant::now();
+        for _ in 0..100 {
+            // Polled as its task would be, after each request.
+            assert!(watcher
+                .as_mut()
+                .poll(&mut Context::from_waker(&waker))
+                .is_pending());
+            clock.read(b"GET / HTTP/1.1\r\n\r\n");
+            let request = clock.start();
+            tokio::time::advance(Duration::from_millis(10)).await;
+            drop(request);
+            idle = Instant::now();
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        // It still closes the connection when it has been idle for the keep-alive timeout.
+        tokio::time::timeout(Duration::from_secs(3600), watcher)
+            .await
+            .unwrap();
+        assert_eq!(idle.elapsed(), TIMEOUTS.keepalive);
     }
 
     #[tokio::test(start_paused = true)]
