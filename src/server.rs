@@ -11,8 +11,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -21,11 +21,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tower::util::Oneshot;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use self::connection::{Clock, InFlight, ResponseBody, Timeouts, Watched};
 use self::send_timeout::{Executor, SendTimeout};
@@ -115,7 +113,7 @@ async fn serve(
         };
         let clock = Clock::new(timeouts);
         let service = PerConnection {
-            app: app.clone(),
+            app: Mutex::new(app.clone()),
             peer,
             clock: clock.clone(),
         };
@@ -182,9 +180,13 @@ fn refuse(stream: TcpStream) {
 /// The application as one connection's hyper service: hands each request over with one body
 /// type and the peer's address, and keeps the connection's clock stopped while it is in
 /// flight.
-#[derive(Clone)]
+///
+/// The connection's own copy of the application answers its requests in place: hyper calls
+/// it from the connection's task, one request at a time (HTTP/2 streams too), so the lock is
+/// never contended, and no request pays for copying every layer of the stack. A layer not
+/// ready at once (none is, today) is waited for on a copy, as `oneshot` does.
 struct PerConnection {
-    app: HttpService,
+    app: Mutex<HttpService>,
     peer: SocketAddr,
     clock: Arc<Clock>,
 }
@@ -198,30 +200,33 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
         let in_flight = self.clock.start();
         req.extensions_mut().insert(PeerAddr(self.peer));
         let req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+        // A panic in a layer's `call` leaves the stack as it was before the call began.
+        let mut app = self.app.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = match app.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => app.call(req),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Box::pin(app.clone().oneshot(req)),
+        };
         ResponseFuture {
-            inner: self.app.clone().oneshot(req),
+            inner,
             in_flight: Some(in_flight),
         }
     }
 }
 
-pin_project! {
-    /// The application's answer, its body still holding the request in flight.
-    struct ResponseFuture {
-        #[pin]
-        inner: Oneshot<HttpService, Request<crate::body::Body>>,
-        in_flight: Option<InFlight>,
-    }
+/// The application's answer, its body still holding the request in flight.
+struct ResponseFuture {
+    inner: <HttpService as Service<Request<crate::body::Body>>>::Future,
+    in_flight: Option<InFlight>,
 }
 
 impl Future for ResponseFuture {
     type Output = Result<Response<ResponseBody>, Infallible>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let response = ready!(this.inner.poll(cx))?;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let response = ready!(self.inner.as_mut().poll(cx))?;
         let download = response.extensions().get::<Route>() == Some(&Route::Download);
-        let in_flight = this
+        let in_flight = self
             .in_flight
             .take()
             .expect("ResponseFuture polled after completion");
