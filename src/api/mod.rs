@@ -133,6 +133,11 @@ impl RouteTable {
         Self(router)
     }
 
+    /// The route of a path, for layers that need no parameters.
+    pub fn route(&self, path: &str) -> Option<Route> {
+        self.0.at(path).ok().map(|m| *m.value)
+    }
+
     /// The route and its path parameters (still percent-encoded) for a path.
     pub fn at<'p>(&self, path: &'p str) -> Option<(Route, Params<'p>)> {
         let m = self.0.at(path).ok()?;

@@ -83,8 +83,8 @@ where
         let download = req.method() == Method::GET
             && self
                 .routes
-                .at(req.uri().path())
-                .is_some_and(|(route, _)| route == Route::Download);
+                .route(req.uri().path())
+                .is_some_and(|route| route == Route::Download);
         if !download {
             return ResponseFuture::Passed {
                 inner: self.inner.call(req),

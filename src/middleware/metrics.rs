@@ -190,12 +190,11 @@ where
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
         if let Ok(response) = &result {
-            let route = response.extensions().get::<Route>().copied().or_else(|| {
-                this.shared
-                    .routes
-                    .at(this.uri.path())
-                    .map(|(route, _)| route)
-            });
+            let route = response
+                .extensions()
+                .get::<Route>()
+                .copied()
+                .or_else(|| this.shared.routes.route(this.uri.path()));
             let series = this.shared.series(route);
             series.requests(this.method, response.status()).increment(1);
             series.duration.record(this.start.elapsed());

@@ -5,7 +5,6 @@
 //! (`[A-Za-z0-9._:-]{1,128}`, one header line); any other is replaced by a generated one, and
 //! the request's log line says so with the refused id's length (never its content).
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,7 +45,9 @@ impl MakeRequestId for RequestIds {
     fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut id = IdBytes::default();
-        write!(id, "{}-{n}", self.prefix).ok()?;
+        id.push(self.prefix.as_bytes())?;
+        id.push(b"-")?;
+        id.push(itoa::Buffer::new().format(n).as_bytes())?;
         // One allocation, which the id's copies (request, extensions, response) share.
         HeaderValue::from_maybe_shared(Bytes::from_owner(id))
             .ok()
@@ -61,15 +62,13 @@ struct IdBytes {
     len: usize,
 }
 
-impl std::fmt::Write for IdBytes {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        self.bytes
-            .get_mut(self.len..end)
-            .ok_or(std::fmt::Error)?
-            .copy_from_slice(s.as_bytes());
+impl IdBytes {
+    /// Appends `part`; `None` when it does not fit.
+    fn push(&mut self, part: &[u8]) -> Option<()> {
+        let end = self.len + part.len();
+        self.bytes.get_mut(self.len..end)?.copy_from_slice(part);
         self.len = end;
-        Ok(())
+        Some(())
     }
 }
 
