@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, ORIGIN, RANGE};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
@@ -26,6 +26,7 @@ use crate::middleware::cache::{CacheLayer, Caches};
 use crate::middleware::catch_panic::CatchPanicLayer;
 use crate::middleware::compression::{self, PrecompressedLayer};
 use crate::middleware::conditional::ConditionalLayer;
+use crate::middleware::cors;
 use crate::middleware::downloads::DownloadsLayer;
 use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
@@ -191,8 +192,14 @@ pub fn app_with(
         .layer(PreflightOnlyLayer)
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
-        // the rate limit and any work.
-        .option_layer(config.server.enable_cors.then(|| cors(&config.server)))
+        // the rate limit and any work. Requests without `Origin` are not CORS requests and
+        // pass by tower-http's rules (see `middleware::cors`).
+        .option_layer(
+            config
+                .server
+                .enable_cors
+                .then(|| cors::CorsLayer::new(cors_rules(&config.server))),
+        )
         // Each switchable layer's `Either` names the stack below it twice; boxing right
         // below it keeps the type (and the compiler's time and memory) from doubling per
         // switch, at the cost of one boxed future per request.
@@ -257,7 +264,7 @@ pub fn app_with(
 /// JSON `Content-Type`, which makes a browser preflight), from the configured origins (any by
 /// default), no credentials; the request headers of revalidation and resumed downloads, and the
 /// response headers clients need readable.
-fn cors(server: &ServerConfig) -> CorsLayer {
+fn cors_rules(server: &ServerConfig) -> CorsLayer {
     let origins = &server.cors_allowed_origins;
     let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
@@ -293,4 +300,7 @@ fn cors(server: &ServerConfig) -> CorsLayer {
         )
         // Browsers cache the preflight answer (Chromium caps this at two hours).
         .max_age(Duration::from_secs(86_400))
+        // Even with any origin allowed, the answer varies with Origin: a request without one
+        // gets no CORS headers (`middleware::cors`), and tells shared caches the same.
+        .vary([ORIGIN])
 }

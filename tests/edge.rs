@@ -126,6 +126,34 @@ async fn preflights_are_answered_without_touching_the_stack() {
 }
 
 #[tokio::test]
+async fn a_request_without_origin_gets_no_cors_headers_and_the_same_vary() {
+    let (app, _) = app("", empty_list);
+    let browser = call(&app, get("/api/v1/extensions")).await;
+    let mut plain = get("/api/v1/extensions");
+    plain.headers_mut().remove("origin");
+    let tool = call(&app, plain).await;
+    assert_eq!(tool.status(), StatusCode::OK);
+    assert_eq!(header(&browser, "access-control-allow-origin"), "*");
+    let cors: Vec<_> = tool
+        .headers()
+        .keys()
+        .filter(|name| name.as_str().starts_with("access-control-"))
+        .collect();
+    assert!(cors.is_empty(), "{cors:?}");
+    // A shared cache keeps the two apart: both vary on `Origin`, alike.
+    let vary = |response: &Response<Body>| -> Vec<String> {
+        response
+            .headers()
+            .get_all("vary")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(vary(&tool), vary(&browser));
+    assert!(vary(&tool).iter().any(|v| v.contains("origin")));
+}
+
+#[tokio::test]
 async fn configured_origins_are_the_only_ones_allowed() {
     let config = "[server]\ncors_allowed_origins = [\"https://app.example.com\"]\n";
     let (app, _) = app(config, empty_list);

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod catch_panic;
 pub mod compression;
 pub mod conditional;
+pub mod cors;
 pub mod downloads;
 pub mod load_shed;
 pub mod metrics;
