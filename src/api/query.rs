@@ -26,13 +26,19 @@ pub fn decode_segment(raw: &str) -> Result<Cow<'_, str>, ApiError> {
             "the path may not contain encoded slashes, backslashes or NUL bytes",
         ));
     }
-    let text = utf8(bytes).ok_or_else(|| ApiError::invalid_path("the path is not valid UTF-8"))?;
-    if text == "." || text == ".." {
+    let text =
+        utf8(raw, bytes).ok_or_else(|| ApiError::invalid_path("the path is not valid UTF-8"))?;
+    refuse_dot_segment(&text)?;
+    Ok(text)
+}
+
+fn refuse_dot_segment(segment: &str) -> Result<(), ApiError> {
+    if segment == "." || segment == ".." {
         return Err(ApiError::invalid_path(
             "the path may not contain '.' or '..' segments",
         ));
     }
-    Ok(text)
+    Ok(())
 }
 
 /// Checks the parts of a request target that every route shares.
@@ -47,6 +53,10 @@ pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
             "query",
             format!("the query string is longer than {MAX_QUERY_LEN} bytes"),
         ));
+    }
+    // Almost every path has nothing to decode and nothing to refuse but dot segments.
+    if !path.bytes().any(|b| matches!(b, b'%' | b'\\' | 0)) {
+        return path.split('/').try_for_each(refuse_dot_segment);
     }
     for segment in path.split('/') {
         decode_segment(segment)?;
@@ -107,10 +117,11 @@ fn percent_decode(input: &str, plus_is_space: bool) -> Option<Cow<'_, [u8]>> {
     Some(Cow::Owned(out))
 }
 
-/// Decoded bytes as text, still borrowed when they were; `None` when not UTF-8.
-fn utf8(bytes: Cow<'_, [u8]>) -> Option<Cow<'_, str>> {
+/// The bytes `percent_decode` made of `input` as text: `input` itself when nothing was
+/// decoded; `None` when decoded bytes are not UTF-8.
+fn utf8<'a>(input: &'a str, bytes: Cow<'a, [u8]>) -> Option<Cow<'a, str>> {
     match bytes {
-        Cow::Borrowed(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
+        Cow::Borrowed(_) => Some(Cow::Borrowed(input)),
         Cow::Owned(b) => String::from_utf8(b).ok().map(Cow::Owned),
     }
 }
@@ -129,7 +140,7 @@ impl<'q> Query<'q> {
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
             let decode = |s: &'q str| {
                 percent_decode(s, true)
-                    .and_then(utf8)
+                    .and_then(|bytes| utf8(s, bytes))
                     .filter(|s| !s.contains('\0'))
             };
             let (Some(k), Some(v)) = (decode(k), decode(v)) else {
@@ -197,6 +208,20 @@ mod tests {
             "a%2Fb", "a%2fb", "%5C", "%00", "%zz", "%4", "%FF", "..", "%2E%2E", ".",
         ] {
             assert!(decode_segment(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn targets_with_nothing_to_decode_are_checked_for_dot_segments_alone() {
+        assert!(check_target("/api/v1/extensions/provider/aws", None).is_ok());
+        for bad in [
+            "/api/v1/../x",
+            "/api/./v1",
+            "/api/v1/..",
+            "/a\\b",
+            "/a/%2e%2E/b",
+        ] {
+            assert!(check_target(bad, None).is_err(), "{bad}");
         }
     }
 
