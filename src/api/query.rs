@@ -28,17 +28,12 @@ pub fn decode_segment(raw: &str) -> Result<Cow<'_, str>, ApiError> {
     }
     let text =
         utf8(raw, bytes).ok_or_else(|| ApiError::invalid_path("the path is not valid UTF-8"))?;
-    refuse_dot_segment(&text)?;
-    Ok(text)
-}
-
-fn refuse_dot_segment(segment: &str) -> Result<(), ApiError> {
-    if segment == "." || segment == ".." {
+    if text == "." || text == ".." {
         return Err(ApiError::invalid_path(
             "the path may not contain '.' or '..' segments",
         ));
     }
-    Ok(())
+    Ok(text)
 }
 
 /// Checks the parts of a request target that every route shares.
@@ -54,9 +49,16 @@ pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
             format!("the query string is longer than {MAX_QUERY_LEN} bytes"),
         ));
     }
-    // Almost every path has nothing to decode and nothing to refuse but dot segments.
-    if !path.bytes().any(|b| matches!(b, b'%' | b'\\' | 0)) {
-        return path.split('/').try_for_each(refuse_dot_segment);
+    // Almost every path has no escape, backslash, NUL or segment starting with '.': nothing
+    // in it to decode or to refuse.
+    let bytes = path.as_bytes();
+    let plain = bytes.iter().enumerate().all(|(i, &b)| match b {
+        b'%' | b'\\' | 0 => false,
+        b'.' => i > 0 && bytes[i - 1] != b'/',
+        _ => true,
+    });
+    if plain {
+        return Ok(());
     }
     for segment in path.split('/') {
         decode_segment(segment)?;
@@ -212,14 +214,24 @@ mod tests {
     }
 
     #[test]
-    fn targets_with_nothing_to_decode_are_checked_for_dot_segments_alone() {
-        assert!(check_target("/api/v1/extensions/provider/aws", None).is_ok());
+    fn targets_are_checked_the_short_way_and_the_long_way_alike() {
+        for good in [
+            "/api/v1/extensions/provider/aws",
+            "/api/v1/extensions/provider/aws/1.0.0",
+            "/api/v1/extensions/provider/aws/.hidden",
+            "/api/v1/extensions/provider/aws%2Dx",
+        ] {
+            assert!(check_target(good, None).is_ok(), "{good}");
+        }
         for bad in [
             "/api/v1/../x",
             "/api/./v1",
             "/api/v1/..",
+            "..",
             "/a\\b",
             "/a/%2e%2E/b",
+            "/a/b%2F",
+            "/a/%zz",
         ] {
             assert!(check_target(bad, None).is_err(), "{bad}");
         }
