@@ -5,7 +5,9 @@
 # accepting gzip/br), then serves the captured identity bytes from `benches/baseline` (bare
 # hyper) and from nginx (1 worker, open_file_cache, if installed), and runs the release
 # binary with its full default stack (rate limit on, with a quota the run cannot exhaust).
-# Servers are pinned to core 0 and wrk to core 1 where `taskset` exists; wrk runs
+# Each server runs one worker (the service `[server] workers = 1`, the baseline one Tokio
+# worker thread, nginx one worker process) pinned to core 0, and wrk runs on core 1, where
+# `taskset` exists; wrk runs
 # (-t1 -c64) are interleaved server by server, round by round, so a change in the machine's
 # load hits every server alike. Prints, per answer and server: req/s (every round), p99,
 # the ratio to bare hyper, and the server's CPU µs per request (utime+stime deltas of the
@@ -69,6 +71,7 @@ cat > "$work/service.toml" <<TOML
 [server]
 host = "127.0.0.1"
 port = $svc_port
+workers = 1
 [local]
 path = "$root"
 [rate_limit]
@@ -92,7 +95,7 @@ capture list "$list"
 capture gzip "$list" "$gzip_header"
 
 bare_port=$(free_port)
-"${on_server[@]}" "$baseline" "127.0.0.1:$bare_port" "$single=$work/single" "$list=$work/list" &
+"${on_server[@]}" env TOKIO_WORKER_THREADS=1 "$baseline" "127.0.0.1:$bare_port" "$single=$work/single" "$list=$work/list" &
 bare=$!; pids+=("$bare")
 wait_http "http://127.0.0.1:$bare_port$single"
 
