@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, ORIGIN, RANGE};
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
@@ -167,6 +167,10 @@ pub fn app_with(
         hooks,
     });
 
+    let cors = config
+        .server
+        .enable_cors
+        .then(|| cors::CorsLayer::new(cors_rules(&config.server), any_origin(&config.server)));
     let service = ServiceBuilder::new()
         // Tracing wraps the body type; box it back so the outside sees one body type.
         .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
@@ -192,14 +196,9 @@ pub fn app_with(
         .layer(PreflightOnlyLayer)
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
-        // the rate limit and any work. Requests without `Origin` are not CORS requests and
-        // pass by tower-http's rules (see `middleware::cors`).
-        .option_layer(
-            config
-                .server
-                .enable_cors
-                .then(|| cors::CorsLayer::new(cors_rules(&config.server))),
-        )
+        // the rate limit and any work. With any origin allowed, simple answers get CORS
+        // headers made once (see `middleware::cors`).
+        .option_layer(cors)
         // Each switchable layer's `Either` names the stack below it twice; boxing right
         // below it keeps the type (and the compiler's time and memory) from doubling per
         // switch, at the cost of one boxed future per request.
@@ -260,15 +259,21 @@ pub fn app_with(
     BoxCloneSyncService::new(service)
 }
 
+/// Whether `cors_allowed_origins` allows every origin: empty, or `*` among them.
+fn any_origin(server: &ServerConfig) -> bool {
+    let origins = &server.cors_allowed_origins;
+    origins.is_empty() || origins.iter().any(|o| o == "*")
+}
+
 /// CORS for a public API: GET and HEAD, and POST for the batch resolve and the hooks (with a
 /// JSON `Content-Type`, which makes a browser preflight), from the configured origins (any by
 /// default), no credentials; the request headers of revalidation and resumed downloads, and the
 /// response headers clients need readable.
 fn cors_rules(server: &ServerConfig) -> CorsLayer {
-    let origins = &server.cors_allowed_origins;
-    let allow_origin = if origins.is_empty() || origins.iter().any(|o| o == "*") {
+    let allow_origin = if any_origin(server) {
         AllowOrigin::any()
     } else {
+        let origins = &server.cors_allowed_origins;
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
     CorsLayer::new()
@@ -300,7 +305,4 @@ fn cors_rules(server: &ServerConfig) -> CorsLayer {
         )
         // Browsers cache the preflight answer (Chromium caps this at two hours).
         .max_age(Duration::from_secs(86_400))
-        // Even with any origin allowed, the answer varies with Origin: a request without one
-        // gets no CORS headers (`middleware::cors`), and tells shared caches the same.
-        .vary([ORIGIN])
 }

@@ -1,33 +1,55 @@
-//! CORS for the requests that are CORS requests: tower-http's `Cors` answers every request
-//! that carries `Origin`, which is every cross-origin request a browser makes, preflights
-//! included. A request without `Origin` (a provisioning tool, a script, curl) is not one: it
-//! goes straight to the service below and its answer gets no CORS headers, so it does not pay
-//! for building them.
-//!
-//! Whether CORS headers are added depends on `Origin`, so both kinds of answer carry
-//! `Vary: origin` (the CORS rules are built with it, see `stack`): a shared cache keeps them
-//! apart and never hands an answer made for no origin to a browser.
+//! CORS by tower-http's rules, with the headers of a simple (not preflight) answer made once
+//! when they cannot depend on the request: with every origin allowed (the default), every
+//! GET, HEAD or POST answer gets the same `Access-Control-Allow-Origin: *` and
+//! `Access-Control-Expose-Headers`, with or without `Origin`. They are computed at start by
+//! the rules themselves, on a sample request, and added to each answer as they are, instead
+//! of being built per request. Preflights, and every request under a list of origins (whose
+//! answer depends on `Origin`), go through tower-http's `Cors` as they come.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::header::{HeaderValue, ORIGIN, VARY};
-use http::{Request, Response};
+use futures_util::FutureExt;
+use http::header::{ORIGIN, VARY};
+use http::{HeaderMap, Method, Request, Response};
 use pin_project_lite::pin_project;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
-/// Adds [`Cors`] to a stack, with tower-http's CORS rules for requests carrying `Origin`;
-/// the rules must add `Vary: origin` as answers without `Origin` do.
+/// Adds [`Cors`] to a stack.
 #[derive(Clone, Debug)]
 pub struct CorsLayer {
     rules: tower_http::cors::CorsLayer,
+    /// The CORS headers of every simple answer, when they are the same for all.
+    fixed: Option<Arc<HeaderMap>>,
 }
 
 impl CorsLayer {
-    pub fn new(rules: tower_http::cors::CorsLayer) -> Self {
-        Self { rules }
+    /// `any_origin` says that `rules` allow every origin, so that a simple answer's CORS
+    /// headers are the same for every request.
+    pub fn new(rules: tower_http::cors::CorsLayer, any_origin: bool) -> Self {
+        let fixed = any_origin.then(|| Arc::new(simple_answer_headers(&rules)));
+        Self { rules, fixed }
     }
+}
+
+/// What `rules` add to the answer of a simple cross-origin GET.
+fn simple_answer_headers(rules: &tower_http::cors::CorsLayer) -> HeaderMap {
+    let answer = tower::service_fn(|_: Request<()>| async {
+        Ok::<_, Infallible>(Response::new(String::new()))
+    });
+    let sample = Request::get("/")
+        .header(ORIGIN, "https://origin.invalid")
+        .body(())
+        .expect("a valid request");
+    let response = match rules.layer(answer).oneshot(sample).now_or_never() {
+        Some(Ok(response)) => response,
+        Some(Err(never)) => match never {},
+        None => unreachable!("CORS rules over an answer that is ready answer at once"),
+    };
+    response.headers().clone()
 }
 
 impl<S> Layer<S> for CorsLayer {
@@ -36,6 +58,7 @@ impl<S> Layer<S> for CorsLayer {
     fn layer(&self, inner: S) -> Cors<S> {
         Cors {
             cors: self.rules.layer(inner),
+            fixed: self.fixed.clone(),
         }
     }
 }
@@ -44,6 +67,7 @@ impl<S> Layer<S> for CorsLayer {
 #[derive(Clone, Debug)]
 pub struct Cors<S> {
     cors: tower_http::cors::Cors<S>,
+    fixed: Option<Arc<HeaderMap>>,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Cors<S>
@@ -60,14 +84,14 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if req.headers().contains_key(ORIGIN) {
-            ResponseFuture::Cors {
-                inner: self.cors.call(req),
-            }
-        } else {
-            ResponseFuture::Plain {
+        match &self.fixed {
+            Some(fixed) if req.method() != Method::OPTIONS => ResponseFuture::Fixed {
+                headers: fixed.clone(),
                 inner: self.cors.get_mut().call(req),
-            }
+            },
+            _ => ResponseFuture::Rules {
+                inner: self.cors.call(req),
+            },
         }
     }
 }
@@ -75,10 +99,10 @@ where
 pin_project! {
     #[project = Projected]
     pub enum ResponseFuture<F> {
-        /// A CORS request, answered by tower-http's rules.
-        Cors { #[pin] inner: tower_http::cors::ResponseFuture<F> },
-        /// No `Origin`: the answer as it is, with `Vary: origin` as a CORS answer has.
-        Plain { #[pin] inner: F },
+        /// Answered by tower-http's rules.
+        Rules { #[pin] inner: tower_http::cors::ResponseFuture<F> },
+        /// A simple request under rules that answer every one alike.
+        Fixed { #[pin] inner: F, headers: Arc<HeaderMap> },
     }
 }
 
@@ -91,12 +115,21 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            Projected::Cors { inner } => inner.poll(cx),
-            Projected::Plain { inner } => {
+            Projected::Rules { inner } => inner.poll(cx),
+            Projected::Fixed { inner, headers } => {
                 let mut response = ready!(inner.poll(cx))?;
-                response
-                    .headers_mut()
-                    .append(VARY, HeaderValue::from_static("origin"));
+                // As tower-http does: `Vary` is added to, any other of its headers replaces
+                // those of the same name.
+                let answer = response.headers_mut();
+                let mut previous = None;
+                for (name, value) in headers.iter() {
+                    if name == VARY || previous == Some(name) {
+                        answer.append(name, value.clone());
+                    } else {
+                        answer.insert(name, value.clone());
+                    }
+                    previous = Some(name);
+                }
                 Poll::Ready(Ok(response))
             }
         }
