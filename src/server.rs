@@ -183,8 +183,8 @@ fn refuse(stream: TcpStream) {
 ///
 /// The connection's own copy of the application answers its requests in place: hyper calls
 /// it from the connection's task, one request at a time (HTTP/2 streams too), so the lock is
-/// never contended, and no request pays for copying every layer of the stack. A layer not
-/// ready at once (none is, today) is waited for on a copy, as `oneshot` does.
+/// never contended, and no request pays for copying every layer of the stack. Should a layer
+/// not be ready at once (none is, today), the request waits on it as `oneshot` would.
 struct PerConnection {
     app: Mutex<HttpService>,
     peer: SocketAddr,
@@ -205,7 +205,13 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
         let inner = match app.poll_ready(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(Ok(())) => app.call(req),
             Poll::Ready(Err(never)) => match never {},
-            Poll::Pending => Box::pin(app.clone().oneshot(req)),
+            // The copy that was polled holds whatever it waits for; it goes on waiting (with
+            // a real waker) for this request, and a fresh copy stays for the next.
+            Poll::Pending => {
+                let fresh = app.clone();
+                let waiting = std::mem::replace(&mut *app, fresh);
+                Box::pin(waiting.oneshot(req))
+            }
         };
         ResponseFuture {
             inner,

@@ -71,7 +71,7 @@ struct State {
 pub struct Clock {
     timeouts: Timeouts,
     state: Mutex<State>,
-    /// Wakes [`Clock::expired`] when the deadline moves earlier or is set again.
+    /// Wakes [`Clock::expired`] when a deadline is set earlier than it is armed for.
     changed: Notify,
 }
 
@@ -149,8 +149,8 @@ impl Clock {
     ///
     /// Sleeps at most the header timeout at once. A request head starting moves the deadline
     /// to no earlier than then, so requests on a kept-alive connection never wake the
-    /// watcher, and its timer is set again only when it wakes (at most once per header
-    /// timeout), not per request.
+    /// watcher, and its timer is set again only when it wakes (about once per header timeout,
+    /// or per keep-alive timeout when that is shorter), not per request.
     pub async fn expired(&self) {
         loop {
             let changed = self.changed.notified();
