@@ -7,12 +7,10 @@ use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, IF_NONE_MATCH, IF_RANGE, RANGE};
 use http::{Method, Request, Response};
-use http_body_util::BodyExt;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::api::representation::Renderings;
 use crate::api::{self, HealthProbe, RouteTable, Router, Shared};
@@ -34,6 +32,7 @@ use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
 use crate::middleware::request_id::{self, RequestIds};
 use crate::middleware::rescue::RescueLayer;
+use crate::middleware::trace::TraceLayer;
 use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
 use crate::redis::quota::RedisQuota;
@@ -172,8 +171,6 @@ pub fn app_with(
         .enable_cors
         .then(|| cors::CorsLayer::new(cors_rules(&config.server), any_origin(&config.server)));
     let service = ServiceBuilder::new()
-        // Tracing wraps the body type; box it back so the outside sees one body type.
-        .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
         // Outermost: every response, errors and 429s included, carries the request id, and the
         // id exists before the trace span is opened so the span can record it. A client's id
         // is kept only when short and safe to echo and log; otherwise one is generated.
@@ -181,13 +178,7 @@ pub fn app_with(
         .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
         .layer(PropagateRequestIdLayer::x_request_id())
         // One span and one log line per request, with the final status of whatever answered.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(telemetry::request_span)
-                .on_request(())
-                .on_response(telemetry::log_response)
-                .on_failure(()),
-        )
+        .layer(TraceLayer)
         // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
         // preflights included, each labelled by route template.
         .layer(HttpMetricsLayer::new())

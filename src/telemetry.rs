@@ -409,11 +409,24 @@ pub fn request_span<B>(req: &Request<B>) -> Span {
 }
 
 /// The one log line per request.
-pub fn log_response<B>(response: &Response<B>, latency: Duration, _span: &Span) {
+pub fn log_response<B>(response: &Response<B>, latency: Duration) {
     tracing::info!(
         status = response.status().as_u16(),
         latency_ms = latency.as_secs_f64() * 1000.0,
         "request finished"
+    );
+}
+
+/// Whether the log filter lets [`log_response`]'s line through.
+pub fn logs_responses() -> bool {
+    tracing::enabled!(tracing::Level::INFO)
+}
+
+/// The end of a response body, `latency` after its request came.
+pub fn log_end_of_stream(latency: Duration) {
+    tracing::debug!(
+        stream_duration_ms = latency.as_secs_f64() * 1000.0,
+        "end of stream"
     );
 }
 
@@ -458,7 +471,7 @@ mod process_metrics_tests {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::{Arc, Mutex};
 
     use http::{Request, StatusCode};
@@ -469,7 +482,14 @@ mod tests {
 
     /// A log destination the test reads back.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Captured {
+        /// What was logged so far.
+        pub(crate) fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
 
     impl std::io::Write for Captured {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -503,7 +523,7 @@ mod tests {
         let response = app.oneshot(req).await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
 
-        let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let log = captured.text();
         let lines: Vec<_> = log
             .lines()
             .filter(|l| l.contains("request finished"))

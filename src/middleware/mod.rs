@@ -15,3 +15,4 @@ pub mod preflight;
 pub mod rate_limit;
 pub mod request_id;
 pub mod rescue;
+pub mod trace;
