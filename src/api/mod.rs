@@ -252,7 +252,7 @@ where
         let method = req.method().clone();
         let uri = req.uri().clone();
         let host = query::check_host(&req);
-        let quota = req.extensions().get::<QuotaCharge>().cloned();
+        let quota = req.extensions_mut().remove::<QuotaCharge>();
         // Range is defined for GET alone (RFC 9110 §14.2): a HEAD describes the whole.
         let range = (method == Method::GET)
             .then(|| range::requested(req.headers()))

@@ -713,10 +713,11 @@ where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
         let policy = self.policy;
-        let started = Instant::now();
+        let mut started = None;
         let mut counted = false;
         loop {
             let now = Instant::now();
+            let started = *started.get_or_insert(now);
             let seen = store.entries.get(&key).await;
             let stale_held = match (policy.judge(seen.as_deref(), now), &seen) {
                 (Judgement::Fresh | Judgement::BackingOff, Some(entry)) => {

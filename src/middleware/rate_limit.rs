@@ -10,7 +10,8 @@
 //!
 //! A request that costs more than one (a batch resolve of n requirements costs n) is charged
 //! one here, before its body is read, and the rest by its handler through the [`QuotaCharge`]
-//! this layer puts in the request's extensions.
+//! this layer puts in the request's extensions. Only a POST can ask for several answers at
+//! once, so only a POST carries one.
 //!
 //! The per-client state is bounded: it is swept of idle clients at most once a second, and at
 //! `max_clients` new clients share one overflow quota instead of getting their own entry.
@@ -40,7 +41,7 @@ use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use ipnet::IpNet;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -585,10 +586,12 @@ where
                 quotas: None,
             },
             Decision::Allowed(quotas, key) => {
-                req.extensions_mut().insert(QuotaCharge {
-                    limits: self.limits.clone(),
-                    key,
-                });
+                if req.method() == Method::POST {
+                    req.extensions_mut().insert(QuotaCharge {
+                        limits: self.limits.clone(),
+                        key,
+                    });
+                }
                 let Some(shared) = &self.limits.shared else {
                     return ResponseFuture::Passed {
                         inner: self.inner.call(req),
@@ -669,6 +672,7 @@ where
 mod tests {
     use super::*;
     use crate::config::Config;
+    use http_body_util::BodyExt;
     use std::convert::Infallible;
     use tower::ServiceExt;
 
@@ -947,7 +951,8 @@ mod tests {
             })
         }));
         let send = |extra: u32| {
-            let req = request("/api/v1/resolve", "192.0.2.1", &[]).map(|()| extra);
+            let mut req = request("/api/v1/resolve", "192.0.2.1", &[]).map(|()| extra);
+            *req.method_mut() = Method::POST;
             service.clone().oneshot(req)
         };
         assert_eq!(send(2).await.unwrap().status(), StatusCode::OK);
@@ -967,6 +972,21 @@ mod tests {
             send(0).await.unwrap().status(),
             StatusCode::TOO_MANY_REQUESTS
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_post_carries_a_charge() {
+        let layer = RateLimitLayer::new(&config(5, ""));
+        let service = layer.layer(tower::service_fn(|req: Request<()>| async move {
+            let charged = req.extensions().get::<QuotaCharge>().is_some();
+            Ok::<_, Infallible>(Response::new(crate::body::full(charged.to_string())))
+        }));
+        for (method, charged) in [(Method::GET, "false"), (Method::POST, "true")] {
+            let mut req = request("/api/v1/resolve", "192.0.2.1", &[]);
+            *req.method_mut() = method;
+            let body = service.clone().oneshot(req).await.unwrap().into_body();
+            assert_eq!(body.collect().await.unwrap().to_bytes(), charged);
+        }
     }
 
     #[test]
