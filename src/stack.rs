@@ -166,10 +166,18 @@ pub fn app_with(
         hooks,
     });
 
-    let cors = config
-        .server
-        .enable_cors
-        .then(|| cors::CorsLayer::new(cors_rules(&config.server), any_origin(&config.server)));
+    let cors = if config.server.enable_cors {
+        cors::CorsLayer::new(cors_rules(&config.server), any_origin(&config.server))
+    } else {
+        cors::CorsLayer::off()
+    };
+    let rate_limit = if config.rate_limit.enabled {
+        let quota = shared(|r| r.enable_rate_limit)
+            .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
+        RateLimitLayer::shared(&config.rate_limit, quota)
+    } else {
+        RateLimitLayer::off()
+    };
     let service = ServiceBuilder::new()
         // Outermost: every response, errors and 429s included, carries the request id, and the
         // id exists before the trace span is opened so the span can record it. A client's id
@@ -189,15 +197,7 @@ pub fn app_with(
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work. With any origin allowed, simple answers get CORS
         // headers made once (see `middleware::cors`).
-        .option_layer(cors)
-        // Each switchable layer's `Either` names the stack below it twice; boxing right
-        // below it keeps the type (and the compiler's time and memory) from doubling per
-        // switch, at the cost of one boxed future per request.
-        .layer(BoxCloneSyncService::<
-            Request<Body>,
-            Response<Body>,
-            Infallible,
-        >::layer())
+        .layer(cors)
         // Below this, services fail with BoxError; above it, the service is Infallible and
         // every failure is a JSON error response.
         .layer(RescueLayer)
@@ -216,16 +216,15 @@ pub fn app_with(
                 .layer(PrecompressedLayer)
                 .into_inner()
         }))
+        // The switch's `Either` names the stack below it twice; boxing right below it keeps
+        // the type (and the compiler's time and memory) from doubling, at the cost of one
+        // boxed future per request. CORS and the rate limit switch off inside their layers
+        // instead, and need no box.
         .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
         // Refuses clients over their quota with 429 before any work is done for them; above
         // the concurrency limit so a flooding client cannot take the others' slots. With
         // Redis, the quota is the cluster's (each replica's own refusing first).
-        .option_layer(config.rate_limit.enabled.then(|| {
-            let quota = shared(|r| r.enable_rate_limit)
-                .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
-            RateLimitLayer::shared(&config.rate_limit, quota)
-        }))
-        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
+        .layer(rate_limit)
         // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
         // until its body is dropped (the concurrency limit below lets go at the response
         // head): past it 503 at once, before any backend is asked. Below the rate limit so a

@@ -4,7 +4,8 @@
 //! `Access-Control-Expose-Headers`, with or without `Origin`. They are computed at start by
 //! the rules themselves, on a sample request, and added to each answer as they are, instead
 //! of being built per request. Preflights, and every request under a list of origins (whose
-//! answer depends on `Origin`), go through tower-http's `Cors` as they come.
+//! answer depends on `Origin`), go through tower-http's `Cors` as they come. With CORS off
+//! (`[server] enable_cors = false`) every request passes by untouched, preflights included.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -22,16 +23,38 @@ use tower::{Layer, Service, ServiceExt};
 #[derive(Clone, Debug)]
 pub struct CorsLayer {
     rules: tower_http::cors::CorsLayer,
-    /// The CORS headers of every simple answer, when they are the same for all.
-    fixed: Option<Arc<HeaderMap>>,
+    mode: Mode,
+}
+
+/// How a [`Cors`] answers.
+#[derive(Clone, Debug)]
+enum Mode {
+    /// No CORS: every request passes by untouched.
+    Off,
+    /// Every request by the rules.
+    Rules,
+    /// Simple answers get these CORS headers, the same for all; preflights by the rules.
+    Fixed(Arc<HeaderMap>),
 }
 
 impl CorsLayer {
     /// `any_origin` says that `rules` allow every origin, so that a simple answer's CORS
     /// headers are the same for every request.
     pub fn new(rules: tower_http::cors::CorsLayer, any_origin: bool) -> Self {
-        let fixed = any_origin.then(|| Arc::new(simple_answer_headers(&rules)));
-        Self { rules, fixed }
+        let mode = if any_origin {
+            Mode::Fixed(Arc::new(simple_answer_headers(&rules)))
+        } else {
+            Mode::Rules
+        };
+        Self { rules, mode }
+    }
+
+    /// CORS off. A layer all the same, so that the stack has one type either way.
+    pub fn off() -> Self {
+        Self {
+            rules: tower_http::cors::CorsLayer::new(),
+            mode: Mode::Off,
+        }
     }
 }
 
@@ -58,7 +81,7 @@ impl<S> Layer<S> for CorsLayer {
     fn layer(&self, inner: S) -> Cors<S> {
         Cors {
             cors: self.rules.layer(inner),
-            fixed: self.fixed.clone(),
+            mode: self.mode.clone(),
         }
     }
 }
@@ -67,7 +90,7 @@ impl<S> Layer<S> for CorsLayer {
 #[derive(Clone, Debug)]
 pub struct Cors<S> {
     cors: tower_http::cors::Cors<S>,
-    fixed: Option<Arc<HeaderMap>>,
+    mode: Mode,
 }
 
 impl<S, B, ResBody> Service<Request<B>> for Cors<S>
@@ -84,8 +107,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        match &self.fixed {
-            Some(fixed) if req.method() != Method::OPTIONS => ResponseFuture::Fixed {
+        match &self.mode {
+            Mode::Off => ResponseFuture::Passed {
+                inner: self.cors.get_mut().call(req),
+            },
+            Mode::Fixed(fixed) if req.method() != Method::OPTIONS => ResponseFuture::Fixed {
                 headers: fixed.clone(),
                 inner: self.cors.get_mut().call(req),
             },
@@ -103,6 +129,8 @@ pin_project! {
         Rules { #[pin] inner: tower_http::cors::ResponseFuture<F> },
         /// A simple request under rules that answer every one alike.
         Fixed { #[pin] inner: F, headers: Arc<HeaderMap> },
+        /// CORS off.
+        Passed { #[pin] inner: F },
     }
 }
 
@@ -116,6 +144,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
             Projected::Rules { inner } => inner.poll(cx),
+            Projected::Passed { inner } => inner.poll(cx),
             Projected::Fixed { inner, headers } => {
                 let mut response = ready!(inner.poll(cx))?;
                 // As tower-http does: `Vary` is added to, any other of its headers replaces
@@ -132,6 +161,42 @@ where
                 }
                 Poll::Ready(Ok(response))
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::header::{ACCESS_CONTROL_REQUEST_METHOD, ALLOW};
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn switched_off_it_passes_preflights_and_simple_requests_untouched() {
+        let inner = tower::service_fn(|req: Request<()>| async move {
+            let mut response = Response::new(String::new());
+            *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            response.headers_mut().insert(ALLOW, "GET".parse().unwrap());
+            response
+                .headers_mut()
+                .insert("x-method", req.method().as_str().parse().unwrap());
+            Ok::<_, Infallible>(response)
+        });
+        let service = CorsLayer::off().layer(inner);
+        for method in [Method::OPTIONS, Method::GET] {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/api/v1/extensions")
+                .header(ORIGIN, "https://example.com")
+                .header(ACCESS_CONTROL_REQUEST_METHOD, "GET")
+                .body(())
+                .unwrap();
+            let response = service.clone().oneshot(req).await.unwrap();
+            assert_eq!(response.headers()["x-method"], method.as_str());
+            let names: Vec<_> = response.headers().keys().map(|n| n.as_str()).collect();
+            assert_eq!(names, ["allow", "x-method"], "{method}");
         }
     }
 }

@@ -525,10 +525,17 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// Adds [`RateLimit`] to a stack.
 #[derive(Clone)]
 pub struct RateLimitLayer {
-    limits: Arc<Limits>,
+    /// `None` when rate limiting is off: every request passes as an exempt one does.
+    limits: Option<Arc<Limits>>,
 }
 
 impl RateLimitLayer {
+    /// Rate limiting off (`[rate_limit] enabled = false`): no quota, no `RateLimit-*`
+    /// headers. A layer all the same, so that the stack has one type either way.
+    pub fn off() -> Self {
+        Self { limits: None }
+    }
+
     /// Each replica counting its own clients; see [`RateLimitLayer::shared`].
     pub fn new(config: &RateLimitConfig) -> Self {
         Self::shared(config, None)
@@ -539,10 +546,10 @@ impl RateLimitLayer {
         // Registered at zero so the series exists before the first refusal.
         metrics::counter!(RATE_LIMITED_TOTAL).increment(0);
         Self {
-            limits: Arc::new(Limits {
+            limits: Some(Arc::new(Limits {
                 shared,
                 ..Limits::new(config)
-            }),
+            })),
         }
     }
 }
@@ -562,7 +569,7 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Clone)]
 pub struct RateLimit<S> {
     inner: S,
-    limits: Arc<Limits>,
+    limits: Option<Arc<Limits>>,
 }
 
 impl<S, B> Service<Request<B>> for RateLimit<S>
@@ -580,7 +587,13 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        match self.limits.decide(&req) {
+        let Some(limits) = &self.limits else {
+            return ResponseFuture::Passed {
+                inner: self.inner.call(req),
+                quotas: None,
+            };
+        };
+        match limits.decide(&req) {
             Decision::Exempt => ResponseFuture::Passed {
                 inner: self.inner.call(req),
                 quotas: None,
@@ -588,18 +601,18 @@ where
             Decision::Allowed(quotas, key) => {
                 if req.method() == Method::POST {
                     req.extensions_mut().insert(QuotaCharge {
-                        limits: self.limits.clone(),
+                        limits: limits.clone(),
                         key,
                     });
                 }
-                let Some(shared) = &self.limits.shared else {
+                let Some(shared) = &limits.shared else {
                     return ResponseFuture::Passed {
                         inner: self.inner.call(req),
                         quotas: Some(quotas),
                     };
                 };
                 let check = shared.check(key, 1);
-                let limits = self.limits.clone();
+                let limits = limits.clone();
                 // The ready service is called once the shared quota has answered.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -918,7 +931,7 @@ mod tests {
             let req = request("/api/v1/extensions", &peer, &[]);
             statuses.push(status(&service, req).await);
         }
-        let limiter = &layer.limits.limiter;
+        let limiter = &layer.limits.as_ref().expect("rate limiting on").limiter;
         assert!(
             limiter.len() <= 9,
             "8 clients and the overflow key, not {}",
@@ -972,6 +985,19 @@ mod tests {
             send(0).await.unwrap().status(),
             StatusCode::TOO_MANY_REQUESTS
         );
+    }
+
+    #[tokio::test]
+    async fn switched_off_it_passes_every_request_untouched() {
+        let (service, calls) = limited(&RateLimitLayer::off());
+        for _ in 0..10 {
+            let mut req = request("/api/v1/resolve", "192.0.2.1", &[]);
+            *req.method_mut() = Method::POST;
+            let response = respond(&service, req).await;
+            assert_eq!(response.status(), StatusCode::OK);
+            assert!(!response.headers().contains_key("ratelimit-remaining"));
+        }
+        assert_eq!(calls.load(Ordering::Relaxed), 10);
     }
 
     #[tokio::test]
