@@ -9,7 +9,6 @@
 //! counter at its first request) and kept, so counting a request allocates nothing: the
 //! `counter!` macro with labels builds a key, its label list and the status text each time.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -50,8 +49,9 @@ struct Series {
     route: &'static str,
     duration: Histogram,
     /// Counters by method label and status, registered at their first request. Bounded: a
-    /// handful of method labels times the statuses the service itself answers.
-    requests: RwLock<HashMap<(&'static str, StatusCode), Counter>>,
+    /// handful of method labels times the statuses the service itself answers, so few that
+    /// a scan finds one sooner than hashing the pair would.
+    requests: RwLock<Vec<(&'static str, StatusCode, Counter)>>,
 }
 
 impl Series {
@@ -63,26 +63,39 @@ impl Series {
         }
     }
 
-    fn requests(&self, method: &'static str, status: StatusCode) -> Counter {
-        let known = self
+    fn count_request(&self, method: &'static str, status: StatusCode) {
+        let at = |requests: &[(&str, StatusCode, Counter)]| {
+            requests
+                .iter()
+                .position(|(m, s, _)| *s == status && *m == method)
+        };
+        let requests = self
             .requests
             .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&(method, status))
-            .cloned();
-        known.unwrap_or_else(|| {
-            let counter = metrics::counter!(
-                HTTP_REQUESTS_TOTAL,
-                "method" => method,
-                "route" => self.route,
-                "status" => status.as_u16().to_string(),
-            );
-            self.requests
-                .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .insert((method, status), counter.clone());
-            counter
-        })
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(i) = at(&requests) {
+            requests[i].2.increment(1);
+            return;
+        }
+        drop(requests);
+        let mut requests = self
+            .requests
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let i = at(&requests).unwrap_or_else(|| {
+            requests.push((
+                method,
+                status,
+                metrics::counter!(
+                    HTTP_REQUESTS_TOTAL,
+                    "method" => method,
+                    "route" => self.route,
+                    "status" => status.as_u16().to_string(),
+                ),
+            ));
+            requests.len() - 1
+        });
+        requests[i].2.increment(1);
     }
 }
 
@@ -196,7 +209,7 @@ where
                 .copied()
                 .or_else(|| this.shared.routes.route(this.uri.path()));
             let series = this.shared.series(route);
-            series.requests(this.method, response.status()).increment(1);
+            series.count_request(this.method, response.status());
             series.duration.record(this.start.elapsed());
         }
         Poll::Ready(result)
