@@ -114,10 +114,17 @@ impl HttpBody for Traced {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
+        let mut this = self.project();
         let _entered = this.span.enter();
-        let frame = ready!(this.inner.poll_frame(cx));
-        if let (None, Some(start)) = (&frame, this.start) {
+        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        // hyper stops polling once a body says it has ended, so the end is also a data frame
+        // after which the body is at its end, not only the `None` after it.
+        let ended = match &frame {
+            None => true,
+            Some(Ok(frame)) => frame.is_trailers() || this.inner.is_end_stream(),
+            Some(Err(_)) => false,
+        };
+        if let (true, Some(start)) = (ended, this.start.take()) {
             telemetry::log_end_of_stream(start.elapsed());
         }
         Poll::Ready(frame)
@@ -157,8 +164,11 @@ mod tests {
             .body(crate::body::empty())
             .unwrap();
         let response = TraceLayer.layer(handler).oneshot(req).await.unwrap();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        assert_eq!(&bytes[..], b"ok");
+        // As hyper reads it: one frame, then no more once the body says it has ended.
+        let mut body = response.into_body();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(&frame.into_data().unwrap()[..], b"ok");
+        assert!(body.is_end_stream());
         captured.text()
     }
 
