@@ -29,7 +29,7 @@ use std::num::NonZeroU32;
 use std::ops::Add;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -237,12 +237,24 @@ fn whole_seconds_up(d: Duration) -> u64 {
 
 impl Quotas {
     fn insert_into(self, headers: &mut HeaderMap) {
-        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
-        headers.insert(
-            RATELIMIT_REMAINING.clone(),
-            HeaderValue::from(self.remaining),
-        );
-        headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset));
+        headers.insert(RATELIMIT_LIMIT.clone(), number(self.limit.into()));
+        headers.insert(RATELIMIT_REMAINING.clone(), number(self.remaining.into()));
+        headers.insert(RATELIMIT_RESET.clone(), number(self.reset));
+    }
+}
+
+/// Numbers below this are written once per process, so most `RateLimit-*` values cost no
+/// allocation: a burst, what is left of it and the seconds until it is whole again are
+/// usually small. 1,024 short strings, about 40 KiB.
+const WRITTEN_ONCE: usize = 1024;
+
+/// `n` as a header value; below [`WRITTEN_ONCE`] one of the values written once.
+fn number(n: u64) -> HeaderValue {
+    static WRITTEN: LazyLock<Box<[String]>> =
+        LazyLock::new(|| (0..WRITTEN_ONCE).map(|n| n.to_string()).collect());
+    match usize::try_from(n).ok().and_then(|n| WRITTEN.get(n)) {
+        Some(text) => HeaderValue::from_static(text),
+        None => HeaderValue::from(n),
     }
 }
 
@@ -839,6 +851,13 @@ mod tests {
             let headers: Vec<_> = lines.split('|').map(|l| ("x-forwarded-for", l)).collect();
             let req = request("/api/v1/extensions", peer, &headers);
             assert_eq!(status(&service, req).await, expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn numbers_written_once_read_as_any_other() {
+        for n in [0, 7, 1023, 1024, 86_400, u64::MAX] {
+            assert_eq!(number(n), HeaderValue::from(n), "{n}");
         }
     }
 
