@@ -9,7 +9,7 @@ use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
-use super::handlers::{json, memo_key, rendered, Call};
+use super::handlers::{json, rendered, Call, MemoKey};
 use super::query::Query;
 use super::representation::Keep;
 use super::request_body;
@@ -66,9 +66,10 @@ impl Filter {
             .transpose()
     }
 
-    /// Names the filter in memo keys.
-    pub fn memo_key(&self) -> String {
-        format!("{} {}", self.prerelease, self.text)
+    /// Names the filter in a memo key, as its last parts.
+    pub(super) fn memo_key(&self, key: MemoKey) -> MemoKey {
+        key.part(if self.prerelease { "true" } else { "false" })
+            .part(&self.text)
     }
 
     /// The versions that pass, in the order given.
@@ -129,10 +130,9 @@ impl Call<'_> {
             // Required here: refused as an empty one, with the same explanation.
             None => Filter::new("", false)?,
         };
-        let memo = memo_key(format_args!(
-            "resolve {key} {source:?} {}",
-            filter.memo_key()
-        ));
+        let memo = filter
+            .memo_key(MemoKey::new("resolve").extension(&key).source(&source))
+            .into_string();
         let (response, stale) = self
             .ask(BackendRequest::Versions {
                 key: key.clone(),
