@@ -75,7 +75,8 @@ workers = 1
 [local]
 path = "$root"
 [rate_limit]
-# The shipped burst (100), earned back at once: never a 429, and the headers a client sees.
+# The shipped burst (100), earned back at once: never a 429, and RateLimit-* values as small
+# as a client's (RateLimit-Reset is 0 here, 1-2 s for a client at the shipped rate).
 requests_per_second = 4000000000
 TOML
 "${on_server[@]}" env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$service" --config "$work/service.toml" \

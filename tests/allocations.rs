@@ -93,7 +93,8 @@ fn local_tree() -> tempfile::TempDir {
 
 /// The shipped defaults (cache, compression, CORS, rate limit on, its burst of 100) with a
 /// quota the test cannot exhaust, as it earns a request back at once, so the limiter does its
-/// bookkeeping on every request and its headers are those a client usually sees.
+/// bookkeeping on every request and its `RateLimit-*` values are small, as a client's are
+/// (`RateLimit-Reset` is 0 here, a second or two for a client at the shipped rate).
 fn config(root: &Path) -> Config {
     let text = format!("[local]\npath = {:?}\n", root.display().to_string());
     let mut config = Config::parse(&text, "allocations.toml", None).expect("valid configuration");

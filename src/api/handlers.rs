@@ -535,4 +535,39 @@ mod tests {
         assert_eq!(distinct.len(), keys.len(), "{keys:#?}");
         assert_eq!(get(&aws, &None), "get provider/aws *");
     }
+
+    #[test]
+    fn memo_keys_of_versions_and_searches_tell_apart_their_filters() {
+        let aws = ExtensionKey {
+            ty: ExtensionType::Provider,
+            name: ExtensionName::parse("aws").expect("valid name"),
+        };
+        let versions = |query: Option<&str>| {
+            let query = Query::parse(query).expect("valid query");
+            let key = MemoKey::new("versions").extension(&aws).source(&None);
+            match Filter::from_query(&query).expect("valid filter") {
+                Some(filter) => filter.memo_key(key),
+                None => key,
+            }
+            .into_string()
+        };
+        let search = |limit: usize, q: &str| {
+            MemoKey::new("search")
+                .ty(None)
+                .debug(&limit)
+                .part(q)
+                .into_string()
+        };
+        let keys = [
+            versions(None),
+            versions(Some("constraint=%5E1")),
+            versions(Some("constraint=%5E1&prerelease=true")),
+            versions(Some("constraint=%3E%3D1%20%3C2")),
+            search(5, "a b"),
+            search(5, "a"),
+            search(50, "b"),
+        ];
+        let distinct: HashSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:#?}");
+    }
 }
