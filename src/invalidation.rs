@@ -164,7 +164,7 @@ impl Invalidator {
             let forgotten = shared.forget(&scope).await;
             tracing::debug!(?scope, forgotten, "shared answers dropped");
         }
-        let dropped = self.drop_local(&scope, "local").await;
+        let dropped = self.drop_local(&scope, "local");
         if let Some(bus) = &self.bus {
             bus.publish(&scope);
         }
@@ -192,12 +192,12 @@ impl Invalidator {
     }
 
     /// Another replica announced that `scope` changed: drops it here only.
-    pub async fn apply(&self, scope: &Scope) -> Dropped {
-        self.drop_local(scope, "peer").await
+    pub fn apply(&self, scope: &Scope) -> Dropped {
+        self.drop_local(scope, "peer")
     }
 
-    async fn drop_local(&self, scope: &Scope, origin: &'static str) -> Dropped {
-        let dropped = self.caches.invalidate(scope).await;
+    fn drop_local(&self, scope: &Scope, origin: &'static str) -> Dropped {
+        let dropped = self.caches.invalidate(scope);
         metrics::counter!("invalidations_total", "scope" => scope.label(), "origin" => origin)
             .increment(1);
         tracing::info!(?scope, origin, ?dropped, "cached answers invalidated");
@@ -381,7 +381,7 @@ mod tests {
         );
         // A peer's invalidation: the peer dropped it; dropping again here would drop the
         // answer fetched since.
-        invalidator.apply(&Scope::Extension(aws())).await;
+        invalidator.apply(&Scope::Extension(aws()));
         assert_eq!(lock(&shared.0).len(), 2);
         // The settling re-check drops it again.
         tokio::time::sleep(SETTLE + Duration::from_millis(1)).await;

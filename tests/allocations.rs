@@ -173,8 +173,8 @@ fn cached_answers_allocate_a_small_fixed_number_of_times() {
             .expect("ascii")
             .to_owned();
         let cases: [Case; 4] = [
-            ("single GET", single, &[], StatusCode::OK, 30),
-            ("list of 100", list, &[], StatusCode::OK, 30),
+            ("single GET", single, &[], StatusCode::OK, 29),
+            ("list of 100", list, &[], StatusCode::OK, 29),
             (
                 "list of 100, gzip",
                 list,

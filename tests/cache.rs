@@ -266,34 +266,30 @@ async fn revalidation_compression_and_stats_through_the_stack() {
 
 /// What a memo entry really costs (every byte allocated for it, moka's bookkeeping included)
 /// is at most what it is weighed at, so the byte bound holds in real memory.
-#[tokio::test]
-async fn a_memo_entry_weighs_at_least_what_it_costs() {
+#[test]
+fn a_memo_entry_weighs_at_least_what_it_costs() {
     let entries = 20_000;
     let renderings = Renderings::new(1 << 30, Duration::from_secs(3600));
     let listing = Arc::new(vec![extension(0)]);
     // Warm up whatever is made once.
-    renderings
-        .respond("warm".into(), Keep::Always, &listing, |_| Rendered {
-            json: b"[]".to_vec(),
-            total: Some(0),
-        })
-        .await;
-    renderings.stats().await;
-    let (before, weighed_before) = (held(), renderings.stats().await.rendered_bytes);
+    renderings.respond("warm".into(), Keep::Always, &listing, |_| Rendered {
+        json: b"[]".to_vec(),
+        total: Some(0),
+    });
+    renderings.stats();
+    let (before, weighed_before) = (held(), renderings.stats().rendered_bytes);
     let mut keys = 0;
     for i in 0..entries {
         // What a hostile sweep makes: empty pages under distinct keys.
         let key = format!("list Some(Provider) None {i}..{i}");
         keys += key.len() as u64;
-        let response = renderings
-            .respond(key, Keep::Always, &listing, |all| Rendered {
-                json: serde_json::to_vec(&all[..0]).unwrap(),
-                total: Some(all.len()),
-            })
-            .await;
+        let response = renderings.respond(key, Keep::Always, &listing, |all| Rendered {
+            json: serde_json::to_vec(&all[..0]).unwrap(),
+            total: Some(all.len()),
+        });
         drop(response);
     }
-    let stats = renderings.stats().await;
+    let stats = renderings.stats();
     let cost = (held() - before) as u64;
     let weighed = stats.rendered_bytes - weighed_before;
     eprintln!(

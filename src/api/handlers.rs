@@ -218,17 +218,14 @@ impl Call<'_> {
     /// The JSON 200 answer rendered from `value`, from the memo when the answer named `key`
     /// was last rendered from the same value. `key` is built from the validated parameters,
     /// so spellings of one request that differ in ignored parameters share one rendering.
-    pub(super) async fn represent<T: std::any::Any + Send + Sync>(
+    pub(super) fn represent<T: std::any::Any + Send + Sync>(
         &self,
         key: String,
         keep: Keep,
         value: &Arc<T>,
         render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
-        self.shared
-            .renderings
-            .respond(key, keep, value, render)
-            .await
+        self.shared.renderings.respond(key, keep, value, render)
     }
 
     async fn listing(
@@ -263,12 +260,10 @@ impl Call<'_> {
             false => MemoKey::new("list").ty(ty).source(&source).debug(&page),
         }
         .into_string();
-        let response = self
-            .represent(key, Keep::Always, &all, |all| Rendered {
-                json: to_json(&all[page]),
-                total: Some(total),
-            })
-            .await;
+        let response = self.represent(key, Keep::Always, &all, |all| Rendered {
+            json: to_json(&all[page]),
+            total: Some(total),
+        });
         Ok(self.cacheable(response, stale))
     }
 
@@ -289,11 +284,9 @@ impl Call<'_> {
             .debug(&limit)
             .part(q)
             .into_string();
-        let response = self
-            .represent(key, Keep::FromSecondAsk, &all, |all| {
-                rendered(&search(all, q, limit))
-            })
-            .await;
+        let response = self.represent(key, Keep::FromSecondAsk, &all, |all| {
+            rendered(&search(all, q, limit))
+        });
         Ok(self.cacheable(response, stale))
     }
 
@@ -306,9 +299,7 @@ impl Call<'_> {
             .into_string();
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
-        let response = self
-            .represent(memo, Keep::Always, &extension, rendered)
-            .await;
+        let response = self.represent(memo, Keep::Always, &extension, rendered);
         Ok(self.cacheable(response, stale))
     }
 
@@ -324,12 +315,10 @@ impl Call<'_> {
         .into_string();
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
-        let response = self
-            .represent(memo, Keep::Always, &versions, |all| match &filter {
-                Some(filter) => rendered(&filter.select(all)),
-                None => rendered(all),
-            })
-            .await;
+        let response = self.represent(memo, Keep::Always, &versions, |all| match &filter {
+            Some(filter) => rendered(&filter.select(all)),
+            None => rendered(all),
+        });
         Ok(self.cacheable(response, stale))
     }
 
@@ -357,8 +346,8 @@ impl Call<'_> {
 
     async fn stats(&self) -> Response<Body> {
         let stats = Stats {
-            caches: self.shared.caches.stats().await,
-            rendered: self.shared.renderings.stats().await,
+            caches: self.shared.caches.stats(),
+            rendered: self.shared.renderings.stats(),
         };
         json(StatusCode::OK, &stats)
     }

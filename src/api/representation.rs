@@ -31,9 +31,9 @@ use crate::middleware::compression::Representation;
 /// Bytes an entry costs beyond its key and JSON: the memo's own bookkeeping (moka's entry,
 /// its deques and hash-table slot), the entry, the representation with its slots for
 /// compressed forms, the ETag and the weak reference's allocation. Measured with a counting
-/// allocator (`tests/cache.rs`: 726 bytes per entry), rounded up for the allocator's own
-/// rounding and bookkeeping.
-pub const ENTRY_OVERHEAD: usize = 1024;
+/// allocator (`tests/cache.rs`: 993 bytes per entry), rounded up by a sixth for the
+/// allocator's own rounding and bookkeeping.
+pub const ENTRY_OVERHEAD: usize = 1152;
 
 /// How many searches the first-ask filter remembers; a search asked again before its slot is
 /// taken by another is memoised. 8 bytes each.
@@ -58,7 +58,8 @@ pub struct Rendered {
 
 /// The memo of renderings, keyed by request target.
 pub struct Renderings {
-    memo: moka::future::Cache<String, Arc<Rendering>>,
+    /// Sync: a hit is a plain call on every cached request, with no future to poll.
+    memo: moka::sync::Cache<String, Arc<Rendering>>,
     max_bytes: u64,
     /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
     first_asks: Box<[AtomicU64]>,
@@ -90,7 +91,7 @@ impl Renderings {
     /// `idle` is dropped.
     pub fn new(max_bytes: u64, idle: Duration) -> Self {
         Self {
-            memo: moka::future::Cache::builder()
+            memo: moka::sync::Cache::builder()
                 .weigher(|key: &String, kept: &Arc<Rendering>| {
                     let bytes = ENTRY_OVERHEAD + key.len() + 2 * kept.representation.bytes().len();
                     u32::try_from(bytes).unwrap_or(u32::MAX)
@@ -106,14 +107,14 @@ impl Renderings {
 
     /// The 200 answer of `source` named `key`, rendered by `render` only when `key` was last
     /// rendered from another value (or, under [`Keep::FromSecondAsk`], not kept yet).
-    pub async fn respond<T: Any + Send + Sync>(
+    pub fn respond<T: Any + Send + Sync>(
         &self,
         key: String,
         keep: Keep,
         source: &Arc<T>,
         render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
-        if let Some(kept) = self.memo.get(&key).await {
+        if let Some(kept) = self.memo.get(&key) {
             if std::ptr::addr_eq(kept.source.as_ptr(), Arc::as_ptr(source)) {
                 return kept.response();
             }
@@ -127,7 +128,7 @@ impl Renderings {
         });
         let response = rendering.response();
         if keep == Keep::Always || self.asked_before(&key) {
-            self.memo.insert(key, rendering).await;
+            self.memo.insert(key, rendering);
         }
         response
     }
@@ -140,8 +141,8 @@ impl Renderings {
     }
 
     /// Entries and their weight, settled first (the memo counts lazily).
-    pub async fn stats(&self) -> MemoStats {
-        self.memo.run_pending_tasks().await;
+    pub fn stats(&self) -> MemoStats {
+        self.memo.run_pending_tasks();
         MemoStats {
             rendered_entries: self.memo.entry_count(),
             rendered_bytes: self.memo.weighted_size(),
@@ -216,7 +217,7 @@ mod tests {
         }
     }
 
-    async fn answer(
+    fn answer(
         renderings: &Renderings,
         key: &str,
         keep: Keep,
@@ -224,45 +225,42 @@ mod tests {
     ) -> Arc<Representation> {
         renderings
             .respond(key.into(), keep, value, json)
-            .await
             .extensions()
             .get::<Arc<Representation>>()
             .unwrap()
             .clone()
     }
 
-    #[tokio::test]
-    async fn a_rendering_is_reused_while_the_value_is_the_same_arc() {
+    #[test]
+    fn a_rendering_is_reused_while_the_value_is_the_same_arc() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1, 2, 3]);
-        let first = answer(&renderings, "a", Keep::Always, &value).await;
-        let again = renderings
-            .respond("a".into(), Keep::Always, &value, |_| unreachable!())
-            .await;
+        let first = answer(&renderings, "a", Keep::Always, &value);
+        let again = renderings.respond("a".into(), Keep::Always, &value, |_| unreachable!());
         let again = again.extensions().get::<Arc<Representation>>().unwrap();
         assert!(Arc::ptr_eq(&first, again));
 
-        let other_target = answer(&renderings, "b", Keep::Always, &value).await;
+        let other_target = answer(&renderings, "b", Keep::Always, &value);
         assert!(!Arc::ptr_eq(&first, &other_target));
 
         let refreshed = Arc::new(vec![1, 2, 3, 4]);
-        let third = answer(&renderings, "a", Keep::Always, &refreshed).await;
+        let third = answer(&renderings, "a", Keep::Always, &refreshed);
         assert_eq!(&third.bytes()[..], b"[1,2,3,4]");
         assert_ne!(first.etag(), third.etag());
     }
 
-    #[tokio::test]
-    async fn a_replaced_value_is_not_kept_alive_by_the_memo() {
+    #[test]
+    fn a_replaced_value_is_not_kept_alive_by_the_memo() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1, 2, 3]);
-        answer(&renderings, "a", Keep::Always, &value).await;
+        answer(&renderings, "a", Keep::Always, &value);
         let watch = Arc::downgrade(&value);
         drop(value);
         assert!(watch.upgrade().is_none());
     }
 
-    #[tokio::test]
-    async fn searches_are_kept_from_their_second_ask() {
+    #[test]
+    fn searches_are_kept_from_their_second_ask() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1]);
         for i in 0..100 {
@@ -271,16 +269,15 @@ mod tests {
                 &format!("once {i}"),
                 Keep::FromSecondAsk,
                 &value,
-            )
-            .await;
+            );
         }
-        assert_eq!(renderings.stats().await.rendered_entries, 0);
-        let first = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
-        let second = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
+        assert_eq!(renderings.stats().rendered_entries, 0);
+        let first = answer(&renderings, "twice", Keep::FromSecondAsk, &value);
+        let second = answer(&renderings, "twice", Keep::FromSecondAsk, &value);
         assert!(!Arc::ptr_eq(&first, &second), "the first ask kept nothing");
-        let third = answer(&renderings, "twice", Keep::FromSecondAsk, &value).await;
+        let third = answer(&renderings, "twice", Keep::FromSecondAsk, &value);
         assert!(Arc::ptr_eq(&second, &third), "the second ask was kept");
-        assert_eq!(renderings.stats().await.rendered_entries, 1);
+        assert_eq!(renderings.stats().rendered_entries, 1);
     }
 
     #[tokio::test]
@@ -292,12 +289,8 @@ mod tests {
                 total: Some(total),
             }
         };
-        let short = renderings
-            .respond("a".into(), Keep::Always, &Arc::new(vec![]), page(2))
-            .await;
-        let long = renderings
-            .respond("a".into(), Keep::Always, &Arc::new(vec![]), page(3))
-            .await;
+        let short = renderings.respond("a".into(), Keep::Always, &Arc::new(vec![]), page(2));
+        let long = renderings.respond("a".into(), Keep::Always, &Arc::new(vec![]), page(3));
         assert_eq!(short.headers()["x-total-count"], "2");
         assert_eq!(long.headers()["x-total-count"], "3");
         assert_ne!(short.headers()[ETAG], long.headers()[ETAG]);
@@ -305,15 +298,15 @@ mod tests {
         assert_eq!(&body[..], b"[]");
     }
 
-    #[tokio::test]
-    async fn the_memo_stays_within_its_byte_budget_whatever_clients_ask() {
+    #[test]
+    fn the_memo_stays_within_its_byte_budget_whatever_clients_ask() {
         let budget = 64 * 1024;
         let renderings = Renderings::new(budget, Duration::from_secs(60));
         let value = Arc::new(vec![7; 1024]);
         for i in 0..200 {
-            answer(&renderings, &format!("page {i}"), Keep::Always, &value).await;
+            answer(&renderings, &format!("page {i}"), Keep::Always, &value);
         }
-        let stats = renderings.stats().await;
+        let stats = renderings.stats();
         assert!(stats.rendered_bytes <= budget);
         assert!(stats.rendered_entries < 200);
         assert_eq!(stats.rendered_max_bytes, budget);

@@ -141,9 +141,7 @@ impl Call<'_> {
             .await?;
         let versions = response.into_versions()?;
         let resolved = filter.pick(&key, &versions)?;
-        let response = self
-            .represent(memo, Keep::Always, &versions, |_| rendered(&resolved))
-            .await;
+        let response = self.represent(memo, Keep::Always, &versions, |_| rendered(&resolved));
         Ok(self.cacheable(response, stale))
     }
 }

@@ -145,14 +145,14 @@ async fn listen(redis: Redis, channel: String, replica: Arc<str>, invalidator: I
                     tracing::info!(
                         "invalidation bus subscribed again; dropping what may have been missed"
                     );
-                    invalidator.apply(&Scope::All).await;
+                    invalidator.apply(&Scope::All);
                 }
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
                     let Ok(text) = message.get_payload::<String>() else {
                         continue;
                     };
-                    receive(&text, &replica, &invalidator).await;
+                    receive(&text, &replica, &invalidator);
                 }
                 tracing::warn!("invalidation bus subscription lost");
             }
@@ -185,7 +185,7 @@ async fn subscription(redis: &Redis, channel: &str) -> redis::RedisResult<redis:
 }
 
 /// Applies one message from the channel, unless it is this replica's own or unreadable.
-async fn receive(text: &str, replica: &str, invalidator: &Invalidator) {
+fn receive(text: &str, replica: &str, invalidator: &Invalidator) {
     let message = match serde_json::from_str::<Message>(text) {
         Ok(message) if message.v == SCHEMA_VERSION => message,
         Ok(message) => {
@@ -208,7 +208,7 @@ async fn receive(text: &str, replica: &str, invalidator: &Invalidator) {
         return;
     };
     metrics::counter!("redis_invalidations_received_total", "scope" => scope.label()).increment(1);
-    invalidator.apply(&scope).await;
+    invalidator.apply(&scope);
 }
 
 #[cfg(test)]
