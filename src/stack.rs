@@ -10,7 +10,6 @@ use http::{Method, Request, Response};
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::api::representation::Renderings;
 use crate::api::{self, HealthProbe, RouteTable, Router, Shared};
@@ -30,7 +29,7 @@ use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
 use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::RateLimitLayer;
-use crate::middleware::request_id::{self, RequestIds};
+use crate::middleware::request_id::RequestIdLayer;
 use crate::middleware::rescue::RescueLayer;
 use crate::middleware::trace::TraceLayer;
 use crate::redis::bus::RedisBus;
@@ -182,9 +181,7 @@ pub fn app_with(
         // Outermost: every response, errors and 429s included, carries the request id, and the
         // id exists before the trace span is opened so the span can record it. A client's id
         // is kept only when short and safe to echo and log; otherwise one is generated.
-        .map_request(request_id::screen)
-        .layer(SetRequestIdLayer::x_request_id(RequestIds::new()))
-        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(RequestIdLayer::default())
         // One span and one log line per request, with the final status of whatever answered.
         .layer(TraceLayer)
         // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS

@@ -1,17 +1,23 @@
 //! Request ids for `x-request-id`: a short per-process prefix and a counter, so ids are unique
 //! across restarts without a random-number dependency on the hot path.
 //!
+//! [`RequestIdLayer`] gives every request an id before anything below sees it, and every
+//! response (errors and 429s included) the same id, unless the response already names one.
 //! A client's own id is kept only when it is short and safe to echo and log
 //! (`[A-Za-z0-9._:-]{1,128}`, one header line); any other is replaced by a generated one, and
 //! the request's log line says so with the refused id's length (never its content).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request};
-use tower_http::request_id::{MakeRequestId, RequestId};
+use http::{HeaderName, HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
 
 /// Makes ids like `3f9a1c2b-42`; cheap to clone, shared counter.
 #[derive(Clone, Debug)]
@@ -33,6 +39,16 @@ impl RequestIds {
             next: Arc::new(AtomicU64::new(1)),
         }
     }
+
+    /// The next id, in one allocation that its copies (request and response) share.
+    fn next(&self) -> Option<HeaderValue> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut id = IdBytes::default();
+        id.push(self.prefix.as_bytes())?;
+        id.push(b"-")?;
+        id.push(itoa::Buffer::new().format(n).as_bytes())?;
+        HeaderValue::from_maybe_shared(Bytes::from_owner(id)).ok()
+    }
 }
 
 impl Default for RequestIds {
@@ -41,17 +57,81 @@ impl Default for RequestIds {
     }
 }
 
-impl MakeRequestId for RequestIds {
-    fn make_request_id<B>(&mut self, _: &Request<B>) -> Option<RequestId> {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut id = IdBytes::default();
-        id.push(self.prefix.as_bytes())?;
-        id.push(b"-")?;
-        id.push(itoa::Buffer::new().format(n).as_bytes())?;
-        // One allocation, which the id's copies (request, extensions, response) share.
-        HeaderValue::from_maybe_shared(Bytes::from_owner(id))
-            .ok()
-            .map(RequestId::new)
+/// Adds [`RequestId`] to a stack: screens a client's id, sets one where there is none, and
+/// copies it onto the response.
+#[derive(Clone, Debug, Default)]
+pub struct RequestIdLayer {
+    ids: RequestIds,
+}
+
+impl<S> Layer<S> for RequestIdLayer {
+    type Service = RequestId<S>;
+
+    fn layer(&self, inner: S) -> RequestId<S> {
+        RequestId {
+            inner,
+            ids: self.ids.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone, Debug)]
+pub struct RequestId<S> {
+    inner: S,
+    ids: RequestIds,
+}
+
+impl<S, B, ResBody> Service<Request<B>> for RequestId<S>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mut req = screen(req);
+        let id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) => Some(id.clone()),
+            None => self.ids.next().inspect(|id| {
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+            }),
+        };
+        ResponseFuture {
+            inner: self.inner.call(req),
+            id,
+        }
+    }
+}
+
+pin_project! {
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut response = ready!(this.inner.poll(cx))?;
+        if let Some(id) = this.id.take() {
+            if !response.headers().contains_key(&X_REQUEST_ID) {
+                response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+            }
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -90,7 +170,7 @@ pub struct RefusedRequestId(pub usize);
 
 /// Removes a client's `x-request-id` unless it is one line of 1 to [`MAX_CLIENT_ID_LEN`] of
 /// `A-Z a-z 0-9 . _ : -`, so the id set afterwards is the client's or a generated one.
-pub fn screen<B>(mut req: Request<B>) -> Request<B> {
+fn screen<B>(mut req: Request<B>) -> Request<B> {
     let lines = req.headers().get_all(&X_REQUEST_ID);
     let mut sent = lines.iter();
     let kept = match (sent.next(), sent.next()) {
@@ -128,10 +208,9 @@ mod tests {
 
     #[test]
     fn generated_ids_are_the_prefix_and_a_counter() {
-        let mut ids = RequestIds::new();
-        let req = Request::get("/").body(()).unwrap();
-        let first = ids.make_request_id(&req).unwrap().into_header_value();
-        let second = ids.make_request_id(&req).unwrap().into_header_value();
+        let ids = RequestIds::new();
+        let first = ids.next().unwrap();
+        let second = ids.next().unwrap();
         assert_eq!(first.as_bytes(), format!("{}-1", ids.prefix).as_bytes());
         assert_eq!(second.as_bytes(), format!("{}-2", ids.prefix).as_bytes());
         assert!(
@@ -139,10 +218,52 @@ mod tests {
             "a generated id passes the screen"
         );
         ids.next.store(u64::MAX, Ordering::Relaxed);
-        let largest = ids.make_request_id(&req).unwrap().into_header_value();
+        let largest = ids.next().unwrap();
         assert_eq!(
             largest.as_bytes(),
             format!("{}-{}", ids.prefix, u64::MAX).as_bytes()
+        );
+    }
+
+    /// The id each request reached the service with, and the response's.
+    async fn ids_through_the_layer(sent: Option<&str>, answered: Option<&str>) -> (String, String) {
+        let answered = answered.map(HeaderValue::from_str).transpose().unwrap();
+        let service = RequestIdLayer::default().layer(tower::service_fn(move |req: Request<()>| {
+            let mut response = Response::new(());
+            let seen = req.headers()[&X_REQUEST_ID].clone();
+            response.headers_mut().insert("seen", seen);
+            if let Some(id) = answered.clone() {
+                response.headers_mut().insert(&X_REQUEST_ID, id);
+            }
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        }));
+        let mut req = Request::get("/").body(()).unwrap();
+        if let Some(id) = sent {
+            req.headers_mut()
+                .insert(&X_REQUEST_ID, HeaderValue::from_str(id).unwrap());
+        }
+        let response = tower::ServiceExt::oneshot(service, req).await.unwrap();
+        let text = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+        (text("seen"), text(X_REQUEST_ID.as_str()))
+    }
+
+    #[tokio::test]
+    async fn every_request_and_its_response_carry_one_id() {
+        let (seen, answered) = ids_through_the_layer(None, None).await;
+        assert!(seen.ends_with("-1"), "{seen}");
+        assert_eq!(answered, seen);
+
+        let (seen, answered) = ids_through_the_layer(Some("client-7"), None).await;
+        assert_eq!((seen.as_str(), answered.as_str()), ("client-7", "client-7"));
+
+        let (seen, answered) = ids_through_the_layer(Some("not safe"), None).await;
+        assert!(seen.ends_with("-1") && seen != "not safe", "{seen}");
+        assert_eq!(answered, seen);
+
+        let (_, answered) = ids_through_the_layer(Some("client-7"), Some("upstream-1")).await;
+        assert_eq!(
+            answered, "upstream-1",
+            "an id the response names is left alone"
         );
     }
 
