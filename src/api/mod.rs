@@ -120,27 +120,46 @@ impl Route {
 }
 
 /// The route table, built once.
-pub struct RouteTable(matchit::Router<Route>);
+pub struct RouteTable {
+    router: matchit::Router<Route>,
+    /// The `/`s of each route's template, in `Route::ALL` (declaration) order. A parameter
+    /// never spans a `/` (no template has a catch-all), so a path with another count is not
+    /// the route's, which [`RouteTable::is`] tells without a lookup.
+    slashes: [usize; Route::ALL.len()],
+}
 
 impl RouteTable {
     pub fn new() -> Self {
         let mut router = matchit::Router::new();
         for route in Route::ALL {
+            assert!(
+                !route.template().contains("{*"),
+                "route table is inconsistent: {} has a catch-all",
+                route.template()
+            );
             router
                 .insert(route.template(), route)
                 .unwrap_or_else(|e| panic!("route table is inconsistent: {e}"));
         }
-        Self(router)
+        Self {
+            router,
+            slashes: Route::ALL.map(|route| slashes(route.template())),
+        }
     }
 
     /// The route of a path, for layers that need no parameters.
     pub fn route(&self, path: &str) -> Option<Route> {
-        self.0.at(path).ok().map(|m| *m.value)
+        self.router.at(path).ok().map(|m| *m.value)
+    }
+
+    /// Whether `path` is `route`'s; most paths are told apart by their `/`s alone.
+    pub fn is(&self, path: &str, route: Route) -> bool {
+        slashes(path) == self.slashes[route as usize] && self.route(path) == Some(route)
     }
 
     /// The route and its path parameters (still percent-encoded) for a path.
     pub fn at<'p>(&self, path: &'p str) -> Option<(Route, Params<'p>)> {
-        let m = self.0.at(path).ok()?;
+        let m = self.router.at(path).ok()?;
         let get = |k: &str| m.params.get(k).unwrap_or_default();
         Some((
             *m.value,
@@ -151,6 +170,10 @@ impl RouteTable {
             },
         ))
     }
+}
+
+fn slashes(path: &str) -> usize {
+    path.bytes().filter(|&b| b == b'/').count()
 }
 
 impl Default for RouteTable {
@@ -311,5 +334,41 @@ where
             }
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telling_a_route_by_its_slashes_agrees_with_the_table() {
+        let table = RouteTable::new();
+        let paths = [
+            "/",
+            "/livez",
+            "/api/v1/extensions",
+            "/api/v1/extensions/search",
+            "/api/v1/extensions/provider/aws",
+            "/api/v1/extensions/provider/aws/",
+            "/api/v1/extensions/provider/aws/versions",
+            "/api/v1/extensions/provider/aws/1.2.0",
+            "/api/v1/extensions/provider/aws/1.2.0/",
+            "/api/v1/extensions/provider/aws%2F1.2.0",
+            "/api/v1/extensions//aws/1.2.0",
+            "/api/v1/resolve/provider/aws",
+            "/api/v1/cache/stats",
+            "/api/v1/openapi.json",
+        ];
+        for path in paths {
+            for route in Route::ALL {
+                assert_eq!(
+                    table.is(path, route),
+                    table.route(path) == Some(route),
+                    "{path} {route:?}"
+                );
+            }
+        }
+        assert!(table.is("/api/v1/extensions/provider/aws/1.2.0", Route::Download));
     }
 }

@@ -80,11 +80,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let download = req.method() == Method::GET
-            && self
-                .routes
-                .route(req.uri().path())
-                .is_some_and(|route| route == Route::Download);
+        let download =
+            req.method() == Method::GET && self.routes.is(req.uri().path(), Route::Download);
         if !download {
             return ResponseFuture::Passed {
                 inner: self.inner.call(req),
