@@ -94,14 +94,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let mut req = screen(req);
-        let id = match req.headers().get(&X_REQUEST_ID) {
-            Some(id) => Some(id.clone()),
-            None => self.ids.next().inspect(|id| {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let id = screen(&mut req).or_else(|| {
+            self.ids.next().inspect(|id| {
                 req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-            }),
-        };
+            })
+        });
         ResponseFuture {
             inner: self.inner.call(req),
             id,
@@ -168,22 +166,21 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RefusedRequestId(pub usize);
 
-/// Removes a client's `x-request-id` unless it is one line of 1 to [`MAX_CLIENT_ID_LEN`] of
-/// `A-Z a-z 0-9 . _ : -`, so the id set afterwards is the client's or a generated one.
-fn screen<B>(mut req: Request<B>) -> Request<B> {
+/// The client's `x-request-id`, if it is one line of 1 to [`MAX_CLIENT_ID_LEN`] of
+/// `A-Z a-z 0-9 . _ : -`; any other is removed, so the id set afterwards is the client's or a
+/// generated one.
+fn screen<B>(req: &mut Request<B>) -> Option<HeaderValue> {
     let lines = req.headers().get_all(&X_REQUEST_ID);
     let mut sent = lines.iter();
-    let kept = match (sent.next(), sent.next()) {
-        (None, _) => return req,
-        (Some(id), None) => is_safe(id.as_bytes()),
-        _ => false,
-    };
-    if !kept {
-        let length = lines.iter().map(|v| v.len()).sum();
-        req.headers_mut().remove(&X_REQUEST_ID);
-        req.extensions_mut().insert(RefusedRequestId(length));
+    match (sent.next(), sent.next()) {
+        (None, _) => return None,
+        (Some(id), None) if is_safe(id.as_bytes()) => return Some(id.clone()),
+        _ => {}
     }
-    req
+    let length = lines.iter().map(|v| v.len()).sum();
+    req.headers_mut().remove(&X_REQUEST_ID);
+    req.extensions_mut().insert(RefusedRequestId(length));
+    None
 }
 
 fn is_safe(id: &[u8]) -> bool {
@@ -203,7 +200,8 @@ mod tests {
             req.headers_mut()
                 .append(&X_REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
         }
-        screen(req)
+        screen(&mut req);
+        req
     }
 
     #[test]
