@@ -161,7 +161,7 @@ impl Call<'_> {
             )),
             Route::Readyz => Ok(self.shared.health.ready_response().await),
             Route::Metrics => Ok(self.metrics()),
-            Route::CacheStats => Ok(self.stats().await),
+            Route::CacheStats => Ok(self.stats()),
             Route::OpenApi => Ok(openapi::response(&self.shared.openapi)),
         }
     }
@@ -344,7 +344,7 @@ impl Call<'_> {
         Ok(artifact_response(response.into_artifact()?))
     }
 
-    async fn stats(&self) -> Response<Body> {
+    fn stats(&self) -> Response<Body> {
         let stats = Stats {
             caches: self.shared.caches.stats(),
             rendered: self.shared.renderings.stats(),

@@ -119,6 +119,19 @@ impl Route {
     ];
 }
 
+// `route as usize` indexes tables kept in `Route::ALL` order (the metrics' series, the route
+// table's slash counts): the two orders are checked to agree when the crate compiles.
+const _: () = {
+    let mut i = 0;
+    while i < Route::ALL.len() {
+        assert!(
+            Route::ALL[i] as usize == i,
+            "Route::ALL is not in declaration order"
+        );
+        i += 1;
+    }
+};
+
 /// The route table, built once.
 pub struct RouteTable {
     router: matchit::Router<Route>,

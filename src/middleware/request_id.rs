@@ -21,14 +21,14 @@ use tower::{Layer, Service};
 
 /// Makes ids like `3f9a1c2b-42`; cheap to clone, shared counter.
 #[derive(Clone, Debug)]
-pub struct RequestIds {
+struct RequestIds {
     /// Distinguishes this process from earlier ones: start time mixed with the pid.
     prefix: Arc<str>,
     next: Arc<AtomicU64>,
 }
 
 impl RequestIds {
-    pub fn new() -> Self {
+    fn new() -> Self {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -223,13 +223,22 @@ mod tests {
         );
     }
 
-    /// The id each request reached the service with, and the response's.
-    async fn ids_through_the_layer(sent: Option<&str>, answered: Option<&str>) -> (String, String) {
+    /// The id a request reached the service with, the response's, and the length of a refused
+    /// id the request was marked with.
+    async fn ids_through_the_layer(
+        sent: Option<&str>,
+        answered: Option<&str>,
+    ) -> (String, String, Option<usize>) {
         let answered = answered.map(HeaderValue::from_str).transpose().unwrap();
         let service = RequestIdLayer::default().layer(tower::service_fn(move |req: Request<()>| {
             let mut response = Response::new(());
             let seen = req.headers()[&X_REQUEST_ID].clone();
             response.headers_mut().insert("seen", seen);
+            if let Some(RefusedRequestId(length)) = req.extensions().get() {
+                response
+                    .headers_mut()
+                    .insert("refused", HeaderValue::from(*length));
+            }
             if let Some(id) = answered.clone() {
                 response.headers_mut().insert(&X_REQUEST_ID, id);
             }
@@ -242,23 +251,30 @@ mod tests {
         }
         let response = tower::ServiceExt::oneshot(service, req).await.unwrap();
         let text = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
-        (text("seen"), text(X_REQUEST_ID.as_str()))
+        let refused = response.headers().get("refused").map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .expect("a length")
+        });
+        (text("seen"), text(X_REQUEST_ID.as_str()), refused)
     }
 
     #[tokio::test]
     async fn every_request_and_its_response_carry_one_id() {
-        let (seen, answered) = ids_through_the_layer(None, None).await;
+        let (seen, answered, refused) = ids_through_the_layer(None, None).await;
         assert!(seen.ends_with("-1"), "{seen}");
-        assert_eq!(answered, seen);
+        assert_eq!((answered, refused), (seen, None));
 
-        let (seen, answered) = ids_through_the_layer(Some("client-7"), None).await;
+        let (seen, answered, refused) = ids_through_the_layer(Some("client-7"), None).await;
         assert_eq!((seen.as_str(), answered.as_str()), ("client-7", "client-7"));
+        assert_eq!(refused, None);
 
-        let (seen, answered) = ids_through_the_layer(Some("not safe"), None).await;
-        assert!(seen.ends_with("-1") && seen != "not safe", "{seen}");
-        assert_eq!(answered, seen);
+        let (seen, answered, refused) = ids_through_the_layer(Some("not safe"), None).await;
+        assert!(seen.ends_with("-1"), "the first generated id: {seen}");
+        assert_eq!((answered, refused), (seen, Some("not safe".len())));
 
-        let (_, answered) = ids_through_the_layer(Some("client-7"), Some("upstream-1")).await;
+        let (_, answered, _) = ids_through_the_layer(Some("client-7"), Some("upstream-1")).await;
         assert_eq!(
             answered, "upstream-1",
             "an id the response names is left alone"
