@@ -220,12 +220,14 @@ impl Call<'_> {
     /// so spellings of one request that differ in ignored parameters share one rendering.
     pub(super) fn represent<T: std::any::Any + Send + Sync>(
         &self,
-        key: String,
+        key: MemoKey,
         keep: Keep,
         value: &Arc<T>,
         render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
-        self.shared.renderings.respond(key, keep, value, render)
+        self.shared
+            .renderings
+            .respond(key.into_string(), keep, value, render)
     }
 
     async fn listing(
@@ -258,8 +260,7 @@ impl Call<'_> {
         let key = match page.is_empty() {
             true => MemoKey::new("list").ty(ty).source(&source).part("empty"),
             false => MemoKey::new("list").ty(ty).source(&source).debug(&page),
-        }
-        .into_string();
+        };
         let response = self.represent(key, Keep::Always, &all, |all| Rendered {
             json: to_json(&all[page]),
             total: Some(total),
@@ -279,11 +280,7 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
-        let key = MemoKey::new("search")
-            .ty(ty)
-            .debug(&limit)
-            .part(q)
-            .into_string();
+        let key = MemoKey::new("search").ty(ty).debug(&limit).part(q);
         let response = self.represent(key, Keep::FromSecondAsk, &all, |all| {
             rendered(&search(all, q, limit))
         });
@@ -293,10 +290,7 @@ impl Call<'_> {
     async fn get(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
         let source = self.source(query)?;
-        let memo = MemoKey::new("get")
-            .extension(&key)
-            .source(&source)
-            .into_string();
+        let memo = MemoKey::new("get").extension(&key).source(&source);
         let (response, stale) = self.ask(BackendRequest::Get { key, source }).await?;
         let extension = response.into_extension()?;
         let response = self.represent(memo, Keep::Always, &extension, rendered);
@@ -311,8 +305,7 @@ impl Call<'_> {
         let memo = match &filter {
             Some(filter) => filter.memo_key(memo),
             None => memo,
-        }
-        .into_string();
+        };
         let (response, stale) = self.ask(BackendRequest::Versions { key, source }).await?;
         let versions = response.into_versions()?;
         let response = self.represent(memo, Keep::Always, &versions, |all| match &filter {

@@ -130,9 +130,7 @@ impl Call<'_> {
             // Required here: refused as an empty one, with the same explanation.
             None => Filter::new("", false)?,
         };
-        let memo = filter
-            .memo_key(MemoKey::new("resolve").extension(&key).source(&source))
-            .into_string();
+        let memo = filter.memo_key(MemoKey::new("resolve").extension(&key).source(&source));
         let (response, stale) = self
             .ask(BackendRequest::Versions {
                 key: key.clone(),
