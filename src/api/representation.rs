@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 
 use crate::body::{self, Body};
 use crate::middleware::compression::Representation;
+use crate::middleware::KeyHasher;
 
 /// Bytes an entry costs beyond its key and JSON: the memo's own bookkeeping (moka's entry,
 /// its deques and hash-table slot), the entry, the representation with its slots for
@@ -59,11 +60,12 @@ pub struct Rendered {
 /// The memo of renderings, keyed by request target.
 pub struct Renderings {
     /// Sync: a hit is a plain call on every cached request, with no future to poll.
-    memo: moka::sync::Cache<String, Arc<Rendering>>,
+    memo: moka::sync::Cache<String, Arc<Rendering>, KeyHasher>,
     max_bytes: u64,
     /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
     first_asks: Box<[AtomicU64]>,
-    /// Seeded per process, so clients cannot aim keys at one slot.
+    /// Seeded per process, so clients cannot aim keys at one slot; SipHash, as a client can
+    /// time whether two of its keys share a slot (see `middleware::KeyHasher`).
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -98,7 +100,7 @@ impl Renderings {
                 })
                 .max_capacity(max_bytes)
                 .time_to_idle(idle)
-                .build(),
+                .build_with_hasher(KeyHasher::default()),
             max_bytes,
             first_asks: (0..FIRST_ASKS).map(|_| AtomicU64::new(0)).collect(),
             hasher: Default::default(),

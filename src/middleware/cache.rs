@@ -48,6 +48,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::config::CacheConfig;
 use crate::invalidation::{Dropped, Scope};
+use crate::middleware::KeyHasher;
 use crate::registry::{
     BackendFuture, BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter,
     RegistryError, SourceSelector, Version,
@@ -326,7 +327,7 @@ struct Store<K> {
     name: &'static str,
     /// Switched on in `[cache]`; a switched-off store stays empty and requests pass by it.
     enabled: bool,
-    entries: Moka<K, Arc<Entry>>,
+    entries: Moka<K, Arc<Entry>, KeyHasher>,
     /// The keys being refreshed now; each receiver closes when its refresh ends. At most one
     /// per key, so bounded by the keys requested at once plus the background refreshes.
     refreshing: Mutex<HashMap<K, watch::Receiver<()>>>,
@@ -385,7 +386,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
             entries: Moka::builder()
                 .max_capacity(capacity)
                 .expire_after(Expiry(policy))
-                .build(),
+                .build_with_hasher(KeyHasher::default()),
             refreshing: Mutex::default(),
             generation: AtomicU64::new(0),
             hits: AtomicU64::new(0),

@@ -38,7 +38,7 @@ use governor::clock::{Clock, Reference};
 use governor::middleware::StateInformationMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
-use governor::state::StateStore;
+use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -49,6 +49,7 @@ use tower::{Layer, Service};
 use crate::body::Body;
 use crate::config::{ClientIpHeader, RateLimitConfig};
 use crate::error::ApiError;
+use crate::middleware::KeyHasher;
 
 /// The address on the other end of the connection a request came on, set on every request by
 /// the accept loop (`server`). Defined here, where it is read to tell clients apart, so the
@@ -153,7 +154,7 @@ impl Clock for TokioClock {
 /// Governor's map of client states with a cap on the number of clients.
 struct BoundedStore {
     /// One GCRA state per client key.
-    clients: DashMapStateStore<IpAddr>,
+    clients: DashMapStateStore<IpAddr, KeyHasher>,
     /// Beyond this many clients, new ones are keyed as [`OVERFLOW_CLIENT`].
     max_clients: usize,
 }
@@ -165,8 +166,12 @@ impl StateStore for BoundedStore {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        // Known clients take one lookup more; only new ones pay for counting the map.
-        let key = if !self.clients.contains_key(key) && self.clients.len() >= self.max_clients {
+        // A known client's state is measured where it was found; only new clients pay for
+        // counting the map.
+        if let Some(state) = self.clients.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let key = if self.clients.len() >= self.max_clients {
             &OVERFLOW_CLIENT
         } else {
             key
@@ -311,7 +316,9 @@ impl Limits {
         let peer = peer.ip().to_canonical();
         let (header, hops) = &self.forwarded;
         if !self.is_trusted(peer) {
+            // The hint is logged once: after that, no request pays for looking at the header.
             if self.trusted.is_empty()
+                && !self.hinted.load(Ordering::Relaxed)
                 && req.headers().contains_key(header)
                 && !self.hinted.swap(true, Ordering::Relaxed)
             {
