@@ -365,6 +365,14 @@ impl<K: Hash + Eq> Drop for Refresh<K> {
     }
 }
 
+/// What a request finds in its cache when called.
+enum AtOnce {
+    /// The answer, as the entry holds it.
+    Served(Result<BackendResponse, RegistryError>),
+    /// The entry, if any, is due for a refresh.
+    Due(Option<Arc<Entry>>),
+}
+
 /// Either this request refreshes the key, or it waits for the refresh under way.
 enum Flight<K: Hash + Eq> {
     Lead(Refresh<K>),
@@ -408,6 +416,22 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
     fn hit(&self) {
         self.hits.fetch_add(1, Ordering::Relaxed);
         self.hits_total.increment(1);
+    }
+
+    /// The answer of `key`'s entry when it is served as it is (fresh, or backing off), counted
+    /// as a hit; else the entry as found, for the lookup to go on from without asking again.
+    fn at_once(&self, key: &K, policy: Policy) -> AtOnce {
+        let Some(entry) = self.entries.get(key) else {
+            return AtOnce::Due(None);
+        };
+        let now = Instant::now();
+        match policy.judge(Some(&entry), now) {
+            Judgement::Fresh | Judgement::BackingOff => {
+                self.hit();
+                AtOnce::Served(self.served(policy.resolve(&entry, now)))
+            }
+            Judgement::Revalidate | Judgement::Refresh { .. } => AtOnce::Due(Some(entry)),
+        }
     }
 
     fn miss(&self) {
@@ -662,20 +686,32 @@ where
             }
             _ => return Box::pin(self.inner.call(req)),
         };
+        // Most requests end here: an answer served as it is needs no lookup future, which
+        // would be built, boxed and polled around the same lookup (about 2.5 KiB).
+        let policy = stores.policy;
+        let at_once = match &key {
+            Key::List(k) => stores.list.at_once(k, policy),
+            Key::Metadata(k) => stores.metadata.at_once(k, policy),
+            Key::Versions(k) => stores.versions.at_once(k, policy),
+        };
+        let seen = match at_once {
+            AtOnce::Served(answer) => return Box::pin(std::future::ready(answer)),
+            AtOnce::Due(seen) => seen,
+        };
         // Refreshes may outlive this request, so each takes its own clone of the backends
         // (and waits for its readiness); the ready service is left unused.
         let lookup = Lookup {
             inner: self.inner.clone(),
             req,
-            policy: stores.policy,
+            policy,
             background: stores.background.clone(),
         };
         let stores = self.caches.0.clone();
         Box::pin(async move {
             match key {
-                Key::List(k) => lookup.run(stores.list.clone(), k).await,
-                Key::Metadata(k) => lookup.run(stores.metadata.clone(), k).await,
-                Key::Versions(k) => lookup.run(stores.versions.clone(), k).await,
+                Key::List(k) => lookup.run(stores.list.clone(), k, seen).await,
+                Key::Metadata(k) => lookup.run(stores.metadata.clone(), k, seen).await,
+                Key::Versions(k) => lookup.run(stores.versions.clone(), k, seen).await,
             }
         })
     }
@@ -707,18 +743,25 @@ where
     S::Future: Send + 'static,
 {
     /// Answers from `store`, refreshing `key` as its entry's stage asks (see the module
-    /// documentation).
-    async fn run<K>(self, store: Arc<Store<K>>, key: K) -> Result<BackendResponse, RegistryError>
+    /// documentation); `first` is the entry as `call` found it.
+    async fn run<K>(
+        self,
+        store: Arc<Store<K>>,
+        key: K,
+        first: Option<Arc<Entry>>,
+    ) -> Result<BackendResponse, RegistryError>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
         let policy = self.policy;
         let mut started = None;
         let mut counted = false;
+        let mut first = Some(first);
         loop {
             let now = Instant::now();
             let started = *started.get_or_insert(now);
-            let seen = store.entries.get(&key);
+            // Looked up once per round; the first round's was `call`'s.
+            let seen = first.take().unwrap_or_else(|| store.entries.get(&key));
             let stale_held = match (policy.judge(seen.as_deref(), now), &seen) {
                 (Judgement::Fresh | Judgement::BackingOff, Some(entry)) => {
                     store.hit();
