@@ -13,7 +13,7 @@ use serde::Serialize;
 use tower::ServiceExt;
 
 use crate::api::openapi;
-use crate::api::query::{decode_segment, Query};
+use crate::api::query::Query;
 use crate::api::representation::{Keep, MemoStats, Rendered};
 use crate::api::resolve::Filter;
 use crate::api::{Params, Route, Shared};
@@ -172,7 +172,7 @@ impl Call<'_> {
         if error.status != StatusCode::NOT_FOUND {
             return error;
         }
-        match (self.key(), decode_segment(self.params.version)) {
+        match (self.key(), self.params.version()) {
             (Ok(key), Ok(version)) => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -183,8 +183,8 @@ impl Call<'_> {
     }
 
     pub(super) fn key(&self) -> Result<ExtensionKey, ApiError> {
-        let ty = decode_segment(self.params.ty)?.parse::<ExtensionType>()?;
-        let name = ExtensionName::parse(&decode_segment(self.params.name)?)?;
+        let ty = self.params.ty()?.parse::<ExtensionType>()?;
+        let name = ExtensionName::parse(&self.params.name()?)?;
         Ok(ExtensionKey { ty, name })
     }
 
@@ -317,7 +317,7 @@ impl Call<'_> {
 
     async fn download(&self, query: &Query<'_>) -> Result<Response<Body>, ApiError> {
         let key = self.key()?;
-        let version = VersionSelector::parse(&decode_segment(self.params.version)?)?;
+        let version = VersionSelector::parse(&self.params.version()?)?;
         let source = self.source(query)?;
         let request = if self.head {
             BackendRequest::DownloadHead {

@@ -13,6 +13,7 @@ pub mod representation;
 pub mod request_body;
 pub mod resolve;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -180,6 +181,7 @@ impl RouteTable {
                 ty: get("type"),
                 name: get("name"),
                 version: get("version"),
+                plain: false,
             },
         ))
     }
@@ -195,12 +197,39 @@ impl Default for RouteTable {
     }
 }
 
-/// The path parameters of the extension routes, still percent-encoded.
+/// The path parameters of the extension routes, still percent-encoded; read decoded.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Params<'p> {
-    pub ty: &'p str,
-    pub name: &'p str,
-    pub version: &'p str,
+    ty: &'p str,
+    name: &'p str,
+    version: &'p str,
+    /// Whether the whole path was found plain (see [`query::check_target`]), set by the
+    /// router alone.
+    plain: bool,
+}
+
+impl<'p> Params<'p> {
+    pub fn ty(&self) -> Result<Cow<'p, str>, ApiError> {
+        self.decoded(self.ty)
+    }
+
+    pub fn name(&self) -> Result<Cow<'p, str>, ApiError> {
+        self.decoded(self.name)
+    }
+
+    pub fn version(&self) -> Result<Cow<'p, str>, ApiError> {
+        self.decoded(self.version)
+    }
+
+    /// One of these parameters decoded and checked by [`query::decode_segment`]; as it is when
+    /// the path was found plain, which is what decoding would give.
+    fn decoded(&self, raw: &'p str) -> Result<Cow<'p, str>, ApiError> {
+        if self.plain {
+            Ok(Cow::Borrowed(raw))
+        } else {
+            query::decode_segment(raw)
+        }
+    }
 }
 
 /// What every handler may use; shared by all clones of the router.
@@ -315,12 +344,14 @@ where
                 let allow = found.as_ref().map_or(ALLOW, |(route, _)| route.allow());
                 return Ok(ApiError::method_not_allowed(allow).into_response());
             }
-            if let Err(e) = query::check_target(path, uri.query()) {
-                return Ok(e.into_response());
-            }
-            let Some((route, params)) = found else {
+            let plain = match query::check_target(path, uri.query()) {
+                Ok(checked) => checked == query::Path::Plain,
+                Err(e) => return Ok(e.into_response()),
+            };
+            let Some((route, mut params)) = found else {
                 return Ok(ApiError::route_not_found().into_response());
             };
+            params.plain = plain;
             let call = handlers::Call {
                 shared: &shared,
                 params,
@@ -353,6 +384,44 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn path_parameters_are_found_by_name() {
+        let table = RouteTable::new();
+        let cases = [
+            (
+                "/api/v1/extensions/provider/aws/1.2.0",
+                Route::Download,
+                ["provider", "aws", "1.2.0"],
+            ),
+            (
+                "/api/v1/extensions/cluster/web/versions",
+                Route::Versions,
+                ["cluster", "web", ""],
+            ),
+            (
+                "/api/v1/extensions/taskserv/k%38s",
+                Route::Get,
+                ["taskserv", "k%38s", ""],
+            ),
+            (
+                "/api/v1/resolve/provider/gcp",
+                Route::Resolve,
+                ["provider", "gcp", ""],
+            ),
+            ("/api/v1/extensions", Route::List, ["", "", ""]),
+        ];
+        for (path, route, [ty, name, version]) in cases {
+            let (found, params) = table.at(path).expect(path);
+            assert_eq!(found, route, "{path}");
+            assert_eq!(
+                (params.ty, params.name, params.version),
+                (ty, name, version),
+                "{path}"
+            );
+            assert!(!params.plain, "{path}: plain is the router's to say");
+        }
+    }
 
     #[test]
     fn telling_a_route_by_its_slashes_agrees_with_the_table() {

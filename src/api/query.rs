@@ -36,8 +36,18 @@ pub fn decode_segment(raw: &str) -> Result<Cow<'_, str>, ApiError> {
     Ok(text)
 }
 
+/// What [`check_target`] found of the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// No escape, backslash, NUL or segment starting with '.': every segment is its own
+    /// decoding, and [`decode_segment`] would accept it as it is.
+    Plain,
+    /// Every segment decodes and passes [`decode_segment`].
+    Decodable,
+}
+
 /// Checks the parts of a request target that every route shares.
-pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
+pub fn check_target(path: &str, query: Option<&str>) -> Result<Path, ApiError> {
     if path.len() > MAX_PATH_LEN {
         return Err(ApiError::invalid_path(format!(
             "the path is longer than {MAX_PATH_LEN} bytes"
@@ -50,20 +60,28 @@ pub fn check_target(path: &str, query: Option<&str>) -> Result<(), ApiError> {
         ));
     }
     // Almost every path has no escape, backslash, NUL or segment starting with '.': nothing
-    // in it to decode or to refuse.
+    // in it to decode or to refuse. The bytes are folded without stopping early, which the
+    // compiler turns into vector compares; only a path with a '.' is looked at again.
     let bytes = path.as_bytes();
-    let plain = bytes.iter().enumerate().all(|(i, &b)| match b {
-        b'%' | b'\\' | 0 => false,
-        b'.' => i > 0 && bytes[i - 1] != b'/',
-        _ => true,
+    let (escaped, dotted) = bytes.iter().fold((false, false), |(escaped, dotted), &b| {
+        (
+            escaped | matches!(b, b'%' | b'\\' | 0),
+            dotted | (b == b'.'),
+        )
     });
-    if plain {
-        return Ok(());
+    let dot_segment = || {
+        bytes
+            .iter()
+            .enumerate()
+            .any(|(i, &b)| b == b'.' && (i == 0 || bytes[i - 1] == b'/'))
+    };
+    if !(escaped || dotted && dot_segment()) {
+        return Ok(Path::Plain);
     }
     for segment in path.split('/') {
         decode_segment(segment)?;
     }
-    Ok(())
+    Ok(Path::Decodable)
 }
 
 /// An HTTP/1.1 request received from a client carries exactly one `Host` (RFC 9112 §3.2).
@@ -220,8 +238,31 @@ mod tests {
             "/api/v1/extensions/provider/aws/1.0.0",
             "/api/v1/extensions/provider/aws/.hidden",
             "/api/v1/extensions/provider/aws%2Dx",
+            "/a.b/c..d/e.",
+            "",
         ] {
-            assert!(check_target(good, None).is_ok(), "{good}");
+            let path = check_target(good, None).unwrap_or_else(|e| panic!("{good}: {e:?}"));
+            // A plain path's segments are what decoding them gives, and decoding accepts them.
+            for segment in good.split('/') {
+                let decoded = decode_segment(segment).unwrap();
+                if path == Path::Plain {
+                    assert!(
+                        matches!(decoded, Cow::Borrowed(s) if s == segment),
+                        "{good}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            check_target("/api/v1/extensions/provider/aws/1.0.0", None).unwrap(),
+            Path::Plain
+        );
+        for decodable in ["/api/v1/extensions/provider/aws%2Dx", "/a/.hidden", ".x"] {
+            assert_eq!(
+                check_target(decodable, None).unwrap(),
+                Path::Decodable,
+                "{decodable}"
+            );
         }
         for bad in [
             "/api/v1/../x",
@@ -232,6 +273,9 @@ mod tests {
             "/a/%2e%2E/b",
             "/a/b%2F",
             "/a/%zz",
+            "/a/%00",
+            "/a\0b",
+            "./a",
         ] {
             assert!(check_target(bad, None).is_err(), "{bad}");
         }
