@@ -38,7 +38,6 @@ use crate::redis::quota::RedisQuota;
 use crate::redis::Redis;
 use crate::registry::{BackendService, Instance, Merge, RegistryError};
 use crate::telemetry;
-use crate::BoxError;
 
 /// Memory for rendered and compressed JSON answers (see `api::representation`).
 const RENDERINGS_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -204,20 +203,12 @@ pub fn app_with(
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
         // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
         // (errors, health, metrics text), never downloads, and is passed by when the client
-        // takes identity. Both see only the coding negotiated once, so they agree, and a
-        // client refusing every coding gets identity, never 406.
-        .option_layer(config.server.enable_compression.then(|| {
-            ServiceBuilder::new()
-                .map_request(compression::negotiated)
-                .layer(compression::streaming())
-                .layer(PrecompressedLayer)
-                .into_inner()
-        }))
-        // The switch's `Either` names the stack below it twice; boxing right below it keeps
-        // the type (and the compiler's time and memory) from doubling, at the cost of one
-        // boxed future per request. CORS and the rate limit switch off inside their layers
-        // instead, and need no box.
-        .layer(BoxCloneSyncService::<Request<Body>, Response<Body>, BoxError>::layer())
+        // takes identity. Both see only the coding negotiated once (by the first), so they
+        // agree, and a client refusing every coding gets identity, never 406. Switched off
+        // inside the layers, like CORS and the rate limit: an `Either` would name the stack
+        // below twice, and the box that kept its type in check cost every request.
+        .layer(compression::streaming(config.server.enable_compression))
+        .layer(PrecompressedLayer::new(config.server.enable_compression))
         // Refuses clients over their quota with 429 before any work is done for them; above
         // the concurrency limit so a flooding client cannot take the others' slots. With
         // Redis, the quota is the cluster's (each replica's own refusing first).

@@ -9,9 +9,10 @@
 //! compression, which never sees artifact downloads (`application/octet-stream`: already
 //! compressed) nor bodies too small to gain.
 //!
-//! The codings are negotiated once, here (`negotiated`), and both compressors are shown only
-//! the result: a client that refuses every coding, identity included (`identity;q=0`,
-//! `*;q=0`), is served identity rather than `406`, as RFC 9110 §12.5.3 allows.
+//! The codings are negotiated once, by the streaming layer before anything else
+//! (`negotiated`), and both compressors are shown only the result: a client that refuses
+//! every coding, identity included (`identity;q=0`, `*;q=0`), is served identity rather than
+//! `406`, as RFC 9110 §12.5.3 allows.
 
 use std::fmt;
 use std::future::Future;
@@ -149,7 +150,7 @@ pub fn without_coding(tag: &str) -> &str {
 /// Rewrites `Accept-Encoding` to the one coding [`negotiate`] picks (removing it for
 /// identity), so the compressors below agree with each other and never find every coding
 /// refused: tower-http would turn any answer into a `406` then.
-pub fn negotiated<B>(mut req: Request<B>) -> Request<B> {
+fn negotiated<B>(mut req: Request<B>) -> Request<B> {
     let mut lines = req.headers().get_all(ACCEPT_ENCODING).iter();
     let coding = match (lines.next(), lines.next()) {
         (None, _) => return req,
@@ -242,38 +243,52 @@ impl Representation {
     }
 }
 
-/// tower-http's streaming compression for responses without a representation: not for
-/// downloads, not for small bodies, not for what `PrecompressedLayer` already serves.
-pub fn streaming() -> StreamingLayer<impl Predicate> {
+/// The coding negotiated first (see [`negotiated`]), then tower-http's streaming compression
+/// for responses without a representation: not for downloads, not for small bodies, not for
+/// what `PrecompressedLayer` below already serves. With `enabled` false, requests and
+/// responses pass as they are.
+pub fn streaming(enabled: bool) -> StreamingLayer<impl Predicate> {
     fn not_precomputed(_: StatusCode, _: Version, _: &HeaderMap, ext: &Extensions) -> bool {
         ext.get::<Arc<Representation>>().is_none()
     }
-    StreamingLayer(
-        CompressionLayer::new().compress_when(
+    StreamingLayer {
+        compression: CompressionLayer::new().compress_when(
             SizeAbove::new(MIN_SIZE as u64)
                 .and(NotForContentType::const_new("application/octet-stream"))
                 .and(not_precomputed),
         ),
-    )
+        enabled,
+    }
 }
 
 /// tower-http's compression, passed by for a request whose client takes identity (`negotiated`
 /// left it no `Accept-Encoding`): its body wrapper, boxed again, and its future would cost
-/// every such request for nothing.
+/// every such request for nothing. Switched off inside the layer, not by leaving it out: an
+/// `Either` around the stack below would name it twice, and boxing that cost every request
+/// an allocation.
 #[derive(Clone)]
-pub struct StreamingLayer<P>(CompressionLayer<P>);
+pub struct StreamingLayer<P> {
+    compression: CompressionLayer<P>,
+    enabled: bool,
+}
 
 impl<S, P: Predicate> Layer<S> for StreamingLayer<P> {
     type Service = Streaming<S, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Streaming(self.0.layer(inner))
+        Streaming {
+            compression: self.compression.layer(inner),
+            enabled: self.enabled,
+        }
     }
 }
 
 /// See [`StreamingLayer`].
 #[derive(Clone)]
-pub struct Streaming<S, P>(Compression<S, P>);
+pub struct Streaming<S, P> {
+    compression: Compression<S, P>,
+    enabled: bool,
+}
 
 impl<S, P, B> Service<Request<B>> for Streaming<S, P>
 where
@@ -286,17 +301,23 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         // Compression's readiness is its inner service's, which both paths call.
-        self.0.poll_ready(cx)
+        self.compression.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        if !self.enabled {
+            return StreamingFuture::Plain {
+                future: self.compression.get_mut().call(req),
+            };
+        }
+        let req = negotiated(req);
         if req.headers().contains_key(ACCEPT_ENCODING) {
             StreamingFuture::Compressing {
-                future: self.0.call(req),
+                future: self.compression.call(req),
             }
         } else {
             StreamingFuture::Plain {
-                future: self.0.get_mut().call(req),
+                future: self.compression.get_mut().call(req),
             }
         }
     }
@@ -330,15 +351,27 @@ where
     }
 }
 
-/// Serves the memoised compressed form of responses carrying a representation.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PrecompressedLayer;
+/// Serves the memoised compressed form of responses carrying a representation; with
+/// `enabled` false, passes responses as they are (see [`StreamingLayer`] for why a switch).
+#[derive(Clone, Copy, Debug)]
+pub struct PrecompressedLayer {
+    enabled: bool,
+}
+
+impl PrecompressedLayer {
+    pub fn new(enabled: bool) -> Self {
+        Self { enabled }
+    }
+}
 
 impl<S> Layer<S> for PrecompressedLayer {
     type Service = Precompressed<S>;
 
     fn layer(&self, inner: S) -> Precompressed<S> {
-        Precompressed { inner }
+        Precompressed {
+            inner,
+            enabled: self.enabled,
+        }
     }
 }
 
@@ -346,6 +379,7 @@ impl<S> Layer<S> for PrecompressedLayer {
 #[derive(Clone, Debug)]
 pub struct Precompressed<S> {
     inner: S,
+    enabled: bool,
 }
 
 impl<S, B> Service<Request<B>> for Precompressed<S>
@@ -362,8 +396,12 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         ResponseFuture {
-            accept: req.headers().get(ACCEPT_ENCODING).cloned(),
+            accept: self
+                .enabled
+                .then(|| req.headers().get(ACCEPT_ENCODING).cloned())
+                .flatten(),
             head: req.method() == Method::HEAD,
+            enabled: self.enabled,
             inner: self.inner.call(req),
         }
     }
@@ -377,6 +415,7 @@ pin_project! {
         accept: Option<HeaderValue>,
         // A HEAD answer gets the headers of the chosen form but no body.
         head: bool,
+        enabled: bool,
     }
 }
 
@@ -389,6 +428,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = ready!(this.inner.poll(cx))?;
+        if !*this.enabled {
+            return Poll::Ready(Ok(response));
+        }
         Poll::Ready(Ok(precompressed(
             response,
             this.accept.as_ref(),
@@ -509,11 +551,18 @@ mod tests {
     fn app(
         representation: Arc<Representation>,
     ) -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
+        app_with(representation, true)
+    }
+
+    /// [`app`], with compression switched on or off.
+    fn app_with(
+        representation: Arc<Representation>,
+        enabled: bool,
+    ) -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
         ServiceBuilder::new()
             .map_response(|r: Response<_>| r.map(BodyExt::boxed_unsync))
-            .map_request(negotiated)
-            .layer(streaming())
-            .layer(PrecompressedLayer)
+            .layer(streaming(enabled))
+            .layer(PrecompressedLayer::new(enabled))
             .service(tower::service_fn(move |req: Request<()>| {
                 let representation = representation.clone();
                 async move {
@@ -624,18 +673,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn switched_off_every_answer_passes_as_it_is() {
+        let representation = kept(big_json());
+        let app = app_with(representation.clone(), false);
+        for path in ["/rendered", "/download", "/other"] {
+            let (parts, body) = get(app.clone(), path, "gzip, br").await;
+            assert!(parts.headers.get(CONTENT_ENCODING).is_none(), "{path}");
+            assert!(parts.headers.get(VARY).is_none(), "{path}");
+            assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        }
+        let (parts, _) = get(app, "/rendered", "gzip").await;
+        assert_eq!(parts.headers[ETAG], representation.etag());
+    }
+
+    #[tokio::test]
     async fn a_304_keeps_the_validator_it_was_given() {
         let representation = kept(big_json());
         let answer = representation.clone();
-        let not_modified = PrecompressedLayer.layer(tower::service_fn(move |_: Request<()>| {
-            let mut response = rendered(&answer);
-            *response.status_mut() = StatusCode::NOT_MODIFIED;
-            *response.body_mut() = body::empty();
-            response
-                .headers_mut()
-                .insert(ETAG, HeaderValue::from_static("W/\"abc-br\""));
-            async move { Ok::<_, BoxError>(response) }
-        }));
+        let not_modified =
+            PrecompressedLayer::new(true).layer(tower::service_fn(move |_: Request<()>| {
+                let mut response = rendered(&answer);
+                *response.status_mut() = StatusCode::NOT_MODIFIED;
+                *response.body_mut() = body::empty();
+                response
+                    .headers_mut()
+                    .insert(ETAG, HeaderValue::from_static("W/\"abc-br\""));
+                async move { Ok::<_, BoxError>(response) }
+            }));
         let (parts, body) = get(not_modified, "/rendered", "gzip").await;
         assert_eq!(parts.status, StatusCode::NOT_MODIFIED);
         assert!(body.is_empty());
