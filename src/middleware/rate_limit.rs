@@ -110,7 +110,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 const UNKNOWN_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 
 /// The key new clients share once `max_clients` are tracked; no real client has it.
-const OVERFLOW_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+/// IPv6 clients are keyed by their /64 (see [`client_key`]), so no client's key has bits in the
+/// low 64: `::1` is no client's, while `::`, the key of `::1` and of the rest of `::/64`, is.
+const OVERFLOW_CLIENT: IpAddr = IpAddr::V6(Ipv6Addr::LOCALHOST);
 
 static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
@@ -905,6 +907,17 @@ mod tests {
         );
         assert_eq!(client("[2001:db8:ffff::1]", &[]), ip("2001:db8:ffff::1"));
         assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        // No client shares the overflow quota's key, IPv6 loopback clients included.
+        for address in [
+            "::1",
+            "::",
+            "::2",
+            "0.0.0.1",
+            "2001:db8::1",
+            "255.255.255.255",
+        ] {
+            assert_ne!(client_key(ip(address)), OVERFLOW_CLIENT, "{address}");
+        }
         let no_peer = Request::get("/").body(()).unwrap();
         assert_eq!(limits.client(&no_peer), UNKNOWN_CLIENT);
     }
