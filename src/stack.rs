@@ -36,7 +36,7 @@ use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
 use crate::redis::quota::RedisQuota;
 use crate::redis::Redis;
-use crate::registry::{BackendService, Instance, Merge, RegistryError};
+use crate::registry::{BackendService, Instance, Merge, Registry, RegistryError};
 use crate::telemetry;
 
 /// Memory for rendered and compressed JSON answers (see `api::representation`).
@@ -114,6 +114,9 @@ pub fn app_with(
         .option_layer(shared_cache.clone())
         // Fans out over the backends (each measured, see above) and merges their answers.
         .service(merge);
+    // The handlers ask it through a shared reference; the probes and the refreshes ahead
+    // hold it as a service.
+    let asked = Registry::new(registry.clone());
     let registry = BackendService::new(registry);
     // Drops cached answers when webhooks or a purge say what changed; refreshes an invalidated
     // extension ahead through the cached registry (so the refresh is single-flight with
@@ -151,7 +154,7 @@ pub fn app_with(
             config.server.probe_interval(),
             redis.clone(),
         ),
-        registry,
+        registry: asked,
         sources,
         metrics,
         invalidator,

@@ -10,7 +10,6 @@ use http::header::{
 };
 use http::{Response, StatusCode};
 use serde::Serialize;
-use tower::ServiceExt;
 
 use crate::api::openapi;
 use crate::api::query::Query;
@@ -193,7 +192,7 @@ impl Call<'_> {
         &self,
         req: BackendRequest,
     ) -> Result<(BackendResponse, Stale), ApiError> {
-        let response = self.shared.registry.clone().oneshot(req).await?;
+        let response = self.shared.registry.ask(req).await?;
         let stale = response.is_stale().then(|| response.stale_error().cloned());
         Ok((response, stale))
     }

@@ -30,7 +30,7 @@ use crate::invalidation::Invalidator;
 use crate::middleware::cache::Caches;
 use crate::middleware::compression::Representation;
 use crate::middleware::rate_limit::QuotaCharge;
-use crate::registry::{BackendService, Sources};
+use crate::registry::{Registry, Sources};
 use crate::BoxError;
 
 pub use self::handlers::cache_control;
@@ -237,7 +237,7 @@ pub struct Shared {
     /// Route matching.
     pub routes: RouteTable,
     /// The registry: the cached, merged backends.
-    pub registry: BackendService,
+    pub registry: Registry,
     /// The configured backend instances, for reading `source=`.
     pub sources: Sources,
     /// Cached backend health, for `/health` and `/readyz`.

@@ -7,7 +7,6 @@
 use futures_util::stream::{self, StreamExt};
 use http::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
-use tower::ServiceExt;
 
 use super::handlers::{json, rendered, Call, MemoKey};
 use super::query::Query;
@@ -261,8 +260,7 @@ async fn resolve_one(
     let filter = Filter::new(&requirement.constraint, prerelease)?;
     let versions = shared
         .registry
-        .clone()
-        .oneshot(BackendRequest::Versions {
+        .ask(BackendRequest::Versions {
             key: key.clone(),
             source,
         })

@@ -4,8 +4,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceExt};
 
 use crate::registry::{
     Artifact, ByteRange, Extension, ExtensionKey, ExtensionType, RegistryError, Source,
@@ -14,6 +16,61 @@ use crate::registry::{
 
 /// A backend as the rest of the program holds it.
 pub type BackendService = BoxCloneSyncService<BackendRequest, BackendResponse, RegistryError>;
+
+/// The cached, merged registry as the handlers ask it: through a shared reference, each
+/// question put to a clone of the service. Asking a [`BackendService`] meant cloning it into
+/// a new box and boxing its (already boxed) future again, two allocations per request.
+#[derive(Clone)]
+pub struct Registry(Arc<dyn Ask>);
+
+impl Registry {
+    pub fn new<S>(service: S) -> Self
+    where
+        S: Service<
+                BackendRequest,
+                Response = BackendResponse,
+                Error = RegistryError,
+                Future = BackendFuture,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        Self(Arc::new(service))
+    }
+
+    pub fn ask(&self, req: BackendRequest) -> BackendFuture {
+        self.0.ask(req)
+    }
+}
+
+trait Ask: Send + Sync {
+    fn ask(&self, req: BackendRequest) -> BackendFuture;
+}
+
+impl<S> Ask for S
+where
+    S: Service<
+            BackendRequest,
+            Response = BackendResponse,
+            Error = RegistryError,
+            Future = BackendFuture,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    fn ask(&self, req: BackendRequest) -> BackendFuture {
+        let mut service = self.clone();
+        // The registry's services are ready at once (each call clones what it needs); one
+        // that is not gets the question once ready, as `oneshot` does, woken for real then.
+        match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => service.call(req),
+            Poll::Ready(Err(e)) => Box::pin(std::future::ready(Err(e))),
+            Poll::Pending => Box::pin(service.oneshot(req)),
+        }
+    }
+}
 
 /// The future of a backend call, for services whose `call` is an async block.
 pub type BackendFuture =
@@ -158,5 +215,44 @@ impl BackendResponse {
             Self::Health(h) => Ok(h),
             _ => Err(mismatch("a health report")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Not ready on its first `poll_ready` (waking the caller, as a service must), then ready;
+    /// answers the versions of nothing.
+    #[derive(Clone, Default)]
+    struct ReadyOnSecondPoll(Arc<AtomicUsize>);
+
+    impl Service<BackendRequest> for ReadyOnSecondPoll {
+        type Response = BackendResponse;
+        type Error = RegistryError;
+        type Future = BackendFuture;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
+            if self.0.fetch_add(1, Ordering::Relaxed) == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: BackendRequest) -> BackendFuture {
+            Box::pin(async { Ok(BackendResponse::Versions(Arc::default())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registry_not_ready_at_once_is_asked_once_ready() {
+        let service = ReadyOnSecondPoll::default();
+        let polls = service.0.clone();
+        let answer = Registry::new(service).ask(BackendRequest::Health).await;
+        assert!(matches!(answer, Ok(BackendResponse::Versions(_))));
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
     }
 }

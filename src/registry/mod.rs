@@ -17,7 +17,7 @@ pub use self::artifact::{
 };
 pub use self::backend::{
     BackendFuture, BackendHealth, BackendRequest, BackendResponse, BackendService, HealthReport,
-    ListFilter,
+    ListFilter, Registry,
 };
 pub use self::error::RegistryError;
 pub use self::merge::{Merge, HEALTH_PROBE_TIMEOUT};
