@@ -20,8 +20,7 @@ pub type BackendService = BoxCloneSyncService<BackendRequest, BackendResponse, R
 /// The cached, merged registry as the handlers ask it: through a shared reference, each
 /// question put to a clone of the service. Asking a [`BackendService`] meant cloning it into
 /// a new box and boxing its (already boxed) future again, two allocations per request.
-#[derive(Clone)]
-pub struct Registry(Arc<dyn Ask>);
+pub struct Registry(Box<dyn Ask>);
 
 impl Registry {
     pub fn new<S>(service: S) -> Self
@@ -36,9 +35,11 @@ impl Registry {
             + Sync
             + 'static,
     {
-        Self(Arc::new(service))
+        Self(Box::new(service))
     }
 
+    /// Puts the question at once (the service is called here, not when the future is first
+    /// polled); the future answers it.
     pub fn ask(&self, req: BackendRequest) -> BackendFuture {
         self.0.ask(req)
     }
@@ -220,39 +221,81 @@ impl BackendResponse {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
 
     use super::*;
 
-    /// Not ready on its first `poll_ready` (waking the caller, as a service must), then ready;
-    /// answers the versions of nothing.
+    /// Ready once opened; until then, keeps the waker of its last `poll_ready`, as a service
+    /// must, to be woken by whoever opens it. Lists nothing.
     #[derive(Clone, Default)]
-    struct ReadyOnSecondPoll(Arc<AtomicUsize>);
+    struct Gated {
+        open: Arc<AtomicBool>,
+        waiting: Arc<Mutex<Option<Waker>>>,
+        polls: Arc<AtomicUsize>,
+    }
 
-    impl Service<BackendRequest> for ReadyOnSecondPoll {
+    impl Service<BackendRequest> for Gated {
         type Response = BackendResponse;
         type Error = RegistryError;
         type Future = BackendFuture;
 
         fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), RegistryError>> {
-            if self.0.fetch_add(1, Ordering::Relaxed) == 0 {
-                cx.waker().wake_by_ref();
-                return Poll::Pending;
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            if self.open.load(Ordering::SeqCst) {
+                return Poll::Ready(Ok(()));
             }
-            Poll::Ready(Ok(()))
+            *self.waiting.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
         }
 
         fn call(&mut self, _: BackendRequest) -> BackendFuture {
-            Box::pin(async { Ok(BackendResponse::Versions(Arc::default())) })
+            Box::pin(async { Ok(BackendResponse::List(Arc::default())) })
         }
     }
 
+    fn list() -> BackendRequest {
+        BackendRequest::List(ListFilter::default())
+    }
+
     #[tokio::test]
-    async fn a_registry_not_ready_at_once_is_asked_once_ready() {
-        let service = ReadyOnSecondPoll::default();
-        let polls = service.0.clone();
-        let answer = Registry::new(service).ask(BackendRequest::Health).await;
-        assert!(matches!(answer, Ok(BackendResponse::Versions(_))));
-        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    async fn a_ready_registry_is_asked_at_once() {
+        let service = Gated::default();
+        service.open.store(true, Ordering::SeqCst);
+        let polls = service.polls.clone();
+        let answer = Registry::new(service).ask(list()).await;
+        assert!(matches!(answer, Ok(BackendResponse::List(_))));
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registry_not_ready_at_once_is_asked_once_it_wakes_the_question() {
+        let service = Gated::default();
+        let gate = service.clone();
+        let question = tokio::spawn(Registry::new(service).ask(list()));
+        // The first readiness poll was `ask`'s, with a no-op waker; wait for the one made with
+        // the question's own task, whose waker the gate keeps.
+        while gate.polls.load(Ordering::SeqCst) < 2 {
+            assert!(
+                !question.is_finished(),
+                "answered before the registry was ready"
+            );
+            tokio::task::yield_now().await;
+        }
+        gate.open.store(true, Ordering::SeqCst);
+        let waker = gate
+            .waiting
+            .lock()
+            .unwrap()
+            .take()
+            .expect("a waker is kept");
+        waker.wake();
+        // A question left with the no-op waker would never run again: time runs out instead.
+        let answer = tokio::time::timeout(Duration::from_secs(5), question)
+            .await
+            .expect("the question is woken once the registry is ready")
+            .expect("the question's task");
+        assert!(matches!(answer, Ok(BackendResponse::List(_))));
     }
 }
