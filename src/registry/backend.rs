@@ -23,18 +23,7 @@ pub type BackendService = BoxCloneSyncService<BackendRequest, BackendResponse, R
 pub struct Registry(Box<dyn Ask>);
 
 impl Registry {
-    pub fn new<S>(service: S) -> Self
-    where
-        S: Service<
-                BackendRequest,
-                Response = BackendResponse,
-                Error = RegistryError,
-                Future = BackendFuture,
-            > + Clone
-            + Send
-            + Sync
-            + 'static,
-    {
+    pub fn new(service: impl Ask + 'static) -> Self {
         Self(Box::new(service))
     }
 
@@ -45,7 +34,9 @@ impl Registry {
     }
 }
 
-trait Ask: Send + Sync {
+/// What a [`Registry`] can be made of: every cloneable service from `BackendRequest` whose
+/// future is already a [`BackendFuture`].
+pub trait Ask: Send + Sync {
     fn ask(&self, req: BackendRequest) -> BackendFuture;
 }
 
