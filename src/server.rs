@@ -16,6 +16,7 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -199,7 +200,14 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let in_flight = self.clock.start();
         req.extensions_mut().insert(PeerAddr(self.peer));
-        let req = req.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync());
+        // A request without a body (every GET) needs no boxed body to say so.
+        let req = req.map(|b| {
+            if b.is_end_stream() {
+                crate::body::empty()
+            } else {
+                b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()
+            }
+        });
         // A panic in a layer's `call` leaves the stack as it was before the call began.
         let mut app = self.app.lock().unwrap_or_else(PoisonError::into_inner);
         let inner = match app.poll_ready(&mut Context::from_waker(Waker::noop())) {
