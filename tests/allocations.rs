@@ -173,7 +173,7 @@ fn cached_answers_allocate_a_small_fixed_number_of_times() {
             .expect("ascii")
             .to_owned();
         let cases: [Case; 4] = [
-            ("single GET", single, &[], StatusCode::OK, 21),
+            ("single GET", single, &[], StatusCode::OK, 20),
             ("list of 100", list, &[], StatusCode::OK, 21),
             (
                 "list of 100, gzip",

@@ -676,15 +676,17 @@ where
 
     fn call(&mut self, req: BackendRequest) -> BackendFuture {
         let stores = &self.caches.0;
-        let key = match &req {
-            BackendRequest::List(filter) if stores.list.enabled => Key::List(filter.clone()),
+        // The request becomes its key, with nothing copied: most requests are answered from
+        // the key at once, and only a refresh needs the request again (`Key::request`).
+        let key = match req {
+            BackendRequest::List(filter) if stores.list.enabled => Key::List(filter),
             BackendRequest::Get { key, source } if stores.metadata.enabled => {
-                Key::Metadata((key.clone(), source.clone()))
+                Key::Metadata((key, source))
             }
             BackendRequest::Versions { key, source } if stores.versions.enabled => {
-                Key::Versions((key.clone(), source.clone()))
+                Key::Versions((key, source))
             }
-            _ => return Box::pin(self.inner.call(req)),
+            req => return Box::pin(self.inner.call(req)),
         };
         // Most requests end here: an answer served as it is needs no lookup future, which
         // would be built, boxed and polled around the same lookup (about 2.5 KiB).
@@ -702,7 +704,7 @@ where
         // (and waits for its readiness); the ready service is left unused.
         let lookup = Lookup {
             inner: self.inner.clone(),
-            req,
+            req: key.request(),
             policy,
             background: stores.background.clone(),
         };
@@ -722,6 +724,23 @@ enum Key {
     List(ListFilter),
     Metadata(ExtensionCacheKey),
     Versions(ExtensionCacheKey),
+}
+
+impl Key {
+    /// The backend request answered under this key.
+    fn request(&self) -> BackendRequest {
+        match self {
+            Key::List(filter) => BackendRequest::List(filter.clone()),
+            Key::Metadata((key, source)) => BackendRequest::Get {
+                key: key.clone(),
+                source: source.clone(),
+            },
+            Key::Versions((key, source)) => BackendRequest::Versions {
+                key: key.clone(),
+                source: source.clone(),
+            },
+        }
+    }
 }
 
 /// One request to answer from a cache.
