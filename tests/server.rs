@@ -161,6 +161,24 @@ async fn serves_the_samples_over_http1_and_h2c() {
             .unwrap();
     assert_eq!(&bytes[..], &file[..]);
 
+    // A request body reaches the handler over either protocol (GETs, whose bodies have
+    // ended when they arrive, are given the empty body instead).
+    let plan = serde_json::json!({"requirements": [
+        {"type": "provider", "name": "aws", "constraint": "^1"},
+    ]});
+    for client in [&http1, &h2c] {
+        let response = client
+            .post(format!("http://{addr}/api/v1/resolve"))
+            .header("content-type", "application/json")
+            .body(plan.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(answer["resolved"][0]["version"], "v1.2.0", "{answer}");
+    }
+
     stop_tx.send(()).unwrap();
     server.await.unwrap().unwrap();
 }

@@ -677,7 +677,8 @@ where
     fn call(&mut self, req: BackendRequest) -> BackendFuture {
         let stores = &self.caches.0;
         // The request becomes its key, with nothing copied: most requests are answered from
-        // the key at once, and only a refresh needs the request again (`Key::request`).
+        // the key at once, and only a miss or a refresh needs the request again
+        // (`Key::request`).
         let key = match req {
             BackendRequest::List(filter) if stores.list.enabled => Key::List(filter),
             BackendRequest::Get { key, source } if stores.metadata.enabled => {
