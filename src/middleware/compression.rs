@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
 use http::header::{
-    HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, VARY,
+    Entry, HeaderMap, HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_LENGTH, ETAG, VARY,
 };
 use http::{Extensions, Method, Request, Response, StatusCode, Version};
 use pin_project_lite::pin_project;
@@ -149,11 +149,11 @@ pub fn without_coding(tag: &str) -> &str {
 
 /// Rewrites `Accept-Encoding` to the one coding [`negotiate`] picks (removing it for
 /// identity), so the compressors below agree with each other and never find every coding
-/// refused: tower-http would turn any answer into a `406` then.
-fn negotiated<B>(mut req: Request<B>) -> Request<B> {
+/// refused: tower-http would turn any answer into a `406` then. Returns that coding.
+fn negotiated<B>(req: &mut Request<B>) -> Coding {
     let mut lines = req.headers().get_all(ACCEPT_ENCODING).iter();
     let coding = match (lines.next(), lines.next()) {
-        (None, _) => return req,
+        (None, _) => return Coding::Identity,
         // The usual case, negotiated in place.
         (Some(line), None) => negotiate(line.as_bytes()),
         _ => negotiate(
@@ -167,13 +167,10 @@ fn negotiated<B>(mut req: Request<B>) -> Request<B> {
     };
     let headers = req.headers_mut();
     headers.remove(ACCEPT_ENCODING);
-    match coding {
-        Coding::Identity => {}
-        coding => {
-            headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(coding.as_str()));
-        }
+    if coding != Coding::Identity {
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(coding.as_str()));
     }
-    req
+    coding
 }
 
 /// One encoded form of a representation and the ETag that names it.
@@ -304,14 +301,13 @@ where
         self.compression.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if !self.enabled {
             return StreamingFuture::Plain {
                 future: self.compression.get_mut().call(req),
             };
         }
-        let req = negotiated(req);
-        if req.headers().contains_key(ACCEPT_ENCODING) {
+        if negotiated(&mut req) != Coding::Identity {
             StreamingFuture::Compressing {
                 future: self.compression.call(req),
             }
@@ -454,12 +450,19 @@ fn precompressed(
     {
         return response;
     }
-    let varies = headers
-        .get_all(VARY)
-        .iter()
-        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"accept-encoding"));
-    if !varies {
-        headers.append(VARY, HeaderValue::from_static("accept-encoding"));
+    // One lookup of `Vary`, which is seldom there yet.
+    match headers.entry(VARY) {
+        Entry::Vacant(vary) => {
+            vary.insert(HeaderValue::from_static("accept-encoding"));
+        }
+        Entry::Occupied(mut vary) => {
+            if !vary
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"accept-encoding"))
+            {
+                vary.append(HeaderValue::from_static("accept-encoding"));
+            }
+        }
     }
     // A 304 keeps the validator the conditional layer gave it: the one the client matched.
     let coding = accept.map_or(Coding::Identity, |a| negotiate(a.as_bytes()));
@@ -664,12 +667,13 @@ mod tests {
                 assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
             }
         }
-        let req = Request::get("/")
+        let mut req = Request::get("/")
             .header(ACCEPT_ENCODING, "gzip;q=0.2")
             .header(ACCEPT_ENCODING, "br")
             .body(())
             .unwrap();
-        assert_eq!(negotiated(req).headers()[ACCEPT_ENCODING], "br");
+        assert_eq!(negotiated(&mut req), Coding::Brotli);
+        assert_eq!(req.headers()[ACCEPT_ENCODING], "br");
     }
 
     #[tokio::test]
@@ -706,5 +710,33 @@ mod tests {
         assert!(parts.headers.get(CONTENT_ENCODING).is_none());
         assert_eq!(parts.headers[ETAG], "W/\"abc-br\"");
         assert_eq!(parts.headers[VARY], "accept-encoding");
+    }
+
+    #[tokio::test]
+    async fn vary_names_accept_encoding_once() {
+        let representation = kept(big_json());
+        for (had, want) in [
+            (&["origin"][..], &["origin", "accept-encoding"][..]),
+            (&["Accept-Encoding"], &["Accept-Encoding"]),
+            (
+                &["origin", "accept-encoding"],
+                &["origin", "accept-encoding"],
+            ),
+        ] {
+            let answer = representation.clone();
+            let service =
+                PrecompressedLayer::new(true).layer(tower::service_fn(move |_: Request<()>| {
+                    let mut response = rendered(&answer);
+                    for line in had {
+                        response
+                            .headers_mut()
+                            .append(VARY, HeaderValue::from_static(line));
+                    }
+                    async move { Ok::<_, BoxError>(response) }
+                }));
+            let (parts, _) = get(service, "/rendered", "gzip").await;
+            let vary: Vec<_> = parts.headers.get_all(VARY).iter().collect();
+            assert_eq!(vary, want, "{had:?}");
+        }
     }
 }

@@ -15,6 +15,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use http::header::{Entry, OccupiedEntry};
 use http::{HeaderName, HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -95,11 +96,7 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let id = screen(&mut req).or_else(|| {
-            self.ids.next().inspect(|id| {
-                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-            })
-        });
+        let id = identify(&mut req, &self.ids);
         ResponseFuture {
             inner: self.inner.call(req),
             id,
@@ -125,9 +122,7 @@ where
         let this = self.project();
         let mut response = ready!(this.inner.poll(cx))?;
         if let Some(id) = this.id.take() {
-            if !response.headers().contains_key(&X_REQUEST_ID) {
-                response.headers_mut().insert(X_REQUEST_ID.clone(), id);
-            }
+            response.headers_mut().entry(&X_REQUEST_ID).or_insert(id);
         }
         Poll::Ready(Ok(response))
     }
@@ -166,21 +161,38 @@ pub const MAX_CLIENT_ID_LEN: usize = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RefusedRequestId(pub usize);
 
-/// The client's `x-request-id`, if it is one line of 1 to [`MAX_CLIENT_ID_LEN`] of
-/// `A-Z a-z 0-9 . _ : -`; any other is removed, so the id set afterwards is the client's or a
-/// generated one.
-fn screen<B>(req: &mut Request<B>) -> Option<HeaderValue> {
-    let lines = req.headers().get_all(&X_REQUEST_ID);
-    let mut sent = lines.iter();
-    match (sent.next(), sent.next()) {
-        (None, _) => return None,
-        (Some(id), None) if is_safe(id.as_bytes()) => return Some(id.clone()),
-        _ => {}
+/// The request's id, set on it: the client's `x-request-id` if it is one line of 1 to
+/// [`MAX_CLIENT_ID_LEN`] of `A-Z a-z 0-9 . _ : -`, else a generated one (a refused id's
+/// length marked on the request). The header is looked up once, and written in the same place.
+fn identify<B>(req: &mut Request<B>, ids: &RequestIds) -> Option<HeaderValue> {
+    let refused = match req.headers_mut().entry(&X_REQUEST_ID) {
+        Entry::Vacant(line) => {
+            return ids.next().inspect(|id| {
+                line.insert(id.clone());
+            })
+        }
+        Entry::Occupied(sent) => match screen(sent) {
+            Ok(id) => return Some(id),
+            Err(refused) => refused,
+        },
+    };
+    req.extensions_mut().insert(refused);
+    ids.next().inspect(|id| {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    })
+}
+
+/// The id a client sent, when it is one line and safe; else its lines are removed and their
+/// length returned.
+fn screen(sent: OccupiedEntry<'_, HeaderValue>) -> Result<HeaderValue, RefusedRequestId> {
+    let mut lines = sent.iter();
+    if let (Some(id), None) = (lines.next(), lines.next()) {
+        if is_safe(id.as_bytes()) {
+            return Ok(id.clone());
+        }
     }
-    let length = lines.iter().map(|v| v.len()).sum();
-    req.headers_mut().remove(&X_REQUEST_ID);
-    req.extensions_mut().insert(RefusedRequestId(length));
-    None
+    let (_, lines) = sent.remove_entry_mult();
+    Err(RefusedRequestId(lines.map(|line| line.len()).sum()))
 }
 
 fn is_safe(id: &[u8]) -> bool {
@@ -200,7 +212,8 @@ mod tests {
             req.headers_mut()
                 .append(&X_REQUEST_ID, HeaderValue::from_bytes(id).unwrap());
         }
-        screen(&mut req);
+        let id = identify(&mut req, &RequestIds::new());
+        assert_eq!(id.as_ref(), req.headers().get(&X_REQUEST_ID));
         req
     }
 
@@ -298,7 +311,11 @@ mod tests {
             (&[b"a", b"b"], 2),
         ] {
             let req = screened(ids);
-            assert!(req.headers().get(&X_REQUEST_ID).is_none(), "{ids:?}");
+            let lines: Vec<_> = req.headers().get_all(&X_REQUEST_ID).iter().collect();
+            assert!(
+                matches!(&lines[..], [id] if id.as_bytes().ends_with(b"-1")),
+                "{ids:?} replaced by a generated id: {lines:?}"
+            );
             assert_eq!(
                 req.extensions().get::<RefusedRequestId>(),
                 Some(&RefusedRequestId(length))
