@@ -318,10 +318,6 @@ where
         let uri = req.uri().clone();
         let host = query::check_host(&req);
         let quota = req.extensions_mut().remove::<QuotaCharge>();
-        // Range is defined for GET alone (RFC 9110 §14.2): a HEAD describes the whole.
-        let range = (method == Method::GET)
-            .then(|| range::requested(req.headers()))
-            .flatten();
         let headers = std::mem::take(req.headers_mut());
         let body = req.into_body();
         Box::pin(async move {
@@ -352,6 +348,11 @@ where
                 return Ok(ApiError::route_not_found().into_response());
             };
             params.plain = plain;
+            // Read for downloads alone. Range is defined for GET alone (RFC 9110 §14.2): a
+            // HEAD describes the whole.
+            let range = (route == Route::Download && method == Method::GET)
+                .then(|| range::requested(&headers))
+                .flatten();
             let call = handlers::Call {
                 shared: &shared,
                 params,
