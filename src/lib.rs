@@ -4,7 +4,8 @@
 //! Module map:
 //! - [`config`]: the TOML configuration, one struct per section, validated with clear errors.
 //! - [`server`]: the accept loop (HTTP/1.1 and h2c), graceful shutdown, and the connection
-//!   limits: connection cap, header and keep-alive timeouts, the send timeout on bodies.
+//!   limits: connection cap (held within the open-file limit, raised at start), header and
+//!   keep-alive timeouts, the send timeout on bodies.
 //! - [`stack`]: the one function composing every layer around the router and the backends.
 //! - [`api`]: the HTTP edge: router, request validation (`Range` of downloads in
 //!   [`api::range`]), handlers, health probes, and the OpenAPI 3.1 document of all of it

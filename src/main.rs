@@ -80,6 +80,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    server::descriptors::raise_open_file_limit();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.server.workers > 0 {
         runtime.worker_threads(config.server.workers);

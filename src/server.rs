@@ -1,10 +1,12 @@
 //! The accept loop: HTTP/1.1 and h2c on one listener, with graceful shutdown that stops
 //! accepting at once and lets in-flight requests finish within a grace period, and the limits
 //! that keep any client from holding a connection for ever: at most `max_connections`, each
-//! closed when idle or slow to send its head ([`connection`]), and a send timeout on every
-//! response body ([`send_timeout`]).
+//! closed when idle or slow to send its head ([`connection`]), no more than the open-file
+//! limit leaves room for ([`descriptors`]), and a send timeout on every response body
+//! ([`send_timeout`]).
 
 mod connection;
+pub mod descriptors;
 pub mod send_timeout;
 
 use std::convert::Infallible;
@@ -36,7 +38,8 @@ use crate::BoxError;
 
 /// Gauge of the client connections open now.
 pub const HTTP_CONNECTIONS_OPEN: &str = "http_connections_open";
-/// Gauge of `[server] max_connections`, so alerts can compare the open connections with it.
+/// Gauge of the connections accepted at once (`[server] max_connections`, or fewer when the
+/// open-file limit leaves room for fewer), so alerts can compare the open connections with it.
 pub const HTTP_CONNECTIONS_MAX: &str = "http_connections_max";
 /// Counter of connections closed at once because `max_connections` were open.
 pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "http_connections_refused_total";
@@ -84,12 +87,22 @@ async fn serve(
         header: config.header_read_timeout(),
         keepalive: config.keepalive_timeout(),
     };
-    let slots = Arc::new(Semaphore::new(
-        config.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
+    let limit = descriptors::open_file_limit();
+    let cap = descriptors::connection_cap(config.max_connections, limit);
+    if cap < config.max_connections {
+        tracing::warn!(
+            max_connections = config.max_connections,
+            open_file_limit = limit,
+            accepted_at_most = cap,
+            "[server] max_connections is more than the open-file limit leaves room for after a \
+             quarter kept for backends and files; raise the limit (systemd LimitNOFILE=, \
+             ulimit -n) to accept more"
+        );
+    }
+    let slots = Arc::new(Semaphore::new(cap.min(Semaphore::MAX_PERMITS)));
     // Shown from the start, so dashboards and alerts see zeros rather than nothing.
     metrics::gauge!(HTTP_CONNECTIONS_OPEN).increment(0.0);
-    metrics::gauge!(HTTP_CONNECTIONS_MAX).set(config.max_connections as f64);
+    metrics::gauge!(HTTP_CONNECTIONS_MAX).set(cap as f64);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(0);
     metrics::counter!(send_timeout::DOWNLOAD_STALLED_TOTAL).increment(0);
     let graceful = GracefulShutdown::new();

@@ -251,12 +251,13 @@ fn describe_metrics() {
     describe_gauge!(
         server::HTTP_CONNECTIONS_MAX,
         Unit::Count,
-        "Client connections the server accepts at once ([server] max_connections)"
+        "Client connections the server accepts at once ([server] max_connections, or fewer when \
+         the open-file limit leaves room for fewer)"
     );
     describe_counter!(
         server::HTTP_CONNECTIONS_REFUSED_TOTAL,
         Unit::Count,
-        "Connections closed at once because max_connections were open"
+        "Connections closed at once because http_connections_max were open"
     );
     describe_gauge!(
         downloads::DOWNLOADS_IN_FLIGHT,

@@ -488,6 +488,15 @@ struct Binary {
 
 impl Binary {
     fn start(server: &str) -> Self {
+        Self::start_with(server, None)
+    }
+
+    /// Started under a soft and a hard open-file limit.
+    fn start_with_open_files(server: &str, soft: u64, hard: u64) -> Self {
+        Self::start_with(server, Some((soft, hard)))
+    }
+
+    fn start_with(server: &str, open_files: Option<(u64, u64)>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.toml");
         let toml = format!(
@@ -495,7 +504,21 @@ impl Binary {
             app::samples().display().to_string()
         );
         std::fs::write(&file, toml).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_extension-registry"))
+        let binary = env!("CARGO_BIN_EXE_extension-registry");
+        let mut command = match open_files {
+            None => Command::new(binary),
+            Some((soft, hard)) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!(
+                        "ulimit -Sn {soft} && ulimit -Hn {hard} && exec \"$0\" \"$@\""
+                    ))
+                    .arg(binary);
+                shell
+            }
+        };
+        let mut child = command
             .args(["--json-log", "--config"])
             .arg(&file)
             .stdout(Stdio::piped())
@@ -518,6 +541,17 @@ impl Binary {
             addr,
             _dir: dir,
         }
+    }
+
+    /// The binary's soft and hard open-file limits.
+    fn open_file_limits(&self) -> (u64, u64) {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).unwrap();
+        let line = limits
+            .lines()
+            .find(|line| line.starts_with("Max open files"))
+            .unwrap();
+        let mut numbers = line.split_whitespace().filter_map(|word| word.parse().ok());
+        (numbers.next().unwrap(), numbers.next().unwrap())
     }
 
     /// The binary's open file descriptors.
@@ -592,6 +626,60 @@ async fn idle_sockets_past_max_connections_hold_no_descriptors_and_time_out() {
     // machine opened them against the 1 s header timeout.
     assert!(sample(&metrics, "http_connections_refused_total") > 0.0);
     assert!(metrics.contains("# TYPE http_connections_open gauge"));
+}
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    let binary = Binary::start_with_open_files("", 256, 2048);
+    assert_eq!(binary.open_file_limits(), (2048, 2048));
+    let metrics = metrics(binary.addr).await;
+    // A quarter of the limit is kept for backends and files.
+    assert_eq!(sample(&metrics, "http_connections_max"), 1536.0);
+}
+
+#[tokio::test]
+async fn connections_stop_where_the_open_file_limit_leaves_room_for_files() {
+    // 256 descriptors in all: 192 connections at most, 64 kept for the rest.
+    let binary = Binary::start_with_open_files("header_read_timeout_seconds = 60\n", 256, 256);
+    let metrics = metrics(binary.addr).await;
+    assert_eq!(sample(&metrics, "http_connections_max"), 192.0);
+    let mut kept = TcpStream::connect(binary.addr).await.unwrap();
+
+    // 300 idle sockets: those past the cap are closed at once, the rest held.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        let ended_tx = ended_tx.clone();
+        match TcpStream::connect(binary.addr).await {
+            Ok(mut socket) => idle.push(tokio::spawn(async move {
+                let _ = read_until_closed(&mut socket).await;
+                let _ = ended_tx.send(());
+            })),
+            Err(_) => {
+                let _ = ended_tx.send(());
+            }
+        }
+    }
+    // 191 held beside the kept one; one more may be held while the metrics client's
+    // connection is being closed.
+    for _ in 0..(300 - 191 - 1) {
+        bounded("the refusal of sockets past the cap", ended.recv()).await;
+    }
+
+    // With the cap reached, a download still opens its file.
+    let head = b"GET /api/v1/extensions/provider/aws/1.1.0 HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n";
+    kept.write_all(head).await.unwrap();
+    let answer = bounded("the download", read_until_closed(&mut kept)).await;
+    let artifact =
+        std::fs::read(app::samples().join("provider/aws/1.1.0/aws-1.1.0.tar.gz")).unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200") && answer.ends_with(&artifact),
+        "{}",
+        String::from_utf8_lossy(&answer[..answer.len().min(400)])
+    );
+    for socket in idle {
+        socket.abort();
+    }
 }
 
 #[test]
