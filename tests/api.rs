@@ -211,10 +211,15 @@ async fn head_works_wherever_get_does_and_other_methods_get_405() {
         "/api/v1/extensions/provider/aws/1.0.0",
         "/api/v1/health",
         "/livez",
+        // Errors a handler answers describe their body too.
+        "/api/v1/extensions/provider/nope",
+        "/api/v1/extensions/provider/aws/9.9.9",
+        "/api/v1/extensions?limit=x",
+        "/api/v1/extensions?type=nope",
     ] {
         let get_answer = get(&app, uri).await;
         let head = send(&app, "HEAD", uri).await;
-        assert_eq!(head.status, StatusCode::OK, "{uri}");
+        assert_eq!(head.status, get_answer.status, "{uri}");
         assert!(head.body.is_empty(), "{uri}");
         assert_eq!(
             head.header("content-length"),
@@ -222,6 +227,11 @@ async fn head_works_wherever_get_does_and_other_methods_get_405() {
             "{uri}"
         );
     }
+    // The metrics text changes between two asks; its length is still told.
+    let head = send(&app, "HEAD", "/api/v1/metrics").await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert!(head.header("content-length").parse::<usize>().unwrap() > 0);
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         let answer = send(&app, method, "/api/v1/extensions/provider/aws").await;
         assert_eq!(answer.status, StatusCode::METHOD_NOT_ALLOWED);

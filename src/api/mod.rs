@@ -20,7 +20,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::header::CONTENT_LENGTH;
 use http::{HeaderValue, Method, Request, Response};
+use http_body::Body as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower::Service;
 
@@ -375,7 +377,20 @@ where
             };
             response.extensions_mut().insert(route);
             if method == Method::HEAD {
+                // The body goes and its length stays told, as a GET's would be (answers that
+                // set `Content-Length` keep theirs). An artifact's HEAD never had the body: it
+                // is answered from metadata.
+                let artifact = route == Route::Download && response.status().is_success();
+                let length = (!artifact)
+                    .then(|| response.body().size_hint().exact())
+                    .flatten();
                 *response.body_mut() = body::empty();
+                if let Some(length) = length {
+                    response
+                        .headers_mut()
+                        .entry(CONTENT_LENGTH)
+                        .or_insert_with(|| HeaderValue::from(length));
+                }
             }
             Ok(response)
         })
