@@ -100,6 +100,10 @@ pub struct ServerConfig {
     /// Most downloads streaming at once (HTTP/2 streams each count); beyond it a download is
     /// answered 503 at once.
     pub max_concurrent_downloads: usize,
+    /// Most of those one client (as the rate limit tells clients apart) may have streaming
+    /// at once; beyond it its next download is answered 429 at once, so one client cannot take
+    /// every download slot (with HTTP/2 streams whose windows it keeps shut, say).
+    pub max_downloads_per_client: usize,
     /// How often the backends are probed in the background for `/api/v1/health` and
     /// `/readyz`, which answer from the last probe.
     pub probe_interval_seconds: u64,
@@ -123,6 +127,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             send_timeout_seconds: 60,
             max_concurrent_downloads: 256,
+            max_downloads_per_client: 16,
             probe_interval_seconds: 5,
         }
     }
@@ -603,6 +608,10 @@ impl Config {
             (
                 "max_concurrent_downloads",
                 server.max_concurrent_downloads as u64,
+            ),
+            (
+                "max_downloads_per_client",
+                server.max_downloads_per_client as u64,
             ),
         ] {
             positive(&format!("[server] {key}"), value)?;

@@ -28,7 +28,7 @@ use crate::middleware::downloads::DownloadsLayer;
 use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
 use crate::middleware::preflight::PreflightOnlyLayer;
-use crate::middleware::rate_limit::RateLimitLayer;
+use crate::middleware::rate_limit::{Clients, RateLimitLayer};
 use crate::middleware::request_id::RequestIdLayer;
 use crate::middleware::rescue::RescueLayer;
 use crate::middleware::trace::TraceLayer;
@@ -172,10 +172,12 @@ pub fn app_with(
     } else {
         cors::CorsLayer::off()
     };
+    // One reading of who a request comes from, for the quota and the download cap alike.
+    let clients = Arc::new(Clients::new(&config.rate_limit));
     let rate_limit = if config.rate_limit.enabled {
         let quota = shared(|r| r.enable_rate_limit)
             .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
-        RateLimitLayer::shared(&config.rate_limit, quota)
+        RateLimitLayer::shared(&config.rate_limit, quota, clients.clone())
     } else {
         RateLimitLayer::off()
     };
@@ -216,11 +218,16 @@ pub fn app_with(
         // the concurrency limit so a flooding client cannot take the others' slots. With
         // Redis, the quota is the cluster's (each replica's own refusing first).
         .layer(rate_limit)
-        // At most `max_concurrent_downloads` artifact bodies streaming, each held from here
-        // until its body is dropped (the concurrency limit below lets go at the response
-        // head): past it 503 at once, before any backend is asked. Below the rate limit so a
-        // flooding client is refused there first.
-        .layer(DownloadsLayer::new(config.server.max_concurrent_downloads))
+        // At most `max_concurrent_downloads` artifact bodies streaming, and at most
+        // `max_downloads_per_client` of them one client's, each held from here until its body
+        // is dropped (the concurrency limit below lets go at the response head): past them
+        // 503 or 429 at once, before any backend is asked. Below the rate limit so a flooding
+        // client is refused there first.
+        .layer(DownloadsLayer::new(
+            config.server.max_concurrent_downloads,
+            config.server.max_downloads_per_client,
+            clients,
+        ))
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
         // behind slow backends; the limit counts requests until their response head. The
         // exempt paths (probes, scrapes) answer without backend work and are not counted, so

@@ -362,20 +362,33 @@ async fn an_http2_stream_whose_window_stays_shut_is_reset_and_the_connection_goe
     assert_eq!(livez.status(), 200);
 }
 
-#[tokio::test]
-async fn downloads_past_the_cap_are_refused_at_once_counting_http2_streams() {
-    let addr = serve(
-        &config("max_concurrent_downloads = 2\nsend_timeout_seconds = 3600\n"),
-        || endless(DropSignal(None)),
-    )
-    .await;
-    // One connection, two streams that cannot drain: both hold their slot.
+/// Serves endless downloads with `server` settings (and a send timeout of an hour), to one
+/// HTTP/2 client that keeps its windows shut; its first two downloads (both 200, holding
+/// their slots) and the answer to its third.
+async fn third_of_three_stalled_downloads(
+    server: &str,
+) -> (
+    SocketAddr,
+    h2::client::SendRequest<Bytes>,
+    [http::Response<h2::RecvStream>; 2],
+    http::Response<h2::RecvStream>,
+) {
+    let server = format!("{server}send_timeout_seconds = 3600\n");
+    let addr = serve(&config(&server), || endless(DropSignal(None))).await;
     let client = shut_window_client(addr).await;
     let first = h2_get(&client, "GET", DOWNLOAD).await;
     let second = h2_get(&client, "GET", DOWNLOAD).await;
     assert_eq!(first.status(), 200);
     assert_eq!(second.status(), 200);
     let third = h2_get(&client, "GET", DOWNLOAD).await;
+    (addr, client, [first, second], third)
+}
+
+#[tokio::test]
+async fn downloads_past_the_cap_are_refused_at_once_counting_http2_streams() {
+    // One connection, two streams that cannot drain: both hold their slot.
+    let (addr, client, held, third) =
+        third_of_three_stalled_downloads("max_concurrent_downloads = 2\n").await;
     assert_eq!(third.status(), 503);
     assert_eq!(third.headers()["retry-after"], "1");
     // HEAD opens no stream and takes no slot; another client is refused the same.
@@ -393,7 +406,29 @@ async fn downloads_past_the_cap_are_refused_at_once_counting_http2_streams() {
         metrics.contains("# TYPE downloads_in_flight gauge"),
         "{metrics}"
     );
-    drop((first, second));
+    drop(held);
+}
+
+#[tokio::test]
+async fn one_client_with_shut_windows_holds_no_more_than_its_share_of_the_slots() {
+    // Streams that cannot drain hold their slots: two, then this client is refused.
+    let (addr, _client, held, third) = third_of_three_stalled_downloads(
+        "max_concurrent_downloads = 4\nmax_downloads_per_client = 2\n",
+    )
+    .await;
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "1");
+    // Another client (another loopback address) still downloads.
+    let other = reqwest::Client::builder()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+        .get(format!("http://{addr}{DOWNLOAD}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    drop((held, other));
 }
 
 #[tokio::test]
@@ -693,8 +728,9 @@ fn the_limits_have_their_documented_defaults_and_refuse_zero() {
             server.max_connections,
             server.send_timeout_seconds,
             server.max_concurrent_downloads,
+            server.max_downloads_per_client,
         ),
-        (10, 60, 128, 10_000, 60, 256)
+        (10, 60, 128, 10_000, 60, 256, 16)
     );
     for key in [
         "header_read_timeout_seconds",
@@ -703,6 +739,7 @@ fn the_limits_have_their_documented_defaults_and_refuse_zero() {
         "max_connections",
         "send_timeout_seconds",
         "max_concurrent_downloads",
+        "max_downloads_per_client",
     ] {
         let text = format!("[server]\n{key} = 0\n[local]\npath = \".\"\n");
         let error = Config::parse(&text, "t.toml", None)

@@ -1,13 +1,20 @@
 //! The download cap: at most `max_concurrent_downloads` artifact bodies stream at once (each
-//! HTTP/2 stream counts); beyond it a download is answered `503 overloaded` with
-//! `Retry-After` at once, before any backend is asked. A download holds its slot from the
+//! HTTP/2 stream counts), and at most `max_downloads_per_client` of them one client's (told
+//! apart as the rate limit tells them, [`Clients`]). Beyond the first a download is answered
+//! `503 overloaded`, beyond the second `429 rate_limited`, both with `Retry-After` at once,
+//! before any backend is asked: one client cannot hold every slot, with HTTP/2 streams whose
+//! windows it keeps shut until the send timeout, say. A download holds its slots from the
 //! request until its body is dropped — finished, aborted by the send timeout, or its client
 //! gone — and the `downloads_in_flight` gauge shows the slots taken. HEAD takes no slot: it
-//! opens no stream.
+//! opens no stream. The per-client counts have an entry only while their client has a
+//! download streaming, so at most `max_concurrent_downloads` of them.
 
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -21,25 +28,34 @@ use tower::{Layer, Service};
 use crate::api::{Route, RouteTable};
 use crate::body::Body;
 use crate::error::ApiError;
+use crate::middleware::rate_limit::Clients;
+use crate::middleware::KeyHasher;
 use crate::telemetry::Gauged;
 use crate::BoxError;
 
 /// Gauge of the downloads streaming now.
 pub const DOWNLOADS_IN_FLIGHT: &str = "downloads_in_flight";
 
-/// Adds [`Downloads`] with room for `max` downloads at once.
+/// Adds [`Downloads`] with room for `max` downloads at once, `per_client` of them one
+/// client's.
 #[derive(Clone)]
 pub struct DownloadsLayer {
     slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     routes: Arc<RouteTable>,
 }
 
 impl DownloadsLayer {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, per_client: usize, clients: Arc<Clients>) -> Self {
         // Shown from the start, so dashboards see a zero rather than nothing.
         metrics::gauge!(DOWNLOADS_IN_FLIGHT).increment(0.0);
         Self {
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
+            per_client: Arc::new(PerClient {
+                clients,
+                max: per_client,
+                streaming: Mutex::default(),
+            }),
             routes: Arc::new(RouteTable::new()),
         }
     }
@@ -52,7 +68,57 @@ impl<S> Layer<S> for DownloadsLayer {
         Downloads {
             inner,
             slots: self.slots.clone(),
+            per_client: self.per_client.clone(),
             routes: self.routes.clone(),
+        }
+    }
+}
+
+/// The downloads each client has streaming.
+struct PerClient {
+    clients: Arc<Clients>,
+    max: usize,
+    /// An entry for each client with a download streaming, removed with its last one.
+    streaming: Mutex<HashMap<IpAddr, usize, KeyHasher>>,
+}
+
+impl PerClient {
+    /// A slot of `client`'s, unless it has `max` downloads streaming.
+    fn take(self: &Arc<Self>, client: IpAddr) -> Option<ClientSlot> {
+        let mut streaming = self
+            .streaming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let taken = streaming.entry(client).or_insert(0);
+        if *taken >= self.max {
+            return None;
+        }
+        *taken += 1;
+        Some(ClientSlot {
+            per_client: self.clone(),
+            client,
+        })
+    }
+}
+
+/// One of a client's download slots, given back when dropped.
+struct ClientSlot {
+    per_client: Arc<PerClient>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut streaming = self
+            .per_client
+            .streaming
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Entry::Occupied(mut taken) = streaming.entry(self.client) {
+            *taken.get_mut() -= 1;
+            if *taken.get() == 0 {
+                taken.remove();
+            }
         }
     }
 }
@@ -63,6 +129,7 @@ pub struct Downloads<S> {
     inner: S,
     /// One permit per download that may stream; shared by every clone.
     slots: Arc<Semaphore>,
+    per_client: Arc<PerClient>,
     /// To tell downloads from other requests before the router runs.
     routes: Arc<RouteTable>,
 }
@@ -87,23 +154,44 @@ where
                 inner: self.inner.call(req),
             };
         }
+        let client = self.per_client.clients.key(&req);
+        let Some(client_slot) = self.per_client.take(client) else {
+            let max = self.per_client.max;
+            return refused(
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!(
+                        "this client has {max} downloads streaming, the most it may have at \
+                         once; retry when one ends"
+                    ),
+                )
+                .with_retry_after(1),
+            );
+        };
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => ResponseFuture::Counted {
                 inner: self.inner.call(req),
-                slot: Some(Gauged::new(permit, DOWNLOADS_IN_FLIGHT)),
+                slot: Some(Slot {
+                    _all: Gauged::new(permit, DOWNLOADS_IN_FLIGHT),
+                    _client: client_slot,
+                }),
             },
-            Err(_) => ResponseFuture::Refused {
-                response: Some(
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "the service is at its limit of concurrent downloads; retry shortly",
-                    )
-                    .with_retry_after(1)
-                    .into_response(),
-                ),
-            },
+            Err(_) => refused(
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the service is at its limit of concurrent downloads; retry shortly",
+                )
+                .with_retry_after(1),
+            ),
         }
+    }
+}
+
+fn refused<F>(error: ApiError) -> ResponseFuture<F> {
+    ResponseFuture::Refused {
+        response: Some(error.into_response()),
     }
 }
 
@@ -146,8 +234,11 @@ where
     }
 }
 
-/// A taken download slot, counted in the gauge while it lives.
-type Slot = Gauged<OwnedSemaphorePermit>;
+/// A taken download slot, and its client's: the first counted in the gauge while it lives.
+struct Slot {
+    _all: Gauged<OwnedSemaphorePermit>,
+    _client: ClientSlot,
+}
 
 pin_project! {
     /// A download body holding its slot until it is dropped.
@@ -182,7 +273,21 @@ impl http_body::Body for SlottedBody {
 mod tests {
     use super::*;
     use crate::body;
+    use crate::config::RateLimitConfig;
+    use crate::middleware::rate_limit::PeerAddr;
     use tower::ServiceExt;
+
+    fn layer(max: usize, per_client: usize) -> DownloadsLayer {
+        let clients = Arc::new(Clients::new(&RateLimitConfig::default()));
+        DownloadsLayer::new(max, per_client, clients)
+    }
+
+    fn get_from(path: &str, peer: &str) -> Request<Body> {
+        let mut req = get(path);
+        let peer = format!("{peer}:40000").parse().unwrap();
+        req.extensions_mut().insert(PeerAddr(peer));
+        req
+    }
 
     fn get(path: &str) -> Request<Body> {
         Request::get(path).body(body::empty()).unwrap()
@@ -201,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_download_past_the_cap_is_refused_until_a_body_is_dropped() {
-        let service = DownloadsLayer::new(1).layer(tower::service_fn(answer));
+        let service = layer(1, 2).layer(tower::service_fn(answer));
         let download = "/api/v1/extensions/provider/aws/1.0.0";
         // A failed download frees its slot at once.
         let missing = get("/api/v1/extensions/provider/aws/missing");
@@ -228,5 +333,34 @@ mod tests {
         drop(streaming);
         let again = service.clone().oneshot(get(download)).await.unwrap();
         assert_eq!(again.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn one_client_takes_no_more_than_its_share_of_the_slots() {
+        let layer = layer(3, 2);
+        let per_client = layer.per_client.clone();
+        let service = layer.layer(tower::service_fn(answer));
+        let download = "/api/v1/extensions/provider/aws/1.0.0";
+        let send = |peer: &'static str| service.clone().oneshot(get_from(download, peer));
+
+        let first = send("192.0.2.1").await.unwrap();
+        let second = send("192.0.2.1").await.unwrap();
+        let refused = send("192.0.2.1").await.unwrap();
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.headers()["retry-after"], "1");
+        let body = refused.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("\"rate_limited\""));
+        // Another client has the slot left; after it, every slot is taken.
+        let other = send("198.51.100.7").await.unwrap();
+        assert_eq!(other.status(), StatusCode::OK);
+        let status = send("203.0.113.9").await.unwrap().status();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        // Refusals hold nothing; a finished download gives its client's slot back.
+        drop(first);
+        assert_eq!(send("192.0.2.1").await.unwrap().status(), StatusCode::OK);
+        drop((second, other));
+        let streaming = per_client.streaming.lock().unwrap();
+        assert_eq!(streaming.get(&"192.0.2.1".parse::<IpAddr>().unwrap()), None);
+        assert!(streaming.is_empty(), "{:?}", *streaming);
     }
 }

@@ -209,18 +209,14 @@ struct Limits {
     limit: u32,
     /// Time to earn back one request.
     per_request: Duration,
-    /// Peers whose forwarding header is believed.
-    trusted: Vec<IpNet>,
-    /// The forwarding header, and how to read the hops of one of its lines.
-    forwarded: (HeaderName, Hops),
+    /// Who a request comes from.
+    clients: Arc<Clients>,
     /// Paths never limited.
     exempt: Vec<String>,
     /// When idle clients were last forgotten, in nanoseconds since `epoch`.
     last_sweep: AtomicU64,
     /// The origin of `last_sweep`.
     epoch: tokio::time::Instant,
-    /// Whether the hint about forwarding headers from untrusted peers was logged.
-    hinted: AtomicBool,
     /// `rate_limit_clients`, registered once.
     clients_gauge: metrics::Gauge,
     /// Counts every decision.
@@ -277,7 +273,7 @@ enum Decision {
 }
 
 impl Limits {
-    fn new(config: &RateLimitConfig) -> Self {
+    fn new(config: &RateLimitConfig, clients: Arc<Clients>) -> Self {
         let burst = config.burst;
         let quota = Quota::per_second(config.requests_per_second).allow_burst(burst);
         let store = BoundedStore {
@@ -288,65 +284,14 @@ impl Limits {
             limiter: RateLimiter::new(quota, store, TokioClock),
             limit: burst.get(),
             per_request: quota.replenish_interval(),
-            trusted: config.trusted_proxies.iter().map(|p| p.0).collect(),
-            forwarded: match config.client_ip_header {
-                ClientIpHeader::XForwardedFor => {
-                    (HeaderName::from_static("x-forwarded-for"), list_hops)
-                }
-                ClientIpHeader::Forwarded => (HeaderName::from_static("forwarded"), forwarded_hops),
-                ClientIpHeader::XRealIp => (HeaderName::from_static("x-real-ip"), list_hops),
-            },
+            clients,
             exempt: config.exempt_paths.clone(),
             last_sweep: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
-            hinted: AtomicBool::new(false),
             clients_gauge: metrics::gauge!(RATE_LIMIT_CLIENTS),
             decisions: Decisions::new(),
             shared: None,
         }
-    }
-
-    fn is_trusted(&self, ip: IpAddr) -> bool {
-        self.trusted.iter().any(|net| net.contains(&ip))
-    }
-
-    /// The client's address: see the module documentation.
-    fn client<B>(&self, req: &Request<B>) -> IpAddr {
-        let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() else {
-            return UNKNOWN_CLIENT;
-        };
-        let peer = peer.ip().to_canonical();
-        let (header, hops) = &self.forwarded;
-        if !self.is_trusted(peer) {
-            // The hint is logged once: after that, no request pays for looking at the header.
-            if self.trusted.is_empty()
-                && !self.hinted.load(Ordering::Relaxed)
-                && req.headers().contains_key(header)
-                && !self.hinted.swap(true, Ordering::Relaxed)
-            {
-                tracing::warn!(
-                    %peer,
-                    %header,
-                    "requests carry the client_ip_header but [rate_limit] trusted_proxies is \
-                     empty: clients are keyed by the connecting address; list your reverse \
-                     proxy in trusted_proxies if one fronts this service"
-                );
-            }
-            return peer;
-        }
-        let hops = forwarded_chain(req.headers(), header, *hops);
-        // Walk from the nearest hop outwards: the first one that is not a trusted proxy is the
-        // client. A hop that is not an address ("unknown", an obfuscated name) ends the walk
-        // at the trusted proxy that reported it.
-        let mut client = peer;
-        for hop in hops.into_iter().rev() {
-            match hop {
-                Some(ip) if self.is_trusted(ip) => client = ip,
-                Some(ip) => return ip,
-                None => return client,
-            }
-        }
-        client
     }
 
     /// Forgets clients whose quota is full again, at most once per [`SWEEP_INTERVAL`].
@@ -372,7 +317,7 @@ impl Limits {
             return Decision::Exempt;
         }
         self.sweep_if_due();
-        let key = client_key(self.client(req));
+        let key = self.clients.key(req);
         let decided = self.limiter.check_key(&key);
         self.decisions.local[usize::from(decided.is_err())].increment(1);
         match decided {
@@ -486,6 +431,81 @@ impl QuotaCharge {
     }
 }
 
+/// Who a request comes from: see the module documentation. Shared by the rate limit and the
+/// per-client download cap (`middleware::downloads`), so both count a client alike.
+pub struct Clients {
+    /// Peers whose forwarding header is believed.
+    trusted: Vec<IpNet>,
+    /// The forwarding header, and how to read the hops of one of its lines.
+    forwarded: (HeaderName, Hops),
+    /// Whether the hint about forwarding headers from untrusted peers was logged.
+    hinted: AtomicBool,
+}
+
+impl Clients {
+    pub fn new(config: &RateLimitConfig) -> Self {
+        Self {
+            trusted: config.trusted_proxies.iter().map(|p| p.0).collect(),
+            forwarded: match config.client_ip_header {
+                ClientIpHeader::XForwardedFor => {
+                    (HeaderName::from_static("x-forwarded-for"), list_hops)
+                }
+                ClientIpHeader::Forwarded => (HeaderName::from_static("forwarded"), forwarded_hops),
+                ClientIpHeader::XRealIp => (HeaderName::from_static("x-real-ip"), list_hops),
+            },
+            hinted: AtomicBool::new(false),
+        }
+    }
+
+    /// The key a request's client is counted under: its address, IPv6 by its /64.
+    pub fn key<B>(&self, req: &Request<B>) -> IpAddr {
+        client_key(self.client(req))
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: see the module documentation.
+    fn client<B>(&self, req: &Request<B>) -> IpAddr {
+        let Some(PeerAddr(peer)) = req.extensions().get::<PeerAddr>() else {
+            return UNKNOWN_CLIENT;
+        };
+        let peer = peer.ip().to_canonical();
+        let (header, hops) = &self.forwarded;
+        if !self.is_trusted(peer) {
+            // The hint is logged once: after that, no request pays for looking at the header.
+            if self.trusted.is_empty()
+                && !self.hinted.load(Ordering::Relaxed)
+                && req.headers().contains_key(header)
+                && !self.hinted.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    %peer,
+                    %header,
+                    "requests carry the client_ip_header but [rate_limit] trusted_proxies is \
+                     empty: clients are keyed by the connecting address; list your reverse \
+                     proxy in trusted_proxies if one fronts this service"
+                );
+            }
+            return peer;
+        }
+        let hops = forwarded_chain(req.headers(), header, *hops);
+        // Walk from the nearest hop outwards: the first one that is not a trusted proxy is the
+        // client. A hop that is not an address ("unknown", an obfuscated name) ends the walk
+        // at the trusted proxy that reported it.
+        let mut client = peer;
+        for hop in hops.into_iter().rev() {
+            match hop {
+                Some(ip) if self.is_trusted(ip) => client = ip,
+                Some(ip) => return ip,
+                None => return client,
+            }
+        }
+        client
+    }
+}
+
 /// The key a client is limited by: IPv6 addresses by their /64.
 fn client_key(ip: IpAddr) -> IpAddr {
     match ip {
@@ -559,17 +579,22 @@ impl RateLimitLayer {
 
     /// Each replica counting its own clients; see [`RateLimitLayer::shared`].
     pub fn new(config: &RateLimitConfig) -> Self {
-        Self::shared(config, None)
+        Self::shared(config, None, Arc::new(Clients::new(config)))
     }
 
-    /// Counting clients together with the other replicas through `shared`, when given.
-    pub fn shared(config: &RateLimitConfig, shared: Option<Arc<dyn SharedQuota>>) -> Self {
+    /// Counting clients together with the other replicas through `shared`, when given, each
+    /// told apart by `clients`.
+    pub fn shared(
+        config: &RateLimitConfig,
+        shared: Option<Arc<dyn SharedQuota>>,
+        clients: Arc<Clients>,
+    ) -> Self {
         // Registered at zero so the series exists before the first refusal.
         metrics::counter!(RATE_LIMITED_TOTAL).increment(0);
         Self {
             limits: Some(Arc::new(Limits {
                 shared,
-                ..Limits::new(config)
+                ..Limits::new(config, clients)
             })),
         }
     }
@@ -872,12 +897,12 @@ mod tests {
 
     #[test]
     fn forwarding_headers_are_parsed() {
-        let limits = Limits::new(&config(
+        let clients = Clients::new(&config(
             1,
             "trusted_proxies = [\"10.0.0.0/8\", \"2001:db8:ffff::/48\"]\n",
         ));
         let client = |peer: &str, headers: &[(&str, &str)]| {
-            limits.client(&request("/api/v1/extensions", peer, headers))
+            clients.client(&request("/api/v1/extensions", peer, headers))
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
@@ -919,7 +944,7 @@ mod tests {
             assert_ne!(client_key(ip(address)), OVERFLOW_CLIENT, "{address}");
         }
         let no_peer = Request::get("/").body(()).unwrap();
-        assert_eq!(limits.client(&no_peer), UNKNOWN_CLIENT);
+        assert_eq!(clients.client(&no_peer), UNKNOWN_CLIENT);
     }
 
     #[test]
@@ -927,8 +952,8 @@ mod tests {
         let trusted = "trusted_proxies = [\"10.0.0.0/8\"]\n";
         let client = |header: &str, headers: &[(&str, &str)]| {
             let setting = format!("{trusted}client_ip_header = \"{header}\"\n");
-            let limits = Limits::new(&config(1, &setting));
-            limits.client(&request("/api/v1/extensions", "10.0.0.1", headers))
+            let clients = Clients::new(&config(1, &setting));
+            clients.client(&request("/api/v1/extensions", "10.0.0.1", headers))
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let spoofed = ("x-forwarded-for", "198.51.100.66");
@@ -1094,7 +1119,11 @@ mod tests {
             (None, StatusCode::OK, "9", "1"),
         ] {
             let shared = Arc::new(Answering(decided, Default::default()));
-            let layer = RateLimitLayer::shared(&config(10, ""), Some(shared.clone()));
+            let layer = RateLimitLayer::shared(
+                &config(10, ""),
+                Some(shared.clone()),
+                Arc::new(Clients::new(&config(10, ""))),
+            );
             let (service, calls) = limited(&layer);
             let response = respond(&service, request("/api/v1/extensions", "192.0.2.1", &[])).await;
             assert_eq!(response.status(), status, "{decided:?}");
@@ -1114,7 +1143,11 @@ mod tests {
 
         // What the local quota refuses never reaches the shared one, nor do exempt paths.
         let shared = Arc::new(Answering(Some(allowing), Default::default()));
-        let layer = RateLimitLayer::shared(&config(1, ""), Some(shared.clone()));
+        let layer = RateLimitLayer::shared(
+            &config(1, ""),
+            Some(shared.clone()),
+            Arc::new(Clients::new(&config(1, ""))),
+        );
         let (service, _) = limited(&layer);
         let req = || request("/api/v1/extensions", "192.0.2.1", &[]);
         assert_eq!(status(&service, req()).await, StatusCode::OK);
