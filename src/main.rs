@@ -80,7 +80,6 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    server::descriptors::raise_open_file_limit();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.server.workers > 0 {
         runtime.worker_threads(config.server.workers);
@@ -117,6 +116,8 @@ async fn serve(config: Config, check_only: bool) -> Result<(), String> {
         println!("configuration is valid");
         return Ok(());
     }
+    // Before the listener and the backends take descriptors; not for a check or a probe.
+    server::descriptors::raise_open_file_limit();
     let addr = SocketAddr::new(config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await

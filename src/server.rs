@@ -41,7 +41,7 @@ pub const HTTP_CONNECTIONS_OPEN: &str = "http_connections_open";
 /// Gauge of the connections accepted at once (`[server] max_connections`, or fewer when the
 /// open-file limit leaves room for fewer), so alerts can compare the open connections with it.
 pub const HTTP_CONNECTIONS_MAX: &str = "http_connections_max";
-/// Counter of connections closed at once because `max_connections` were open.
+/// Counter of connections closed at once because the connection cap was reached.
 pub const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "http_connections_refused_total";
 
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
@@ -71,7 +71,8 @@ pub async fn run_with(
     serve(listener, app, shutdown, config, config.shutdown_grace()).await
 }
 
-/// The accept loop. At `max_connections`, a new connection is accepted and closed at once
+/// The accept loop. At the connection cap (`max_connections`, or less under the open-file
+/// limit: see [`descriptors`]), a new connection is accepted and closed at once
 /// with a reset (and counted), rather than left in the kernel's backlog: the client learns at
 /// once instead of waiting on a connection nothing reads, and the process never holds more
 /// descriptors than the limit.
@@ -88,14 +89,18 @@ async fn serve(
         keepalive: config.keepalive_timeout(),
     };
     let limit = descriptors::open_file_limit();
-    let cap = descriptors::connection_cap(config.max_connections, limit);
+    let cap = descriptors::connection_cap(
+        config.max_connections,
+        config.max_concurrent_downloads,
+        limit,
+    );
     if cap < config.max_connections {
         tracing::warn!(
             max_connections = config.max_connections,
             open_file_limit = limit,
             accepted_at_most = cap,
-            "[server] max_connections is more than the open-file limit leaves room for after a \
-             quarter kept for backends and files; raise the limit (systemd LimitNOFILE=, \
+            "[server] max_connections is more than the open-file limit leaves room for beside \
+             the downloads, backends and files; raise the limit (systemd LimitNOFILE=, \
              ulimit -n) to accept more"
         );
     }
@@ -188,7 +193,7 @@ fn refuse(stream: TcpStream) {
     if let Err(e) = stream.set_zero_linger() {
         tracing::debug!(error = %e, "cannot set SO_LINGER on a refused connection");
     }
-    tracing::debug!("connection refused: max_connections open");
+    tracing::debug!("connection refused: the connection cap is reached");
 }
 
 /// The application as one connection's hyper service: hands each request over with one body

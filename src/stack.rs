@@ -172,14 +172,19 @@ pub fn app_with(
     } else {
         cors::CorsLayer::off()
     };
-    // One reading of who a request comes from, for the quota and the download cap alike.
-    let clients = Arc::new(Clients::new(&config.rate_limit));
-    let rate_limit = if config.rate_limit.enabled {
+    let downloads = DownloadsLayer::new(config.server.max_concurrent_downloads);
+    let (rate_limit, downloads) = if config.rate_limit.enabled {
+        // One reading of who a request comes from, for the quota and the download share alike;
+        // with rate limiting off, clients are not told apart for either.
+        let clients = Arc::new(Clients::new(&config.rate_limit));
         let quota = shared(|r| r.enable_rate_limit)
             .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
-        RateLimitLayer::shared(&config.rate_limit, quota, clients.clone())
+        (
+            RateLimitLayer::shared(&config.rate_limit, quota, clients.clone()),
+            downloads.per_client(config.server.max_downloads_per_client, clients),
+        )
     } else {
-        RateLimitLayer::off()
+        (RateLimitLayer::off(), downloads)
     };
     let service = ServiceBuilder::new()
         // Outermost: every response, errors and 429s included, carries the request id, and the
@@ -218,16 +223,12 @@ pub fn app_with(
         // the concurrency limit so a flooding client cannot take the others' slots. With
         // Redis, the quota is the cluster's (each replica's own refusing first).
         .layer(rate_limit)
-        // At most `max_concurrent_downloads` artifact bodies streaming, and at most
-        // `max_downloads_per_client` of them one client's, each held from here until its body
-        // is dropped (the concurrency limit below lets go at the response head): past them
-        // 503 or 429 at once, before any backend is asked. Below the rate limit so a flooding
-        // client is refused there first.
-        .layer(DownloadsLayer::new(
-            config.server.max_concurrent_downloads,
-            config.server.max_downloads_per_client,
-            clients,
-        ))
+        // At most `max_concurrent_downloads` artifact bodies streaming, and (with rate
+        // limiting on) at most `max_downloads_per_client` of them one client's, each held from
+        // here until its body is dropped (the concurrency limit below lets go at the response
+        // head): past them 503 or 429 at once, before any backend is asked. Below the rate
+        // limit so a flooding client is refused there first.
+        .layer(downloads)
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
         // behind slow backends; the limit counts requests until their response head. The
         // exempt paths (probes, scrapes) answer without backend work and are not counted, so

@@ -1,7 +1,8 @@
 //! The download cap: at most `max_concurrent_downloads` artifact bodies stream at once (each
-//! HTTP/2 stream counts), and at most `max_downloads_per_client` of them one client's (told
-//! apart as the rate limit tells them, [`Clients`]). Beyond the first a download is answered
-//! `503 overloaded`, beyond the second `429 rate_limited`, both with `Retry-After` at once,
+//! HTTP/2 stream counts), and, with rate limiting on, at most `max_downloads_per_client` of
+//! them one client's (told apart as the rate limit tells them, [`Clients`]; counted in
+//! `rate_limited_total` too). Beyond the first a download is answered `503 overloaded`,
+//! beyond the second `429 rate_limited`, both with `Retry-After` at once,
 //! before any backend is asked: one client cannot hold every slot, with HTTP/2 streams whose
 //! windows it keeps shut until the send timeout, say. A download holds its slots from the
 //! request until its body is dropped — finished, aborted by the send timeout, or its client
@@ -28,7 +29,7 @@ use tower::{Layer, Service};
 use crate::api::{Route, RouteTable};
 use crate::body::Body;
 use crate::error::ApiError;
-use crate::middleware::rate_limit::Clients;
+use crate::middleware::rate_limit::{Clients, RATE_LIMITED_TOTAL};
 use crate::middleware::KeyHasher;
 use crate::telemetry::Gauged;
 use crate::BoxError;
@@ -36,27 +37,34 @@ use crate::BoxError;
 /// Gauge of the downloads streaming now.
 pub const DOWNLOADS_IN_FLIGHT: &str = "downloads_in_flight";
 
-/// Adds [`Downloads`] with room for `max` downloads at once, `per_client` of them one
-/// client's.
+/// Adds [`Downloads`] with room for `max` downloads at once.
 #[derive(Clone)]
 pub struct DownloadsLayer {
     slots: Arc<Semaphore>,
-    per_client: Arc<PerClient>,
+    per_client: Option<Arc<PerClient>>,
     routes: Arc<RouteTable>,
 }
 
 impl DownloadsLayer {
-    pub fn new(max: usize, per_client: usize, clients: Arc<Clients>) -> Self {
+    pub fn new(max: usize) -> Self {
         // Shown from the start, so dashboards see a zero rather than nothing.
         metrics::gauge!(DOWNLOADS_IN_FLIGHT).increment(0.0);
         Self {
             slots: Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS))),
-            per_client: Arc::new(PerClient {
-                clients,
-                max: per_client,
-                streaming: Mutex::default(),
-            }),
+            per_client: None,
             routes: Arc::new(RouteTable::new()),
+        }
+    }
+
+    /// At most `max` of the downloads one client's, clients told apart by `clients`.
+    pub fn per_client(self, max: usize, clients: Arc<Clients>) -> Self {
+        Self {
+            per_client: Some(Arc::new(PerClient {
+                clients,
+                max,
+                streaming: Mutex::default(),
+            })),
+            ..self
         }
     }
 }
@@ -129,7 +137,7 @@ pub struct Downloads<S> {
     inner: S,
     /// One permit per download that may stream; shared by every clone.
     slots: Arc<Semaphore>,
-    per_client: Arc<PerClient>,
+    per_client: Option<Arc<PerClient>>,
     /// To tell downloads from other requests before the router runs.
     routes: Arc<RouteTable>,
 }
@@ -154,20 +162,26 @@ where
                 inner: self.inner.call(req),
             };
         }
-        let client = self.per_client.clients.key(&req);
-        let Some(client_slot) = self.per_client.take(client) else {
-            let max = self.per_client.max;
-            return refused(
-                ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!(
-                        "this client has {max} downloads streaming, the most it may have at \
-                         once; retry when one ends"
-                    ),
-                )
-                .with_retry_after(1),
-            );
+        let client_slot = match &self.per_client {
+            None => None,
+            Some(per_client) => match per_client.take(per_client.clients.key(&req)) {
+                Some(slot) => Some(slot),
+                None => {
+                    metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+                    let max = per_client.max;
+                    return refused(
+                        ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "rate_limited",
+                            format!(
+                                "this client has {max} downloads streaming, the most it may \
+                                 have at once; retry when one ends"
+                            ),
+                        )
+                        .with_retry_after(1),
+                    );
+                }
+            },
         };
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => ResponseFuture::Counted {
@@ -234,10 +248,11 @@ where
     }
 }
 
-/// A taken download slot, and its client's: the first counted in the gauge while it lives.
+/// A taken download slot, and its client's (with the per-client cap): the first counted in
+/// the gauge while it lives.
 struct Slot {
     _all: Gauged<OwnedSemaphorePermit>,
-    _client: ClientSlot,
+    _client: Option<ClientSlot>,
 }
 
 pin_project! {
@@ -279,7 +294,7 @@ mod tests {
 
     fn layer(max: usize, per_client: usize) -> DownloadsLayer {
         let clients = Arc::new(Clients::new(&RateLimitConfig::default()));
-        DownloadsLayer::new(max, per_client, clients)
+        DownloadsLayer::new(max).per_client(per_client, clients)
     }
 
     fn get_from(path: &str, peer: &str) -> Request<Body> {
@@ -338,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn one_client_takes_no_more_than_its_share_of_the_slots() {
         let layer = layer(3, 2);
-        let per_client = layer.per_client.clone();
+        let per_client = layer.per_client.clone().unwrap();
         let service = layer.layer(tower::service_fn(answer));
         let download = "/api/v1/extensions/provider/aws/1.0.0";
         let send = |peer: &'static str| service.clone().oneshot(get_from(download, peer));

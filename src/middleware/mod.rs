@@ -23,8 +23,9 @@ pub mod rescue;
 pub mod trace;
 
 /// The hasher of the maps keyed by what clients send: the answer caches' keys, the rendered
-/// answers' keys, the rate limit's client addresses. foldhash: SipHash, the standard library's,
-/// cost about 270 instructions a lookup on a cached GET's keys, foldhash under half of that.
+/// answers' keys, the client addresses of the rate limit and the download share. foldhash:
+/// SipHash, the standard library's, cost about 270 instructions a lookup on a cached GET's
+/// keys, foldhash under half of that.
 /// Its seed comes from the operating system's randomness (through the standard library's
 /// `RandomState`), drawn once per process, not from foldhash's own, which mixes addresses and
 /// the clock: a client cannot aim keys at one bucket without it. Nothing here shows a client

@@ -5,16 +5,18 @@
 //! most shells' default) the default `max_connections` of 10,000 is never reached: idle
 //! sockets exhaust the descriptors first, accepting fails and the backends cannot open their
 //! files. So the soft limit is raised to the hard one at start, as servers commonly do, and
-//! the connection cap is held to what the limit leaves after a quarter of it (at least
-//! [`RESERVED_AT_LEAST`]) kept for everything else; a cap lowered that way is logged.
+//! the connection cap is held to what the limit leaves after a reserve for everything else:
+//! a quarter of the limit, or a descriptor for each download that may stream and
+//! [`RESERVED_AT_LEAST`] more, whichever is larger; a cap lowered that way is logged.
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
-/// Descriptors kept out of the connection cap, at least: backends, files, the runtime.
+/// Descriptors kept out of the connection cap beside the downloads' own: backend calls and
+/// their pools, metadata files, the listener and the runtime.
 pub const RESERVED_AT_LEAST: u64 = 64;
 
-/// The most a soft limit is raised to when the hard one is unlimited: Linux's default
-/// `fs.nr_open`, above which `setrlimit` fails.
+/// What a soft limit is raised to when the hard one is unlimited, which Linux never has (its
+/// hard limit is at most `fs.nr_open`, by default this); elsewhere `setrlimit` may refuse it.
 const UNLIMITED_AS: u64 = 1 << 20;
 
 /// Raises the soft open-file limit to the hard one; left as it is when it cannot be.
@@ -30,7 +32,7 @@ pub fn raise_open_file_limit() {
     };
     match setrlimit(Resource::Nofile, raised) {
         Ok(()) => tracing::info!(from = soft, to = wanted, "open-file limit raised"),
-        Err(e) => tracing::debug!(error = %e, soft, "open-file limit left as it is"),
+        Err(e) => tracing::warn!(error = %e, soft, "open-file limit left as it is"),
     }
 }
 
@@ -40,12 +42,14 @@ pub fn open_file_limit() -> Option<u64> {
 }
 
 /// How many connections may be open at once: `max_connections`, or fewer when the soft
-/// open-file `limit` leaves room for fewer after its reserve.
-pub fn connection_cap(max_connections: usize, limit: Option<u64>) -> usize {
+/// open-file `limit` leaves room for fewer after its reserve (see the module documentation)
+/// for `downloads` streaming at once.
+pub fn connection_cap(max_connections: usize, downloads: usize, limit: Option<u64>) -> usize {
     let Some(limit) = limit else {
         return max_connections;
     };
-    let reserved = (limit / 4).max(RESERVED_AT_LEAST);
+    let downloads = u64::try_from(downloads).unwrap_or(u64::MAX);
+    let reserved = (limit / 4).max(downloads.saturating_add(RESERVED_AT_LEAST));
     let room = usize::try_from(limit.saturating_sub(reserved))
         .unwrap_or(usize::MAX)
         .max(1);
@@ -57,12 +61,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_cap_leaves_a_quarter_of_the_limit_and_at_least_the_reserve() {
-        assert_eq!(connection_cap(10_000, None), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1 << 20)), 10_000);
-        assert_eq!(connection_cap(10_000, Some(1024)), 768);
-        assert_eq!(connection_cap(100, Some(1024)), 100);
-        assert_eq!(connection_cap(10_000, Some(200)), 136);
-        assert_eq!(connection_cap(10_000, Some(64)), 1);
+    fn the_cap_leaves_a_quarter_of_the_limit_or_room_for_the_downloads() {
+        assert_eq!(connection_cap(10_000, 256, None), 10_000);
+        assert_eq!(connection_cap(10_000, 256, Some(1 << 20)), 10_000);
+        assert_eq!(connection_cap(10_000, 256, Some(4096)), 3072);
+        assert_eq!(connection_cap(10_000, 256, Some(1024)), 704);
+        assert_eq!(connection_cap(10_000, 16, Some(1024)), 768);
+        assert_eq!(connection_cap(100, 256, Some(1024)), 100);
+        assert_eq!(connection_cap(10_000, 16, Some(200)), 120);
+        assert_eq!(connection_cap(10_000, 256, Some(256)), 1);
     }
 }
