@@ -116,7 +116,8 @@ async fn serve(config: Config, check_only: bool) -> Result<(), String> {
         println!("configuration is valid");
         return Ok(());
     }
-    // Before the listener and the backends take descriptors; not for a check or a probe.
+    // Before the listener is bound and the connection cap computed; not for a check or a
+    // probe. Descriptors open already (Redis's connection) count under the raised limit too.
     server::descriptors::raise_open_file_limit();
     let addr = SocketAddr::new(config.server.host, config.server.port);
     let listener = tokio::net::TcpListener::bind(addr)

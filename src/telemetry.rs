@@ -192,7 +192,7 @@ fn describe_metrics() {
     describe_counter!(
         rate_limit::RATE_LIMITED_TOTAL,
         Unit::Count,
-        "Requests refused with 429 because the client was over its quota"
+        "Requests refused with 429: the client over its quota, or a download past its share"
     );
     describe_counter!(
         backend::BACKEND_REQUESTS_TOTAL,

@@ -373,7 +373,7 @@ async fn third_of_three_stalled_downloads(
     [http::Response<h2::RecvStream>; 2],
     http::Response<h2::RecvStream>,
 ) {
-    let server = format!("{server}send_timeout_seconds = 3600\n");
+    let server = format!("send_timeout_seconds = 3600\n{server}");
     let addr = serve(&config(&server), || endless(DropSignal(None))).await;
     let client = shut_window_client(addr).await;
     let first = h2_get(&client, "GET", DOWNLOAD).await;
@@ -428,7 +428,20 @@ async fn one_client_with_shut_windows_holds_no_more_than_its_share_of_the_slots(
         .await
         .unwrap();
     assert_eq!(other.status(), 200);
+    // Other tests in this binary share the process's recorder: at least this one.
+    assert!(sample(&metrics(addr).await, "rate_limited_total") >= 1.0);
     drop((held, other));
+}
+
+#[tokio::test]
+async fn with_rate_limiting_off_clients_are_not_told_apart_for_downloads_either() {
+    let (_addr, _client, held, third) = third_of_three_stalled_downloads(
+        "max_concurrent_downloads = 4\nmax_downloads_per_client = 2\n\
+         [rate_limit]\nenabled = false\n",
+    )
+    .await;
+    assert_eq!(third.status(), 200);
+    drop((held, third));
 }
 
 #[tokio::test]
