@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -217,6 +217,7 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
         let in_flight = self.clock.start();
+        let head = req.method() == Method::HEAD;
         req.extensions_mut().insert(PeerAddr(self.peer));
         // A request whose body has already ended (a GET without one) gets the empty body,
         // which allocates nothing, instead of a box around hyper's.
@@ -243,6 +244,7 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
         ResponseFuture {
             inner,
             in_flight: Some(in_flight),
+            head,
         }
     }
 }
@@ -251,13 +253,20 @@ impl hyper::service::Service<Request<Incoming>> for PerConnection {
 struct ResponseFuture {
     inner: <HttpService as Service<Request<crate::body::Body>>>::Future,
     in_flight: Option<InFlight>,
+    /// Whether the request is a HEAD, whose answer must not carry a body: hyper leaves it out
+    /// over HTTP/1 but sends it over HTTP/2, and answers made above the router (a 429, a 503
+    /// shed, a 504, a caught panic's 500) still have theirs.
+    head: bool,
 }
 
 impl Future for ResponseFuture {
     type Output = Result<Response<ResponseBody>, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let response = ready!(self.inner.as_mut().poll(cx))?;
+        let mut response = ready!(self.inner.as_mut().poll(cx))?;
+        if self.head && !response.body().is_end_stream() {
+            crate::body::for_head(&mut response);
+        }
         let download = response.extensions().get::<Route>() == Some(&Route::Download);
         let in_flight = self
             .in_flight

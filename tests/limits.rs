@@ -445,6 +445,32 @@ async fn with_rate_limiting_off_clients_are_not_told_apart_for_downloads_either(
 }
 
 #[tokio::test]
+async fn an_http2_head_refused_above_the_router_carries_no_body() {
+    let addr = serve(
+        &config("[rate_limit]\nrequests_per_second = 1\nburst = 1\n"),
+        || endless(DropSignal(None)),
+    )
+    .await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    // The quota of one is spent by the first; a later one within the second is refused.
+    let mut refused = None;
+    for _ in 0..10 {
+        let answer = h2_get(&client, "HEAD", "/api/v1/extensions").await;
+        if answer.status() == 429 {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let refused = refused.expect("a HEAD over the quota");
+    assert!(refused.headers().contains_key("content-length"));
+    let mut body = refused.into_body();
+    let data = bounded("the end of a HEAD stream", body.data()).await;
+    assert!(data.is_none(), "a HEAD answer carried {data:?}");
+}
+
+#[tokio::test]
 async fn head_of_a_gitea_download_answers_from_metadata_without_opening_the_stream() {
     use gitea_sim::{artifact_bytes, sha256_hex, GiteaSim, SimConfig, SimRelease, SimRepo};
     let sim = GiteaSim::start(

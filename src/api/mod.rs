@@ -20,9 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::header::CONTENT_LENGTH;
 use http::{HeaderValue, Method, Request, Response};
-use http_body::Body as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower::Service;
 
@@ -377,19 +375,12 @@ where
             };
             response.extensions_mut().insert(route);
             if method == Method::HEAD {
-                // The body goes and its length stays told, as a GET's would be (answers that
-                // set `Content-Length` keep theirs). An artifact's HEAD never had the body: it
-                // is answered from metadata.
-                let artifact = route == Route::Download && response.status().is_success();
-                let length = (!artifact)
-                    .then(|| response.body().size_hint().exact())
-                    .flatten();
-                *response.body_mut() = body::empty();
-                if let Some(length) = length {
-                    response
-                        .headers_mut()
-                        .entry(CONTENT_LENGTH)
-                        .or_insert_with(|| HeaderValue::from(length));
+                // Here, before compression and the rest see a body for nothing. An artifact's
+                // HEAD never had one: it is answered from metadata, with the length it knows.
+                if route == Route::Download && response.status().is_success() {
+                    *response.body_mut() = body::empty();
+                } else {
+                    body::for_head(&mut response);
                 }
             }
             Ok(response)
