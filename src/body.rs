@@ -23,8 +23,12 @@ pub fn empty() -> Body {
 }
 
 /// Makes `response` the answer to a HEAD: its body goes, and its length stays told as a
-/// GET's would be, unless the answer says a `Content-Length` already.
+/// GET's would be, unless the answer says a `Content-Length` already. An answer without a
+/// body is left as it is (an artifact's HEAD, answered from metadata, says its own length).
 pub fn for_head(response: &mut Response<Body>) {
+    if response.body().is_end_stream() {
+        return;
+    }
     let length = response.body().size_hint().exact();
     *response.body_mut() = empty();
     if let Some(length) = length {

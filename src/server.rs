@@ -264,7 +264,7 @@ impl Future for ResponseFuture {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut response = ready!(self.inner.as_mut().poll(cx))?;
-        if self.head && !response.body().is_end_stream() {
+        if self.head {
             crate::body::for_head(&mut response);
         }
         let download = response.extensions().get::<Route>() == Some(&Route::Download);

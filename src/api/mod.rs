@@ -375,13 +375,8 @@ where
             };
             response.extensions_mut().insert(route);
             if method == Method::HEAD {
-                // Here, before compression and the rest see a body for nothing. An artifact's
-                // HEAD never had one: it is answered from metadata, with the length it knows.
-                if route == Route::Download && response.status().is_success() {
-                    *response.body_mut() = body::empty();
-                } else {
-                    body::for_head(&mut response);
-                }
+                // Here, before compression and the rest see a body for nothing.
+                body::for_head(&mut response);
             }
             Ok(response)
         })
