@@ -8,8 +8,9 @@
 //!   keep-alive timeouts, the send timeout on bodies.
 //! - [`stack`]: the one function composing every layer around the router and the backends.
 //! - [`api`]: the HTTP edge: router, request validation (`Range` of downloads in
-//!   [`api::range`]), handlers, health probes, and the OpenAPI 3.1 document of all of it
-//!   (served at `/api/v1/openapi.json`).
+//!   [`api::range`]), handlers, health probes, the metrics exposition rendered within a
+//!   budget ([`api::exposition`]), and the OpenAPI 3.1 document of all of it (served at
+//!   `/api/v1/openapi.json`).
 //! - [`middleware`]: the project's own tower layers.
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.

@@ -11,6 +11,7 @@ use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::api::exposition::Exposition;
 use crate::api::representation::Renderings;
 use crate::api::{self, HealthProbe, RouteTable, Router, Shared};
 use crate::body::Body;
@@ -156,7 +157,7 @@ pub fn app_with(
         ),
         registry: asked,
         sources,
-        metrics,
+        metrics: Exposition::new(metrics),
         invalidator,
         caches,
         renderings: Renderings::new(

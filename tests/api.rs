@@ -171,6 +171,40 @@ async fn health_liveness_readiness_metrics_and_cache_stats_answer() {
     assert!(stats["total_entries"].is_u64(), "{stats}");
 }
 
+/// One client asking for the metrics back to back gets fresh renderings up to the budget
+/// (`api::exposition`), then the latest one again; counters never go back.
+#[tokio::test]
+async fn metrics_asked_back_to_back_are_rendered_within_a_budget() {
+    let (app, _) = app::sample_app();
+    let mut answers = Vec::new();
+    for _ in 0..100 {
+        let answer = get(&app, "/api/v1/metrics").await;
+        assert_eq!(answer.status, StatusCode::OK);
+        answers.push(answer);
+    }
+    // Each fresh rendering counts the ask before it (the recorder is the process's, shared
+    // with the other tests here, whose counts only add to it).
+    let scrapes: Vec<f64> = answers
+        .iter()
+        .map(|a| {
+            let text = std::str::from_utf8(&a.body).unwrap();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(
+                        r#"http_requests_total{method="GET",route="/api/v1/metrics",status="200"} "#,
+                    )
+                })
+                .map_or(0.0, |n| n.parse().unwrap())
+        })
+        .collect();
+    assert!(scrapes.windows(2).all(|w| w[0] <= w[1]), "{scrapes:?}");
+    let renderings = 1 + scrapes.windows(2).filter(|w| w[0] < w[1]).count();
+    // The budget: a burst of 32, then 16 a second, far fewer than 100 asks take.
+    assert!((32..100).contains(&renderings), "{renderings} renderings");
+    let etags: std::collections::HashSet<&str> = answers.iter().map(|a| a.header("etag")).collect();
+    assert_eq!(etags.len(), renderings, "one ETag per rendering");
+}
+
 #[tokio::test]
 async fn unhealthy_backends_make_health_503_and_readyz_503() {
     let config = local_config(&samples(), "");

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::api::openapi;
 use crate::api::query::Query;
-use crate::api::representation::{Keep, MemoStats, Rendered};
+use crate::api::representation::{self, Keep, MemoStats, Rendered};
 use crate::api::resolve::Filter;
 use crate::api::{Params, Route, Shared};
 use crate::body::{self, Body};
@@ -345,9 +345,11 @@ impl Call<'_> {
     }
 
     fn metrics(&self) -> Response<Body> {
-        self.shared.caches.record_entries();
-        let text = self.shared.metrics.render();
-        let mut response = Response::new(body::full(text));
+        let rendering = self
+            .shared
+            .metrics
+            .current(|| self.shared.caches.record_entries());
+        let mut response = representation::response(&rendering, None);
         response.headers_mut().insert(
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

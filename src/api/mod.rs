@@ -1,8 +1,9 @@
 //! The HTTP edge: a router service that matches the path, validates the request and answers
 //! from the registry service; the handlers for each route; version-constraint resolution;
-//! request validation; `Range` of downloads; health probes; the OpenAPI document describing
-//! all of it.
+//! request validation; `Range` of downloads; health probes; the metrics exposition within its
+//! budget; the OpenAPI document describing all of it.
 
+pub mod exposition;
 mod handlers;
 mod health;
 mod hooks;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{HeaderValue, Method, Request, Response};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tower::Service;
 
 use crate::body::{self, Body};
@@ -33,6 +33,7 @@ use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::{Registry, Sources};
 use crate::BoxError;
 
+use self::exposition::Exposition;
 pub use self::handlers::cache_control;
 pub use self::health::HealthProbe;
 use self::representation::Renderings;
@@ -242,8 +243,8 @@ pub struct Shared {
     pub sources: Sources,
     /// Cached backend health, for `/health` and `/readyz`.
     pub health: HealthProbe,
-    /// Renders the Prometheus exposition for `/metrics`.
-    pub metrics: PrometheusHandle,
+    /// Renders the Prometheus exposition for `/metrics`, within its budget.
+    pub metrics: Exposition,
     /// The registry's caches, for `/cache/stats`.
     pub caches: Caches,
     /// Rendered answers with their ETags and compressed forms.

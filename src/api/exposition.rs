@@ -1,0 +1,118 @@
+//! The Prometheus exposition of `/api/v1/metrics`, rendered within a budget.
+//!
+//! The route answers without credentials and is exempt from the quotas by default, so a
+//! scraper is never refused; but a rendering reads every series and makes a body of tens of
+//! kilobytes, compressed afresh for every client that accepts gzip. Rendered on every ask,
+//! one client asking back to back kept a core busy. So at most [`RENDERS_PER_SECOND`]
+//! renderings are made a second, in bursts of up to [`RENDER_BURST`]; an ask beyond the
+//! budget is answered with the latest rendering, at most about a sixteenth of a second old
+//! while asks keep coming. A scraper asking every few seconds always gets a fresh one.
+//!
+//! The rendering is kept as a [`Representation`], so its compressed forms are made once each
+//! and its strong ETag answers `If-None-Match`.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use super::representation::representation;
+use crate::middleware::compression::Representation;
+
+/// Renderings a second, sustained.
+pub const RENDERS_PER_SECOND: NonZeroU32 = NonZeroU32::new(16).unwrap();
+
+/// Renderings made back to back before the budget applies.
+pub const RENDER_BURST: NonZeroU32 = NonZeroU32::new(32).unwrap();
+
+/// The renderer of the exposition and the latest rendering.
+pub struct Exposition<C: Clock = DefaultClock> {
+    handle: PrometheusHandle,
+    budget: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
+    /// The latest rendering and its number; one begun earlier never replaces one begun later,
+    /// so counters never appear to go back.
+    latest: Mutex<Option<(u64, Arc<Representation>)>>,
+    /// Renderings begun, numbering them.
+    begun: AtomicU64,
+}
+
+impl Exposition {
+    pub fn new(handle: PrometheusHandle) -> Self {
+        Self::with_clock(handle, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> Exposition<C> {
+    pub fn with_clock(handle: PrometheusHandle, clock: C) -> Self {
+        let quota = Quota::per_second(RENDERS_PER_SECOND).allow_burst(RENDER_BURST);
+        Self {
+            handle,
+            budget: RateLimiter::direct_with_clock(quota, clock),
+            latest: Mutex::new(None),
+            begun: Default::default(),
+        }
+    }
+
+    /// A fresh rendering, after `settle` (which brings gauges up to date), while the budget
+    /// allows; else the latest one.
+    pub fn current(&self, settle: impl FnOnce()) -> Arc<Representation> {
+        if self.budget.check().is_err() {
+            if let Some((_, latest)) = self.latest().as_ref() {
+                return latest.clone();
+            }
+        }
+        let number = self.begun.fetch_add(1, Ordering::Relaxed);
+        settle();
+        let rendering = Arc::new(representation(self.handle.render().into_bytes(), None));
+        let mut latest = self.latest();
+        if latest.as_ref().is_none_or(|(kept, _)| *kept < number) {
+            *latest = Some((number, rendering.clone()));
+        }
+        rendering
+    }
+
+    fn latest(&self) -> MutexGuard<'_, Option<(u64, Arc<Representation>)>> {
+        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use governor::clock::FakeRelativeClock;
+    use metrics_exporter_prometheus::PrometheusBuilder;
+
+    use super::*;
+
+    /// Asks `n` times; returns how many asks rendered afresh.
+    fn ask(exposition: &Exposition<FakeRelativeClock>, n: u32) -> u32 {
+        let mut rendered = 0;
+        for _ in 0..n {
+            exposition.current(|| rendered += 1);
+        }
+        rendered
+    }
+
+    #[test]
+    fn renders_within_the_budget_and_serves_the_latest_beyond_it() {
+        let clock = FakeRelativeClock::default();
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let exposition = Exposition::with_clock(handle, clock.clone());
+
+        let (burst, per_second) = (RENDER_BURST.get(), RENDERS_PER_SECOND.get());
+        assert_eq!(ask(&exposition, burst + 10), burst);
+        let latest = exposition.current(|| panic!("over budget, nothing is rendered"));
+        assert!(Arc::ptr_eq(&latest, &exposition.current(|| {})));
+
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(ask(&exposition, 100), per_second);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!(ask(&exposition, 100), burst);
+    }
+}
