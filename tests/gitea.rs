@@ -867,6 +867,21 @@ async fn simulator_bodies_match_giteas_schema() {
         }
     }
     assert_eq!(releases[0]["published_at"], "2025-01-01T01:00:00+01:00");
+    // One release by its tag, looked up ignoring case.
+    let (status, tagged) = get_json(
+        format!("api/v1/repos/{ORG}/full_prov/releases/tags/V1.0.0"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    check("Release", &tagged);
+    assert_eq!(tagged, releases[0]);
+    let (status, _) = get_json(
+        format!("api/v1/repos/{ORG}/full_prov/releases/tags/v2.0.0"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
     let (_, version) = get_json("api/v1/version".into(), None).await;
     check("ServerVersion", &version);
     assert_eq!(version["version"], "1.26.3");
@@ -1261,6 +1276,66 @@ async fn a_versions_refresh_of_an_unchanged_extension_costs_the_pages_only() {
             all_calls(&sim) - cold_total
         );
     }
+}
+
+/// A download of a version named exactly costs the repository and that one release, however
+/// long the history; only the latest needs the whole listing to be chosen.
+#[tokio::test]
+async fn a_download_of_a_named_version_costs_the_same_however_long_the_history() {
+    for n in [1usize, 25, 200] {
+        let repo =
+            with_history(n).release(SimRelease::new("9.0.0", T0 - 1).artifact("hist").draft());
+        let sim = GiteaSim::start(SimConfig::new(ORG).repo(repo)).await;
+        let b = backend(&sim.gitea_config());
+        let hist = provider("hist");
+        let wanted = format!("1.{}.0", n / 2);
+
+        let artifact = download(&b, &hist, &wanted).await.unwrap();
+        assert_eq!(
+            bytes_of(artifact).await.unwrap(),
+            artifact_bytes("hist", &wanted)
+        );
+        let calls = sim.calls();
+        // The repository, the release by its tag, then its sidecar and its artifact.
+        assert_eq!(
+            (
+                calls.repo,
+                calls.release_by_tag,
+                calls.releases,
+                calls.downloads
+            ),
+            (1, 1, 0, 2),
+            "{n} releases"
+        );
+        println!("download of one of {n} releases: {} calls", all_calls(&sim));
+        // A draft's tag is no version, and the latest is still chosen from every release.
+        assert!(download(&b, &hist, "9.0.0")
+            .await
+            .unwrap_err()
+            .is_not_found());
+        let latest = download(&b, &hist, "latest").await.unwrap();
+        let latest_tag = format!("1.{}.0", n - 1);
+        assert_eq!(
+            bytes_of(latest).await.unwrap(),
+            artifact_bytes("hist", &latest_tag)
+        );
+    }
+}
+
+/// Gitea looks tags up ignoring case (CONTRACT.md §4.4); a version is its tag as written, so
+/// `V1.0.0` is not `v1.0.0`, as in the listing.
+#[tokio::test]
+async fn a_tag_found_ignoring_case_is_not_the_version_asked_for() {
+    let repo = SimRepo::new("case_prov").release(SimRelease::new("v1.0.0", T0).artifact("case"));
+    let sim = GiteaSim::start(SimConfig::new(ORG).repo(repo)).await;
+    let b = backend(&sim.gitea_config());
+    let case = provider("case");
+    assert!(download(&b, &case, "V1.0.0")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    assert_eq!(sim.calls().release_by_tag, 1);
+    assert!(download(&b, &case, "v1.0.0").await.is_ok());
 }
 
 #[tokio::test]

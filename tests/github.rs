@@ -165,6 +165,41 @@ async fn lists_gets_versions_and_downloads_with_githubs_digest() {
         .is_not_found());
 }
 
+/// A download of a version named exactly costs the repository, that one release and its
+/// asset, however long the history (250 releases are 3 pages); only the latest needs them all.
+#[tokio::test]
+async fn a_download_of_a_named_version_reads_no_release_pages() {
+    let history = (0..250).fold(GhRepo::new("hist_prov"), |repo, i| {
+        repo.release(GhRelease::new(&format!("1.{i}.0"), T0 + i).artifact("hist"))
+    });
+    let history = history.release(GhRelease::new("9.0.0", T0 + 999).artifact("hist").draft());
+    let sim = GithubSim::start(GhConfig::new(OWNER).token(TOKEN).repo(history)).await;
+    let b = backend(&sim.github_config());
+    let hist = provider("hist");
+
+    let artifact = download(&b, &hist, "1.7.0").await.unwrap();
+    assert_eq!(bytes_of(artifact).await, artifact_bytes("hist", "1.7.0"));
+    let calls = sim.calls();
+    assert_eq!(
+        (
+            calls.api,
+            calls.releases,
+            calls.release_by_tag,
+            calls.assets
+        ),
+        (3, 0, 1, 1),
+        "{calls:?}"
+    );
+    // A draft's tag is no version, even to the token holder who sees drafts listed.
+    assert!(download(&b, &hist, "9.0.0")
+        .await
+        .unwrap_err()
+        .is_not_found());
+    let latest = download(&b, &hist, "latest").await.unwrap();
+    assert_eq!(bytes_of(latest).await, artifact_bytes("hist", "1.249.0"));
+    assert_eq!(sim.calls().releases, 3);
+}
+
 #[tokio::test]
 async fn without_a_digest_the_checksum_file_is_read_once() {
     let sim = GithubSim::start(sample_org()).await;
@@ -422,6 +457,16 @@ async fn simulator_bodies_match_githubs_description() {
     for release in releases.as_array().unwrap() {
         check("release", release);
     }
+    let tag = releases[0]["tag_name"].as_str().unwrap();
+    let (status, _, tagged) =
+        get_json(format!("/repos/{OWNER}/aws_prov/releases/tags/{tag}")).await;
+    assert_eq!(status, 200);
+    check("release", &tagged);
+    assert_eq!(tagged, releases[0]);
+    let (status, _, missing) =
+        get_json(format!("/repos/{OWNER}/aws_prov/releases/tags/9.9.9")).await;
+    assert_eq!(status, 404);
+    check("basic-error", &missing);
     let asset_url = releases[0]["assets"][0]["url"].as_str().unwrap().to_owned();
     let asset = raw.get(&asset_url).send().await.unwrap();
     let asset: serde_json::Value = asset.json().await.unwrap();

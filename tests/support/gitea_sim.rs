@@ -410,6 +410,8 @@ pub struct Calls {
     pub repo: u64,
     /// `GET api/v1/repos/{owner}/{repo}/releases` pages.
     pub releases: u64,
+    /// `GET api/v1/repos/{owner}/{repo}/releases/tags/{tag}`.
+    pub release_by_tag: u64,
     /// `GET api/v1/version`.
     pub version: u64,
     /// `…/releases/download/…` web routes.
@@ -903,20 +905,10 @@ impl State {
             }
             ["v1", "repos", owner, name, "releases"] => {
                 self.count(|c| c.releases += 1);
-                let Some(repo) = self.repo(owner, name, caller) else {
-                    return self.not_found_json();
+                let (repo, mut releases) = match self.visible_releases(owner, name, caller) {
+                    Ok(found) => found,
+                    Err(refusal) => return *refusal,
                 };
-                if repo.failing {
-                    return self.server_error_json();
-                }
-                // The caller never has write access here, so drafts are never listed.
-                let published = self.published_in(&repo.name);
-                let mut releases: Vec<&SimRelease> = repo
-                    .releases
-                    .iter()
-                    .chain(&published)
-                    .filter(|r| !r.draft)
-                    .collect();
                 releases.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
                 let (range, headers) = self.paginate(rel, query, releases.len());
                 let items: Vec<Value> = releases[range]
@@ -929,8 +921,44 @@ impl State {
                 }
                 r
             }
+            ["v1", "repos", owner, name, "releases", "tags", tag] => {
+                self.count(|c| c.release_by_tag += 1);
+                let (repo, releases) = match self.visible_releases(owner, name, caller) {
+                    Ok(found) => found,
+                    Err(refusal) => return *refusal,
+                };
+                // Looked up by the lowercased tag (CONTRACT.md §4.4).
+                match releases.iter().find(|r| r.tag.eq_ignore_ascii_case(tag)) {
+                    Some(release) => json_reply(StatusCode::OK, &self.release_json(repo, release)),
+                    None => self.not_found_json(),
+                }
+            }
             _ => self.not_found_json(),
         }
+    }
+
+    /// The repository and the releases of it the caller sees, published ones included; never
+    /// drafts, as the caller never has write access here. Or the answer refusing them.
+    fn visible_releases(
+        &self,
+        owner: &str,
+        name: &str,
+        caller: Caller,
+    ) -> Result<(&SimRepo, Vec<SimRelease>), Box<Reply>> {
+        let Some(repo) = self.repo(owner, name, caller) else {
+            return Err(Box::new(self.not_found_json()));
+        };
+        if repo.failing {
+            return Err(Box::new(self.server_error_json()));
+        }
+        let releases = repo
+            .releases
+            .iter()
+            .cloned()
+            .chain(self.published_in(&repo.name))
+            .filter(|r| !r.draft)
+            .collect();
+        Ok((repo, releases))
     }
 
     /// Gitea's paging of `total` items: the slice to return and the `X-Total-Count`/`Link`

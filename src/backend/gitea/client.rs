@@ -117,7 +117,9 @@ impl Api {
             Grant::Api => match segments.as_slice() {
                 ["api", "v1", "version"] => true,
                 ["api", "v1", "orgs", o, "repos"] => org(o),
-                ["api", "v1", "repos", o, _] | ["api", "v1", "repos", o, _, "releases"] => org(o),
+                ["api", "v1", "repos", o, _]
+                | ["api", "v1", "repos", o, _, "releases"]
+                | ["api", "v1", "repos", o, _, "releases", "tags", _] => org(o),
                 _ => false,
             },
             Grant::Asset(asset) => {
@@ -339,8 +341,13 @@ mod tests {
         assert!(carries(
             "https://h.test/git/api/v1/repos/o/aws_prov/releases?page=1"
         ));
+        assert!(carries(
+            "https://h.test/git/api/v1/repos/o/aws_prov/releases/tags/v1.0%2Frc%201"
+        ));
         assert!(carries("https://h.test/git/api/v1/version"));
         for refused in [
+            "https://h.test/git/api/v1/repos/other/aws_prov/releases/tags/v1.0.0",
+            "https://h.test/git/api/v1/repos/o/aws_prov/releases/tags/v1.0.0/assets",
             "https://h.test/git/api/v1/repos/o/secret/archive/main.tar.gz",
             "https://h.test/git/api/v1/repos/o/secret/raw/README.md",
             "https://h.test/git/api/v1/repos/o/secret/media/x",

@@ -331,26 +331,45 @@ impl Inner {
         Ok(Some(digest))
     }
 
-    /// Streams a version's artifact, verified when its checksum is known; with `open` false,
-    /// only describes it (for HEAD). A checksum file that exists but cannot be read fails the
-    /// download: the bytes could not be vouched for. The length is the asset's size from the
-    /// release; a download answering another length is refused.
+    /// The release tagged `tag` as a version of `key`: the repository and that one release,
+    /// two calls however many releases there are (the listing would page through them all).
+    async fn find_tagged(&self, key: &ExtensionKey, tag: &str) -> Result<Candidate, RegistryError> {
+        let repo = forge::repo_name(key.ty, key.name.as_str());
+        let org = self.api.org();
+        let (found, release) = future::try_join(
+            self.api
+                .object::<Repository>(&["repos", org, &repo], "repository"),
+            self.api
+                .object::<Release>(&["repos", org, &repo, "releases", "tags", tag], "release"),
+        )
+        .await?;
+        if found.is_none_or(|found| self.key_of(&found).as_ref() != Some(key)) {
+            return Err(RegistryError::not_found(key));
+        }
+        let name = forge::split_repo_name(&repo).map_or(repo.as_str(), |(_, name)| name);
+        release
+            // Gitea looks tags up ignoring case; a version is its tag as written.
+            .filter(|release| release.tag_name == tag)
+            .and_then(|release| release.into_candidate(&repo, name))
+            .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))
+    }
+
     /// Streams a version's asset: whole, verified when its checksum is known, or the range
-    /// `open` holds (not verifiable); with `open` `None`, only describes it (for HEAD).
+    /// `open` holds (not verifiable); with `open` `None`, only describes it (for HEAD). A
+    /// checksum file that exists but cannot be read fails the download: the bytes could not be
+    /// vouched for. The length is the asset's size from the release; a download answering
+    /// another length is refused. A version named exactly is looked up by its tag alone.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
         open: Option<Option<ByteRange>>,
     ) -> Result<Artifact, RegistryError> {
-        let found = self.find(key).await?;
         let chosen = match selector {
-            VersionSelector::Latest => current(&found)?,
-            VersionSelector::Exact(tag) => found
-                .candidate(tag.as_str())
-                .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
+            VersionSelector::Latest => current(&self.find(key).await?)?.clone(),
+            VersionSelector::Exact(tag) => self.find_tagged(key, tag.as_str()).await?,
         };
-        let checksum = self.checksum(chosen).await?;
+        let checksum = self.checksum(&chosen).await?;
         let size = chosen.version.size;
         let filename = chosen.artifact.name.clone();
         let Some(range) = open else {
