@@ -12,10 +12,9 @@
 //! and its strong ETag answers `If-None-Match`.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
@@ -23,6 +22,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::representation::representation;
 use crate::middleware::compression::Representation;
+use crate::middleware::rate_limit::TokioClock;
 
 /// Renderings a second, sustained.
 pub const RENDERS_PER_SECOND: NonZeroU32 = NonZeroU32::new(16).unwrap();
@@ -31,19 +31,19 @@ pub const RENDERS_PER_SECOND: NonZeroU32 = NonZeroU32::new(16).unwrap();
 pub const RENDER_BURST: NonZeroU32 = NonZeroU32::new(32).unwrap();
 
 /// The renderer of the exposition and the latest rendering.
-pub struct Exposition<C: Clock = DefaultClock> {
+pub struct Exposition<C: Clock = TokioClock> {
     handle: PrometheusHandle,
     budget: RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>,
-    /// The latest rendering and its number; one begun earlier never replaces one begun later,
-    /// so counters never appear to go back.
-    latest: Mutex<Option<(u64, Arc<Representation>)>>,
-    /// Renderings begun, numbering them.
-    begun: AtomicU64,
+    /// Held while rendering: one rendering at a time, each kept as the latest once made, so
+    /// the latest is always the newest and counters never appear to go back.
+    rendering: Mutex<()>,
+    latest: Mutex<Option<Arc<Representation>>>,
 }
 
 impl Exposition {
+    /// On tokio's clock, like the rate limiter, so tests with a paused clock count renderings.
     pub fn new(handle: PrometheusHandle) -> Self {
-        Self::with_clock(handle, DefaultClock::default())
+        Self::with_clock(handle, TokioClock)
     }
 }
 
@@ -53,32 +53,41 @@ impl<C: Clock> Exposition<C> {
         Self {
             handle,
             budget: RateLimiter::direct_with_clock(quota, clock),
+            rendering: Mutex::new(()),
             latest: Mutex::new(None),
-            begun: Default::default(),
         }
     }
 
     /// A fresh rendering, after `settle` (which brings gauges up to date), while the budget
-    /// allows; else the latest one.
+    /// allows and no other ask is rendering; else the latest one.
     pub fn current(&self, settle: impl FnOnce()) -> Arc<Representation> {
+        let _rendering = match self.rendering.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => match self.latest() {
+                Some(latest) => return latest,
+                // Nothing rendered yet: wait for the first.
+                None => lock(&self.rendering),
+            },
+        };
         if self.budget.check().is_err() {
-            if let Some((_, latest)) = self.latest().as_ref() {
-                return latest.clone();
+            if let Some(latest) = self.latest() {
+                return latest;
             }
         }
-        let number = self.begun.fetch_add(1, Ordering::Relaxed);
         settle();
         let rendering = Arc::new(representation(self.handle.render().into_bytes(), None));
-        let mut latest = self.latest();
-        if latest.as_ref().is_none_or(|(kept, _)| *kept < number) {
-            *latest = Some((number, rendering.clone()));
-        }
+        *lock(&self.latest) = Some(rendering.clone());
         rendering
     }
 
-    fn latest(&self) -> MutexGuard<'_, Option<(u64, Arc<Representation>)>> {
-        self.latest.lock().unwrap_or_else(PoisonError::into_inner)
+    fn latest(&self) -> Option<Arc<Representation>> {
+        lock(&self.latest).clone()
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -114,5 +123,18 @@ mod tests {
         assert_eq!(ask(&exposition, 100), per_second);
         clock.advance(Duration::from_secs(60));
         assert_eq!(ask(&exposition, 100), burst);
+    }
+
+    #[test]
+    fn an_ask_while_another_renders_gets_the_latest_and_the_newer_one_is_kept() {
+        let handle = PrometheusBuilder::new().build_recorder().handle();
+        let exposition = Exposition::with_clock(handle, FakeRelativeClock::default());
+        let first = exposition.current(|| {});
+        let mut during = None;
+        let second = exposition.current(|| {
+            during = Some(exposition.current(|| panic!("one rendering at a time")));
+        });
+        assert!(Arc::ptr_eq(&during.unwrap(), &first));
+        assert!(Arc::ptr_eq(&exposition.latest().unwrap(), &second));
     }
 }

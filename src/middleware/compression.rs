@@ -4,8 +4,9 @@
 //! Compressing a 30 KB listing costs about twenty times what serving it from the cache
 //! does, so rendered answers are compressed once: a response carrying an
 //! `Arc<Representation>` (a body kept with its compressed forms, see `api::representation`
-//! for the memo that keeps them) gets the representation's compressed form (this layer).
-//! Everything else (errors, health, metrics text) goes through tower-http's streaming
+//! for the memo that keeps them, and `api::exposition` for the metrics text) gets the
+//! representation's compressed form (this layer).
+//! Everything else (errors, health) goes through tower-http's streaming
 //! compression, which never sees artifact downloads (`application/octet-stream`: already
 //! compressed) nor bodies too small to gain.
 //!

@@ -118,14 +118,14 @@ static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
 static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
 
-/// Governor's clock reading tokio's time, so the limiter follows `tokio::time::pause()` and
+/// Governor's clock reading tokio's time, so a limiter follows `tokio::time::pause()` and
 /// `advance()` in tests like every other timed thing here.
 #[derive(Clone, Copy, Debug, Default)]
-struct TokioClock;
+pub struct TokioClock;
 
 /// A reading of [`TokioClock`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct TokioInstant(tokio::time::Instant);
+pub struct TokioInstant(tokio::time::Instant);
 
 impl Add<Nanos> for TokioInstant {
     type Output = Self;
