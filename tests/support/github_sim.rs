@@ -243,10 +243,6 @@ pub struct GhCalls {
     pub not_modified: u64,
     /// Refusals for a primary or secondary rate limit.
     pub rate_limited: u64,
-    /// Release list pages.
-    pub releases: u64,
-    /// `GET …/releases/tags/{tag}`.
-    pub release_by_tag: u64,
     /// Asset API requests (JSON or `octet-stream`).
     pub assets: u64,
     /// Requests to the storage host.
@@ -635,15 +631,6 @@ impl State {
                 Some(repo) => self.releases(repo, query, caller),
                 None => not_found(),
             },
-            // "Get a published release with the specified tag" (CONTRACT.md): drafts are 404.
-            ["repos", owner, name, "releases", "tags", tag] => {
-                self.count(|c| c.release_by_tag += 1);
-                let found = self.repo_by_name(owner, name, caller).and_then(|repo| {
-                    let release = repo.releases.iter().find(|r| !r.draft && r.tag == *tag)?;
-                    Some(self.release_json(repo, release))
-                });
-                found.map_or_else(not_found, |release| Answer::Json(release, None))
-            }
             ["repositories", id, "releases"] => match self.repo_by_id(id, caller) {
                 Some(repo) => self.releases(repo, query, caller),
                 None => not_found(),
@@ -734,7 +721,6 @@ impl State {
     }
 
     fn releases(&self, repo: &GhRepo, query: &str, caller: Caller) -> Answer {
-        self.count(|c| c.releases += 1);
         let mut releases: Vec<&GhRelease> = repo
             .releases
             .iter()

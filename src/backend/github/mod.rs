@@ -332,46 +332,23 @@ impl Inner {
         Ok(Some(digest))
     }
 
-    /// The release tagged `tag` as a version of `key`: the repository and that one release,
-    /// two calls however many releases there are (the listing would page through them all).
-    async fn find_tagged(&self, key: &ExtensionKey, tag: &str) -> Result<Candidate, RegistryError> {
-        let repo = forge::repo_name(key.ty, key.name.as_str());
-        let owner = self.api.owner();
-        let (found, release) = future::try_join(
-            self.api
-                .fetch::<Repository>(self.api.api_url(&["repos", owner, &repo]), "repository"),
-            self.api.fetch::<Release>(
-                self.api
-                    .api_url(&["repos", owner, &repo, "releases", "tags", tag]),
-                "release",
-            ),
-        )
-        .await?;
-        if found.is_none_or(|found| self.key_of(&found.value).as_ref() != Some(key)) {
-            return Err(RegistryError::not_found(key));
-        }
-        let name = forge::split_repo_name(&repo).map_or(repo.as_str(), |(_, name)| name);
-        release
-            .filter(|release| release.value.tag_name == tag)
-            .and_then(|release| release.value.to_candidate(&repo, name))
-            .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))
-    }
-
     /// Streams a version's artifact, verified when its checksum is known; with `open` false,
     /// only describes it (for HEAD). The length is the asset's size from the release; a
-    /// download answering another length is refused. A version named exactly is looked up by
-    /// its tag alone.
+    /// download answering another length is refused.
     async fn download(
         &self,
         key: &ExtensionKey,
         selector: &VersionSelector,
         open: bool,
     ) -> Result<Artifact, RegistryError> {
+        let found = self.find(key).await?;
         let chosen = match selector {
-            VersionSelector::Latest => current(&self.find(key).await?)?.clone(),
-            VersionSelector::Exact(tag) => self.find_tagged(key, tag.as_str()).await?,
+            VersionSelector::Latest => current(&found)?,
+            VersionSelector::Exact(tag) => found
+                .candidate(tag.as_str())
+                .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
         };
-        let checksum = self.checksum(&chosen).await?;
+        let checksum = self.checksum(chosen).await?;
         let size = chosen.version.size;
         if !open {
             return Ok(Artifact::head(
