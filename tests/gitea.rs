@@ -1322,10 +1322,10 @@ async fn a_download_of_a_named_version_costs_the_same_however_long_the_history()
     }
 }
 
-/// Gitea looks tags up ignoring case (CONTRACT.md §4.4); a version is its tag as written, so
-/// `V1.0.0` is not `v1.0.0`, as in the listing.
+/// Gitea looks tags up ignoring case (CONTRACT.md §4.4) and a version is its tag as written:
+/// `V1.0.0` is not `v1.0.0`, and where both are releases each is downloaded as itself.
 #[tokio::test]
-async fn a_tag_found_ignoring_case_is_not_the_version_asked_for() {
+async fn tags_differing_in_case_are_different_versions() {
     let repo = SimRepo::new("case_prov").release(SimRelease::new("v1.0.0", T0).artifact("case"));
     let sim = GiteaSim::start(SimConfig::new(ORG).repo(repo)).await;
     let b = backend(&sim.gitea_config());
@@ -1336,6 +1336,19 @@ async fn a_tag_found_ignoring_case_is_not_the_version_asked_for() {
         .is_not_found());
     assert_eq!(sim.calls().release_by_tag, 1);
     assert!(download(&b, &case, "v1.0.0").await.is_ok());
+
+    let both = SimRepo::new("case_prov")
+        .release(SimRelease::new("v1.0.0", T0).artifact("case"))
+        .release(SimRelease::new("V1.0.0", T0 + 1).artifact("case"));
+    let sim = GiteaSim::start(SimConfig::new(ORG).repo(both)).await;
+    let b = backend(&sim.gitea_config());
+    for tag in ["v1.0.0", "V1.0.0"] {
+        let artifact = download(&b, &case, tag).await.unwrap();
+        assert_eq!(
+            bytes_of(artifact).await.unwrap(),
+            artifact_bytes("case", tag)
+        );
+    }
 }
 
 #[tokio::test]

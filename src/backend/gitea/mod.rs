@@ -347,11 +347,21 @@ impl Inner {
             return Err(RegistryError::not_found(key));
         }
         let name = forge::split_repo_name(&repo).map_or(repo.as_str(), |(_, name)| name);
-        release
-            // Gitea looks tags up ignoring case; a version is its tag as written.
-            .filter(|release| release.tag_name == tag)
-            .and_then(|release| release.into_candidate(&repo, name))
-            .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))
+        let missing = || RegistryError::NotFound(format!("Version {tag} of {key}"));
+        match release {
+            Some(release) if release.tag_name == tag => {
+                release.into_candidate(&repo, name).ok_or_else(missing)
+            }
+            // Gitea looks tags up ignoring case, and a version is its tag as written: another
+            // release came back (`V1.0` for `v1.0`), so the listing tells whether there is one.
+            Some(_) => self
+                .find(key)
+                .await?
+                .candidate(tag)
+                .cloned()
+                .ok_or_else(missing),
+            None => Err(missing()),
+        }
     }
 
     /// Streams a version's asset: whole, verified when its checksum is known, or the range
