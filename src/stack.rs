@@ -212,8 +212,8 @@ pub fn app_with(
         .layer(CatchPanicLayer)
         // Compression: below CORS so CORS headers are added to the final response either way,
         // above the rate limit so 429 bodies get no special path. Rendered answers bring their
-        // memoised compressed form (`PrecompressedLayer`); tower-http compresses the rest
-        // (errors, health, metrics text), never downloads, and is passed by when the client
+        // memoised compressed form (`PrecompressedLayer`), the metrics text too; tower-http
+        // compresses the rest (errors, health), never downloads, and is passed by when the client
         // takes identity. Both see only the coding negotiated once (by the first), so they
         // agree, and a client refusing every coding gets identity, never 406. Switched off
         // inside the layers, like CORS and the rate limit: an `Either` would name the stack

@@ -354,12 +354,11 @@ impl Inner {
             }
             // Gitea looks tags up ignoring case, and a version is its tag as written: another
             // release came back (`V1.0` for `v1.0`), so the listing tells whether there is one.
-            Some(_) => self
-                .find(key)
-                .await?
-                .candidate(tag)
-                .cloned()
-                .ok_or_else(missing),
+            Some(_) => match self.find(key).await {
+                Ok(found) => found.candidate(tag).cloned().ok_or_else(missing),
+                Err(e) if e.is_not_found() => Err(missing()),
+                Err(e) => Err(e),
+            },
             None => Err(missing()),
         }
     }
