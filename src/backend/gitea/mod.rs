@@ -346,12 +346,11 @@ impl Inner {
         if found.is_none_or(|found| self.key_of(&found).as_ref() != Some(key)) {
             return Err(RegistryError::not_found(key));
         }
-        let name = forge::split_repo_name(&repo).map_or(repo.as_str(), |(_, name)| name);
         let missing = || RegistryError::NotFound(format!("Version {tag} of {key}"));
         match release {
-            Some(release) if release.tag_name == tag => {
-                release.into_candidate(&repo, name).ok_or_else(missing)
-            }
+            Some(release) if release.tag_name == tag => release
+                .into_candidate(&repo, key.name.as_str())
+                .ok_or_else(missing),
             // Gitea looks tags up ignoring case, and a version is its tag as written: another
             // release came back (`V1.0` for `v1.0`), so the listing tells whether there is one.
             Some(_) => match self.find(key).await {
