@@ -175,16 +175,17 @@ impl RouteTable {
     /// The route and its path parameters (still percent-encoded) for a path.
     pub fn at<'p>(&self, path: &'p str) -> Option<(Route, Params<'p>)> {
         let m = self.router.at(path).ok()?;
-        let get = |k: &str| m.params.get(k).unwrap_or_default();
-        Some((
-            *m.value,
-            Params {
-                ty: get("type"),
-                name: get("name"),
-                version: get("version"),
-                plain: false,
-            },
-        ))
+        // One pass over the parameters, where a look-up by name would walk them once each.
+        let mut params = Params::default();
+        for (key, value) in m.params.iter() {
+            match key {
+                "type" => params.ty = value,
+                "name" => params.name = value,
+                "version" => params.version = value,
+                _ => {}
+            }
+        }
+        Some((*m.value, params))
     }
 }
 
@@ -313,14 +314,17 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+    fn call(&mut self, req: Request<B>) -> Self::Future {
         let shared = self.shared.clone();
-        let method = req.method().clone();
-        let uri = req.uri().clone();
         let host = query::check_host(&req);
-        let quota = req.extensions_mut().remove::<QuotaCharge>();
-        let headers = std::mem::take(req.headers_mut());
-        let body = req.into_body();
+        let (mut parts, body) = req.into_parts();
+        let quota = parts.extensions.remove::<QuotaCharge>();
+        let http::request::Parts {
+            method,
+            uri,
+            headers,
+            ..
+        } = parts;
         Box::pin(async move {
             if let Err(e) = host {
                 return Ok(e.into_response());
