@@ -3,7 +3,7 @@
 #
 # Captures the service's answers (one extension; a list of 100; the same list for a client
 # accepting gzip/br), then serves the captured identity bytes from `benches/baseline` (bare
-# hyper) and from nginx (1 worker, open_file_cache, if installed), and runs the release
+# hyper) and from nginx (1 worker, open_file_cache, if installed), and runs the service
 # binary with its full default stack (rate limit on, with a quota the run cannot exhaust).
 # Each server runs one worker (the service `[server] workers = 1`, the baseline one Tokio
 # worker thread, nginx one worker process) pinned to core 0, and wrk runs on core 1, where
@@ -13,10 +13,11 @@
 # the ratio to bare hyper, and the server's CPU µs per request (utime+stime deltas of the
 # server's processes in /proc/<pid>/stat over the requests wrk counted).
 #
-#   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64)
+#   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64),
+#                                 PROFILE (release; `dist` is what the Docker image ships)
 # Needs wrk, curl, python3 (free ports); nginx optional (Debian nginx-light). Builds the
-# release binary and the baseline, unless BASELINE names a baseline binary already built
-# (then the release binary in target/ is used as it is). PRELOAD names a shared library to
+# service and the baseline with PROFILE, unless BASELINE names a baseline binary already built
+# (then the service binary of PROFILE in target/ is used as it is). PRELOAD names a shared library to
 # preload into the service alone, e.g. another malloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
 # to measure it without a rebuild. Everything listens on 127.0.0.1 and stops on exit.
 set -euo pipefail
@@ -25,6 +26,7 @@ source benches/registry.sh
 duration=${DURATION:-5s}
 rounds=${ROUNDS:-2}
 connections=${CONNECTIONS:-64}
+profile=${PROFILE:-release}
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -43,14 +45,14 @@ fi
 if [ -n "${BASELINE:-}" ]; then
   baseline=$BASELINE
 else
-  cargo build --release --quiet --bin extension-registry
-  baseline=$(cargo build --release --quiet --bench baseline --message-format=json \
+  cargo build --profile "$profile" --quiet --bin extension-registry
+  baseline=$(cargo build --profile "$profile" --quiet --bench baseline --message-format=json \
     | python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="baseline" and m.get("executable"): print(m["executable"])')
 fi
-service=${CARGO_TARGET_DIR:-target}/release/extension-registry
+service=${CARGO_TARGET_DIR:-target}/$profile/extension-registry
 
 # 120 local extensions with realistic descriptive fields, so a list of 100 is ~50 KB.
 root="$work/extensions"
