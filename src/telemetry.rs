@@ -388,25 +388,53 @@ fn collect_process_metrics() {
     process_collector().collect();
 }
 
+/// Most bytes of a request's method a log line carries: every method the service answers is
+/// a few letters, and hyper takes one as long as the request head may be.
+const LOGGED_METHOD_BYTES: usize = 32;
+
+/// Most bytes of a request's path a log line carries: as long as the longest path the API
+/// takes (`api::query::MAX_PATH_LEN`); hyper takes one up to 64 KiB, and answers it with 414
+/// only past that.
+const LOGGED_PATH_BYTES: usize = 1024;
+
 /// The span every request runs in: method, path and request id, and the length of a client's
-/// request id that was refused and replaced (see `middleware::request_id`).
+/// request id that was refused and replaced (see `middleware::request_id`). A method or path
+/// longer than its [`LOGGED_METHOD_BYTES`] or [`LOGGED_PATH_BYTES`] is cut there and its
+/// length recorded (`method_len`, `path_len`), so that one request, refused or not, writes at
+/// most a line of about 1.3 KB, whatever its head holds.
 pub fn request_span<B>(req: &Request<B>) -> Span {
     let id = req
         .headers()
         .get(&X_REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
+    let (method, method_len) = cut(req.method().as_str(), LOGGED_METHOD_BYTES);
+    let (path, path_len) = cut(req.uri().path(), LOGGED_PATH_BYTES);
     let span = tracing::info_span!(
         "request",
-        method = %req.method(),
-        path = %req.uri().path(),
+        method = %method,
+        path = %path,
         request_id = %id,
         refused_request_id_len = tracing::field::Empty,
+        method_len = method_len,
+        path_len = path_len,
     );
     if let Some(RefusedRequestId(length)) = req.extensions().get::<RefusedRequestId>() {
         span.record("refused_request_id_len", length);
     }
     span
+}
+
+/// `text` cut to at most `max` bytes (at a character's start), and its whole length when cut.
+fn cut(text: &str, max: usize) -> (&str, Option<usize>) {
+    if text.len() <= max {
+        return (text, None);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&text[..end], Some(text.len()))
 }
 
 /// The one log line per request.
@@ -503,8 +531,9 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn client_data_cannot_forge_log_fields_or_lines() {
+    /// The status of `req` through the app over the sample extensions, the text the info log
+    /// got, and its one "request finished" line.
+    async fn logged(req: Request<crate::body::Body>) -> (StatusCode, String, String) {
         let captured = Captured::default();
         let sink = captured.clone();
         let logger = text_logger(EnvFilter::new("info"), false, move || sink.clone()).finish();
@@ -516,21 +545,26 @@ pub(crate) mod tests {
         )
         .unwrap();
         let app = crate::build(&config).unwrap();
-        let forged = "abc def}: request finished status=200";
-        let req = Request::get("/api/v1/a}{\"b")
-            .header("x-request-id", forged)
-            .body(crate::body::empty())
-            .unwrap();
-        let response = app.oneshot(req).await.unwrap();
-        assert_eq!(response.status(), StatusCode::NOT_FOUND);
-
+        let status = app.oneshot(req).await.unwrap().status();
         let log = captured.text();
         let lines: Vec<_> = log
             .lines()
             .filter(|l| l.contains("request finished"))
             .collect();
         assert_eq!(lines.len(), 1, "{log}");
-        let line = lines[0];
+        let line = lines[0].to_owned();
+        (status, log, line)
+    }
+
+    #[tokio::test]
+    async fn client_data_cannot_forge_log_fields_or_lines() {
+        let forged = "abc def}: request finished status=200";
+        let req = Request::get("/api/v1/a}{\"b")
+            .header("x-request-id", forged)
+            .body(crate::body::empty())
+            .unwrap();
+        let (status, log, line) = logged(req).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(line.contains(r#"path="/api/v1/a}{\"b""#), "{line}");
         assert!(
             line.contains(&format!("refused_request_id_len={}", forged.len())),
@@ -539,5 +573,31 @@ pub(crate) mod tests {
         assert!(line.contains("status=404"), "{line}");
         assert!(!line.contains("abc def"), "{line}");
         assert!(!log.contains('\x1b'), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_long_method_or_path_is_logged_cut_with_its_length() {
+        let method = "M".repeat(60_000);
+        let path = format!("/api/v1/{}", "a".repeat(60_000));
+        let req = Request::builder()
+            .method(method.as_str())
+            .uri(path.as_str())
+            .body(crate::body::empty())
+            .unwrap();
+        let (status, _, line) = logged(req).await;
+        assert!(status.is_client_error(), "{status}");
+        assert!(line.len() < 1_500, "a line of {} bytes", line.len());
+        assert!(line.contains(&"M".repeat(LOGGED_METHOD_BYTES)), "{line}");
+        assert!(line.contains("method_len=60000"), "{line}");
+        assert!(line.contains("path_len=60008"), "{line}");
+    }
+
+    #[test]
+    fn text_is_cut_at_a_character_start() {
+        assert_eq!(cut("GET", 32), ("GET", None));
+        assert_eq!(cut("abcdef", 6), ("abcdef", None));
+        assert_eq!(cut("abcdef", 4), ("abcd", Some(6)));
+        // `é` is two bytes: a cut inside it keeps the character out.
+        assert_eq!(cut("aéb", 2), ("a", Some(4)));
     }
 }
