@@ -59,12 +59,14 @@ fn parse_range(value: &[u8]) -> Option<RangeSpec> {
     }
 }
 
-/// A run of ASCII digits (no sign, no space) that fits in a `u64`.
+/// A run of ASCII digits (no sign, no space); one too large for a `u64` is `u64::MAX`, past the
+/// end of any artifact, as RFC 9110 §14.1.2 puts no bound on the digits: an end so large is cut
+/// to the artifact's, a suffix so long is all of it, and a start so large is unsatisfiable.
 fn number(text: &str) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    text.parse().ok()
+    Some(text.parse().unwrap_or(u64::MAX))
 }
 
 /// A strong entity-tag (`"…"` of RFC 9110 `etagc` characters), quotes included.
@@ -109,6 +111,15 @@ mod tests {
             ("bytes= 1-2 ", Bounded { first: 1, last: 2 }),
             ("bytes=007-", From(7)),
             ("bytes=18446744073709551615-", From(u64::MAX)),
+            ("bytes=18446744073709551616-", From(u64::MAX)),
+            (
+                "bytes=0-99999999999999999999999",
+                Bounded {
+                    first: 0,
+                    last: u64::MAX,
+                },
+            ),
+            ("bytes=-18446744073709551616", Suffix(u64::MAX)),
         ];
         for (value, expected) in cases {
             assert_eq!(spec(value), Some(expected), "{value}");
@@ -127,7 +138,7 @@ mod tests {
             "bytes=+1-2",
             "bytes=1 -2",
             "bytes=0x10-",
-            "bytes=18446744073709551616-",
+            "bytes=99999999999999999999999-1",
             "items=0-1",
             "bytes 0-1",
             "0-1",
