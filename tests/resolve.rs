@@ -330,6 +330,9 @@ async fn batch_limits_and_bad_bodies_are_refused() {
         json!({"requirements": [requirement("provider", "aws", "^1")], "extra": 1}).to_string(),
         json!({"requirements": []}).to_string(),
         String::new(),
+        // The fields in order, as arrays: not the documented objects.
+        json!([[requirement("provider", "aws", "^1")]]).to_string(),
+        json!({"requirements": [["provider", "aws", "^1"]]}).to_string(),
     ];
     for bad in bad_bodies {
         let answer = post(&app, "/api/v1/resolve", body::full(bad.clone())).await;

@@ -10,7 +10,7 @@ use http::{HeaderMap, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::handlers::json;
-use super::request_body;
+use super::request_body::{self, Object};
 use super::Shared;
 use crate::body::Body;
 use crate::error::ApiError;
@@ -198,7 +198,7 @@ where
 /// The scope a purge body asks for, validated like the API validates type and name.
 fn purge_scope(bytes: &[u8]) -> Result<Scope, ApiError> {
     let shape = "the body is {}, {\"type\": \"...\"} or {\"type\": \"...\", \"name\": \"...\"}";
-    let purge: Purge = serde_json::from_slice(bytes)
+    let Object(purge) = serde_json::from_slice::<Object<Purge>>(bytes)
         .map_err(|e| request_body::invalid_body(format!("{e}; {shape}")))?;
     Ok(match (purge.ty, purge.name) {
         (None, None) => Scope::All,

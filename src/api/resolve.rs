@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::handlers::{json, rendered, Call, MemoKey};
 use super::query::Query;
 use super::representation::Keep;
-use super::request_body;
+use super::request_body::{self, Object};
 use super::Shared;
 use crate::body::Body;
 use crate::error::ApiError;
@@ -147,6 +147,7 @@ impl Call<'_> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Plan {
+    #[serde(deserialize_with = "request_body::objects")]
     requirements: Vec<Requirement>,
     #[serde(default)]
     prerelease: bool,
@@ -199,7 +200,7 @@ where
     B::Error: Into<BoxError>,
 {
     let bytes = request_body::read(body).await?;
-    let plan: Plan = serde_json::from_slice(&bytes).map_err(invalid_body)?;
+    let Object(plan) = serde_json::from_slice::<Object<Plan>>(&bytes).map_err(invalid_body)?;
     let n = plan.requirements.len();
     if n == 0 {
         return Err(invalid_body("requirements is empty"));
