@@ -104,6 +104,10 @@ pub struct ServerConfig {
     /// at once; beyond it its next download is answered 429 at once, so one client cannot take
     /// every download slot (with HTTP/2 streams whose windows it keeps shut, say).
     pub max_downloads_per_client: usize,
+    /// With rate limiting on, most requests in progress (until their response head) one
+    /// client may have; beyond it its next request is answered 429 at once, so a few clients
+    /// with slow requests cannot hold every one of `max_concurrent_requests`.
+    pub max_requests_per_client: u32,
     /// How often the backends are probed in the background for `/api/v1/health` and
     /// `/readyz`, which answer from the last probe.
     pub probe_interval_seconds: u64,
@@ -128,6 +132,7 @@ impl Default for ServerConfig {
             send_timeout_seconds: 60,
             max_concurrent_downloads: 256,
             max_downloads_per_client: 16,
+            max_requests_per_client: 128,
             probe_interval_seconds: 5,
         }
     }
@@ -612,6 +617,10 @@ impl Config {
             (
                 "max_downloads_per_client",
                 server.max_downloads_per_client as u64,
+            ),
+            (
+                "max_requests_per_client",
+                server.max_requests_per_client.into(),
             ),
         ] {
             positive(&format!("[server] {key}"), value)?;

@@ -174,18 +174,24 @@ pub fn app_with(
         cors::CorsLayer::off()
     };
     let downloads = DownloadsLayer::new(config.server.max_concurrent_downloads);
-    let (rate_limit, downloads) = if config.rate_limit.enabled {
-        // One reading of who a request comes from, for the quota and the download share alike;
-        // with rate limiting off, clients are not told apart for either.
+    let load_shed = LoadShedLayer::new(
+        config.server.max_concurrent_requests,
+        &config.rate_limit.exempt_paths,
+    );
+    let (rate_limit, downloads, load_shed) = if config.rate_limit.enabled {
+        // One reading of who a request comes from, for the quota and the shares of downloads
+        // and requests in progress alike; with rate limiting off, clients are not told apart
+        // for any of them.
         let clients = Arc::new(Clients::new(&config.rate_limit));
         let quota = shared(|r| r.enable_rate_limit)
             .map(|redis| Arc::new(RedisQuota::new(redis, &config.rate_limit)) as _);
         (
             RateLimitLayer::shared(&config.rate_limit, quota, clients.clone()),
-            downloads.per_client(config.server.max_downloads_per_client, clients),
+            downloads.per_client(config.server.max_downloads_per_client, clients.clone()),
+            load_shed.per_client(config.server.max_requests_per_client, clients),
         )
     } else {
-        (RateLimitLayer::off(), downloads)
+        (RateLimitLayer::off(), downloads, load_shed)
     };
     let service = ServiceBuilder::new()
         // Outermost: every response, errors and 429s included, carries the request id, and the
@@ -231,13 +237,12 @@ pub fn app_with(
         // limit so a flooding client is refused there first.
         .layer(downloads)
         // At the concurrency limit, answers 503 at once (load shedding) rather than queueing
-        // behind slow backends; the limit counts requests until their response head. The
-        // exempt paths (probes, scrapes) answer without backend work and are not counted, so
-        // polling them can never fill the service.
-        .layer(LoadShedLayer::new(
-            config.server.max_concurrent_requests,
-            &config.rate_limit.exempt_paths,
-        ))
+        // behind slow backends; the limit counts requests until their response head. With
+        // rate limiting on, one client past `max_requests_per_client` of them gets 429 at
+        // once, so a few clients with slow requests cannot fill it. The exempt paths (probes,
+        // scrapes) answer without backend work and are not counted, so polling them can never
+        // fill the service.
+        .layer(load_shed)
         // Bounds the time to the response head (not the streaming of a download's body): 504.
         .layer(tower::timeout::TimeoutLayer::new(
             config.server.request_timeout(),

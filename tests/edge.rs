@@ -257,6 +257,44 @@ async fn at_the_concurrency_limit_requests_are_shed_with_503() {
     assert_eq!(next.await.unwrap().unwrap().status(), StatusCode::OK);
 }
 
+static CLIENT_RELEASE: Notify = Notify::const_new();
+static CLIENT_ENTERED: Notify = Notify::const_new();
+
+fn held_for_a_client() -> Answer {
+    Box::pin(async {
+        CLIENT_ENTERED.notify_one();
+        CLIENT_RELEASE.notified().await;
+        BackendResponse::List(Arc::new(Vec::new()))
+    })
+}
+
+#[tokio::test]
+async fn a_client_at_its_share_of_the_requests_in_progress_gets_429() {
+    let (app, _) = app("[server]\nmax_requests_per_client = 1\n", held_for_a_client);
+    let first = tokio::spawn(app.clone().oneshot(get("/api/v1/extensions")));
+    CLIENT_ENTERED.notified().await;
+
+    // Its next request is refused at once, whatever it asks for.
+    let refused = call(&app, get("/api/v1/openapi.json")).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "retry-after"), "1");
+    assert_eq!(header(&refused, "access-control-allow-origin"), "*");
+    assert_eq!(json(refused).await["error"], "rate_limited");
+    // Another client is answered, and so are the probes.
+    let mut other = get("/api/v1/openapi.json");
+    other
+        .extensions_mut()
+        .insert(PeerAddr("192.0.2.11:50000".parse().unwrap()));
+    assert_eq!(call(&app, other).await.status(), StatusCode::OK);
+    assert_eq!(call(&app, get("/livez")).await.status(), StatusCode::OK);
+
+    CLIENT_RELEASE.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    // Its place is free again.
+    let again = call(&app, get("/api/v1/openapi.json")).await;
+    assert_eq!(again.status(), StatusCode::OK);
+}
+
 /// Serves `app` on a loopback port until the returned sender is dropped.
 async fn serve(app: HttpService) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

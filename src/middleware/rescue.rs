@@ -13,6 +13,8 @@ use tower::{Layer, Service};
 
 use crate::body::Body;
 use crate::error::ApiError;
+use crate::middleware::load_shed::ClientBusy;
+use crate::middleware::rate_limit::RATE_LIMITED_TOTAL;
 use crate::BoxError;
 
 /// Turns an error from the inner stack into its JSON response.
@@ -24,6 +26,15 @@ pub fn error_response(error: BoxError) -> Response<Body> {
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
             "the service is at its concurrency limit; retry shortly",
+        )
+        .with_retry_after(1)
+        .into_response()
+    } else if let Some(busy) = error.downcast_ref::<ClientBusy>() {
+        metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("{busy}; retry when one has been answered"),
         )
         .with_retry_after(1)
         .into_response()
@@ -143,5 +154,9 @@ mod tests {
             tower::service_fn(|_: ()| async { Err::<Response<Body>, BoxError>("boom".into()) });
         let response = RescueLayer.layer(failing).oneshot(()).await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+
+        let busy = error_response(Box::new(ClientBusy(128)));
+        assert_eq!(busy.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(busy.headers()["retry-after"], "1");
     }
 }
