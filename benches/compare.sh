@@ -27,6 +27,10 @@ duration=${DURATION:-5s}
 rounds=${ROUNDS:-2}
 connections=${CONNECTIONS:-64}
 profile=${PROFILE:-release}
+case $profile in
+  release | dist) ;;
+  *) echo "PROFILE is release or dist, not $profile" >&2; exit 1 ;;
+esac
 work=$(mktemp -d)
 pids=()
 cleanup() {

@@ -400,8 +400,9 @@ const LOGGED_PATH_BYTES: usize = 1024;
 /// The span every request runs in: method, path and request id, and the length of a client's
 /// request id that was refused and replaced (see `middleware::request_id`). A method or path
 /// longer than its [`LOGGED_METHOD_BYTES`] or [`LOGGED_PATH_BYTES`] is cut there and its
-/// length recorded (`method_len`, `path_len`), so that one request, refused or not, writes at
-/// most a line of about 1.3 KB, whatever its head holds.
+/// length recorded (`method_len`, `path_len`), so that one request, refused or not, writes a
+/// line of a few KB at most (escaping can double a path; the JSON log writes the span's fields
+/// twice), whatever its head holds.
 pub fn request_span<B>(req: &Request<B>) -> Span {
     let id = req
         .headers()
@@ -590,6 +591,11 @@ pub(crate) mod tests {
         assert!(line.contains(&"M".repeat(LOGGED_METHOD_BYTES)), "{line}");
         assert!(line.contains("method_len=60000"), "{line}");
         assert!(line.contains("path_len=60008"), "{line}");
+    }
+
+    #[test]
+    fn the_logged_path_is_as_long_as_the_longest_the_api_takes() {
+        assert_eq!(LOGGED_PATH_BYTES, crate::api::query::MAX_PATH_LEN);
     }
 
     #[test]

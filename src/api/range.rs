@@ -53,8 +53,10 @@ fn parse_range(value: &[u8]) -> Option<RangeSpec> {
         ("", n) => Some(RangeSpec::Suffix(number(n)?)),
         (first, "") => Some(RangeSpec::From(number(first)?)),
         (first, last) => {
+            // Compared as written: two numbers past `u64::MAX` both read as it.
+            let ordered = not_above(first, last);
             let (first, last) = (number(first)?, number(last)?);
-            (first <= last).then_some(RangeSpec::Bounded { first, last })
+            ordered.then_some(RangeSpec::Bounded { first, last })
         }
     }
 }
@@ -67,6 +69,12 @@ fn number(text: &str) -> Option<u64> {
         return None;
     }
     Some(text.parse().unwrap_or(u64::MAX))
+}
+
+/// Whether the decimal `a` is at most `b`, however many digits either has.
+fn not_above(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim_start_matches('0'), b.trim_start_matches('0'));
+    (a.len(), a) <= (b.len(), b)
 }
 
 /// A strong entity-tag (`"…"` of RFC 9110 `etagc` characters), quotes included.
@@ -120,6 +128,14 @@ mod tests {
                 },
             ),
             ("bytes=-18446744073709551616", Suffix(u64::MAX)),
+            (
+                "bytes=20000000000000000000-30000000000000000000",
+                Bounded {
+                    first: u64::MAX,
+                    last: u64::MAX,
+                },
+            ),
+            ("bytes=007-7", Bounded { first: 7, last: 7 }),
         ];
         for (value, expected) in cases {
             assert_eq!(spec(value), Some(expected), "{value}");
@@ -139,6 +155,7 @@ mod tests {
             "bytes=1 -2",
             "bytes=0x10-",
             "bytes=99999999999999999999999-1",
+            "bytes=30000000000000000000-20000000000000000000",
             "items=0-1",
             "bytes 0-1",
             "0-1",
