@@ -317,6 +317,7 @@ impl Limits {
             return Decision::Exempt;
         }
         self.sweep_if_due();
+        self.clients.hint_if_forwarded(req);
         let key = self.clients.key(req);
         let decided = self.limiter.check_key(&key);
         self.decisions.local[usize::from(decided.is_err())].increment(1);
@@ -462,6 +463,30 @@ impl Clients {
         client_key(self.client(req))
     }
 
+    /// Logs once that requests carry the `client_ip_header` while no proxy is trusted to set
+    /// it; after that, no request pays for looking at the header. Called by the rate limit
+    /// alone, so the layers that read a request's key again do not look for it again.
+    fn hint_if_forwarded<B>(&self, req: &Request<B>) {
+        let header = &self.forwarded.0;
+        if self.trusted.is_empty()
+            && !self.hinted.load(Ordering::Relaxed)
+            && req.headers().contains_key(header)
+            && !self.hinted.swap(true, Ordering::Relaxed)
+        {
+            let peer = req
+                .extensions()
+                .get::<PeerAddr>()
+                .map_or(UNKNOWN_CLIENT, |PeerAddr(peer)| peer.ip().to_canonical());
+            tracing::warn!(
+                %peer,
+                %header,
+                "requests carry the client_ip_header but [rate_limit] trusted_proxies is \
+                 empty: clients are keyed by the connecting address; list your reverse \
+                 proxy in trusted_proxies if one fronts this service"
+            );
+        }
+    }
+
     fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
@@ -474,20 +499,6 @@ impl Clients {
         let peer = peer.ip().to_canonical();
         let (header, hops) = &self.forwarded;
         if !self.is_trusted(peer) {
-            // The hint is logged once: after that, no request pays for looking at the header.
-            if self.trusted.is_empty()
-                && !self.hinted.load(Ordering::Relaxed)
-                && req.headers().contains_key(header)
-                && !self.hinted.swap(true, Ordering::Relaxed)
-            {
-                tracing::warn!(
-                    %peer,
-                    %header,
-                    "requests carry the client_ip_header but [rate_limit] trusted_proxies is \
-                     empty: clients are keyed by the connecting address; list your reverse \
-                     proxy in trusted_proxies if one fronts this service"
-                );
-            }
             return peer;
         }
         let hops = forwarded_chain(req.headers(), header, *hops);
