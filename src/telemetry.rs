@@ -20,7 +20,7 @@ use metrics_process::Collector;
 use tracing::field::{Field, Visit};
 use tracing::Span;
 use tracing_subscriber::field::RecordFields;
-use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::format::{Format, Json, JsonFields, Writer};
 use tracing_subscriber::fmt::{FormatFields, MakeWriter, SubscriberBuilder};
 use tracing_subscriber::EnvFilter;
 
@@ -32,18 +32,33 @@ pub fn init_logging(level: &str, json: bool) -> Result<(), String> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| format!("invalid --log-level '{level}': {e} (e.g. info, debug, warn)"))?;
     let result = if json {
-        tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_target(false)
-            .json()
-            .flatten_event(true)
-            .try_init()
+        json_logger(filter, std::io::stdout).try_init()
     } else {
         let colour = std::io::stdout().is_terminal()
             && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
         text_logger(filter, colour, std::io::stdout).try_init()
     };
     result.map_err(|e| format!("cannot install the logger: {e}"))
+}
+
+/// The JSON-lines logger, writing to `writer`: an event's fields at the top level, and the
+/// fields of the spans it happened in once, in `spans` (outermost first; a request's line
+/// carries its method, path and id there). The current span alone (`span`) is left out: it
+/// is the last of `spans`, and writing it again made every line nearly twice as long.
+pub fn json_logger<W>(
+    filter: EnvFilter,
+    writer: W,
+) -> SubscriberBuilder<JsonFields, Format<Json>, EnvFilter, W>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_writer(writer)
 }
 
 /// The human-readable logger, writing to `writer`, in colour or not.
@@ -401,8 +416,7 @@ const LOGGED_PATH_BYTES: usize = 1024;
 /// request id that was refused and replaced (see `middleware::request_id`). A method or path
 /// longer than its [`LOGGED_METHOD_BYTES`] or [`LOGGED_PATH_BYTES`] is cut there and its
 /// length recorded (`method_len`, `path_len`), so that one request, refused or not, writes a
-/// line of a few KB at most (escaping can double a path; the JSON log writes the span's fields
-/// twice), whatever its head holds.
+/// line of a few KB at most (escaping can triple a path), whatever its head holds.
 pub fn request_span<B>(req: &Request<B>) -> Span {
     let id = req
         .headers()
@@ -442,7 +456,7 @@ fn cut(text: &str, max: usize) -> (&str, Option<usize>) {
 pub fn log_response<B>(response: &Response<B>, latency: Duration) {
     tracing::info!(
         status = response.status().as_u16(),
-        latency_ms = latency.as_secs_f64() * 1000.0,
+        latency_ms = milliseconds(latency),
         "request finished"
     );
 }
@@ -454,10 +468,13 @@ pub fn logs_responses() -> bool {
 
 /// The end of a response body, `latency` after its request came.
 pub fn log_end_of_stream(latency: Duration) {
-    tracing::debug!(
-        stream_duration_ms = latency.as_secs_f64() * 1000.0,
-        "end of stream"
-    );
+    tracing::debug!(stream_duration_ms = milliseconds(latency), "end of stream");
+}
+
+/// `duration` in milliseconds to the microsecond, so a log shows `0.187`, not the
+/// `0.18703799999999998` of the seconds' float scaled.
+fn milliseconds(duration: Duration) -> f64 {
+    duration.as_micros() as f64 / 1000.0
 }
 
 #[cfg(test)]
@@ -535,10 +552,25 @@ pub(crate) mod tests {
     /// The status of `req` through the app over the sample extensions, the text the info log
     /// got, and its one "request finished" line.
     async fn logged(req: Request<crate::body::Body>) -> (StatusCode, String, String) {
+        logged_as(req, false).await
+    }
+
+    /// As [`logged`], in the JSON log when `json`.
+    async fn logged_as(
+        req: Request<crate::body::Body>,
+        json: bool,
+    ) -> (StatusCode, String, String) {
         let captured = Captured::default();
         let sink = captured.clone();
-        let logger = text_logger(EnvFilter::new("info"), false, move || sink.clone()).finish();
-        let _installed = tracing::subscriber::set_default(logger);
+        let writer = move || sink.clone();
+        let logger: tracing::Dispatch = if json {
+            json_logger(EnvFilter::new("info"), writer).finish().into()
+        } else {
+            text_logger(EnvFilter::new("info"), false, writer)
+                .finish()
+                .into()
+        };
+        let _installed = tracing::dispatcher::set_default(&logger);
         let config = Config::parse(
             "[local]\npath = \"tests/fixtures/extensions\"\n",
             "test",
@@ -591,6 +623,39 @@ pub(crate) mod tests {
         assert!(line.contains(&"M".repeat(LOGGED_METHOD_BYTES)), "{line}");
         assert!(line.contains("method_len=60000"), "{line}");
         assert!(line.contains("path_len=60008"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_json_line_carries_the_request_once_and_its_latency_to_the_microsecond() {
+        let req = Request::get("/api/v1/extensions/provider/nope")
+            .header("x-request-id", "json-line-1")
+            .body(crate::body::empty())
+            .unwrap();
+        let (status, _, line) = logged_as(req, true).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(line.matches("json-line-1").count(), 1, "{line}");
+        let line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(line["status"], 404);
+        let request = &line["spans"][0];
+        assert_eq!(request["name"], "request");
+        assert_eq!(request["path"], "/api/v1/extensions/provider/nope");
+        assert_eq!(request["request_id"], "json-line-1");
+        assert!(line.get("span").is_none(), "{line}");
+        let latency = line["latency_ms"].to_string();
+        let decimals = latency.split_once('.').map_or(0, |(_, d)| d.len());
+        assert!(decimals <= 3, "{latency}");
+    }
+
+    #[test]
+    fn milliseconds_are_counted_to_the_microsecond() {
+        assert_eq!(
+            milliseconds(Duration::from_nanos(187_038_999)).to_string(),
+            "187.038"
+        );
+        assert_eq!(
+            milliseconds(Duration::from_nanos(187_038)).to_string(),
+            "0.187"
+        );
     }
 
     #[test]
