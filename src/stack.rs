@@ -166,6 +166,7 @@ pub fn app_with(
         ),
         cache_control: api::cache_control(Duration::from_secs(config.cache.ttl_seconds)),
         hooks,
+        bodies: Default::default(),
     });
 
     let cors = if config.server.enable_cors {

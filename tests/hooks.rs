@@ -431,6 +431,68 @@ async fn a_purge_drops_what_its_scope_covers_and_needs_the_admin_token() {
     assert_eq!(get.headers()["allow"], "POST");
 }
 
+#[tokio::test(start_paused = true)]
+async fn unauthenticated_deliveries_and_purges_are_refused_before_their_bodies_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[local]\npath = {samples:?}\n\
+         [gitea]\nurl = \"http://127.0.0.1:9/\"\norganization = \"extensions\"\n\
+         webhook_secret_path = {gitea:?}\n\
+         [oci]\nregistry = \"127.0.0.1:9\"\nnamespace = \"provisioning\"\n\
+         webhook_token_path = {oci:?}\n\
+         [admin]\ntoken_path = {admin:?}\n[rate_limit]\nenabled = false\n",
+        samples = app::samples().display().to_string(),
+        gitea = secret(dir.path(), "gitea-hook-secret", GITEA_SECRET),
+        oci = secret(dir.path(), "oci-token", OCI_TOKEN),
+        admin = secret(dir.path(), "admin-token", ADMIN_TOKEN),
+    );
+    let config = Config::parse(&text, "hooks.toml", None).unwrap();
+    let service = extension_registry::build(&config).unwrap();
+    let cases: [(&str, &[(&str, &str)]); 7] = [
+        ("/api/v1/cache/purge", &[]),
+        (
+            "/api/v1/cache/purge",
+            &[("authorization", "Bearer admin-t0keN")],
+        ),
+        ("/api/v1/hooks/oci", &[]),
+        (
+            "/api/v1/hooks/oci",
+            &[("authorization", "Bearer notify-t0keN")],
+        ),
+        ("/api/v1/hooks/gitea", &[("x-gitea-event", "release")]),
+        (
+            "/api/v1/hooks/gitea",
+            &[("x-gitea-event", "release"), ("x-gitea-signature", "abcd")],
+        ),
+        (
+            "/api/v1/hooks/gitea",
+            &[("x-gitea-event", "release"), ("x-gitea-signature", "zz")],
+        ),
+    ];
+    for (path, headers) in cases {
+        let mut request = http::Request::post(path)
+            .header("content-type", "application/json")
+            .header("content-length", "1048576");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        // A body that never arrives: a route that waited for it would answer 408 once its
+        // timeout ran out on the paused clock.
+        let stalled = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<bytes::Bytes>, extension_registry::BoxError>,
+        >());
+        let request = request
+            .body(http_body_util::BodyExt::boxed_unsync(stalled))
+            .unwrap();
+        let answer = app::send_request(&service, request).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::UNAUTHORIZED,
+            "{path} {headers:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn routes_without_their_secret_do_not_exist() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,8 +1,9 @@
 //! The routes that change cached state: `POST /api/v1/hooks/gitea` (Gitea/Forgejo webhooks),
 //! `POST /api/v1/hooks/oci` (CNCF registry notifications) and `POST /api/v1/cache/purge`
-//! (an operator's purge). Each reads its body whole (capped, with a timeout), checks the
-//! signature or token against the raw bytes before parsing anything, and answers what it
-//! dropped. A route whose secret is not configured answers 404 like an unknown path. They
+//! (an operator's purge). Each refuses what its headers alone can (a missing signature, a
+//! wrong token) before reading anything, reads its body whole (capped, with a timeout,
+//! within the bodies' budget), checks the signature against the raw bytes before parsing
+//! anything, and answers what it dropped. A route whose secret is not configured answers 404 like an unknown path. They
 //! pass the rate limit like every other route. Replaying a delivery only invalidates again.
 
 use http::header::{HeaderValue, WWW_AUTHENTICATE};
@@ -49,11 +50,13 @@ struct Answer {
     dropped: Dropped,
 }
 
-/// Checks a delivery's raw body against the configured secret and reads what it announced.
-type Receive<'k> = Box<dyn Fn(&[u8]) -> Result<Announcement, Refusal> + Send + Sync + 'k>;
+/// Checks an admitted delivery's raw body and reads what it announced.
+type Receive<'k> = Box<dyn FnOnce(&[u8]) -> Result<Announcement, Refusal> + Send + 'k>;
 
-/// `POST /api/v1/hooks/{gitea,oci}`. Registry notifications invalidate settling, as the
-/// registry may notify before its tag list shows the change.
+/// `POST /api/v1/hooks/{gitea,oci}`. What the headers alone can refuse (a missing or
+/// malformed signature, a wrong token) is refused before the body is read, so an
+/// unauthenticated client holds none of it. Registry notifications invalidate settling, as
+/// the registry may notify before its tag list shows the change.
 pub(super) async fn deliver<B>(
     shared: &Shared,
     sender: Sender,
@@ -65,30 +68,39 @@ where
     B::Error: Into<BoxError>,
 {
     let keys = &shared.hooks;
-    let receive: Receive<'_> = match sender {
+    let admitted: Result<Receive<'_>, Refusal> = match sender {
         Sender::Gitea => {
             let receiver = keys.gitea.as_ref().ok_or_else(ApiError::route_not_found)?;
-            Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
+            receiver
+                .admit(headers)
+                .map(|admitted| Box::new(move |bytes: &[u8]| admitted.receive(bytes)) as _)
         }
         Sender::Oci => {
             let receiver = keys.oci.as_ref().ok_or_else(ApiError::route_not_found)?;
-            Box::new(move |bytes: &[u8]| receiver.receive(headers, bytes))
+            receiver
+                .admit(headers)
+                .map(|admitted| Box::new(move |bytes: &[u8]| admitted.receive(bytes)) as _)
         }
     };
-    let bytes = read(sender, body).await?;
-    let announced = receive(&bytes);
-    invalidate(shared, sender, announced).await
+    let receive = match admitted {
+        Ok(receive) => receive,
+        Err(refusal) => return invalidate(shared, sender, Err(refusal)).await,
+    };
+    let bytes = read(shared, sender, body).await?;
+    invalidate(shared, sender, receive(&bytes)).await
 }
 
 /// Reads a delivery's body, counting a refused one.
-async fn read<B>(sender: Sender, body: B) -> Result<bytes::Bytes, ApiError>
+async fn read<B>(shared: &Shared, sender: Sender, body: B) -> Result<bytes::Bytes, ApiError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    request_body::read(body).await.inspect_err(|e| {
-        count(sender, "unknown", e.code);
-    })
+    request_body::read(body, &shared.bodies)
+        .await
+        .inspect_err(|e| {
+            count(sender, "unknown", e.code);
+        })
 }
 
 async fn invalidate(
@@ -149,8 +161,9 @@ async fn invalidate(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Purge {
-    #[serde(rename = "type")]
+    #[serde(rename = "type", default, deserialize_with = "request_body::present")]
     ty: Option<String>,
+    #[serde(default, deserialize_with = "request_body::present")]
     name: Option<String>,
 }
 
@@ -169,7 +182,7 @@ where
         .admin
         .as_ref()
         .ok_or_else(ApiError::route_not_found)?;
-    let bytes = request_body::read(body).await?;
+    // Before the body is read, so an unauthenticated client holds none of it.
     if !hooks::bearer_matches(headers, token) {
         let error = ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -178,6 +191,7 @@ where
         );
         return Ok(bearer_challenge(error, true));
     }
+    let bytes = request_body::read(body, &shared.bodies).await?;
     let scope = purge_scope(&bytes)?;
     let key = match &scope {
         Scope::Extension(key) => vec![key.to_string()],
@@ -276,6 +290,11 @@ mod tests {
             br#"{"type": "nope"}"#,
             br#"{"type": "provider", "name": "../x"}"#,
             br#"{"type": "provider", "extra": 1}"#,
+            // A null is not a field left out: `{"type": null}` from an unset variable must not
+            // purge everything.
+            br#"{"type": null}"#,
+            br#"{"type": null, "name": null}"#,
+            br#"{"type": "provider", "name": null}"#,
             b"[]",
             b"",
         ] {

@@ -258,6 +258,8 @@ pub struct Shared {
     pub hooks: crate::hooks::Keys,
     /// The OpenAPI document as served here (see [`openapi::rendered`]).
     pub openapi: Arc<Representation>,
+    /// The memory the request bodies being read may hold.
+    pub bodies: request_body::Budget,
 }
 
 impl Shared {

@@ -1,17 +1,20 @@
 //! Reading a request body, for the routes that take one (the batch resolve, the webhooks, the
 //! purge): at most [`MAX_BODY_BYTES`], within [`BODY_READ_TIMEOUT`], whole before anything
-//! looks at it.
+//! looks at it, and within the bodies' shared [`Budget`].
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::pin::pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::StatusCode;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
 use crate::BoxError;
@@ -20,6 +23,11 @@ use crate::BoxError;
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// How long a client may take to send a request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of each body read without asking the [`Budget`]: room for every batch and delivery
+/// the API expects (200 requirements, a release event), so these are never refused for it.
+pub const FREE_BYTES: usize = 64 * 1024;
+/// Bytes past their [`FREE_BYTES`] that all the bodies being read may hold together.
+pub const BUDGET_BYTES: usize = 64 * 1024 * 1024;
 
 /// `400 invalid_body`, the answer to a body that cannot be used.
 pub fn invalid_body(message: impl Into<String>) -> ApiError {
@@ -34,10 +42,61 @@ fn too_large() -> ApiError {
     )
 }
 
+/// The memory the bodies being read may hold past their first [`FREE_BYTES`] each. Without
+/// it, clients sending bodies of nearly [`MAX_BODY_BYTES`] and stalling held that much per
+/// request in progress (a GiB at the default limit); with it, the bodies hold at most
+/// `max_concurrent_requests` × [`FREE_BYTES`] plus the budget, and a body that would go past
+/// it is refused with `503 overloaded` at once.
+#[derive(Clone, Debug)]
+pub struct Budget(Arc<Semaphore>);
+
+impl Budget {
+    /// A budget of `bytes` in all.
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new(bytes)))
+    }
+
+    /// Bytes left now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    /// Takes `bytes` more into `held`; `503 overloaded` when the budget cannot give them.
+    fn take(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> Result<(), ApiError> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let taken = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.0.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the request bodies being read fill the service's budget for them; \
+                     retry shortly",
+                )
+                .with_retry_after(1)
+            })?;
+        match held {
+            Some(permit) => permit.merge(taken),
+            None => *held = Some(taken),
+        }
+        Ok(())
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self::new(BUDGET_BYTES)
+    }
+}
+
 /// Reads a body of at most [`MAX_BODY_BYTES`] within [`BODY_READ_TIMEOUT`]: `413
 /// body_too_large` beyond (refused at once when `Content-Length` says so), `408
-/// body_timeout` when it trickles.
-pub async fn read<B>(body: B) -> Result<Bytes, ApiError>
+/// body_timeout` when it trickles, `503 overloaded` when its bytes past [`FREE_BYTES`] do
+/// not fit in `budget`. What it takes of the budget is given back when it returns.
+pub async fn read<B>(body: B, budget: &Budget) -> Result<Bytes, ApiError>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
@@ -45,8 +104,7 @@ where
     if body.size_hint().lower() > MAX_BODY_BYTES as u64 {
         return Err(too_large());
     }
-    let read = Limited::new(body, MAX_BODY_BYTES).collect();
-    match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect(body, budget)).await {
         Err(_) => Err(ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
@@ -55,10 +113,31 @@ where
                 BODY_READ_TIMEOUT.as_secs()
             ),
         )),
-        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(too_large()),
-        Ok(Err(_)) => Err(invalid_body("the body could not be read")),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(read) => read,
     }
+}
+
+async fn collect<B>(body: B, budget: &Budget) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    let mut read = BytesMut::new();
+    let mut held = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| invalid_body("the body could not be read"))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        let total = read.len() + data.remaining();
+        if total > MAX_BODY_BYTES {
+            return Err(too_large());
+        }
+        budget.take(&mut held, total.saturating_sub(FREE_BYTES.max(read.len())))?;
+        read.put(data);
+    }
+    Ok(read.freeze())
 }
 
 /// A `T` read from a JSON object alone. serde's derived structs also take an array of their
@@ -88,6 +167,26 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
+/// For `#[serde(deserialize_with)]`: a `T` read as an [`Object`].
+pub fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Object::deserialize(deserializer).map(|Object(t)| t)
+}
+
+/// For `#[serde(default, deserialize_with)]` on an `Option<T>`: a field that may be left out
+/// but, when given, is a `T`. serde reads `null` as `None` otherwise, so a field set from an
+/// unset variable would read as a field left out.
+pub fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// For `#[serde(deserialize_with)]`: an array of `T`, each read as an [`Object`].
 pub fn objects<'de, D, T>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
@@ -100,7 +199,60 @@ where
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::channel::Channel;
+    use http_body_util::Full;
+
     use super::*;
+
+    /// What reading `bytes` in one frame answers, with `budget` bytes of budget.
+    async fn read_whole(bytes: usize, budget: usize) -> Result<Bytes, ApiError> {
+        super::read(
+            Full::new(Bytes::from(vec![b' '; bytes])),
+            &Budget::new(budget),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_body_takes_only_its_bytes_past_the_free_ones_and_gives_them_back() {
+        let budget = Budget::new(BUDGET_BYTES);
+        let (mut sender, body) = Channel::<Bytes>::new(1);
+        let reading = tokio::spawn({
+            let budget = budget.clone();
+            async move { super::read(body, &budget).await }
+        });
+        sender
+            .send_data(vec![b' '; FREE_BYTES / 2].into())
+            .await
+            .unwrap();
+        sender
+            .send_data(vec![b' '; FREE_BYTES / 2].into())
+            .await
+            .unwrap();
+        // The channel holds one frame: once the next is taken, the last is counted.
+        sender.send_data(Bytes::from_static(b" ")).await.unwrap();
+        sender.send_data(vec![b' '; 1000].into()).await.unwrap();
+        assert_eq!(budget.available(), BUDGET_BYTES - 1);
+        sender.send_data(Bytes::from_static(b" ")).await.unwrap();
+        assert_eq!(budget.available(), BUDGET_BYTES - 1001);
+        drop(sender);
+        assert_eq!(reading.await.unwrap().unwrap().len(), FREE_BYTES + 1002);
+        assert_eq!(budget.available(), BUDGET_BYTES);
+    }
+
+    #[tokio::test]
+    async fn small_bodies_need_no_budget_and_large_ones_are_refused_past_it() {
+        assert_eq!(read_whole(FREE_BYTES, 0).await.unwrap().len(), FREE_BYTES);
+        let refused = read_whole(FREE_BYTES + 1, 0).await.unwrap_err();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(refused.code, "overloaded");
+        let fits = read_whole(MAX_BODY_BYTES, MAX_BODY_BYTES - FREE_BYTES).await;
+        assert_eq!(fits.unwrap().len(), MAX_BODY_BYTES);
+        let refused = read_whole(MAX_BODY_BYTES + 1, BUDGET_BYTES)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
 
     #[derive(Debug, Deserialize, PartialEq)]
     #[serde(deny_unknown_fields)]
@@ -138,6 +290,20 @@ mod tests {
                 pairs: vec![Pair { a: 1, b: None }]
             })
         );
+    }
+
+    #[derive(Debug, Deserialize, PartialEq)]
+    struct Optional {
+        #[serde(default, deserialize_with = "present")]
+        a: Option<u8>,
+    }
+
+    #[test]
+    fn a_field_left_out_is_none_but_a_null_one_is_refused() {
+        assert_eq!(read::<Optional>("{}"), Ok(Optional { a: None }));
+        assert_eq!(read::<Optional>(r#"{"a": 1}"#), Ok(Optional { a: Some(1) }));
+        let error = read::<Optional>(r#"{"a": null}"#).unwrap_err();
+        assert!(error.contains("invalid type: null"), "{error}");
     }
 
     #[test]

@@ -199,7 +199,7 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let bytes = request_body::read(body).await?;
+    let bytes = request_body::read(body, &shared.bodies).await?;
     let Object(plan) = serde_json::from_slice::<Object<Plan>>(&bytes).map_err(invalid_body)?;
     let n = plan.requirements.len();
     if n == 0 {

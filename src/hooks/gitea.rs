@@ -14,6 +14,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 
 use super::{Announcement, Refusal};
+use crate::api::request_body::{object, Object};
 use crate::backend::gitea::extension_of;
 use crate::config::Secret;
 
@@ -24,6 +25,11 @@ const SIGNATURE_HEADERS: [(&str, &str); 3] = [
     ("x-gitea-signature", ""),
     ("x-hub-signature-256", "sha256="),
 ];
+
+/// Bytes of an HMAC-SHA256.
+const SIGNATURE_BYTES: usize = 32;
+
+const MISMATCH: Refusal = Refusal::Unauthorized("the delivery's signature does not match");
 
 /// The event headers, Forgejo's first.
 const EVENT_HEADERS: [&str; 2] = ["x-forgejo-event", "x-gitea-event"];
@@ -44,17 +50,10 @@ impl Receiver {
         }
     }
 
-    /// Checks the delivery's signature, then reads what it announces.
-    pub fn receive(&self, headers: &HeaderMap, body: &[u8]) -> Result<Announcement, Refusal> {
-        self.verify(headers, body)?;
-        let event = event(headers)?;
-        self.read(event, body)
-    }
-
-    /// Whether a signature header holds the body's HMAC-SHA256 under the secret. The first
-    /// signature header present decides; the comparison is constant-time
-    /// (`Mac::verify_slice`).
-    fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), Refusal> {
+    /// What the headers alone tell, checked before the body is read: a signature of the
+    /// right form (`401` without one). A missing event is told only once the body is found
+    /// authentic, so an unauthentic delivery learns nothing but `401`.
+    pub fn admit(&self, headers: &HeaderMap) -> Result<Admitted<'_>, Refusal> {
         let (value, prefix) = SIGNATURE_HEADERS
             .iter()
             .find_map(|(name, prefix)| Some((headers.get(*name)?, *prefix)))
@@ -62,22 +61,23 @@ impl Receiver {
                 "the delivery is not signed: X-Gitea-Signature, X-Forgejo-Signature or \
                  X-Hub-Signature-256 is required",
             ))?;
-        let wrong = Refusal::Unauthorized("the delivery's signature does not match");
         let signature = value
             .to_str()
             .ok()
             .and_then(|v| v.trim().strip_prefix(prefix))
             .and_then(decode_hex)
-            .ok_or(wrong.clone())?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(self.secret.expose().as_bytes())
-            .expect("HMAC takes a key of any length");
-        mac.update(body);
-        mac.verify_slice(&signature).map_err(|_| wrong)
+            .filter(|digest| digest.len() == SIGNATURE_BYTES)
+            .ok_or(MISMATCH)?;
+        Ok(Admitted {
+            receiver: self,
+            signature,
+            event: event(headers),
+        })
     }
 
     /// The extensions an authentic delivery of `event` concerns.
     fn read(&self, event: Event, body: &[u8]) -> Result<Announcement, Refusal> {
-        let payload: Payload = serde_json::from_slice(body).map_err(|e| {
+        let Object(payload) = serde_json::from_slice::<Object<Payload>>(body).map_err(|e| {
             Refusal::InvalidBody(format!(
                 "not a Gitea {} payload ({e}); expected a JSON object with \"repository\": \
                  {{\"name\", \"owner\": {{\"login\"}}}}",
@@ -102,6 +102,26 @@ impl Receiver {
             event: event.name(),
             changed: changed.into_iter().collect(),
         })
+    }
+}
+
+/// A delivery whose headers were admitted, waiting for its body.
+pub struct Admitted<'r> {
+    receiver: &'r Receiver,
+    /// The HMAC-SHA256 the delivery claims for its body.
+    signature: Vec<u8>,
+    event: Result<Event, Refusal>,
+}
+
+impl Admitted<'_> {
+    /// Checks the signature against `body` in constant time (`Mac::verify_slice`), then
+    /// reads what the delivery announces.
+    pub fn receive(self, body: &[u8]) -> Result<Announcement, Refusal> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.receiver.secret.expose().as_bytes())
+            .expect("HMAC takes a key of any length");
+        mac.update(body);
+        mac.verify_slice(&self.signature).map_err(|_| MISMATCH)?;
+        self.receiver.read(self.event?, body)
     }
 }
 
@@ -148,9 +168,10 @@ fn is_tag_ref(git_ref: &str) -> bool {
     git_ref.starts_with("refs/tags/")
 }
 
-/// The part of every payload read here.
+/// The part of every payload read here; each part is a JSON object (see [`Object`]).
 #[derive(Deserialize)]
 struct Payload {
+    #[serde(deserialize_with = "object")]
     repository: Repository,
     /// `push` only: `refs/heads/…` or `refs/tags/…`.
     #[serde(rename = "ref", default)]
@@ -160,6 +181,7 @@ struct Payload {
 #[derive(Deserialize)]
 struct Repository {
     name: String,
+    #[serde(deserialize_with = "object")]
     owner: Owner,
 }
 
@@ -192,6 +214,11 @@ mod tests {
         let path = dir.path().join("secret");
         std::fs::write(&path, SECRET).unwrap();
         Receiver::new(Secret::from_file(&path, "test").unwrap(), "extensions")
+    }
+
+    /// A delivery of `headers` and `body`, admitted then received.
+    fn receive(headers: &HeaderMap, body: &[u8]) -> Result<Announcement, Refusal> {
+        receiver().admit(headers)?.receive(body)
     }
 
     fn fixture(name: &str) -> Vec<u8> {
@@ -237,7 +264,7 @@ mod tests {
             ("x-forgejo-signature", sig.clone()),
             ("x-hub-signature-256", format!("sha256={sig}")),
         ] {
-            let got = receiver().receive(
+            let got = receive(
                 &headers(&[(name, &value), ("x-gitea-event", "release")]),
                 &body,
             );
@@ -266,14 +293,14 @@ mod tests {
             vec![("x-gitea-signature", &sig[..10])],
             vec![("x-hub-signature-256", sig.as_str())],
         ] {
-            let got = receiver().receive(&headers(&pairs), body);
+            let got = receive(&headers(&pairs), body);
             assert!(
                 matches!(got, Err(Refusal::Unauthorized(_))),
                 "{pairs:?}: {got:?}"
             );
         }
         // Signed, so now the body counts.
-        let got = receiver().receive(
+        let got = receive(
             &headers(&[("x-gitea-signature", &sig), ("x-gitea-event", "release")]),
             body,
         );
@@ -292,7 +319,7 @@ mod tests {
         ];
         for (file, event, changed) in cases {
             let body = fixture(file);
-            let got = receiver().receive(
+            let got = receive(
                 &headers(&[
                     ("x-gitea-signature", &sign(&body)),
                     ("x-gitea-event", event),
@@ -307,7 +334,7 @@ mod tests {
     fn repositories_off_the_convention_and_other_events_change_nothing() {
         let body = br#"{"repository": {"name": "website", "owner": {"login": "extensions"}}}"#;
         for event in ["release", "issues"] {
-            let got = receiver().receive(
+            let got = receive(
                 &headers(&[("x-gitea-signature", &sign(body)), ("x-gitea-event", event)]),
                 body,
             );
@@ -317,8 +344,17 @@ mod tests {
 
     #[test]
     fn wrong_shapes_are_invalid_bodies() {
-        for body in [&b"[1, 2]"[..], b"{\"repository\": 7}", b"{}", b"\xff"] {
-            let got = receiver().receive(
+        for body in [
+            &b"[1, 2]"[..],
+            b"{\"repository\": 7}",
+            b"{}",
+            b"\xff",
+            // serde's derive alone reads these arrays as the payload and its parts.
+            br#"[["aws_prov", ["extensions"]], "refs/tags/1.0"]"#,
+            br#"{"repository": ["aws_prov", ["extensions"]]}"#,
+            br#"{"repository": {"name": "aws_prov", "owner": ["extensions"]}}"#,
+        ] {
+            let got = receive(
                 &headers(&[
                     ("x-gitea-signature", &sign(body)),
                     ("x-gitea-event", "release"),
@@ -328,7 +364,7 @@ mod tests {
             assert!(matches!(got, Err(Refusal::InvalidBody(_))), "{got:?}");
         }
         let body = fixture("gitea-release-published.json");
-        let got = receiver().receive(&headers(&[("x-gitea-signature", &sign(&body))]), &body);
+        let got = receive(&headers(&[("x-gitea-signature", &sign(&body))]), &body);
         assert!(
             matches!(got, Err(Refusal::InvalidBody(_))),
             "no event: {got:?}"

@@ -9,6 +9,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 
 use super::{bearer_matches, Announcement, Refusal};
+use crate::api::request_body::{objects, Object};
 use crate::backend::oci::{extension_of, namespace_of};
 use crate::config::{OciConfig, Secret};
 use crate::registry::ExtensionKey;
@@ -29,16 +30,28 @@ impl Receiver {
         }
     }
 
-    /// Checks the bearer token, then reads which extensions the envelope's pushes and
-    /// deletes concern (each once). Pulls change nothing and are skipped. The event
-    /// reported is the first push or delete, else the first notice's action.
-    pub fn receive(&self, headers: &HeaderMap, body: &[u8]) -> Result<Announcement, Refusal> {
+    /// Checks the bearer token, before the body is read (`401`).
+    pub fn admit(&self, headers: &HeaderMap) -> Result<Admitted<'_>, Refusal> {
         if !bearer_matches(headers, &self.token) {
             return Err(Refusal::Unauthorized(
                 "a notification needs Authorization: Bearer with the configured token",
             ));
         }
-        let envelope: Envelope = serde_json::from_slice(body).map_err(|e| {
+        Ok(Admitted { receiver: self })
+    }
+}
+
+/// A notification whose token was admitted, waiting for its body.
+pub struct Admitted<'r> {
+    receiver: &'r Receiver,
+}
+
+impl Admitted<'_> {
+    /// Reads which extensions the envelope's pushes and deletes concern (each once). Pulls
+    /// change nothing and are skipped. The event reported is the first push or delete, else
+    /// the first notice's action.
+    pub fn receive(self, body: &[u8]) -> Result<Announcement, Refusal> {
+        let Object(envelope) = serde_json::from_slice::<Object<Envelope>>(body).map_err(|e| {
             Refusal::InvalidBody(format!(
                 "not a registry notification envelope ({e}); expected {{\"events\": \
                  [{{\"action\", \"target\": {{\"repository\", \"tag\"?, \"digest\"?}}}}]}}"
@@ -48,14 +61,14 @@ impl Receiver {
         let mut event = envelope.events.first().map_or("none", |n| n.action.name());
         let mut seen_change = false;
         for notice in envelope.events {
-            let Some(target) = notice.target.filter(|_| notice.action.changes()) else {
+            let Some(Object(target)) = notice.target.filter(|_| notice.action.changes()) else {
                 continue;
             };
             if !seen_change {
                 event = notice.action.name();
                 seen_change = true;
             }
-            if let Some(key) = extension_of(&self.namespace, &target.repository) {
+            if let Some(key) = extension_of(&self.receiver.namespace, &target.repository) {
                 if !changed.contains(&key) {
                     changed.push(key);
                 }
@@ -65,8 +78,10 @@ impl Receiver {
     }
 }
 
+/// The envelope; each part a JSON object (see [`Object`]).
 #[derive(Deserialize)]
 struct Envelope {
+    #[serde(deserialize_with = "objects")]
     events: Vec<Notice>,
 }
 
@@ -74,7 +89,7 @@ struct Envelope {
 struct Notice {
     action: Action,
     /// Used only for pushes and deletes.
-    target: Option<Target>,
+    target: Option<Object<Target>>,
 }
 
 #[derive(Clone, Copy, Deserialize)]
@@ -130,6 +145,11 @@ mod tests {
         Receiver::new(Secret::from_file(&path, "test").unwrap(), &config.oci[0])
     }
 
+    /// A notification of `headers` and `body`, admitted then received.
+    fn receive(headers: &HeaderMap, body: &[u8]) -> Result<Announcement, Refusal> {
+        receiver().admit(headers)?.receive(body)
+    }
+
     fn authorized() -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, "Bearer notify-token".parse().unwrap());
@@ -150,14 +170,10 @@ mod tests {
 
     #[test]
     fn pushes_and_deletes_under_the_namespace_name_their_extension_once() {
-        let got = receiver()
-            .receive(&authorized(), &fixture("oci-push.json"))
-            .unwrap();
+        let got = receive(&authorized(), &fixture("oci-push.json")).unwrap();
         assert_eq!(got.event, "push");
         assert_eq!(got.changed, vec![key(ExtensionType::Provider, "aws")]);
-        let got = receiver()
-            .receive(&authorized(), &fixture("oci-delete.json"))
-            .unwrap();
+        let got = receive(&authorized(), &fixture("oci-delete.json")).unwrap();
         assert_eq!(got.event, "delete");
         assert_eq!(
             got.changed,
@@ -170,15 +186,27 @@ mod tests {
         let pulls = br#"{"events": [
             {"action": "pull", "target": {"repository": "provisioning/aws-provider"}}
         ]}"#;
-        let got = receiver().receive(&authorized(), pulls).unwrap();
+        let got = receive(&authorized(), pulls).unwrap();
         assert_eq!(got.changed, vec![]);
         let elsewhere = br#"{"events": [
             {"action": "push", "target": {"repository": "other/aws-provider", "tag": "1.0.0"}},
             {"action": "push", "target": {"repository": "provisioning/website", "tag": "1"}},
             {"action": "push", "target": {"repository": "provisioning/a/b-provider"}}
         ]}"#;
-        let got = receiver().receive(&authorized(), elsewhere).unwrap();
+        let got = receive(&authorized(), elsewhere).unwrap();
         assert_eq!(got.changed, vec![]);
+    }
+
+    #[test]
+    fn only_objects_are_read_as_the_envelope_and_its_parts() {
+        for body in [
+            &br#"{"events": [["push", ["provisioning/aws-provider"]]]}"#[..],
+            br#"[[{"action": "push", "target": {"repository": "provisioning/aws-provider"}}]]"#,
+            br#"{"events": [{"action": "push", "target": ["provisioning/aws-provider"]}]}"#,
+        ] {
+            let got = receive(&authorized(), body);
+            assert!(matches!(got, Err(Refusal::InvalidBody(_))), "{got:?}");
+        }
     }
 
     #[test]
@@ -186,7 +214,7 @@ mod tests {
         let mut wrong = HeaderMap::new();
         wrong.insert(AUTHORIZATION, "Bearer notify-tokeN".parse().unwrap());
         for headers in [HeaderMap::new(), wrong] {
-            let got = receiver().receive(&headers, b"not JSON");
+            let got = receive(&headers, b"not JSON");
             assert!(matches!(got, Err(Refusal::Unauthorized(_))), "{got:?}");
         }
         for body in [
@@ -194,7 +222,7 @@ mod tests {
             b"{}",
             b"{\"events\": [{\"action\": \"push\"}]}",
         ] {
-            let got = receiver().receive(&authorized(), body);
+            let got = receive(&authorized(), body);
             let invalid = matches!(got, Err(Refusal::InvalidBody(_)));
             // A push without a target names nothing: acknowledged, nothing changed.
             let nothing = got.as_ref().is_ok_and(|a| a.changed.is_empty());
