@@ -45,6 +45,13 @@ async fn check_ranges(app: &HttpService, uri: &str, artifact: &[u8]) {
     assert_eq!(whole.header("etag"), etag);
     assert!(whole.headers.get("content-range").is_none());
     assert_eq!(&whole.body[..], artifact);
+    // A client holding the artifact revalidates it by its digest: 304, as documented.
+    for method in ["GET", "HEAD"] {
+        let held = send(app, method, uri, &[("if-none-match", &etag)]).await;
+        assert_eq!(held.status, 304, "{method}");
+        assert_eq!(held.header("etag"), etag);
+        assert!(held.body.is_empty());
+    }
 
     // A download cut at k and resumed there puts the artifact back together.
     let k = size / 3;

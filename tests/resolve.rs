@@ -348,6 +348,36 @@ async fn batch_limits_and_bad_bodies_are_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_batch_is_refused_for_its_query_or_its_content_coding_before_its_body_is_read() {
+    let (app, calls) = app_configured(UNLIMITED);
+    let plan = json!({"requirements": [requirement("provider", "aws", "^1")]}).to_string();
+    let send = |uri: &'static str, coding: Option<&'static str>| {
+        let mut req = Request::post(uri).header("content-type", "application/json");
+        if let Some(coding) = coding {
+            req = req.header("content-encoding", coding);
+        }
+        app::send_request(&app, req.body(body::full(plan.clone())).unwrap())
+    };
+    for uri in [
+        "/api/v1/resolve?a=1&a=2",
+        "/api/v1/resolve?x=%ff",
+        "/api/v1/resolve?x=%00",
+    ] {
+        let answer = send(uri, None).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{uri}");
+        assert_eq!(answer.json()["error"], "invalid_parameter", "{uri}");
+    }
+    let answer = send("/api/v1/resolve", Some("gzip")).await;
+    assert_eq!(answer.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(answer.json()["error"], "unsupported_encoding");
+    assert_eq!(answer.header("accept-encoding"), "identity");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    // Unknown parameters are ignored here as everywhere, and identity is no coding.
+    let answer = send("/api/v1/resolve?x=1", Some("identity")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_body_that_does_not_arrive_is_408() {
     let (app, _) = app::sample_app();

@@ -355,6 +355,15 @@ where
                 return Ok(ApiError::route_not_found().into_response());
             };
             params.plain = plain;
+            if route.takes_post() {
+                // These routes take no parameters, but a query is checked as on every other.
+                if let Err(e) = query::Query::parse(uri.query()) {
+                    return Ok(e.into_response());
+                }
+                if let Some(refused) = request_body::coding_refused(&headers) {
+                    return Ok(refused);
+                }
+            }
             // Read for downloads alone. Range is defined for GET alone (RFC 9110 §14.2): a
             // HEAD describes the whole.
             let range = (route == Route::Download && method == Method::GET)

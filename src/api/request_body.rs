@@ -9,13 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::StatusCode;
+use http::header::{HeaderValue, ACCEPT_ENCODING, CONTENT_ENCODING};
+use http::{HeaderMap, Response, StatusCode};
 use http_body_util::BodyExt;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::body::Body;
 use crate::error::ApiError;
 use crate::BoxError;
 
@@ -40,6 +42,32 @@ fn too_large() -> ApiError {
         "body_too_large",
         format!("the body is larger than {MAX_BODY_BYTES} bytes"),
     )
+}
+
+/// The `415 unsupported_encoding`, with `Accept-Encoding: identity`, when the body comes with a
+/// content coding other than `identity` (RFC 9110 §8.4.1, §15.5.16): bodies are read as they
+/// come, and a compressed one would only fail as JSON, with a message about its first byte.
+pub fn coding_refused(headers: &HeaderMap) -> Option<Response<Body>> {
+    let coded = headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"identity"));
+    let coding = coded?;
+    let mut refused = ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_encoding",
+        format!(
+            "a body in Content-Encoding {} is not taken; send it uncompressed",
+            String::from_utf8_lossy(&coding[..coding.len().min(32)])
+        ),
+    )
+    .into_response();
+    refused
+        .headers_mut()
+        .insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    Some(refused)
 }
 
 /// The memory the bodies being read may hold past their first [`FREE_BYTES`] each. Without
@@ -211,6 +239,25 @@ mod tests {
             &Budget::new(budget),
         )
         .await
+    }
+
+    fn coded(codings: &[&'static str]) -> HeaderMap {
+        codings
+            .iter()
+            .map(|coding| (CONTENT_ENCODING, HeaderValue::from_static(coding)))
+            .collect()
+    }
+
+    #[test]
+    fn only_bodies_without_a_content_coding_are_taken() {
+        for codings in [&[][..], &["identity"], &["Identity , identity"], &[""]] {
+            assert!(coding_refused(&coded(codings)).is_none(), "{codings:?}");
+        }
+        for codings in [&["gzip"][..], &["identity, br"], &["identity", "x-custom"]] {
+            let refused = coding_refused(&coded(codings)).unwrap();
+            assert_eq!(refused.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+            assert_eq!(refused.headers()[ACCEPT_ENCODING], "identity");
+        }
     }
 
     #[tokio::test]
