@@ -153,7 +153,9 @@ fn bump(n: u64) -> Result<u64, ConstraintError> {
 
 impl Partial {
     fn parse(text: &str) -> Result<Self, ConstraintError> {
-        let bare = text.strip_prefix(['v', 'V']).unwrap_or(text);
+        // A lower-case `v` alone, as the ordering tolerates it (`registry::version`): read
+        // as semver, `V4.0.0` could never match the tag, which the ordering keeps as a tag.
+        let bare = text.strip_prefix('v').unwrap_or(text);
         let bare = bare.split_once('+').map_or(bare, |(v, _build)| v);
         let (numbers, pre) = match bare.split_once('-') {
             Some((numbers, pre)) => (numbers, Some(pre)),
@@ -436,7 +438,7 @@ mod tests {
     use crate::registry::Timestamp;
 
     /// The version set every case is matched against, newest first as backends answer.
-    const SET: [&str; 18] = [
+    const SET: [&str; 19] = [
         "2.1.0",
         "2.0.0",
         "2.0.0-rc.1",
@@ -454,6 +456,8 @@ mod tests {
         "0.1.0",
         "0.0.4",
         "0.0.3",
+        // Not semver: the ordering tolerates a lower-case `v` alone.
+        "V4.0.0",
         "nightly",
     ];
 
@@ -540,6 +544,8 @@ mod tests {
             // Tags that are not semver match only exactly, and nothing else matches them.
             ("nightly", false, "nightly"),
             ("=nightly", false, "nightly"),
+            ("V4.0.0", false, "V4.0.0"),
+            ("=V4.0.0", false, "V4.0.0"),
             (">=0.0.0", true, EVERY_SEMVER),
             // Terraform / OpenTofu: pessimistic ranges.
             ("~> 1.4", false, "1.10.0 1.4.7 1.4.0"),
