@@ -1,6 +1,7 @@
 //! Configuration: one documented struct per TOML section, parsed purely from text so tests can
 //! feed strings, validated with messages that name the file, the key and what would be valid.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -679,7 +680,7 @@ impl Config {
             let url = reqwest::Url::parse(&r.url).map_err(|e| {
                 format!(
                     "[redis] url: '{}' is not a URL ({e}); expected e.g. \"redis://127.0.0.1:6379/0\"",
-                    r.url
+                    redacted(&r.url)
                 )
             })?;
             if !matches!(url.scheme(), "redis" | "rediss") || url.host_str().is_none() {
@@ -822,8 +823,9 @@ impl<'a> BackendSection<'a> {
         let http_url = |key: &str, value: &str, expected: &str| {
             let url = reqwest::Url::parse(value).map_err(|e| {
                 format!(
-                    "{}: '{value}' is not a URL ({e}); expected {expected}",
-                    at(key)
+                    "{}: '{}' is not a URL ({e}); expected {expected}",
+                    at(key),
+                    redacted(value)
                 )
             })?;
             if !matches!(url.scheme(), "http" | "https") {
@@ -996,9 +998,35 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// `text`, a URL or what was meant as one, with everything between its scheme and its last
+/// `@` (user information, which may hold a password) shown as `***`: for the messages about
+/// a URL that did not parse, which cannot ask the parser where its password is.
+pub(crate) fn redacted(text: &str) -> Cow<'_, str> {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    match text[start..].rfind('@') {
+        Some(at) => Cow::Owned(format!("{}***{}", &text[..start], &text[start + at..])),
+        None => Cow::Borrowed(text),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_url_that_does_not_parse_is_shown_without_its_password() {
+        for text in [
+            "[local]\npath = \"x\"\n[redis]\nurl = \"redis://:S3cr3t-pw@127.0.0.1:36155:99/0\"\n",
+            "[local]\npath = \"x\"\n[redis]\nurl = \"rediss://:S3cr3t-pw@[::1/0\"\n",
+            "[gitea]\nurl = \"http://u:S3cr3t-pw@forge.test:99999/\"\norganization = \"o\"\n",
+        ] {
+            let refused = Config::parse(text, "config.toml", None)
+                .unwrap_err()
+                .to_string();
+            assert!(!refused.contains("S3cr3t"), "{refused}");
+            assert!(refused.contains("***@"), "{refused}");
+        }
+    }
 
     fn gitea(name: &str, extra: &str) -> String {
         format!("[[gitea]]\nname = {name:?}\nurl = \"http://forge.test/\"\norganization = \"o\"\n{extra}")

@@ -177,11 +177,15 @@ fn base_url(registry: &str, insecure: bool) -> Result<Url, String> {
         format!("{scheme}://{registry}")
     };
     let url = Url::parse(&with_scheme).map_err(|e| {
-        format!("registry: '{registry}' is not host[:port] or an http(s) URL ({e})")
+        format!(
+            "registry: '{}' is not host[:port] or an http(s) URL ({e})",
+            crate::config::redacted(registry)
+        )
     })?;
     if url.host_str().is_none() || url.path() != "/" || url.query().is_some() {
         return Err(format!(
-            "registry: '{registry}' must be host[:port] or scheme://host[:port], without a path"
+            "registry: '{}' must be host[:port] or scheme://host[:port], without a path",
+            crate::config::redacted(registry)
         ));
     }
     Ok(url)
@@ -779,6 +783,19 @@ mod tests {
         let weight = doc.weight();
         // So the 32 MiB memo holds tens of thousands of such manifests.
         assert!((500..2000).contains(&weight), "{weight}");
+    }
+
+    #[test]
+    fn a_registry_address_that_is_refused_is_shown_without_its_password() {
+        for registry in [
+            "http://reader:S3cr3t-pw@127.0.0.1:99999",
+            "reader:S3cr3t-pw@127.0.0.1:99999",
+            "https://reader:S3cr3t-pw@registry.test/some/path",
+        ] {
+            let refused = base_url(registry, false).unwrap_err();
+            assert!(!refused.contains("S3cr3t"), "{refused}");
+            assert!(refused.contains("***@"), "{refused}");
+        }
     }
 
     #[test]
