@@ -111,6 +111,24 @@ fn artifact(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Tags a manifest whose one layer is no `.tar.gz`: not a version.
+async fn push_without_artifact(reg: &Registry, repo: &str, tag: &str) {
+    let config_digest = reg.upload_blob(repo, b"{}").await;
+    let layer_digest = reg.upload_blob(repo, b"not a tarball").await;
+    reg.put_manifest(
+        repo,
+        tag,
+        registry::MANIFEST_TYPE,
+        &serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": registry::MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": 2},
+            "layers": [{"mediaType": "application/vnd.example.text", "digest": layer_digest, "size": 13}]
+        }),
+    )
+    .await;
+}
+
 fn annotations<'a>(description: &'a str, created: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("org.opencontainers.image.description", description),
@@ -194,24 +212,7 @@ async fn lists_gets_versions_and_downloads_from_an_anonymous_registry() {
     // Nothing to serve: a repository holding only a blob, and a manifest without a gzip layer.
     reg.upload_blob("provisioning/blobonly-provider", b"interrupted push")
         .await;
-    let config_digest = reg
-        .upload_blob("provisioning/nolayer-provider", b"{}")
-        .await;
-    let layer_digest = reg
-        .upload_blob("provisioning/nolayer-provider", b"not a tarball")
-        .await;
-    reg.put_manifest(
-        "provisioning/nolayer-provider",
-        "1.0.0",
-        registry::MANIFEST_TYPE,
-        &serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": registry::MANIFEST_TYPE,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": 2},
-            "layers": [{"mediaType": "application/vnd.example.text", "digest": layer_digest, "size": 13}]
-        }),
-    )
-    .await;
+    push_without_artifact(&reg, "provisioning/nolayer-provider", "1.0.0").await;
 
     // Pages of two repositories exercise the catalog's relative `Link`.
     let backend = OciBackend::with_catalog_page(&reg.oci_config(NS, None), 2).unwrap();
@@ -511,6 +512,27 @@ async fn a_hung_registry_times_out() {
     );
     let health = health(&backend).await;
     assert!(!health.healthy, "{health:?}");
+}
+
+#[tokio::test]
+async fn an_extension_whose_newest_tags_cannot_be_read_is_at_its_newest_readable_version() {
+    let reg = Registry::start(Auth::Anonymous).await;
+    let repo = "provisioning/halfway-provider";
+    reg.push(repo, "1.0.0", &artifact(70, 10), &[]).await;
+    push_without_artifact(&reg, repo, "2.0.0").await;
+    // 3.0.0 is listed, but its manifest is unknown, as while a push settles.
+    reg.push(repo, "3.0.0", &artifact(71, 10), &[]).await;
+    let link = reg
+        .dir()
+        .join("data/docker/registry/v2/repositories")
+        .join(repo)
+        .join("_manifests/tags/3.0.0/current/link");
+    std::fs::remove_file(&link).unwrap();
+
+    let backend = OciBackend::new(&reg.oci_config(NS, None)).unwrap();
+    let halfway = key(ExtensionType::Provider, "halfway");
+    assert_eq!(get(&backend, &halfway).await.unwrap().version, "1.0.0");
+    assert_eq!(versions(&backend, &halfway).await.unwrap(), ["1.0.0"]);
 }
 
 #[tokio::test]

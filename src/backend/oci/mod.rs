@@ -40,6 +40,10 @@ pub const CATALOG_PAGE: usize = 1000;
 /// 16 MiB, and a count alone would let a few thousand of them hold gigabytes.
 pub const MANIFEST_MEMO_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Rounds of tags tried for an extension's current version when the highest cannot be read
+/// (see `OciBackend::current_in`): bounds the manifests one lookup asks for.
+const CURRENT_ROUNDS: usize = 4;
+
 /// The repository prefix extensions live under, as configured less any outer `/`.
 pub fn namespace_of(config: &OciConfig) -> String {
     config.namespace.trim_matches('/').to_owned()
@@ -377,15 +381,28 @@ impl Inner {
 
     /// The extension at its current version. Only the tags that can be current are resolved:
     /// with semver tags, those equal to the highest (stable first); else every tag, as then
-    /// the publication time decides.
+    /// the publication time decides. When none of them can be read (a tag listed before its
+    /// manifest, as while a push settles, or one without an artifact), the next highest are
+    /// tried, [`CURRENT_ROUNDS`] times at most: an extension with older versions is never
+    /// reported missing for its newest tag alone.
     async fn current_in(
         &self,
         key: &ExtensionKey,
         repo: &str,
     ) -> Result<Option<(Extension, Resolved)>, CallError> {
-        let tags = self.tags(repo).await?;
-        let candidates = current_candidates(tags);
-        let resolved = self.resolve_tags(repo, key, candidates).await?;
+        let mut tags = self.tags(repo).await?;
+        let mut resolved = Vec::new();
+        for _ in 0..CURRENT_ROUNDS {
+            let candidates = current_candidates(&tags);
+            if candidates.is_empty() {
+                break;
+            }
+            tags.retain(|tag| !candidates.contains(tag));
+            resolved = self.resolve_tags(repo, key, candidates).await?;
+            if !resolved.is_empty() {
+                break;
+            }
+        }
         let versions: Vec<Version> = resolved.iter().map(|r| r.version.clone()).collect();
         let Some(current) = version::current(&versions) else {
             return Ok(None);
@@ -676,7 +693,7 @@ impl Inner {
 }
 
 /// The tags that can be an extension's current version (see `version::current`).
-fn current_candidates(tags: Vec<VersionTag>) -> Vec<VersionTag> {
+fn current_candidates(tags: &[VersionTag]) -> Vec<VersionTag> {
     let parsed: Vec<_> = tags
         .iter()
         .filter_map(|t| Some((t, version::parse_semver(t.as_str())?)))
@@ -688,7 +705,7 @@ fn current_candidates(tags: Vec<VersionTag>) -> Vec<VersionTag> {
         stable
     };
     let Some(highest) = pool.iter().map(|(_, v)| v).max() else {
-        return tags;
+        return tags.to_vec();
     };
     pool.iter()
         .filter(|(_, v)| v == highest)
@@ -826,12 +843,14 @@ mod tests {
 
     #[test]
     fn only_tags_that_can_be_current_are_resolved() {
-        let tags = |ts: &[&str]| ts.iter().map(|t| VersionTag::parse(t).unwrap()).collect();
+        let tags = |ts: &[&str]| -> Vec<VersionTag> {
+            ts.iter().map(|t| VersionTag::parse(t).unwrap()).collect()
+        };
         let names = |ts: Vec<VersionTag>| -> Vec<String> {
             ts.into_iter().map(|t| t.as_str().to_owned()).collect()
         };
         assert_eq!(
-            names(current_candidates(tags(&[
+            names(current_candidates(&tags(&[
                 "1.0.0",
                 "v1.2.0",
                 "1.2.0",
@@ -841,7 +860,7 @@ mod tests {
             ["v1.2.0", "1.2.0"]
         );
         assert_eq!(
-            names(current_candidates(tags(&[
+            names(current_candidates(&tags(&[
                 "0.1.0-alpha",
                 "0.2.0-beta",
                 "edge"
@@ -849,7 +868,7 @@ mod tests {
             ["0.2.0-beta"]
         );
         assert_eq!(
-            names(current_candidates(tags(&["edge", "nightly"]))),
+            names(current_candidates(&tags(&["edge", "nightly"]))),
             ["edge", "nightly"]
         );
     }
