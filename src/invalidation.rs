@@ -21,6 +21,13 @@
 //! cache's background-refresh permits: none free, no refresh ahead, and the next client
 //! fetches as it would have.
 //!
+//! An invalidation the shared level or the bus could not take (Redis down or frozen) is
+//! remembered and delivered again every [`REDELIVER_AFTER`] until Redis takes it: otherwise
+//! the shared answers it should have dropped would outlive it, and every replica would take
+//! them back once Redis answered again (all of them drop their own entries when their
+//! subscription is renewed). At most [`MAX_UNDELIVERED`] scopes are remembered; past that,
+//! everything is.
+//!
 //! Renderings need no dropping of their own: each is served only while the cached value it
 //! was rendered from is the one in the cache, so the next answer after an invalidation is
 //! rendered afresh. A refresh already under way when an invalidation arrives may have read
@@ -45,6 +52,13 @@ pub const SETTLE: Duration = Duration::from_secs(2);
 /// Most settling re-checks waiting at once (one per scope); past it a new one is skipped,
 /// and that scope's answer is as fresh as the TTL keeps it.
 pub const MAX_SETTLING: usize = 1024;
+
+/// How often invalidations Redis could not take are delivered again, while there are any.
+pub const REDELIVER_AFTER: Duration = Duration::from_secs(1);
+
+/// Most undelivered invalidations remembered one by one; past it they become one of
+/// [`Scope::All`].
+pub const MAX_UNDELIVERED: usize = 64;
 
 /// What changed.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -97,15 +111,16 @@ pub struct Dropped {
 
 /// Carries invalidations to the other replicas.
 pub trait Bus: Send + Sync + 'static {
-    /// Tells the other replicas that `scope` changed; never waits for them.
-    fn publish(&self, scope: &Scope);
+    /// Tells the other replicas that `scope` changed, without waiting for them; `false` when
+    /// the message could not be sent.
+    fn publish<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, bool>;
 }
 
 /// The cache level every replica reads (Redis).
 pub trait SharedLevel: Send + Sync + 'static {
-    /// Drops the shared answers `scope` covers, returning how many; drops nothing (0) when the
-    /// level does not answer.
-    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64>;
+    /// Drops the shared answers `scope` covers, returning how many; `None` when the level
+    /// did not answer (so some may be left).
+    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Option<u64>>;
 }
 
 /// Drops cached answers here and, through the bus, on every other replica.
@@ -119,6 +134,15 @@ pub struct Invalidator {
     ahead: Option<BackendService>,
     /// The scopes with a settling re-check waiting.
     settling: Arc<Mutex<HashSet<Scope>>>,
+    /// Invalidations the shared level or the bus could not take, delivered again.
+    undelivered: Arc<Mutex<Undelivered>>,
+}
+
+#[derive(Default)]
+struct Undelivered {
+    scopes: Vec<Scope>,
+    /// Whether the task delivering them again runs.
+    redelivering: bool,
 }
 
 impl Invalidator {
@@ -130,6 +154,7 @@ impl Invalidator {
             shared: None,
             ahead: None,
             settling: Arc::default(),
+            undelivered: Arc::default(),
         }
     }
 
@@ -160,15 +185,76 @@ impl Invalidator {
 
     /// `scope` changed: drops it from the shared level, here, and tells the other replicas.
     pub async fn invalidate(&self, scope: Scope) -> Dropped {
-        if let Some(shared) = &self.shared {
-            let forgotten = shared.forget(&scope).await;
-            tracing::debug!(?scope, forgotten, "shared answers dropped");
-        }
+        let forgotten = self.forget_shared(&scope).await;
         let dropped = self.drop_local(&scope, "local");
-        if let Some(bus) = &self.bus {
-            bus.publish(&scope);
+        let told = self.tell(&scope).await;
+        if !(forgotten && told) {
+            self.remember_undelivered(scope);
         }
         dropped
+    }
+
+    /// Drops `scope` from the shared level; whether the level took it (or there is none).
+    async fn forget_shared(&self, scope: &Scope) -> bool {
+        let Some(shared) = &self.shared else {
+            return true;
+        };
+        let forgotten = shared.forget(scope).await;
+        tracing::debug!(?scope, ?forgotten, "shared answers dropped");
+        forgotten.is_some()
+    }
+
+    /// Tells the other replicas; whether the bus took it (or there is none).
+    async fn tell(&self, scope: &Scope) -> bool {
+        match &self.bus {
+            Some(bus) => bus.publish(scope).await,
+            None => true,
+        }
+    }
+
+    /// Keeps `scope` to deliver again, and starts delivering while none does.
+    fn remember_undelivered(&self, scope: Scope) {
+        let mut undelivered = lock(&self.undelivered);
+        let scopes = &mut undelivered.scopes;
+        if scopes.first() != Some(&Scope::All) && !scopes.contains(&scope) {
+            if scope == Scope::All || scopes.len() >= MAX_UNDELIVERED {
+                *scopes = vec![Scope::All];
+            } else {
+                scopes.push(scope);
+            }
+        }
+        if undelivered.redelivering {
+            return;
+        }
+        undelivered.redelivering = true;
+        tracing::warn!("invalidations did not reach redis; delivering them again until it answers");
+        let this = self.clone();
+        tokio::spawn(async move { this.redeliver().await });
+    }
+
+    /// Delivers the undelivered invalidations every [`REDELIVER_AFTER`] until all are.
+    async fn redeliver(&self) {
+        loop {
+            tokio::time::sleep(REDELIVER_AFTER).await;
+            let pending = std::mem::take(&mut lock(&self.undelivered).scopes);
+            let mut failed = Vec::new();
+            for scope in pending {
+                if !(self.forget_shared(&scope).await && self.tell(&scope).await) {
+                    failed.push(scope);
+                }
+            }
+            let mut undelivered = lock(&self.undelivered);
+            for scope in failed {
+                if !undelivered.scopes.contains(&scope) {
+                    undelivered.scopes.push(scope);
+                }
+            }
+            if undelivered.scopes.is_empty() {
+                undelivered.redelivering = false;
+                tracing::info!("undelivered invalidations delivered");
+                return;
+            }
+        }
     }
 
     /// `scope` changed, but its source may not show the change yet: invalidates now and once
@@ -362,10 +448,84 @@ mod tests {
     struct Forgetting(Mutex<Vec<Scope>>);
 
     impl SharedLevel for Forgetting {
-        fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64> {
+        fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Option<u64>> {
             lock(&self.0).push(scope.clone());
-            Box::pin(async { 1 })
+            Box::pin(async { Some(1) })
         }
+    }
+
+    /// A shared level and a bus that take nothing until `answering`, remembering what they
+    /// were given.
+    #[derive(Default)]
+    struct Down {
+        answering: std::sync::atomic::AtomicBool,
+        forgot: Mutex<Vec<Scope>>,
+        told: Mutex<Vec<Scope>>,
+    }
+
+    impl Down {
+        fn answers(&self) -> bool {
+            self.answering.load(Ordering::SeqCst)
+        }
+    }
+
+    impl SharedLevel for Down {
+        fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Option<u64>> {
+            lock(&self.forgot).push(scope.clone());
+            Box::pin(async { self.answers().then_some(1) })
+        }
+    }
+
+    impl Bus for Down {
+        fn publish<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, bool> {
+            lock(&self.told).push(scope.clone());
+            Box::pin(async { self.answers() })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidations_redis_could_not_take_are_delivered_once_it_answers() {
+        let down = Arc::new(Down::default());
+        let invalidator = Invalidator::new(caches())
+            .with_shared(down.clone())
+            .with_bus(down.clone());
+        let type_scope = Scope::Type(ExtensionType::Taskserv);
+        invalidator.invalidate(Scope::Extension(aws())).await;
+        invalidator.invalidate(type_scope.clone()).await;
+        invalidator.invalidate(Scope::Extension(aws())).await;
+        assert_eq!((lock(&down.forgot).len(), lock(&down.told).len()), (3, 3));
+        // Tried again while Redis does not answer: each scope once a round, the shared level
+        // first.
+        tokio::time::sleep(REDELIVER_AFTER * 3 + Duration::from_millis(1)).await;
+        assert_eq!((lock(&down.forgot).len(), lock(&down.told).len()), (9, 3));
+        down.answering.store(true, Ordering::SeqCst);
+        tokio::time::sleep(REDELIVER_AFTER + Duration::from_millis(1)).await;
+        let told = lock(&down.told).clone();
+        assert_eq!(told[3..], [Scope::Extension(aws()), type_scope]);
+        assert_eq!(lock(&down.forgot).len(), 11);
+        // All delivered: nothing more is sent.
+        tokio::time::sleep(REDELIVER_AFTER * 5).await;
+        assert_eq!((lock(&down.forgot).len(), lock(&down.told).len()), (11, 5));
+    }
+
+    #[test]
+    fn too_many_undelivered_invalidations_become_one_of_everything() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let invalidator = Invalidator::new(caches());
+        for n in 0..=MAX_UNDELIVERED {
+            let name = ExtensionName::parse(&format!("e{n}")).unwrap();
+            invalidator.remember_undelivered(Scope::Extension(ExtensionKey {
+                ty: ExtensionType::Provider,
+                name,
+            }));
+        }
+        assert_eq!(lock(&invalidator.undelivered).scopes, [Scope::All]);
+        invalidator.remember_undelivered(Scope::Type(ExtensionType::Cluster));
+        assert_eq!(lock(&invalidator.undelivered).scopes, [Scope::All]);
     }
 
     #[tokio::test(start_paused = true)]

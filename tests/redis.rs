@@ -175,12 +175,7 @@ async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_under_way_when_an_invalidation_arrives_does_not_share_its_old_answer() {
     let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("admin-token");
-    std::fs::write(&token, "purge-t0ken\n").unwrap();
-    let admin = format!("[admin]\ntoken_path = {:?}\n", token.display().to_string());
-    let mut config = config_with(&redis, "race:", &admin);
-    config.cache.refresh_on_invalidate = false;
+    let (config, _dir) = purging_config(&redis, "race:");
     let gate = Arc::new(Semaphore::new(0));
     let (a, b) = (replica(&config, Some(gate.clone())), replica(&config, None));
     connected(&[&a, &b]).await;
@@ -197,13 +192,10 @@ async fn a_refresh_under_way_when_an_invalidation_arrives_does_not_share_its_old
     until("A asked its backend", || async { a.calls() == 1 }).await;
 
     // The change is learnt (here by B) while A's refresh is under way.
-    let purge = http::Request::post("/api/v1/cache/purge")
-        .header("authorization", "Bearer purge-t0ken")
-        .body(extension_registry::body::full(
-            r#"{"type": "provider", "name": "aws"}"#,
-        ))
-        .unwrap();
-    assert_eq!(send_request(&b.app, purge).await.status, StatusCode::OK);
+    assert_eq!(
+        send_request(&b.app, purge_aws()).await.status,
+        StatusCode::OK
+    );
     gate.add_permits(1);
     assert_eq!(refresh.await.unwrap().unwrap().status(), StatusCode::OK);
 
@@ -218,6 +210,61 @@ async fn a_refresh_under_way_when_an_invalidation_arrives_does_not_share_its_old
     // What A fetched the second time is what the cluster shares from now on.
     assert_eq!(get(&b.app, aws).await.status, StatusCode::OK);
     assert_eq!(b.calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_invalidation_made_while_redis_is_frozen_reaches_the_cluster_once_it_answers() {
+    let redis = RedisServer::start().await;
+    let (config, _dir) = purging_config(&redis, "frozen:");
+    let (a, b) = (replica(&config, None), replica(&config, None));
+    connected(&[&a, &b]).await;
+    let aws = "/api/v1/extensions/provider/aws";
+    get(&a.app, aws).await;
+    get(&b.app, aws).await;
+    assert_eq!(
+        (a.calls(), b.calls()),
+        (1, 0),
+        "B took A's answer from Redis"
+    );
+
+    // A learns of a change while Redis answers nothing: its commands time out.
+    redis.signal("STOP");
+    assert_eq!(
+        send_request(&a.app, purge_aws()).await.status,
+        StatusCode::OK
+    );
+    redis.signal("CONT");
+
+    // Once Redis answers, A delivers it: the shared answer is dropped and B is told, so B
+    // asks its backend. (Before, B served the old answer from its own cache, and both took
+    // it back from Redis, until it expired.)
+    until("B asks its backend again", || async {
+        get(&b.app, aws).await;
+        b.calls() == 1
+    })
+    .await;
+}
+
+/// [`config`] with the operators' purge (token `purge-t0ken`, in the directory returned)
+/// and without refreshing ahead, so the drop itself can be seen.
+fn purging_config(redis: &RedisServer, prefix: &str) -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, "purge-t0ken\n").unwrap();
+    let admin = format!("[admin]\ntoken_path = {:?}\n", token.display().to_string());
+    let mut config = config_with(redis, prefix, &admin);
+    config.cache.refresh_on_invalidate = false;
+    (config, dir)
+}
+
+/// The operators' purge of provider/aws.
+fn purge_aws() -> http::Request<extension_registry::body::Body> {
+    http::Request::post("/api/v1/cache/purge")
+        .header("authorization", "Bearer purge-t0ken")
+        .body(extension_registry::body::full(
+            r#"{"type": "provider", "name": "aws"}"#,
+        ))
+        .unwrap()
 }
 
 /// How many `SET`s redis has run.

@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
@@ -114,24 +115,23 @@ pub fn channel(redis: &Redis) -> String {
 }
 
 impl Bus for RedisBus {
-    fn publish(&self, scope: &Scope) {
+    fn publish<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, bool> {
         let message = Message {
             v: SCHEMA_VERSION,
             from: self.replica.to_string(),
             scope: scope.into(),
         };
-        let Ok(text) = serde_json::to_string(&message) else {
-            return;
-        };
-        let publish = redis::cmd("PUBLISH").arg(&self.channel).arg(text).clone();
-        let redis = self.redis.clone();
-        tokio::spawn(async move {
-            let outcome = match redis.run::<i64>(&publish).await {
-                Some(_) => "ok",
-                None => "failed",
+        Box::pin(async move {
+            // A message of three known shapes always serialises.
+            let Ok(text) = serde_json::to_string(&message) else {
+                return true;
             };
+            let publish = redis::cmd("PUBLISH").arg(&self.channel).arg(text).clone();
+            let sent = self.redis.run::<i64>(&publish).await.is_some();
+            let outcome = if sent { "ok" } else { "failed" };
             metrics::counter!("redis_invalidations_sent_total", "outcome" => outcome).increment(1);
-        });
+            sent
+        })
     }
 }
 

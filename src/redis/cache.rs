@@ -197,7 +197,7 @@ impl SharedCacheLayer {
 }
 
 impl SharedLevel for SharedCacheLayer {
-    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, u64> {
+    fn forget<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Option<u64>> {
         Box::pin(self.state.forget(scope))
     }
 }
@@ -371,12 +371,13 @@ impl State {
         }
     }
 
-    /// Drops the shared answers `scope` covers; see the module documentation.
-    async fn forget(&self, scope: &Scope) -> u64 {
+    /// Drops the shared answers `scope` covers, counting them; `None` when Redis did not
+    /// take every command (some may be left). See the module documentation.
+    async fn forget(&self, scope: &Scope) -> Option<u64> {
         // First, so a refresh that read the old state stores nothing from now on; the keys
         // stored before are dropped below.
         let bump = redis::cmd("INCR").arg(&self.generation).clone();
-        self.redis.run::<u64>(&bump).await;
+        self.redis.run::<u64>(&bump).await?;
         let base = self.redis.key("cache:");
         let pattern = format!("{base}*");
         let (mut cursor, mut forgotten) = (0_u64, 0);
@@ -388,19 +389,17 @@ impl State {
                 .arg("COUNT")
                 .arg(SCAN_COUNT)
                 .clone();
-            let Some((next, keys)) = self.redis.run::<(u64, Vec<String>)>(&scan).await else {
-                return forgotten;
-            };
+            let (next, keys) = self.redis.run::<(u64, Vec<String>)>(&scan).await?;
             let covered: Vec<&String> = keys
                 .iter()
                 .filter(|k| k.strip_prefix(&base).is_some_and(|k| covered(scope, k)))
                 .collect();
             if !covered.is_empty() {
                 let unlink = redis::cmd("UNLINK").arg(&covered).clone();
-                forgotten += self.redis.run::<u64>(&unlink).await.unwrap_or(0);
+                forgotten += self.redis.run::<u64>(&unlink).await?;
             }
             if next == 0 {
-                return forgotten;
+                return Some(forgotten);
             }
             cursor = next;
         }

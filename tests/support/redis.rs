@@ -40,6 +40,17 @@ impl RedisServer {
         }
     }
 
+    /// Sends it `signal` (`STOP`: it keeps its connections but answers nothing, like a hung
+    /// server; `CONT`: it goes on), through the shell's builtin `kill`.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis running").id();
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{signal} {pid}")])
+            .status()
+            .expect("run sh");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Starts it (again) on the same port, and waits until it answers.
     pub async fn restart(&mut self) {
         self.stop();
