@@ -145,6 +145,21 @@ struct Undelivered {
     redelivering: bool,
 }
 
+impl Undelivered {
+    /// Adds `scope` once; past [`MAX_UNDELIVERED`], or for everything, keeps everything alone.
+    fn add(&mut self, scope: Scope) {
+        let scopes = &mut self.scopes;
+        if scopes.first() == Some(&Scope::All) || scopes.contains(&scope) {
+            return;
+        }
+        if scope == Scope::All || scopes.len() >= MAX_UNDELIVERED {
+            *scopes = vec![Scope::All];
+        } else {
+            scopes.push(scope);
+        }
+    }
+}
+
 impl Invalidator {
     /// Invalidates this replica's `caches` only.
     pub fn new(caches: Caches) -> Self {
@@ -215,14 +230,7 @@ impl Invalidator {
     /// Keeps `scope` to deliver again, and starts delivering while none does.
     fn remember_undelivered(&self, scope: Scope) {
         let mut undelivered = lock(&self.undelivered);
-        let scopes = &mut undelivered.scopes;
-        if scopes.first() != Some(&Scope::All) && !scopes.contains(&scope) {
-            if scope == Scope::All || scopes.len() >= MAX_UNDELIVERED {
-                *scopes = vec![Scope::All];
-            } else {
-                scopes.push(scope);
-            }
-        }
+        undelivered.add(scope);
         if undelivered.redelivering {
             return;
         }
@@ -232,22 +240,26 @@ impl Invalidator {
         tokio::spawn(async move { this.redeliver().await });
     }
 
-    /// Delivers the undelivered invalidations every [`REDELIVER_AFTER`] until all are.
+    /// Delivers the undelivered invalidations every [`REDELIVER_AFTER`] until all are: each
+    /// is dropped from the shared level, then here again (an answer this replica took back
+    /// from Redis before it was dropped there would otherwise stay), then told.
     async fn redeliver(&self) {
         loop {
             tokio::time::sleep(REDELIVER_AFTER).await;
             let pending = std::mem::take(&mut lock(&self.undelivered).scopes);
             let mut failed = Vec::new();
             for scope in pending {
-                if !(self.forget_shared(&scope).await && self.tell(&scope).await) {
+                let forgotten = self.forget_shared(&scope).await;
+                if forgotten {
+                    self.drop_local(&scope, "redelivered");
+                }
+                if !(forgotten && self.tell(&scope).await) {
                     failed.push(scope);
                 }
             }
             let mut undelivered = lock(&self.undelivered);
             for scope in failed {
-                if !undelivered.scopes.contains(&scope) {
-                    undelivered.scopes.push(scope);
-                }
+                undelivered.add(scope);
             }
             if undelivered.scopes.is_empty() {
                 undelivered.redelivering = false;

@@ -86,8 +86,9 @@ where
         Ok(receive) => receive,
         Err(refusal) => return invalidate(shared, sender, Err(refusal)).await,
     };
-    let bytes = read(shared, sender, body).await?;
-    invalidate(shared, sender, receive(&bytes)).await
+    // The body is let go before invalidating, as it is no longer counted in the budget.
+    let announced = receive(&read(shared, sender, body).await?);
+    invalidate(shared, sender, announced).await
 }
 
 /// Reads a delivery's body, counting a refused one.
@@ -191,8 +192,7 @@ where
         );
         return Ok(bearer_challenge(error, true));
     }
-    let bytes = request_body::read(body, &shared.bodies).await?;
-    let scope = purge_scope(&bytes)?;
+    let scope = purge_scope(&request_body::read(body, &shared.bodies).await?)?;
     let key = match &scope {
         Scope::Extension(key) => vec![key.to_string()],
         _ => Vec::new(),

@@ -199,8 +199,12 @@ where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
-    let bytes = request_body::read(body, &shared.bodies).await?;
-    let Object(plan) = serde_json::from_slice::<Object<Plan>>(&bytes).map_err(invalid_body)?;
+    // The body is let go once parsed: resolving may take a while, and its bytes are no longer
+    // counted in the bodies' budget then.
+    let Object(plan) = {
+        let bytes = request_body::read(body, &shared.bodies).await?;
+        serde_json::from_slice::<Object<Plan>>(&bytes).map_err(invalid_body)?
+    };
     let n = plan.requirements.len();
     if n == 0 {
         return Err(invalid_body("requirements is empty"));
