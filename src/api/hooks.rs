@@ -3,8 +3,9 @@
 //! (an operator's purge). Each refuses what its headers alone can (a missing signature, a
 //! wrong token) before reading anything, reads its body whole (capped, with a timeout,
 //! within the bodies' budget), checks the signature against the raw bytes before parsing
-//! anything, and answers what it dropped. A route whose secret is not configured answers 404 like an unknown path. They
-//! pass the rate limit like every other route. Replaying a delivery only invalidates again.
+//! anything, and answers what it dropped. A route whose secret is not configured answers 404
+//! like an unknown path. They pass the rate limit like every other route. Replaying a
+//! delivery only invalidates again.
 
 use http::header::{HeaderValue, WWW_AUTHENTICATE};
 use http::{HeaderMap, Response, StatusCode};
@@ -50,8 +51,21 @@ struct Answer {
     dropped: Dropped,
 }
 
-/// Checks an admitted delivery's raw body and reads what it announced.
-type Receive<'k> = Box<dyn FnOnce(&[u8]) -> Result<Announcement, Refusal> + Send + 'k>;
+/// A delivery whose headers were admitted, waiting for its body.
+enum Admitted<'k> {
+    Gitea(hooks::gitea::Admitted<'k>),
+    Oci(hooks::oci::Admitted<'k>),
+}
+
+impl Admitted<'_> {
+    /// Checks the raw body and reads what the delivery announced.
+    fn receive(self, body: &[u8]) -> Result<Announcement, Refusal> {
+        match self {
+            Self::Gitea(admitted) => admitted.receive(body),
+            Self::Oci(admitted) => admitted.receive(body),
+        }
+    }
+}
 
 /// `POST /api/v1/hooks/{gitea,oci}`. What the headers alone can refuse (a missing or
 /// malformed signature, a wrong token) is refused before the body is read, so an
@@ -68,26 +82,22 @@ where
     B::Error: Into<BoxError>,
 {
     let keys = &shared.hooks;
-    let admitted: Result<Receive<'_>, Refusal> = match sender {
+    let admitted = match sender {
         Sender::Gitea => {
             let receiver = keys.gitea.as_ref().ok_or_else(ApiError::route_not_found)?;
-            receiver
-                .admit(headers)
-                .map(|admitted| Box::new(move |bytes: &[u8]| admitted.receive(bytes)) as _)
+            receiver.admit(headers).map(Admitted::Gitea)
         }
         Sender::Oci => {
             let receiver = keys.oci.as_ref().ok_or_else(ApiError::route_not_found)?;
-            receiver
-                .admit(headers)
-                .map(|admitted| Box::new(move |bytes: &[u8]| admitted.receive(bytes)) as _)
+            receiver.admit(headers).map(Admitted::Oci)
         }
     };
-    let receive = match admitted {
-        Ok(receive) => receive,
+    let admitted = match admitted {
+        Ok(admitted) => admitted,
         Err(refusal) => return invalidate(shared, sender, Err(refusal)).await,
     };
     // The body is let go before invalidating, as it is no longer counted in the budget.
-    let announced = receive(&read(shared, sender, body).await?);
+    let announced = admitted.receive(&read(shared, sender, body).await?);
     invalidate(shared, sender, announced).await
 }
 
