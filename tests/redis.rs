@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use extension_registry::config::Config;
 use extension_registry::redis::Redis;
-use extension_registry::registry::{BackendRequest, BackendService, Source};
+use extension_registry::registry::{BackendRequest, BackendService, RegistryError, Source};
 use extension_registry::stack::{self, HttpService};
 use http::StatusCode;
 use tokio::sync::Semaphore;
@@ -54,14 +54,26 @@ fn config_with(redis: &RedisServer, prefix: &str, more: &str) -> Config {
 /// A replica over the sample extensions; `gate`, if given, holds every backend call until it
 /// has a permit.
 fn replica(config: &Config, gate: Option<Arc<Semaphore>>) -> Replica {
+    replica_over(config, gate, false)
+}
+
+/// [`replica`], whose backend fails every call past the gate when `sick` (its health probe
+/// still passes).
+fn replica_over(config: &Config, gate: Option<Arc<Semaphore>>, sick: bool) -> Replica {
     let local = local_backend(&samples());
     // Counted as it is asked, before the gate: a test sees a call while it is held.
     let (backend, calls) = counting(BackendService::new(tower::service_fn(
         move |req: BackendRequest| {
             let (backend, gate) = (local.clone(), gate.clone());
             async move {
-                if let (Some(gate), false) = (gate, req == BackendRequest::Health) {
+                if req == BackendRequest::Health {
+                    return backend.oneshot(req).await;
+                }
+                if let Some(gate) = gate {
                     let _permit = gate.acquire().await;
+                }
+                if sick {
+                    return Err(RegistryError::unavailable(Source::Local, "disk gone"));
                 }
                 backend.oneshot(req).await
             }
@@ -124,6 +136,44 @@ async fn an_answer_fetched_by_one_replica_is_served_by_another_without_a_backend
     assert_eq!(stored["answer"]["extension"]["name"], "aws");
 }
 
+/// Sends `n` requests for `path`, alternating between `a` and `b`, whose backends `gate`
+/// holds; lets the backends answer once one replica holds the lock and asks its backend and the
+/// other has found the lock taken (seen as a second, refused `SET` in redis's command
+/// statistics). The statuses.
+async fn over_one_lock(
+    redis: &RedisServer,
+    (a, b): (&Replica, &Replica),
+    gate: &Semaphore,
+    path: &str,
+    n: usize,
+) -> Vec<StatusCode> {
+    let requests: Vec<_> = (0..n)
+        .map(|i| {
+            let app = if i % 2 == 0 { &a.app } else { &b.app };
+            let req: http::Request<extension_registry::body::Body> = http::Request::get(path)
+                .body(extension_registry::body::empty())
+                .unwrap();
+            // The service's own future, spawned as it is: an `async` block around it would
+            // have to be `Send` for every lifetime of the body's error type.
+            tokio::spawn(app.clone().oneshot(req))
+        })
+        .collect();
+    until("one replica asked its backend", || async {
+        a.calls() + b.calls() == 1
+    })
+    .await;
+    until("the other replica found the lock taken", || async {
+        set_calls(redis).await >= 2
+    })
+    .await;
+    gate.add_permits(1000);
+    let mut statuses = Vec::new();
+    for request in requests {
+        statuses.push(request.await.unwrap().unwrap().status());
+    }
+    statuses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
     let redis = RedisServer::start().await;
@@ -135,40 +185,36 @@ async fn concurrent_cold_requests_over_two_replicas_make_one_backend_call() {
     );
     connected(&[&a, &b]).await;
 
-    let requests: Vec<_> = (0..40)
-        .map(|i| {
-            let app = if i % 2 == 0 {
-                a.app.clone()
-            } else {
-                b.app.clone()
-            };
-            let req: http::Request<extension_registry::body::Body> =
-                http::Request::get("/api/v1/extensions")
-                    .body(extension_registry::body::empty())
-                    .unwrap();
-            // The service's own future, spawned as it is: an `async` block around it would
-            // have to be `Send` for every lifetime of the body's error type.
-            tokio::spawn(app.oneshot(req))
-        })
-        .collect();
-    // One replica holds the lock and asks its (held) backend; the other waits for it: seen
-    // as a second, refused `SET` in redis's command statistics.
-    until("one replica asked its backend", || async {
-        a.calls() + b.calls() == 1
-    })
-    .await;
-    until("the other replica found the lock taken", || async {
-        set_calls(&redis).await >= 2
-    })
-    .await;
-    gate.add_permits(1000);
-    for request in requests {
-        assert_eq!(request.await.unwrap().unwrap().status(), StatusCode::OK);
-    }
+    let statuses = over_one_lock(&redis, (&a, &b), &gate, "/api/v1/extensions", 40).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
     assert_eq!(
         a.calls() + b.calls(),
         1,
         "one listing's worth of backend calls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_fault_met_by_one_replica_is_given_to_those_waiting_on_it() {
+    let redis = RedisServer::start().await;
+    let config = config(&redis, "sick:");
+    let gate = Arc::new(Semaphore::new(0));
+    let (a, b) = (
+        replica_over(&config, Some(gate.clone()), true),
+        replica_over(&config, Some(gate.clone()), true),
+    );
+    connected(&[&a, &b]).await;
+
+    let aws = "/api/v1/extensions/provider/aws";
+    let statuses = over_one_lock(&redis, (&a, &b), &gate, aws, 2).await;
+    assert_eq!(statuses, [StatusCode::BAD_GATEWAY; 2]);
+    assert_eq!(
+        a.calls() + b.calls(),
+        1,
+        "the waiting replica took the fault instead of asking its sick backend again"
     );
 }
 
@@ -341,6 +387,31 @@ async fn an_invalidation_on_the_bus_empties_every_replicas_cache_for_that_extens
     let misses = metadata(&a, "metadata_misses").await;
     get(&a.app, "/api/v1/extensions/provider/upcloud").await;
     assert_eq!(metadata(&a, "metadata_misses").await, misses);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_that_refuses_writes_is_unavailable_until_it_takes_them_again() {
+    let redis = RedisServer::start().await;
+    let config = config(&redis, "full:");
+    let a = replica(&config, None);
+    connected(&[&a]).await;
+    let set =
+        |name: &str, value: &str| redis::cmd("CONFIG").arg("SET").arg(name).arg(value).clone();
+
+    // Out of memory, evicting nothing: reads are answered, writes refused.
+    let () = redis.command(&set("maxmemory-policy", "noeviction")).await;
+    let () = redis.command(&set("maxmemory", "1")).await;
+    let aws = "/api/v1/extensions/provider/aws";
+    assert_eq!(get(&a.app, aws).await.status, StatusCode::OK);
+    assert_eq!(
+        redis_status(&a).await,
+        ("degraded".into(), "unavailable".into()),
+        "the first refused write marks redis unavailable"
+    );
+    assert_eq!(get(&a.app, aws).await.status, StatusCode::OK);
+
+    let () = redis.command(&set("maxmemory", "0")).await;
+    connected(&[&a]).await;
 }
 
 /// One number of a replica's `/api/v1/cache/stats`.

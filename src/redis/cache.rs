@@ -18,6 +18,12 @@
 //! themselves. A lock gone with no answer (its holder failed or died) is taken over by the
 //! next poller. Whenever Redis does not answer, the request goes straight to the backends.
 //!
+//! A backend fault met by the lock holder is shared too, for [`FAILURE_SHARED_FOR`] only:
+//! long enough for the replicas waiting on that refresh to take it instead of asking a sick
+//! backend again one after another, each for as long as it takes to fail. The next request
+//! after that asks again. A waiter given the fault serves what its own cache may still serve
+//! in its place (stale-if-error), as the holder does.
+//!
 //! An invalidation drops the shared answers its scope covers ([`SharedLevel::forget`]): the
 //! keys under `{key_prefix}v1:cache:` are walked with `SCAN` (1000 at a time, each step
 //! bounded like any command) and the covered ones removed with `UNLINK`, so its cost grows
@@ -45,8 +51,8 @@ use super::Redis;
 use crate::config::CacheConfig;
 use crate::invalidation::{Scope, SharedLevel};
 use crate::registry::{
-    BackendFuture, BackendRequest, BackendResponse, Extension, RegistryError, SourceSelector,
-    Version,
+    BackendFuture, BackendRequest, BackendResponse, Extension, InstanceName, RegistryError, Source,
+    SourceSelector, Version,
 };
 
 /// How many keys one `SCAN` step of an invalidation looks at.
@@ -56,6 +62,11 @@ const SCAN_COUNT: u64 = 1000;
 const POLL_INITIAL: Duration = Duration::from_millis(10);
 /// The longest.
 const POLL_MAX: Duration = Duration::from_millis(200);
+
+/// How long a backend fault met by the lock holder is shared: several of the longest polls,
+/// so every waiter sees it, and no longer (Redis expires it; the clocks of the replicas are
+/// not compared).
+const FAILURE_SHARED_FOR: Duration = Duration::from_secs(1);
 
 /// Deletes the lock only if it is still the one this replica took (a lock that expired may
 /// have been taken over).
@@ -92,17 +103,105 @@ enum Answer {
     Versions(Vec<Version>),
     /// "Not found", with its message.
     NotFound(String),
+    /// A backend fault, kept [`FAILURE_SHARED_FOR`].
+    Failed(Failure),
+}
+
+/// A backend fault as it is shared.
+#[derive(Debug, Serialize, Deserialize)]
+struct Failure {
+    fault: Fault,
+    backend: Source,
+    instance: Option<InstanceName>,
+    #[serde(default)]
+    reason: String,
+    #[serde(default)]
+    retry_after_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Fault {
+    Unavailable,
+    AuthFailed,
+    Timeout,
+    Suspended,
+}
+
+impl Failure {
+    fn of(error: &RegistryError) -> Option<Self> {
+        let failure = |fault, backend: &Source, instance: &Option<InstanceName>| Self {
+            fault,
+            backend: *backend,
+            instance: instance.clone(),
+            reason: String::new(),
+            retry_after_ms: 0,
+        };
+        Some(match error {
+            RegistryError::BackendUnavailable {
+                backend,
+                instance,
+                reason,
+            } => Self {
+                reason: reason.clone(),
+                ..failure(Fault::Unavailable, backend, instance)
+            },
+            RegistryError::BackendAuthFailed { backend, instance } => {
+                failure(Fault::AuthFailed, backend, instance)
+            }
+            RegistryError::BackendTimeout { backend, instance } => {
+                failure(Fault::Timeout, backend, instance)
+            }
+            RegistryError::BackendSuspended {
+                backend,
+                instance,
+                reason,
+                retry_after,
+            } => Self {
+                reason: reason.clone(),
+                retry_after_ms: retry_after.as_millis() as u64,
+                ..failure(Fault::Suspended, backend, instance)
+            },
+            _ => return None,
+        })
+    }
+
+    fn error(self) -> RegistryError {
+        let Self {
+            fault,
+            backend,
+            instance,
+            reason,
+            retry_after_ms,
+        } = self;
+        match fault {
+            Fault::Unavailable => RegistryError::BackendUnavailable {
+                backend,
+                instance,
+                reason,
+            },
+            Fault::AuthFailed => RegistryError::BackendAuthFailed { backend, instance },
+            Fault::Timeout => RegistryError::BackendTimeout { backend, instance },
+            Fault::Suspended => RegistryError::BackendSuspended {
+                backend,
+                instance,
+                reason,
+                retry_after: Duration::from_millis(retry_after_ms),
+            },
+        }
+    }
 }
 
 impl Answer {
-    /// What of a backend outcome is shared: values and "not found", never failures.
+    /// What of a backend outcome is shared: values, "not found" and backend faults.
     fn of(outcome: &Result<BackendResponse, RegistryError>) -> Option<Self> {
         match outcome {
             Ok(BackendResponse::List(l)) => Some(Self::List(l.to_vec())),
             Ok(BackendResponse::Extension(e)) => Some(Self::Extension(Box::new((**e).clone()))),
             Ok(BackendResponse::Versions(v)) => Some(Self::Versions(v.to_vec())),
             Err(RegistryError::NotFound(message)) => Some(Self::NotFound(message.clone())),
-            _ => None,
+            Err(error) => Failure::of(error).map(Self::Failed),
+            Ok(_) => None,
         }
     }
 
@@ -112,6 +211,7 @@ impl Answer {
             Self::Extension(e) => BackendResponse::Extension(Arc::from(e)),
             Self::Versions(v) => BackendResponse::Versions(Arc::new(v)),
             Self::NotFound(message) => return Err(RegistryError::NotFound(message)),
+            Self::Failed(failure) => return Err(failure.error()),
         };
         Ok(BackendResponse::Shared {
             response: Box::new(response),
@@ -145,6 +245,7 @@ struct Counters {
     misses: metrics::Counter,
     lock_waits: metrics::Counter,
     takeovers: metrics::Counter,
+    failures: metrics::Counter,
 }
 
 /// Puts the shared cache under the in-process one.
@@ -186,6 +287,7 @@ impl SharedCacheLayer {
                     misses: metrics::counter!("redis_cache_misses_total"),
                     lock_waits: metrics::counter!("redis_cache_lock_waits_total"),
                     takeovers: metrics::counter!("redis_cache_lock_takeovers_total"),
+                    failures: metrics::counter!("redis_cache_failures_shared_total"),
                 },
                 release: redis::Script::new(RELEASE),
                 store: redis::Script::new(STORE),
@@ -309,7 +411,6 @@ impl State {
         let mut waited = false;
         loop {
             if let Some(found) = self.lookup(&value_key).await {
-                self.counters.hits.increment(1);
                 return found;
             }
             if !redis.is_available() || started.elapsed() >= self.rules.wait {
@@ -332,10 +433,7 @@ impl State {
                     // Another replica may have stored its answer and let go of the lock
                     // between the lookup above and taking it.
                     let outcome = match self.lookup(&value_key).await {
-                        Some(found) => {
-                            self.counters.hits.increment(1);
-                            found
-                        }
+                        Some(found) => found,
                         None => {
                             self.counters.misses.increment(1);
                             // Read before the backends are asked: see the module documentation.
@@ -405,7 +503,8 @@ impl State {
         }
     }
 
-    /// A fresh shared answer for `value_key`, if Redis has one.
+    /// A fresh shared answer for `value_key`, or a fault still shared, if Redis has one;
+    /// counted.
     async fn lookup(&self, value_key: &str) -> Option<Result<BackendResponse, RegistryError>> {
         let text: Option<String> = self
             .redis
@@ -422,9 +521,17 @@ impl State {
         let age = Duration::from_millis(now_ms().saturating_sub(stored.fetched_at_ms));
         let fresh_for = match stored.answer {
             Answer::NotFound(_) => self.rules.negative_ttl,
+            Answer::Failed(_) => {
+                self.counters.failures.increment(1);
+                return Some(stored.answer.outcome(age));
+            }
             _ => self.rules.ttl,
         };
-        (age < fresh_for).then(|| stored.answer.outcome(age))
+        let fresh = age < fresh_for;
+        if fresh {
+            self.counters.hits.increment(1);
+        }
+        fresh.then(|| stored.answer.outcome(age))
     }
 
     /// Shares what of a backend outcome is to be shared ([`Answer::of`]), unless an
@@ -435,6 +542,7 @@ impl State {
         };
         let keep = match answer {
             Answer::NotFound(_) => self.rules.negative_ttl,
+            Answer::Failed(_) => FAILURE_SHARED_FOR,
             _ => self.rules.keep,
         };
         if keep.is_zero() {
@@ -463,6 +571,40 @@ mod tests {
     use crate::registry::{
         ExtensionKey, ExtensionName, ExtensionType, Instance, ListFilter, Source,
     };
+
+    #[test]
+    fn backend_faults_are_shared_as_they_were_met_and_nothing_else_is() {
+        let named = |e: RegistryError| {
+            e.with_instance(&Instance {
+                kind: Source::Gitea,
+                name: "forge-b".into(),
+            })
+        };
+        let faults = [
+            RegistryError::unavailable(Source::Gitea, "HTTP 502"),
+            named(RegistryError::auth_failed(Source::Gitea)),
+            RegistryError::timeout(Source::Oci),
+            named(RegistryError::suspended(
+                Source::Gitea,
+                "circuit open",
+                Duration::from_millis(2500),
+            )),
+        ];
+        for fault in faults {
+            let Some(Answer::Failed(failure)) = Answer::of(&Err(fault.clone())) else {
+                panic!("{fault:?} is not shared");
+            };
+            let text = serde_json::to_string(&failure).unwrap();
+            let read: Failure = serde_json::from_str(&text).unwrap();
+            assert_eq!(read.error(), fault, "{text}");
+        }
+        for not_shared in [
+            RegistryError::Internal("bug".into()),
+            RegistryError::InvalidName,
+        ] {
+            assert!(Answer::of(&Err(not_shared)).is_none());
+        }
+    }
 
     #[test]
     fn an_invalidation_drops_the_shared_keys_the_in_process_cache_drops() {

@@ -6,9 +6,12 @@
 //! Redis is never needed to answer. Every command is bounded by `timeout_milliseconds`; the
 //! first one that fails or times out marks Redis unavailable (logged once), and from then on
 //! commands are not sent at all, so a dead Redis costs at most one timeout per request under
-//! way when it dies, not one per request. A background probe (`PING`, once a second) marks it
-//! available again (logged once) when it answers. The connection itself reconnects by itself
-//! (redis-rs's `ConnectionManager`).
+//! way when it dies, not one per request. A Redis that answers but refuses writes (out of
+//! memory under `noeviction`, a read-only replica after a failover, a failed snapshot, still
+//! loading its data) is unavailable too: every use of it writes. A background probe (a `SET`
+//! of `{key_prefix}v1:probe`, once a second) marks it available again (logged once) when it
+//! takes a write. The connection itself reconnects by itself (redis-rs's
+//! `ConnectionManager`).
 
 pub mod bus;
 pub mod cache;
@@ -31,6 +34,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// How often an unavailable Redis is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The reply errors of a Redis that answers but takes no writes (see the module
+/// documentation); any other reply error concerns one command only.
+const REFUSING_WRITES: [&str; 5] = ["OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN"];
+
 /// The shared Redis: cheap to clone.
 #[derive(Clone)]
 pub struct Redis(Arc<Inner>);
@@ -42,6 +49,8 @@ struct Inner {
     connection: ConnectionManager,
     /// `key_prefix` plus the schema version.
     prefix: String,
+    /// The key the probe writes.
+    probe_key: String,
     /// The bound on every command.
     timeout: Duration,
     /// `false` while Redis is unavailable: no command is sent then.
@@ -91,10 +100,13 @@ impl Redis {
             .set_max_delay(Duration::from_secs(1));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager)
             .map_err(|e| err(format!("cannot prepare the connection: {e}")))?;
+        let prefix = format!("{}v{SCHEMA_VERSION}:", config.key_prefix);
+        metrics::gauge!("redis_available").set(0.0);
         let redis = Self(Arc::new(Inner {
             client,
             connection,
-            prefix: format!("{}v{SCHEMA_VERSION}:", config.key_prefix),
+            probe_key: format!("{prefix}probe"),
+            prefix,
             timeout,
             available: AtomicBool::new(false),
             probing: AtomicBool::new(false),
@@ -163,9 +175,9 @@ impl Redis {
                 Some(value)
             }
             Ok(Err(e)) => {
-                count("error");
-                // A reply error (a script's, a wrong type) says nothing of Redis's health.
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                let (outcome, unavailable) = failure(&e);
+                count(outcome);
+                if unavailable {
                     self.unavailable(&e.to_string());
                 } else {
                     tracing::warn!(error = %e, "redis command failed");
@@ -200,17 +212,36 @@ impl Redis {
     }
 }
 
-/// Pings until Redis answers, then marks it available; ends with the application.
+/// How a failed command is counted in `redis_commands_total`, and whether it says Redis is
+/// unavailable: other reply errors (a script's, a wrong type) concern that command only.
+fn failure(e: &redis::RedisError) -> (&'static str, bool) {
+    if e.is_timeout() {
+        return ("timeout", true);
+    }
+    let refuses_writes = e.code().is_some_and(|code| REFUSING_WRITES.contains(&code));
+    (
+        "error",
+        e.is_io_error() || e.is_connection_dropped() || refuses_writes,
+    )
+}
+
+/// Writes the probe key until Redis takes it, then marks it available; ends with the
+/// application.
 async fn probe(inner: Weak<Inner>) {
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
         };
         let mut connection = inner.connection.clone();
-        let ping = redis::cmd("PING");
+        let write = redis::cmd("SET")
+            .arg(&inner.probe_key)
+            .arg(1)
+            .arg("PX")
+            .arg(PROBE_INTERVAL.as_millis() as u64)
+            .clone();
         let answered = tokio::time::timeout(
             inner.timeout.max(Duration::from_secs(1)),
-            ping.query_async::<String>(&mut connection),
+            write.query_async::<()>(&mut connection),
         )
         .await;
         if let Ok(Ok(_)) = answered {
@@ -227,4 +258,48 @@ async fn probe(inner: Weak<Inner>) {
 
 fn count(outcome: &'static str) {
     metrics::counter!("redis_commands_total", "outcome" => outcome).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_error(reply: &[u8]) -> redis::RedisError {
+        redis::parse_redis_value(reply)
+            .unwrap()
+            .extract_error()
+            .unwrap_err()
+    }
+
+    #[test]
+    fn failures_are_counted_as_what_they_are() {
+        let timed_out = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert_eq!(failure(&timed_out), ("timeout", true));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(failure(&redis::RedisError::from(reset)), ("error", true));
+        for refusal in [
+            &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
+            b"-READONLY You can't write against a read only replica.\r\n",
+            b"-MISCONF Redis is configured to save RDB snapshots\r\n",
+            b"-LOADING Redis is loading the dataset in memory\r\n",
+        ] {
+            assert_eq!(failure(&reply_error(refusal)), ("error", true));
+        }
+        let wrong_type = reply_error(b"-WRONGTYPE Operation against a key\r\n");
+        assert_eq!(failure(&wrong_type), ("error", false));
+        let script = reply_error(b"-ERR user_script:1: Script attempted to access key\r\n");
+        assert_eq!(failure(&script), ("error", false));
+    }
+
+    #[tokio::test]
+    async fn redis_counts_as_unavailable_until_it_first_answers() {
+        let recorder = crate::telemetry::recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let text = "[local]\npath = \".\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n";
+        let config = crate::config::Config::parse(text, "test", None).unwrap();
+        let redis = Redis::connect(config.redis.as_ref().unwrap()).unwrap();
+        assert_eq!(redis.status(), RedisStatus::Unavailable);
+        assert!(handle.render().contains("redis_available 0"));
+    }
 }
