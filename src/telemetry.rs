@@ -294,6 +294,12 @@ fn describe_metrics() {
         Unit::Count,
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
     );
+    describe_counter!(
+        backend::DOWNLOAD_BACKEND_ERRORS_TOTAL,
+        Unit::Count,
+        "Downloads cut short because the backend's stream failed after the answer began, by \
+         backend"
+    );
     describe_gauge!(
         crate::backend::github::BACKEND_RATE_LIMIT_REMAINING,
         "Requests the upstream says are left in its rate-limit window, by backend (GitHub)"

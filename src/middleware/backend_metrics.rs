@@ -29,6 +29,8 @@ pub const BACKEND_REQUEST_DURATION_SECONDS: &str = "backend_request_duration_sec
 pub const DOWNLOAD_BYTES_TOTAL: &str = "download_bytes_total";
 /// Counter of downloads aborted because their bytes did not match the digest, by backend.
 pub const DOWNLOAD_DIGEST_MISMATCH_TOTAL: &str = "download_digest_mismatch_total";
+/// Counter of downloads cut short because the backend's stream failed, by backend.
+pub const DOWNLOAD_BACKEND_ERRORS_TOTAL: &str = "download_backend_errors_total";
 /// Counter of the extensions backend listings returned, by backend and type.
 pub const EXTENSIONS_TOTAL: &str = "extensions_total";
 
@@ -45,6 +47,8 @@ fn operation(req: &BackendRequest) -> &'static str {
 
 fn outcome(result: &Result<BackendResponse, RegistryError>) -> &'static str {
     match result {
+        // A probe that ran and found the backend sick still answers `Ok`.
+        Ok(BackendResponse::Health(report)) if report.0.iter().any(|h| !h.healthy) => "unhealthy",
         Ok(_) => "ok",
         Err(RegistryError::NotFound(_)) => "not_found",
         Err(
@@ -176,7 +180,9 @@ fn count_extensions(backend: &SharedString, list: &[Extension]) {
 pin_project! {
     /// A download body that counts its bytes as they stream, so aborted and partial downloads
     /// count what was actually sent, and HEAD requests (whose body is dropped) count nothing;
-    /// and a stream ended by a digest mismatch, by the instance it came from.
+    /// and a stream ended by a digest mismatch or cut by its backend, by the instance it came
+    /// from. The client has its head (`200`) already: the counter and the log line say that it
+    /// got less than `Content-Length`.
     struct CountingBody {
         #[pin]
         inner: ArtifactBody,
@@ -207,6 +213,11 @@ impl http_body::Body for CountingBody {
                 metrics::counter!(DOWNLOAD_DIGEST_MISMATCH_TOTAL, "backend" => backend)
                     .increment(1);
             }
+            Some(Err(e)) => {
+                let backend = this.backend.clone();
+                tracing::warn!(%backend, error = %e, "download cut short: the backend's stream failed");
+                metrics::counter!(DOWNLOAD_BACKEND_ERRORS_TOTAL, "backend" => backend).increment(1);
+            }
             _ => {}
         }
         Poll::Ready(frame)
@@ -224,7 +235,10 @@ impl http_body::Body for CountingBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Artifact, ExtensionKey, ExtensionName, Served, Source, VersionSelector};
+    use crate::registry::{
+        Artifact, BackendHealth, ExtensionKey, ExtensionName, HealthReport, Served, Source,
+        VersionSelector,
+    };
     use crate::telemetry;
     use tower::ServiceExt;
 
@@ -237,9 +251,12 @@ mod tests {
 
     async fn backend(req: BackendRequest) -> Result<BackendResponse, RegistryError> {
         match req {
-            BackendRequest::Download { .. } => {
-                let chunks =
-                    ["abc", "defg"].map(|c| Ok::<_, BoxError>(Frame::data(Bytes::from(c))));
+            BackendRequest::Download { key, .. } => {
+                let cut = key.name.as_str() == "cut";
+                let chunks = ["abc", "defg"].map(|c| match c {
+                    "defg" if cut => Err(BoxError::from("connection reset")),
+                    _ => Ok(Frame::data(Bytes::from(c))),
+                });
                 let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
                 Ok(BackendResponse::Artifact(Artifact {
                     filename: "aws.tar.gz".into(),
@@ -250,6 +267,13 @@ mod tests {
                 }))
             }
             BackendRequest::Get { .. } => Err(RegistryError::timeout(Source::Oci)),
+            BackendRequest::Health => {
+                Ok(BackendResponse::Health(HealthReport(vec![BackendHealth {
+                    source: Source::Oci,
+                    healthy: false,
+                    detail: Some("HTTP 503".into()),
+                }])))
+            }
             _ => Err(RegistryError::not_found(key())),
         }
     }
@@ -271,6 +295,8 @@ mod tests {
             source: None,
         };
         assert!(service.clone().oneshot(versions).await.is_err());
+        let health = service.clone().oneshot(BackendRequest::Health).await;
+        assert!(health.unwrap().into_health().is_ok());
         let download = BackendRequest::Download {
             key: key(),
             version: VersionSelector::Latest,
@@ -285,14 +311,33 @@ mod tests {
             .render()
             .contains(r#"download_bytes_total{backend="oci"} 0"#));
         assert_eq!(body.collect().await.unwrap().to_bytes(), "abcdefg");
+        let cut = BackendRequest::Download {
+            key: ExtensionKey {
+                name: ExtensionName::parse("cut").unwrap(),
+                ..key()
+            },
+            version: VersionSelector::Latest,
+            source: None,
+            range: None,
+        };
+        let response = service.clone().oneshot(cut).await.unwrap();
+        assert!(response
+            .into_artifact()
+            .unwrap()
+            .body
+            .collect()
+            .await
+            .is_err());
 
         let text = handle.render();
         for line in [
             r#"backend_requests_total{backend="oci",operation="get",outcome="timeout"} 1"#,
             r#"backend_requests_total{backend="oci",operation="versions",outcome="not_found"} 1"#,
-            r#"backend_requests_total{backend="oci",operation="download",outcome="ok"} 1"#,
+            r#"backend_requests_total{backend="oci",operation="download",outcome="ok"} 2"#,
+            r#"backend_requests_total{backend="oci",operation="health",outcome="unhealthy"} 1"#,
             r#"backend_request_duration_seconds_count{backend="oci",operation="get",outcome="timeout"} 1"#,
-            r#"download_bytes_total{backend="oci"} 7"#,
+            r#"download_bytes_total{backend="oci"} 10"#,
+            r#"download_backend_errors_total{backend="oci"} 1"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -320,7 +320,11 @@ impl Limits {
         self.clients.hint_if_forwarded(req);
         let key = self.clients.key(req);
         let decided = self.limiter.check_key(&key);
-        self.decisions.local[usize::from(decided.is_err())].increment(1);
+        // What the local quota lets through is decided, and counted, by the shared one when
+        // there is one.
+        if decided.is_err() || self.shared.is_none() {
+            self.decisions.local[usize::from(decided.is_err())].increment(1);
+        }
         match decided {
             Ok(state) => {
                 let remaining = state.remaining_burst_capacity();
@@ -1111,6 +1115,9 @@ mod tests {
     #[tokio::test]
     async fn the_shared_quota_decides_what_the_local_one_lets_through_and_answers_alike() {
         tokio::time::pause();
+        let recorder = crate::telemetry::recorder();
+        let metrics = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
         let refusing = SharedDecision {
             allowed: false,
             remaining: 0,
@@ -1168,5 +1175,19 @@ mod tests {
             StatusCode::OK
         );
         assert_eq!(shared.1.lock().unwrap().len(), 1);
+
+        // One decision per limited request, counted by the quota that made it.
+        let text = metrics.render();
+        for (by, outcome, n) in [
+            ("local", "allowed", 0),
+            ("local", "refused", 1),
+            ("shared", "allowed", 2),
+            ("shared", "refused", 1),
+            ("fallback", "allowed", 1),
+        ] {
+            let line =
+                format!(r#"rate_limit_decisions_total{{by="{by}",outcome="{outcome}"}} {n}"#);
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
     }
 }
