@@ -145,6 +145,8 @@ pub fn app_with(
         }
         None => invalidator,
     };
+    // The webhook and purge routes exist only with their secrets.
+    let existing = api::Existing::new(&hooks);
     let router = Router::new(Shared {
         routes: RouteTable::new(),
         openapi: api::openapi::rendered(&sources),
@@ -206,7 +208,7 @@ pub fn app_with(
         .layer(HttpMetricsLayer::new())
         // Right above CORS, which takes every OPTIONS for a preflight: an OPTIONS that is not
         // one gets 405 with Allow, like any other method the read-only API does not answer.
-        .layer(PreflightOnlyLayer)
+        .layer(PreflightOnlyLayer::new(existing))
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before
         // the rate limit and any work. With any origin allowed, simple answers get CORS

@@ -429,6 +429,14 @@ async fn a_purge_drops_what_its_scope_covers_and_needs_the_admin_token() {
         .unwrap();
     assert_eq!(get.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(get.headers()["allow"], "POST");
+    let options = service
+        .http
+        .request(http::Method::OPTIONS, service.url("/api/v1/cache/purge"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(options.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(options.headers()["allow"], "POST");
 }
 
 #[tokio::test(start_paused = true)]
@@ -505,6 +513,23 @@ async fn routes_without_their_secret_do_not_exist() {
         let (status, _, answer) = service.post(path, &[], "{}").await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
         assert_eq!(answer["error"], "not_found", "{path}");
+        // Whatever the method, a CORS preflight included.
+        let preflight = [
+            ("origin", "https://app.example.com"),
+            ("access-control-request-method", "POST"),
+        ];
+        for (method, headers) in [
+            (http::Method::GET, &[][..]),
+            (http::Method::OPTIONS, &[]),
+            (http::Method::OPTIONS, &preflight),
+        ] {
+            let mut req = service.http.request(method.clone(), service.url(path));
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let answer = req.send().await.unwrap();
+            assert_eq!(answer.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        }
     }
 }
 

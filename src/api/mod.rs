@@ -263,13 +263,50 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Whether `route` exists here: the webhook and purge routes only with their secret.
     fn serves(&self, route: Route) -> bool {
+        Existing::new(&self.hooks).route(route)
+    }
+}
+
+/// Which routes exist here: the webhook and purge routes only with their secret; a route
+/// without one answers `404` to every method, as if it did not exist.
+#[derive(Clone, Copy, Debug)]
+pub struct Existing {
+    gitea: bool,
+    oci: bool,
+    purge: bool,
+}
+
+impl Existing {
+    pub fn new(keys: &crate::hooks::Keys) -> Self {
+        Self {
+            gitea: keys.gitea.is_some(),
+            oci: keys.oci.is_some(),
+            purge: keys.admin.is_some(),
+        }
+    }
+
+    fn route(self, route: Route) -> bool {
         match route {
-            Route::HookGitea => self.hooks.gitea.is_some(),
-            Route::HookOci => self.hooks.oci.is_some(),
-            Route::CachePurge => self.hooks.admin.is_some(),
+            Route::HookGitea => self.gitea,
+            Route::HookOci => self.oci,
+            Route::CachePurge => self.purge,
             _ => true,
+        }
+    }
+
+    /// The answer to an `OPTIONS` on `path`, decided above the router (see
+    /// `middleware::preflight`): `404` on a route that does not exist here; none for a CORS
+    /// preflight (the CORS layer answers it); else `405` with the route's own methods, GET and
+    /// HEAD for unknown paths.
+    pub fn options_refusal(self, path: &str, preflight: bool) -> Option<ApiError> {
+        static ROUTES: std::sync::OnceLock<RouteTable> = std::sync::OnceLock::new();
+        match ROUTES.get_or_init(RouteTable::new).at(path) {
+            Some((route, _)) if !self.route(route) => Some(ApiError::route_not_found()),
+            _ if preflight => None,
+            found => Some(ApiError::method_not_allowed(
+                found.map_or(ALLOW, |(route, _)| route.allow()),
+            )),
         }
     }
 }
@@ -291,16 +328,6 @@ impl Router {
 /// The methods most paths answer: the API is read-only but for the batch resolve, the
 /// webhooks and the purge.
 pub const ALLOW: &str = "GET, HEAD";
-
-/// The methods `path` answers, for a `405` decided above the router (see
-/// `middleware::preflight`): its route's own, or GET and HEAD for unknown paths.
-pub fn allow_for(path: &str) -> &'static str {
-    static ROUTES: std::sync::OnceLock<RouteTable> = std::sync::OnceLock::new();
-    ROUTES
-        .get_or_init(RouteTable::new)
-        .at(path)
-        .map_or(ALLOW, |(route, _)| route.allow())
-}
 
 impl<B> Service<Request<B>> for Router
 where

@@ -1,7 +1,9 @@
 //! CORS preflights only: tower-http's CORS layer answers every `OPTIONS` as a preflight (200,
 //! whatever the path). This layer, right above it, answers an `OPTIONS` that is not one (it
 //! lacks `Origin` or `Access-Control-Request-Method`) with `405` and the path's `Allow` at
-//! once, on any path, unknown ones and `*` included, as the router does without CORS.
+//! once, on any path, unknown ones and `*` included, as the router does without CORS; and
+//! any `OPTIONS` on a route that does not exist here (a webhook or purge route without its
+//! secret) with `404`, as the router answers every other method there.
 
 use std::future::Ready;
 use std::task::{Context, Poll};
@@ -11,18 +13,29 @@ use http::header::{ACCESS_CONTROL_REQUEST_METHOD, ORIGIN};
 use http::{Method, Request, Response};
 use tower::{Layer, Service};
 
-use crate::api::allow_for;
+use crate::api::Existing;
 use crate::body::Body;
-use crate::error::ApiError;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PreflightOnlyLayer;
+/// Adds [`PreflightOnly`], knowing which routes exist.
+#[derive(Clone, Copy, Debug)]
+pub struct PreflightOnlyLayer {
+    existing: Existing,
+}
+
+impl PreflightOnlyLayer {
+    pub fn new(existing: Existing) -> Self {
+        Self { existing }
+    }
+}
 
 impl<S> Layer<S> for PreflightOnlyLayer {
     type Service = PreflightOnly<S>;
 
     fn layer(&self, inner: S) -> PreflightOnly<S> {
-        PreflightOnly { inner }
+        PreflightOnly {
+            inner,
+            existing: self.existing,
+        }
     }
 }
 
@@ -30,6 +43,7 @@ impl<S> Layer<S> for PreflightOnlyLayer {
 #[derive(Clone, Debug)]
 pub struct PreflightOnly<S> {
     inner: S,
+    existing: Existing,
 }
 
 /// Whether a request is a CORS preflight (Fetch standard: `OPTIONS` with `Origin` and
@@ -53,11 +67,15 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        if req.method() == Method::OPTIONS && !is_preflight(&req) {
-            let refused = ApiError::method_not_allowed(allow_for(req.uri().path())).into_response();
-            Either::Right(std::future::ready(Ok(refused)))
-        } else {
-            Either::Left(self.inner.call(req))
+        let refused = (req.method() == Method::OPTIONS)
+            .then(|| {
+                self.existing
+                    .options_refusal(req.uri().path(), is_preflight(&req))
+            })
+            .flatten();
+        match refused {
+            Some(refused) => Either::Right(std::future::ready(Ok(refused.into_response()))),
+            None => Either::Left(self.inner.call(req)),
         }
     }
 }
@@ -80,7 +98,7 @@ mod tests {
         for (name, value) in headers {
             req = req.header(*name, HeaderValue::from_str(value).unwrap());
         }
-        PreflightOnlyLayer
+        PreflightOnlyLayer::new(Existing::new(&Default::default()))
             .layer(inner)
             .oneshot(req.body(()).unwrap())
             .await
@@ -103,6 +121,11 @@ mod tests {
         }
         let preflight = status(Method::OPTIONS, "/livez", &[origin, asks]).await;
         assert_eq!(preflight.status(), StatusCode::OK);
+        // A route without its secret does not exist, preflights included.
+        for headers in [&[][..], &[origin, asks]] {
+            let response = status(Method::OPTIONS, "/api/v1/cache/purge", headers).await;
+            assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        }
         assert_eq!(
             status(Method::GET, "/livez", &[]).await.status(),
             StatusCode::OK
