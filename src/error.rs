@@ -9,6 +9,31 @@ use serde::Serialize;
 use crate::body::{self, Body};
 use crate::registry::RegistryError;
 
+/// Counter of `503 overloaded` answers, by the limit they ran into ([`Overload`]).
+pub const OVERLOADED_TOTAL: &str = "overloaded_total";
+
+/// The limits a request can find full, each answered `503 overloaded` at once; the `limit`
+/// label of [`OVERLOADED_TOTAL`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overload {
+    /// `[server] max_concurrent_requests` (load shedding).
+    Requests,
+    /// `[server] max_concurrent_downloads`.
+    Downloads,
+    /// The memory the request bodies being read may hold.
+    RequestBodies,
+}
+
+impl Overload {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Downloads => "downloads",
+            Self::RequestBodies => "request_bodies",
+        }
+    }
+}
+
 /// An error response.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiError {
@@ -75,6 +100,21 @@ impl ApiError {
             "timeout",
             "the request took longer than the configured request timeout",
         )
+    }
+
+    /// `503 overloaded` with `Retry-After: 1`, counted by the limit it ran into.
+    pub fn overloaded(limit: Overload) -> Self {
+        metrics::counter!(OVERLOADED_TOTAL, "limit" => limit.label()).increment(1);
+        let message = match limit {
+            Overload::Requests => "the service is at its concurrency limit; retry shortly",
+            Overload::Downloads => {
+                "the service is at its limit of concurrent downloads; retry shortly"
+            }
+            Overload::RequestBodies => {
+                "the request bodies being read fill the service's budget for them; retry shortly"
+            }
+        };
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).with_retry_after(1)
     }
 
     pub fn internal() -> Self {
@@ -147,6 +187,36 @@ impl From<RegistryError> for ApiError {
                 tracing::error!(%detail, "internal error");
                 Self::internal()
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overloaded_answers_are_alike_and_counted_by_the_limit_they_ran_into() {
+        let recorder = crate::telemetry::recorder();
+        let handle = recorder.handle();
+        let _local = metrics::set_default_local_recorder(&recorder);
+        for limit in [
+            Overload::Requests,
+            Overload::Downloads,
+            Overload::RequestBodies,
+            Overload::RequestBodies,
+        ] {
+            let refused = ApiError::overloaded(limit);
+            assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!((refused.code, refused.retry_after), ("overloaded", Some(1)));
+        }
+        let text = handle.render();
+        for line in [
+            r#"overloaded_total{limit="requests"} 1"#,
+            r#"overloaded_total{limit="downloads"} 1"#,
+            r#"overloaded_total{limit="request_bodies"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
         }
     }
 }

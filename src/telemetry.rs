@@ -295,6 +295,12 @@ fn describe_metrics() {
         "Downloads aborted because the bytes did not match the expected sha256, by backend"
     );
     describe_counter!(
+        crate::error::OVERLOADED_TOTAL,
+        Unit::Count,
+        "Requests answered 503 overloaded, by the limit they found full: requests (load \
+         shedding), downloads, request_bodies"
+    );
+    describe_counter!(
         backend::DOWNLOAD_BACKEND_ERRORS_TOTAL,
         Unit::Count,
         "Downloads cut short because the backend's stream failed after the answer began, by \

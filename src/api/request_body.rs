@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
-use crate::error::ApiError;
+use crate::error::{ApiError, Overload};
 use crate::BoxError;
 
 /// Largest request body accepted.
@@ -98,15 +98,7 @@ impl Budget {
         let taken = u32::try_from(bytes)
             .ok()
             .and_then(|n| self.0.clone().try_acquire_many_owned(n).ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "the request bodies being read fill the service's budget for them; \
-                     retry shortly",
-                )
-                .with_retry_after(1)
-            })?;
+            .ok_or_else(|| ApiError::overloaded(Overload::RequestBodies))?;
         match held {
             Some(permit) => permit.merge(taken),
             None => *held = Some(taken),

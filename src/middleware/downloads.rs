@@ -28,7 +28,7 @@ use tower::{Layer, Service};
 
 use crate::api::{Route, RouteTable};
 use crate::body::Body;
-use crate::error::ApiError;
+use crate::error::{ApiError, Overload};
 use crate::middleware::rate_limit::{Clients, RATE_LIMITED_TOTAL};
 use crate::middleware::KeyHasher;
 use crate::telemetry::Gauged;
@@ -191,14 +191,7 @@ where
                     _client: client_slot,
                 }),
             },
-            Err(_) => refused(
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "the service is at its limit of concurrent downloads; retry shortly",
-                )
-                .with_retry_after(1),
-            ),
+            Err(_) => refused(ApiError::overloaded(Overload::Downloads)),
         }
     }
 }

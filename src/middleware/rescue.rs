@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use crate::body::Body;
-use crate::error::ApiError;
+use crate::error::{ApiError, Overload};
 use crate::middleware::load_shed::ClientBusy;
 use crate::middleware::rate_limit::RATE_LIMITED_TOTAL;
 use crate::BoxError;
@@ -22,13 +22,7 @@ pub fn error_response(error: BoxError) -> Response<Body> {
     if error.is::<tower::timeout::error::Elapsed>() {
         ApiError::timeout().into_response()
     } else if error.is::<tower::load_shed::error::Overloaded>() {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the service is at its concurrency limit; retry shortly",
-        )
-        .with_retry_after(1)
-        .into_response()
+        ApiError::overloaded(Overload::Requests).into_response()
     } else if let Some(busy) = error.downcast_ref::<ClientBusy>() {
         metrics::counter!(RATE_LIMITED_TOTAL).increment(1);
         ApiError::new(
