@@ -138,8 +138,8 @@ async fn an_answer_fetched_by_one_replica_is_served_by_another_without_a_backend
 
 /// Sends `n` requests for `path`, alternating between `a` and `b`, whose backends `gate`
 /// holds; lets the backends answer once one replica holds the lock and asks its backend and the
-/// other has found the lock taken (seen as a second, refused `SET` in redis's command
-/// statistics). The statuses.
+/// other has found the lock taken (seen as two more `SET`s in redis's command statistics: the
+/// lock taken and the lock refused). The statuses.
 async fn over_one_lock(
     redis: &RedisServer,
     (a, b): (&Replica, &Replica),
@@ -147,6 +147,7 @@ async fn over_one_lock(
     path: &str,
     n: usize,
 ) -> Vec<StatusCode> {
+    let sets = set_calls(redis, "calls").await;
     let requests: Vec<_> = (0..n)
         .map(|i| {
             let app = if i % 2 == 0 { &a.app } else { &b.app };
@@ -163,7 +164,7 @@ async fn over_one_lock(
     })
     .await;
     until("the other replica found the lock taken", || async {
-        set_calls(redis).await >= 2
+        set_calls(redis, "calls").await >= sets + 2
     })
     .await;
     gate.add_permits(1000);
@@ -322,11 +323,16 @@ fn purge_aws() -> http::Request<extension_registry::body::Body> {
 }
 
 /// How many `SET`s redis has run.
-async fn set_calls(redis: &RedisServer) -> u64 {
+/// One of the `SET` command's statistics (`calls`, `rejected_calls`, …).
+async fn set_calls(redis: &RedisServer, field: &str) -> u64 {
     let info: String = redis.command(redis::cmd("INFO").arg("commandstats")).await;
     info.lines()
-        .find_map(|line| line.strip_prefix("cmdstat_set:calls="))
-        .and_then(|rest| rest.split(',').next())
+        .find_map(|line| line.strip_prefix("cmdstat_set:"))
+        .and_then(|stats| {
+            stats
+                .split(',')
+                .find_map(|stat| stat.strip_prefix(field)?.strip_prefix('='))
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
@@ -408,7 +414,17 @@ async fn a_redis_that_refuses_writes_is_unavailable_until_it_takes_them_again() 
         ("degraded".into(), "unavailable".into()),
         "the first refused write marks redis unavailable"
     );
+    let refused = set_calls(&redis, "rejected_calls").await;
     assert_eq!(get(&a.app, aws).await.status, StatusCode::OK);
+    // The probe writes, so it does not take a Redis that answers for one that takes writes.
+    until("the probe's write was refused", || async {
+        set_calls(&redis, "rejected_calls").await > refused
+    })
+    .await;
+    assert_eq!(
+        redis_status(&a).await,
+        ("degraded".into(), "unavailable".into())
+    );
 
     let () = redis.command(&set("maxmemory", "0")).await;
     connected(&[&a]).await;

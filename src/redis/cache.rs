@@ -18,11 +18,18 @@
 //! themselves. A lock gone with no answer (its holder failed or died) is taken over by the
 //! next poller. Whenever Redis does not answer, the request goes straight to the backends.
 //!
-//! A backend fault met by the lock holder is shared too, for [`FAILURE_SHARED_FOR`] only:
-//! long enough for the replicas waiting on that refresh to take it instead of asking a sick
-//! backend again one after another, each for as long as it takes to fail. The next request
-//! after that asks again. A waiter given the fault serves what its own cache may still serve
-//! in its place (stale-if-error), as the holder does.
+//! A backend that failed or did not answer in time for the lock holder fails its waiters
+//! too: the holder keeps the fault under `{key_prefix}v1:fault:{key}` for
+//! [`FAULT_SHARED_FOR`], and a replica that waited for the lock reads it there instead of
+//! asking the sick backend again, one replica after another, each for as long as it takes to
+//! fail. A request that did not wait never reads it: the next one asks again. A waiter given
+//! the fault serves what its own cache may still serve in its place (stale-if-error), as the
+//! holder does. Suspensions (a circuit breaker's, or an upstream's `Retry-After`) are each
+//! replica's own, and are not shared.
+//!
+//! A holder stores (a Lua script, so the checks and the write are one step) only while the
+//! lock is still its own: a refresh that outlived its lock, which another replica has since
+//! taken over, never overwrites what that one stored.
 //!
 //! An invalidation drops the shared answers its scope covers ([`SharedLevel::forget`]): the
 //! keys under `{key_prefix}v1:cache:` are walked with `SCAN` (1000 at a time, each step
@@ -63,10 +70,9 @@ const POLL_INITIAL: Duration = Duration::from_millis(10);
 /// The longest.
 const POLL_MAX: Duration = Duration::from_millis(200);
 
-/// How long a backend fault met by the lock holder is shared: several of the longest polls,
-/// so every waiter sees it, and no longer (Redis expires it; the clocks of the replicas are
-/// not compared).
-const FAILURE_SHARED_FOR: Duration = Duration::from_secs(1);
+/// How long a backend fault met by the lock holder is kept for its waiters: several of the
+/// longest polls, so every waiter sees it, and no longer (Redis expires it).
+const FAULT_SHARED_FOR: Duration = Duration::from_secs(1);
 
 /// Deletes the lock only if it is still the one this replica took (a lock that expired may
 /// have been taken over).
@@ -77,10 +83,11 @@ end
 return 0
 ";
 
-/// Stores an answer (`ARGV[1]`, kept `ARGV[2]` ms) only while the generation (`KEYS[2]`,
-/// none counting as 0) is still `ARGV[3]`, the one read before the backends were asked.
+/// Stores `ARGV[1]` under `KEYS[1]`, kept `ARGV[2]` ms, only while the lock (`KEYS[3]`) is
+/// still the one this replica took (`ARGV[4]`) and the generation (`KEYS[2]`, none counting
+/// as 0) is still `ARGV[3]`, the one read before the backends were asked.
 const STORE: &str = r"
-if (redis.call('GET', KEYS[2]) or '0') == ARGV[3] then
+if redis.call('GET', KEYS[3]) == ARGV[4] and (redis.call('GET', KEYS[2]) or '0') == ARGV[3] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
 end
@@ -103,105 +110,72 @@ enum Answer {
     Versions(Vec<Version>),
     /// "Not found", with its message.
     NotFound(String),
-    /// A backend fault, kept [`FAILURE_SHARED_FOR`].
-    Failed(Failure),
 }
 
-/// A backend fault as it is shared.
+/// A backend fault as the lock holder shares it with its waiters.
 #[derive(Debug, Serialize, Deserialize)]
-struct Failure {
-    fault: Fault,
-    backend: Source,
-    instance: Option<InstanceName>,
-    #[serde(default)]
-    reason: String,
-    #[serde(default)]
-    retry_after_ms: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(tag = "fault", rename_all = "snake_case")]
 enum Fault {
-    Unavailable,
-    AuthFailed,
-    Timeout,
-    Suspended,
+    Unavailable {
+        backend: Source,
+        instance: Option<InstanceName>,
+        reason: String,
+    },
+    Timeout {
+        backend: Source,
+        instance: Option<InstanceName>,
+    },
 }
 
-impl Failure {
+impl Fault {
+    /// What of a failure is shared: a backend asked that failed or did not answer in time.
     fn of(error: &RegistryError) -> Option<Self> {
-        let failure = |fault, backend: &Source, instance: &Option<InstanceName>| Self {
-            fault,
-            backend: *backend,
-            instance: instance.clone(),
-            reason: String::new(),
-            retry_after_ms: 0,
-        };
-        Some(match error {
+        match error {
             RegistryError::BackendUnavailable {
                 backend,
                 instance,
                 reason,
-            } => Self {
+            } => Some(Self::Unavailable {
+                backend: *backend,
+                instance: instance.clone(),
                 reason: reason.clone(),
-                ..failure(Fault::Unavailable, backend, instance)
-            },
-            RegistryError::BackendAuthFailed { backend, instance } => {
-                failure(Fault::AuthFailed, backend, instance)
-            }
-            RegistryError::BackendTimeout { backend, instance } => {
-                failure(Fault::Timeout, backend, instance)
-            }
-            RegistryError::BackendSuspended {
-                backend,
-                instance,
-                reason,
-                retry_after,
-            } => Self {
-                reason: reason.clone(),
-                retry_after_ms: retry_after.as_millis() as u64,
-                ..failure(Fault::Suspended, backend, instance)
-            },
-            _ => return None,
-        })
+            }),
+            RegistryError::BackendTimeout { backend, instance } => Some(Self::Timeout {
+                backend: *backend,
+                instance: instance.clone(),
+            }),
+            _ => None,
+        }
     }
 
     fn error(self) -> RegistryError {
-        let Self {
-            fault,
-            backend,
-            instance,
-            reason,
-            retry_after_ms,
-        } = self;
-        match fault {
-            Fault::Unavailable => RegistryError::BackendUnavailable {
+        match self {
+            Self::Unavailable {
+                backend,
+                instance,
+                reason,
+            } => RegistryError::BackendUnavailable {
                 backend,
                 instance,
                 reason,
             },
-            Fault::AuthFailed => RegistryError::BackendAuthFailed { backend, instance },
-            Fault::Timeout => RegistryError::BackendTimeout { backend, instance },
-            Fault::Suspended => RegistryError::BackendSuspended {
-                backend,
-                instance,
-                reason,
-                retry_after: Duration::from_millis(retry_after_ms),
-            },
+            Self::Timeout { backend, instance } => {
+                RegistryError::BackendTimeout { backend, instance }
+            }
         }
     }
 }
 
 impl Answer {
-    /// What of a backend outcome is shared: values, "not found" and backend faults.
+    /// What of a backend outcome is shared as an answer: values and "not found" (faults,
+    /// see [`Fault`]).
     fn of(outcome: &Result<BackendResponse, RegistryError>) -> Option<Self> {
         match outcome {
             Ok(BackendResponse::List(l)) => Some(Self::List(l.to_vec())),
             Ok(BackendResponse::Extension(e)) => Some(Self::Extension(Box::new((**e).clone()))),
             Ok(BackendResponse::Versions(v)) => Some(Self::Versions(v.to_vec())),
             Err(RegistryError::NotFound(message)) => Some(Self::NotFound(message.clone())),
-            Err(error) => Failure::of(error).map(Self::Failed),
-            Ok(_) => None,
+            _ => None,
         }
     }
 
@@ -211,7 +185,6 @@ impl Answer {
             Self::Extension(e) => BackendResponse::Extension(Arc::from(e)),
             Self::Versions(v) => BackendResponse::Versions(Arc::new(v)),
             Self::NotFound(message) => return Err(RegistryError::NotFound(message)),
-            Self::Failed(failure) => return Err(failure.error()),
         };
         Ok(BackendResponse::Shared {
             response: Box::new(response),
@@ -245,7 +218,7 @@ struct Counters {
     misses: metrics::Counter,
     lock_waits: metrics::Counter,
     takeovers: metrics::Counter,
-    failures: metrics::Counter,
+    faults: metrics::Counter,
 }
 
 /// Puts the shared cache under the in-process one.
@@ -287,7 +260,7 @@ impl SharedCacheLayer {
                     misses: metrics::counter!("redis_cache_misses_total"),
                     lock_waits: metrics::counter!("redis_cache_lock_waits_total"),
                     takeovers: metrics::counter!("redis_cache_lock_takeovers_total"),
-                    failures: metrics::counter!("redis_cache_failures_shared_total"),
+                    faults: metrics::counter!("redis_cache_faults_shared_total"),
                 },
                 release: redis::Script::new(RELEASE),
                 store: redis::Script::new(STORE),
@@ -404,54 +377,51 @@ impl State {
         S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
     {
         let redis = &self.redis;
-        let value_key = redis.key(&format!("cache:{key}"));
-        let lock_key = redis.key(&format!("lock:{key}"));
+        let flight = Flight {
+            value: redis.key(&format!("cache:{key}")),
+            fault: redis.key(&format!("fault:{key}")),
+            lock: redis.key(&format!("lock:{key}")),
+            token: format!("{:016x}", fastrand::u64(..)),
+        };
         let started = Instant::now();
         let mut poll = POLL_INITIAL;
         let mut waited = false;
         loop {
-            if let Some(found) = self.lookup(&value_key).await {
+            if let Some(found) = self.lookup(&flight.value).await {
                 return found;
+            }
+            if waited {
+                if let Some(fault) = self.fault(&flight.fault).await {
+                    return Err(fault);
+                }
             }
             if !redis.is_available() || started.elapsed() >= self.rules.wait {
                 // Redis gone, or the other replica too slow: the backends, unshared.
                 return inner.oneshot(req).await;
             }
-            let token = format!("{:016x}", fastrand::u64(..));
             let take = redis::cmd("SET")
-                .arg(&lock_key)
-                .arg(&token)
+                .arg(&flight.lock)
+                .arg(&flight.token)
                 .arg("NX")
                 .arg("PX")
                 .arg(self.rules.lock.as_millis() as u64)
                 .clone();
             match redis.run::<Option<String>>(&take).await {
                 Some(Some(_)) => {
-                    if waited {
-                        self.counters.takeovers.increment(1);
-                    }
-                    // Another replica may have stored its answer and let go of the lock
-                    // between the lookup above and taking it.
-                    let outcome = match self.lookup(&value_key).await {
+                    // Another replica may have stored its answer (or its fault) and let go of
+                    // the lock between the lookups above and taking it.
+                    let outcome = match self.lookup(&flight.value).await {
                         Some(found) => found,
-                        None => {
-                            self.counters.misses.increment(1);
-                            // Read before the backends are asked: see the module documentation.
-                            let generation = redis
-                                .run::<Option<u64>>(redis::cmd("GET").arg(&self.generation))
-                                .await;
-                            let outcome = inner.oneshot(req).await;
-                            // Taken out first: an answer is not `Sync` (downloads stream).
-                            let shared = Answer::of(&outcome);
-                            if let Some(generation) = generation {
-                                self.store(&value_key, shared, generation.unwrap_or(0))
-                                    .await;
-                            }
-                            outcome
-                        }
+                        None => match waited.then(|| self.fault(&flight.fault)) {
+                            Some(fault) => match fault.await {
+                                Some(fault) => Err(fault),
+                                None => self.fetch(inner, req, &flight, waited).await,
+                            },
+                            None => self.fetch(inner, req, &flight, waited).await,
+                        },
                     };
-                    let mut release = self.release.key(&lock_key);
-                    release.arg(&token);
+                    let mut release = self.release.key(&flight.lock);
+                    release.arg(&flight.token);
                     redis.invoke::<i64>(&release).await;
                     return outcome;
                 }
@@ -467,6 +437,58 @@ impl State {
                 None => return inner.oneshot(req).await,
             }
         }
+    }
+
+    /// Asks the backends under the lock, and shares their answer, or their fault with the
+    /// waiters.
+    async fn fetch<S>(
+        &self,
+        inner: S,
+        req: BackendRequest,
+        flight: &Flight,
+        waited: bool,
+    ) -> Result<BackendResponse, RegistryError>
+    where
+        S: Service<BackendRequest, Response = BackendResponse, Error = RegistryError>,
+    {
+        self.counters.misses.increment(1);
+        if waited {
+            self.counters.takeovers.increment(1);
+        }
+        // Read before the backends are asked: see the module documentation.
+        let generation = self
+            .redis
+            .run::<Option<u64>>(redis::cmd("GET").arg(&self.generation))
+            .await;
+        let outcome = inner.oneshot(req).await;
+        let Some(generation) = generation.map(Option::unwrap_or_default) else {
+            return outcome;
+        };
+        // Taken out first: an answer is not `Sync` (downloads stream).
+        let shared = match Answer::of(&outcome) {
+            Some(answer) => {
+                let keep = match answer {
+                    Answer::NotFound(_) => self.rules.negative_ttl,
+                    _ => self.rules.keep,
+                };
+                let stored = Stored {
+                    fetched_at_ms: now_ms(),
+                    answer,
+                };
+                Some((&flight.value, json(&stored), keep))
+            }
+            None => outcome
+                .as_ref()
+                .err()
+                .and_then(Fault::of)
+                .map(|fault| (&flight.fault, json(&fault), FAULT_SHARED_FOR)),
+        };
+        if let Some((key, Some(text), keep)) = shared {
+            if !keep.is_zero() {
+                self.store(key, text, keep, flight, generation).await;
+            }
+        }
+        outcome
     }
 
     /// Drops the shared answers `scope` covers, counting them; `None` when Redis did not
@@ -503,8 +525,7 @@ impl State {
         }
     }
 
-    /// A fresh shared answer for `value_key`, or a fault still shared, if Redis has one;
-    /// counted.
+    /// A fresh shared answer for `value_key`, if Redis has one; counted.
     async fn lookup(&self, value_key: &str) -> Option<Result<BackendResponse, RegistryError>> {
         let text: Option<String> = self
             .redis
@@ -521,10 +542,6 @@ impl State {
         let age = Duration::from_millis(now_ms().saturating_sub(stored.fetched_at_ms));
         let fresh_for = match stored.answer {
             Answer::NotFound(_) => self.rules.negative_ttl,
-            Answer::Failed(_) => {
-                self.counters.failures.increment(1);
-                return Some(stored.answer.outcome(age));
-            }
             _ => self.rules.ttl,
         };
         let fresh = age < fresh_for;
@@ -534,35 +551,54 @@ impl State {
         fresh.then(|| stored.answer.outcome(age))
     }
 
-    /// Shares what of a backend outcome is to be shared ([`Answer::of`]), unless an
-    /// invalidation has moved the generation on from `generation`.
-    async fn store(&self, value_key: &str, answer: Option<Answer>, generation: u64) {
-        let Some(answer) = answer else {
-            return;
-        };
-        let keep = match answer {
-            Answer::NotFound(_) => self.rules.negative_ttl,
-            Answer::Failed(_) => FAILURE_SHARED_FOR,
-            _ => self.rules.keep,
-        };
-        if keep.is_zero() {
-            return;
-        }
-        let stored = Stored {
-            fetched_at_ms: now_ms(),
-            answer,
-        };
-        let Ok(text) = serde_json::to_string(&stored) else {
-            return;
-        };
-        let mut store = self.store.key(value_key);
+    /// The fault the lock holder kept under `fault_key`, if any; counted.
+    async fn fault(&self, fault_key: &str) -> Option<RegistryError> {
+        let text: Option<String> = self
+            .redis
+            .run(redis::cmd("GET").arg(fault_key))
+            .await
+            .flatten();
+        let fault: Fault = serde_json::from_str(&text?)
+            .inspect_err(
+                |e| tracing::warn!(key = fault_key, error = %e, "unreadable shared fault ignored"),
+            )
+            .ok()?;
+        self.counters.faults.increment(1);
+        Some(fault.error())
+    }
+
+    /// Stores `text` under `key` for `keep`, while `flight`'s lock is still this replica's
+    /// and no invalidation has moved the generation on from `generation`.
+    async fn store(
+        &self,
+        key: &str,
+        text: String,
+        keep: Duration,
+        flight: &Flight,
+        generation: u64,
+    ) {
+        let mut store = self.store.key(key);
         store
             .key(&self.generation)
+            .key(&flight.lock)
             .arg(text)
             .arg(keep.as_millis() as u64)
-            .arg(generation);
+            .arg(generation)
+            .arg(&flight.token);
         self.redis.invoke::<i64>(&store).await;
     }
+}
+
+/// The keys of one shared request, and the token of this replica's lock on it.
+struct Flight {
+    value: String,
+    fault: String,
+    lock: String,
+    token: String,
+}
+
+fn json<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_string(value).ok()
 }
 
 #[cfg(test)]
@@ -573,36 +609,36 @@ mod tests {
     };
 
     #[test]
-    fn backend_faults_are_shared_as_they_were_met_and_nothing_else_is() {
+    fn backends_that_failed_or_timed_out_are_shared_as_they_were_met_and_nothing_else_is() {
         let named = |e: RegistryError| {
             e.with_instance(&Instance {
                 kind: Source::Gitea,
                 name: "forge-b".into(),
             })
         };
-        let faults = [
+        for fault in [
             RegistryError::unavailable(Source::Gitea, "HTTP 502"),
-            named(RegistryError::auth_failed(Source::Gitea)),
-            RegistryError::timeout(Source::Oci),
-            named(RegistryError::suspended(
+            named(RegistryError::unavailable(
                 Source::Gitea,
-                "circuit open",
-                Duration::from_millis(2500),
+                "connection refused",
             )),
-        ];
-        for fault in faults {
-            let Some(Answer::Failed(failure)) = Answer::of(&Err(fault.clone())) else {
-                panic!("{fault:?} is not shared");
-            };
-            let text = serde_json::to_string(&failure).unwrap();
-            let read: Failure = serde_json::from_str(&text).unwrap();
+            RegistryError::timeout(Source::Oci),
+            named(RegistryError::timeout(Source::Gitea)),
+        ] {
+            let shared = Fault::of(&fault).unwrap_or_else(|| panic!("{fault:?} is not shared"));
+            let text = serde_json::to_string(&shared).unwrap();
+            let read: Fault = serde_json::from_str(&text).unwrap();
             assert_eq!(read.error(), fault, "{text}");
         }
         for not_shared in [
+            // Each replica's own circuit breaker, or an upstream's Retry-After.
+            RegistryError::suspended(Source::Gitea, "circuit open", Duration::from_secs(30)),
+            RegistryError::auth_failed(Source::Gitea),
             RegistryError::Internal("bug".into()),
             RegistryError::InvalidName,
+            RegistryError::not_found("provider/aws"),
         ] {
-            assert!(Answer::of(&Err(not_shared)).is_none());
+            assert!(Fault::of(&not_shared).is_none(), "{not_shared:?}");
         }
     }
 
