@@ -25,6 +25,8 @@ pub enum Overload {
 }
 
 impl Overload {
+    pub const ALL: [Self; 3] = [Self::Requests, Self::Downloads, Self::RequestBodies];
+
     pub fn label(self) -> &'static str {
         match self {
             Self::Requests => "requests",

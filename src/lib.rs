@@ -54,6 +54,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (read here, at start) and Redis (connected in the background), then the stack around them.
 /// Call within a Tokio runtime when `[redis]` is set.
 pub fn build(config: &config::Config) -> Result<stack::HttpService, config::ConfigError> {
+    // First, so what is reported while connecting (Redis counted unavailable) is kept.
+    telemetry::prometheus();
     let backends = backend::from_config(config)?;
     let redis = config
         .redis

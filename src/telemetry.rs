@@ -174,6 +174,11 @@ pub fn prometheus() -> PrometheusHandle {
             }
             describe_metrics();
             describe_process_metrics();
+            // Shown from the start, so dashboards see zeros rather than nothing.
+            for limit in crate::error::Overload::ALL {
+                metrics::counter!(crate::error::OVERLOADED_TOTAL, "limit" => limit.label())
+                    .increment(0);
+            }
             handle
         })
         .clone()
@@ -328,7 +333,8 @@ fn describe_metrics() {
     );
     describe_gauge!(
         "redis_available",
-        "1 while Redis answers, 0 after a failure until a background probe answers"
+        "1 while Redis answers and takes writes; 0 from start until it first does, and after a \
+         failure until a background probe does"
     );
     describe_counter!(
         "redis_cache_hits_total",
@@ -348,7 +354,14 @@ fn describe_metrics() {
     describe_counter!(
         "redis_cache_lock_takeovers_total",
         Unit::Count,
-        "Refresh locks taken after such a wait (the holder failed or died)"
+        "Backends asked after such a wait (the holder died, ran out of time, or failed in a \
+         way not shared)"
+    );
+    describe_counter!(
+        "redis_cache_faults_shared_total",
+        Unit::Count,
+        "Backend failures and timeouts a replica that waited on the refresh lock took from its \
+         holder instead of asking the backends again"
     );
     describe_counter!(
         "redis_invalidations_sent_total",

@@ -183,10 +183,18 @@ async fn serves_the_samples_over_http1_and_h2c() {
     server.await.unwrap().unwrap();
 }
 
-#[test]
-fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
+/// The binary on a free loopback port with JSON logs and `args`: the child, the address it
+/// listens on, and the rest of its log lines.
+fn spawn_binary(
+    args: &[&std::ffi::OsStr],
+) -> (
+    std::process::Child,
+    String,
+    impl Iterator<Item = std::io::Result<String>>,
+) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_extension-registry"))
         .args(["--host", "127.0.0.1", "--port", "0", "--json-log"])
+        .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -201,6 +209,20 @@ fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
             (json["message"] == "listening").then(|| json["address"].as_str().unwrap().to_owned())
         })
         .expect("the binary logs its address");
+    (child, address, lines)
+}
+
+/// The binary's metrics exposition.
+fn metrics_of(runtime: &tokio::runtime::Runtime, address: &str) -> String {
+    runtime.block_on(async {
+        let response = reqwest::get(format!("http://{address}/api/v1/metrics"));
+        response.await.unwrap().text().await.unwrap()
+    })
+}
+
+#[test]
+fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
+    let (mut child, address, lines) = spawn_binary(&[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let names = runtime.block_on(async {
         let list: serde_json::Value =
@@ -218,15 +240,13 @@ fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
     });
     assert_eq!(names, ["buildkit", "web"]);
     // The limits' metrics are there before anything hits them.
-    let metrics = runtime.block_on(async {
-        let response = reqwest::get(format!("http://{address}/api/v1/metrics"));
-        response.await.unwrap().text().await.unwrap()
-    });
+    let metrics = metrics_of(&runtime, &address);
     for line in [
         "# TYPE http_connections_open gauge",
         "download_stalled_total 0",
         "http_connections_refused_total 0",
         "downloads_in_flight 0",
+        r#"overloaded_total{limit="request_bodies"} 0"#,
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
@@ -243,6 +263,23 @@ fn the_binary_serves_its_embedded_default_and_exits_0_on_sigterm() {
         "one log line per request: {rest:?}"
     );
     assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+#[test]
+fn a_redis_that_never_answers_is_shown_unavailable_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("redis.toml");
+    let text = format!(
+        "[local]\npath = {:?}\n[redis]\nurl = \"redis://127.0.0.1:1/\"\n",
+        app::samples().display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let (mut child, address, _) = spawn_binary(&["--config".as_ref(), config.as_os_str()]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let metrics = metrics_of(&runtime, &address);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(metrics.contains("redis_available 0"), "{metrics}");
 }
 
 #[test]

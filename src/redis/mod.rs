@@ -226,8 +226,10 @@ fn failure(e: &redis::RedisError) -> (&'static str, bool) {
 }
 
 /// Writes the probe key until Redis takes it, then marks it available; ends with the
-/// application.
+/// application. Its first failure is logged, with the reason: a Redis that never answers
+/// from start (or refuses this key) shows in the log.
 async fn probe(inner: Weak<Inner>) {
+    let mut failed_before = false;
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
@@ -244,12 +246,19 @@ async fn probe(inner: Weak<Inner>) {
             write.query_async::<()>(&mut connection),
         )
         .await;
-        if let Ok(Ok(_)) = answered {
-            inner.probing.store(false, Ordering::Release);
-            inner.available.store(true, Ordering::Release);
-            metrics::gauge!("redis_available").set(1.0);
-            tracing::info!("redis available");
-            return;
+        let reason = match answered {
+            Ok(Ok(())) => {
+                inner.probing.store(false, Ordering::Release);
+                inner.available.store(true, Ordering::Release);
+                metrics::gauge!("redis_available").set(1.0);
+                tracing::info!("redis available");
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        if !std::mem::replace(&mut failed_before, true) {
+            tracing::warn!(%reason, "redis probe failed; probing each second until it succeeds");
         }
         drop(inner);
         tokio::time::sleep(PROBE_INTERVAL).await;
@@ -282,6 +291,9 @@ mod tests {
             b"-READONLY You can't write against a read only replica.\r\n",
             b"-MISCONF Redis is configured to save RDB snapshots\r\n",
             b"-LOADING Redis is loading the dataset in memory\r\n",
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+            // Redis 7 keeps the code of a refusal inside a script.
+            b"-OOM command not allowed when used memory > 'maxmemory'. script: 4f1c, on @user_script:3.\r\n",
         ] {
             assert_eq!(failure(&reply_error(refusal)), ("error", true));
         }
