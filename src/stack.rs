@@ -168,6 +168,7 @@ pub fn app_with(
         ),
         cache_control: api::cache_control(Duration::from_secs(config.cache.ttl_seconds)),
         hooks,
+        existing,
         bodies: Default::default(),
     });
 
@@ -207,7 +208,8 @@ pub fn app_with(
         // preflights included, each labelled by route template.
         .layer(HttpMetricsLayer::new())
         // Right above CORS, which takes every OPTIONS for a preflight: an OPTIONS that is not
-        // one gets 405 with Allow, like any other method the read-only API does not answer.
+        // one gets 405 with Allow, like any other method the read-only API does not answer,
+        // and any OPTIONS on a route that does not exist here 404.
         .layer(PreflightOnlyLayer::new(existing))
         // CORS above the error rescue and the rate limit, so 429s, 503s, 504s and 500s carry
         // CORS headers too and browsers can read them; preflights are answered here, before

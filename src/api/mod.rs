@@ -256,16 +256,12 @@ pub struct Shared {
     pub cache_control: HeaderValue,
     /// The secrets of the webhook and purge routes; a route without one does not exist.
     pub hooks: crate::hooks::Keys,
+    /// Which routes exist, from `hooks`.
+    pub existing: Existing,
     /// The OpenAPI document as served here (see [`openapi::rendered`]).
     pub openapi: Arc<Representation>,
     /// The memory the request bodies being read may hold.
     pub bodies: request_body::Budget,
-}
-
-impl Shared {
-    fn serves(&self, route: Route) -> bool {
-        Existing::new(&self.hooks).route(route)
-    }
 }
 
 /// Which routes exist here: the webhook and purge routes only with their secret; a route
@@ -361,7 +357,7 @@ where
             let path = uri.path();
             let found = shared.routes.at(path);
             // A route whose secret is not configured does not exist, whatever the method.
-            if found.is_some_and(|(route, _)| !shared.serves(route)) {
+            if found.is_some_and(|(route, _)| !shared.existing.route(route)) {
                 return Ok(ApiError::route_not_found().into_response());
             }
             // Before anything else about the path: each route answers its own methods; unknown

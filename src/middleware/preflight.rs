@@ -59,7 +59,7 @@ where
 {
     type Response = Response<Body>;
     type Error = S::Error;
-    /// The inner future, or the 405 answered at once.
+    /// The inner future, or the 404 or 405 answered at once.
     type Future = Either<S::Future, Ready<Result<Response<Body>, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
