@@ -354,8 +354,8 @@ fn describe_metrics() {
     describe_counter!(
         "redis_cache_lock_takeovers_total",
         Unit::Count,
-        "Backends asked after such a wait (the holder died, ran out of time, or failed in a \
-         way not shared)"
+        "Backends asked after such a wait: the holder left no answer or fault (it died, ran \
+         out of time, failed in a way not shared, or an invalidation kept its answer)"
     );
     describe_counter!(
         "redis_cache_faults_shared_total",

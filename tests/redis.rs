@@ -217,6 +217,20 @@ async fn a_backend_fault_met_by_one_replica_is_given_to_those_waiting_on_it() {
         1,
         "the waiting replica took the fault instead of asking its sick backend again"
     );
+    // A request that did not wait asks its backend, even while a fault is kept (here for a
+    // minute), on a replica that has not met it.
+    let kept = r#"{"fault":"timeout","backend":"local","instance":null}"#;
+    let fault = redis::cmd("SET")
+        .arg("sick:v1:fault:get:provider/aws:any")
+        .arg(kept)
+        .arg("PX")
+        .arg(60_000)
+        .clone();
+    let () = redis.command(&fault).await;
+    let c = replica_over(&config, Some(gate.clone()), true);
+    connected(&[&c]).await;
+    assert_eq!(get(&c.app, aws).await.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(c.calls(), 1, "C did not wait: it asked its backend");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

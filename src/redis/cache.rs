@@ -22,7 +22,8 @@
 //! too: the holder keeps the fault under `{key_prefix}v1:fault:{key}` for
 //! [`FAULT_SHARED_FOR`], and a replica that waited for the lock reads it there instead of
 //! asking the sick backend again, one replica after another, each for as long as it takes to
-//! fail. A request that did not wait never reads it: the next one asks again. A waiter given
+//! fail. A request that did not wait never reads it: the next one asks again, and the next
+//! holder drops it before asking, so its own waiters never take an earlier fault. A waiter given
 //! the fault serves what its own cache may still serve in its place (stale-if-error), as the
 //! holder does. Suspensions (a circuit breaker's, or an upstream's `Retry-After`) are each
 //! replica's own, and are not shared.
@@ -455,6 +456,10 @@ impl State {
         if waited {
             self.counters.takeovers.increment(1);
         }
+        // A fault an earlier holder left is not this flight's: its waiters must not take it.
+        self.redis
+            .run::<u64>(redis::cmd("DEL").arg(&flight.fault))
+            .await;
         // Read before the backends are asked: see the module documentation.
         let generation = self
             .redis
