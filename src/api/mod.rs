@@ -265,7 +265,7 @@ pub struct Shared {
 }
 
 /// Which routes exist here: the webhook and purge routes only with their secret; a route
-/// without one answers `404` to every method, as if it did not exist.
+/// without one answers `404` to every method, `OPTIONS` and CORS preflights included.
 #[derive(Clone, Copy, Debug)]
 pub struct Existing {
     gitea: bool,
