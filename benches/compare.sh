@@ -14,10 +14,13 @@
 # server's processes in /proc/<pid>/stat over the requests wrk counted).
 #
 #   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64),
-#                                 PROFILE (release; `dist` is what the Docker image ships)
-# Needs wrk, curl, python3 (free ports); nginx optional (Debian nginx-light). Builds the
+#                                 PROFILE (release, dist, or pgo: what the Docker image ships)
+# Needs wrk, curl, python3 (free ports), for `pgo` what benches/pgo.sh needs (llvm-profdata);
+# nginx optional (Debian nginx-light). Builds the
 # service and the baseline with PROFILE, unless BASELINE names a baseline binary already built
-# (then the service binary of PROFILE in target/ is used as it is). PRELOAD names a shared library to
+# (then the service binary of PROFILE in target/ is used as it is). `pgo` builds both with
+# benches/pgo.sh on the `dist` profile, each trained on its own (the baseline on the captured
+# answers), which takes two pairs of full builds. PRELOAD names a shared library to
 # preload into the service alone, e.g. another malloc (/usr/lib/x86_64-linux-gnu/libjemalloc.so.2)
 # to measure it without a rebuild. Everything listens on 127.0.0.1 and stops on exit.
 set -euo pipefail
@@ -28,9 +31,13 @@ rounds=${ROUNDS:-2}
 connections=${CONNECTIONS:-64}
 profile=${PROFILE:-release}
 case $profile in
-  release | dist) ;;
-  *) echo "PROFILE is release or dist, not $profile" >&2; exit 1 ;;
+  release | dist | pgo) ;;
+  *) echo "PROFILE is release, dist or pgo, not $profile" >&2; exit 1 ;;
 esac
+if [ "$profile" = pgo ] && [ -n "${BASELINE:-}" ]; then
+  echo "PROFILE=pgo builds its own baseline: leave BASELINE unset" >&2
+  exit 1
+fi
 work=$(mktemp -d)
 pids=()
 cleanup() {
@@ -46,7 +53,9 @@ else
   on_server=(); on_client=()
 fi
 
-if [ -n "${BASELINE:-}" ]; then
+if [ "$profile" = pgo ]; then
+  service=$(PROFILE=dist benches/pgo.sh | tail -1)
+elif [ -n "${BASELINE:-}" ]; then
   baseline=$BASELINE
 else
   cargo build --profile "$profile" --quiet --bin extension-registry
@@ -56,21 +65,10 @@ for l in sys.stdin:
     m=json.loads(l)
     if m.get("reason")=="compiler-artifact" and m["target"]["name"]=="baseline" and m.get("executable"): print(m["executable"])')
 fi
-service=${CARGO_TARGET_DIR:-target}/$profile/extension-registry
+[ "$profile" = pgo ] || service=${CARGO_TARGET_DIR:-target}/$profile/extension-registry
 
-# 120 local extensions with realistic descriptive fields, so a list of 100 is ~50 KB.
 root="$work/extensions"
-for i in $(seq -w 0 119); do
-  dir="$root/provider/ext$i"
-  mkdir -p "$dir/1.$((10#$i)).0"
-  head -c 4096 /dev/zero > "$dir/1.$((10#$i)).0/ext$i-1.$((10#$i)).0.tar.gz"
-  cat > "$dir/extension.toml" <<TOML
-description = "Extension number $i, provisioning things in a realistic way"
-author = "provisioning-team"
-repository = "https://git.example.com/extensions/ext${i}_prov"
-tags = ["cloud", "bench"]
-TOML
-done
+bench_extensions "$root"
 
 svc_port=$(free_port)
 cat > "$work/service.toml" <<TOML
@@ -100,6 +98,9 @@ capture() { # NAME URI [HEADER]: the service's answer, warmed, as NAME.headers a
 capture single "$single"
 capture list "$list"
 capture gzip "$list" "$gzip_header"
+if [ "$profile" = pgo ]; then
+  baseline=$(PROFILE=dist benches/pgo.sh baseline "$single=$work/single" "$list=$work/list" | tail -1)
+fi
 
 bare_port=$(free_port)
 "${on_server[@]}" env TOKIO_WORKER_THREADS=1 "$baseline" "127.0.0.1:$bare_port" "$single=$work/single" "$list=$work/list" &

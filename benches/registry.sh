@@ -9,6 +9,27 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # Waits up to 10 s for URL to answer 2xx; exits the script otherwise.
 wait_http() { for _ in $(seq 200); do curl -fs -o /dev/null "$1" && return 0; sleep 0.05; done; echo "no answer from $1" >&2; exit 1; }
 
+# 120 local extensions, provider/ext000 to ext119, under ROOT, with realistic descriptive
+# fields, so a list of 100 is ~50 KB; each has a 4 KiB artifact at 1.<i>.0 and at each VERSION.
+#   bench_extensions ROOT [VERSION...]
+bench_extensions() {
+  local root=$1 i dir version
+  shift
+  for i in $(seq -w 0 119); do
+    dir="$root/provider/ext$i"
+    for version in "1.$((10#$i)).0" "$@"; do
+      mkdir -p "$dir/$version"
+      head -c 4096 /dev/zero > "$dir/$version/ext$i-$version.tar.gz"
+    done
+    cat > "$dir/extension.toml" <<TOML
+description = "Extension number $i, provisioning things in a realistic way"
+author = "provisioning-team"
+repository = "https://git.example.com/extensions/ext${i}_prov"
+tags = ["cloud", "bench"]
+TOML
+  done
+}
+
 # utime+stime (clock ticks, `getconf CLK_TCK` a second) of process PID and its children
 # (nginx's worker).
 #   cpu_ticks PID

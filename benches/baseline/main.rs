@@ -89,8 +89,16 @@ async fn main() {
             .collect(),
     );
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    // Returns on SIGINT, so that a build instrumented for profile-guided optimisation
+    // (`benches/pgo.sh`) writes its counts on the way out.
+    let stop = tokio::signal::ctrl_c();
+    tokio::pin!(stop);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let answers = answers.clone();
