@@ -76,8 +76,7 @@ build() {
 # request, is read for the address and otherwise kept to its first 100 lines.
 serve() {
   : >"$work/log"
-  "$1" --config "$work/service.toml" > >(awk -v log="$work/log" \
-    'NR <= 100 {print > log; fflush(log)}') 2>&1 &
+  "$1" --config "$work/service.toml" > >(sed -u -n '1,100p' >"$work/log") 2>&1 &
   pid=$!
   address=
   for _ in $(seq 200); do
