@@ -16,7 +16,8 @@
 # Prints the optimised binary's path last. Knobs: PROFILE (dist), TRAIN (2s per kind of
 # request), CARGO_TARGET_DIR (target; the builds go under its pgo/, as the RUSTFLAGS they take
 # would otherwise rebuild the plain builds, and replace any RUSTFLAGS of the caller's). Each run
-# builds both from scratch: the counts are new every time. Needs wrk, curl and the
+# builds both from scratch, as the counts are new every time, and drops the builds of the one
+# before. Needs wrk, curl and the
 # llvm-profdata of rustc's LLVM major (Debian: llvm-22 for Rust 1.95); the baseline python3
 # too (a free port).
 set -euo pipefail
@@ -34,7 +35,11 @@ pid=
 # it over), SIGINT for the baseline. Fails when the process did not exit 0.
 stop() { # SIGNAL
   local status=0
-  kill -"$1" "$pid" && wait "$pid" || status=$?
+  kill -"$1" "$pid" && wait "$pid" || {
+    status=$?
+    echo "the $what exited $status on SIG$1" >&2
+    cat "$work/log" >&2 2>/dev/null || true
+  }
   pid=
   return "$status"
 }
@@ -152,7 +157,7 @@ train_baseline() { # BIN URI=CAPTURE...
   local bin=$1 port route
   shift
   port=$(free_port)
-  TOKIO_WORKER_THREADS=1 "$bin" "127.0.0.1:$port" "$@" &
+  TOKIO_WORKER_THREADS=1 "$bin" "127.0.0.1:$port" "$@" >&2 &
   pid=$!
   wait_http "http://127.0.0.1:$port${1%=*}"
   for route in "$@"; do
@@ -166,6 +171,8 @@ case $what in
   baseline) [ $# -ge 2 ] || { echo "usage: benches/pgo.sh baseline URI=CAPTURE..." >&2; exit 1; } ;;
   *) echo "benches/pgo.sh builds the service or the baseline, not $what" >&2; exit 1 ;;
 esac
+# The flags name this run's own directory, so nothing of an earlier run's builds is reused.
+rm -rf "$target"
 instrumented=$(build "$target/generate" "-Cprofile-generate=$work/profiles")
 # Build scripts and proc macros ran instrumented too: only the trained run's counts are kept.
 rm -rf "$work/profiles"
