@@ -17,9 +17,8 @@
 # request), CARGO_TARGET_DIR (target; the builds go under its pgo/, as the RUSTFLAGS they take
 # would otherwise rebuild the plain builds, and replace any RUSTFLAGS of the caller's). Each run
 # builds both from scratch, as the counts are new every time, and drops the builds of the one
-# before. Needs wrk, curl and the
-# llvm-profdata of rustc's LLVM major (Debian: llvm-22 for Rust 1.95); the baseline python3
-# too (a free port).
+# before. Needs wrk, curl and the llvm-profdata of rustc's LLVM major (Debian: llvm-22 for
+# Rust 1.95); the baseline python3 too (a free port).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
