@@ -71,18 +71,7 @@ root="$work/extensions"
 bench_extensions "$root"
 
 svc_port=$(free_port)
-cat > "$work/service.toml" <<TOML
-[server]
-host = "127.0.0.1"
-port = $svc_port
-workers = 1
-[local]
-path = "$root"
-[rate_limit]
-# The shipped burst (100), earned back at once: never a 429, and RateLimit-* values as small
-# as a client's (RateLimit-Reset is 0 here, 1-2 s for a client at the shipped rate).
-requests_per_second = 4000000000
-TOML
+bench_config "$root" "$svc_port" > "$work/service.toml"
 "${on_server[@]}" env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$service" --config "$work/service.toml" \
   --log-level warn,extension_registry=info,extension_registry::telemetry=warn >"$work/service.log" 2>&1 &
 svc=$!; pids+=("$svc")

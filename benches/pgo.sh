@@ -119,19 +119,8 @@ train_service() { # BIN
   # The extensions of benches/compare.sh, with three or four versions each.
   local root="$work/extensions"
   bench_extensions "$root" 1.0.0 1.1.0 2.0.0-rc.1
-  # Every request earns its quota back at once: the run trains the allowed path, not the 429.
-  # One worker, as benches/compare.sh measures: at this rate the quota's tolerance is 100 ns,
-  # and with two a request whose clock reading another worker's request overtook is refused.
-  cat >"$work/service.toml" <<TOML
-[server]
-host = "127.0.0.1"
-port = 0
-workers = 1
-[local]
-path = "$root"
-[rate_limit]
-requests_per_second = 4000000000
-TOML
+  # The allowed path is trained, not the 429.
+  bench_config "$root" 0 >"$work/service.toml"
   serve "$1"
   local base="http://$address/api/v1" etag
   answers "$work/expected"

@@ -30,6 +30,25 @@ TOML
   done
 }
 
+# The service's configuration for the benches: one worker on 127.0.0.1:PORT over the local
+# extensions under ROOT. The shipped burst (100), earned back at once: never a 429, and
+# RateLimit-* values as small as a client's (RateLimit-Reset is 0 here, 1-2 s for a client at
+# the shipped rate). One worker, too, because at this rate the quota's tolerance is 100 ns: with
+# two, a request whose clock reading another worker's request overtook is refused.
+#   bench_config ROOT PORT > service.toml
+bench_config() {
+  cat <<TOML
+[server]
+host = "127.0.0.1"
+port = $2
+workers = 1
+[local]
+path = "$1"
+[rate_limit]
+requests_per_second = 4000000000
+TOML
+}
+
 # utime+stime (clock ticks, `getconf CLK_TCK` a second) of process PID and its children
 # (nginx's worker).
 #   cpu_ticks PID
