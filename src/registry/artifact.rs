@@ -4,7 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{ready, Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -12,7 +13,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use pin_project_lite::pin_project;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
-use tokio_util::sync::PollSender;
 
 use crate::registry::Source;
 use crate::BoxError;
@@ -167,6 +167,11 @@ const HASH_ASIDE_AFTER: u64 = 1024 * 1024;
 /// bytes already received, not copies).
 const HASH_QUEUE_FRAMES: usize = 16;
 
+/// Frames the hashing thread waits for before it is woken (unless the stream ends first). It
+/// hashes faster than a download arrives, so woken per frame it would sleep and be woken again
+/// for every frame: a futex call and, as often as not, an interrupt to another core each time.
+const HASH_WAKE_FRAMES: usize = 4;
+
 /// Where a download's digest is computed: in place until the stream proves large, then on a
 /// blocking thread fed through a bounded queue.
 enum Hasher {
@@ -175,7 +180,7 @@ enum Hasher {
         bytes: u64,
     },
     Aside {
-        queue: PollSender<Bytes>,
+        queue: HashQueue,
         digest: JoinHandle<[u8; 32]>,
     },
     Finished,
@@ -192,13 +197,7 @@ impl Hasher {
                     self.set_aside();
                 }
             }
-            Self::Aside { queue, .. } => {
-                ready!(queue.poll_reserve(cx))
-                    .map_err(|_| "the download's hashing thread ended")?;
-                queue
-                    .send_item(data.clone())
-                    .map_err(|_| "the download's hashing thread ended")?;
-            }
+            Self::Aside { queue, .. } => ready!(queue.poll_push(cx, data))?,
             Self::Finished => {
                 return Poll::Ready(Err("the download's digest is already taken".into()))
             }
@@ -211,20 +210,15 @@ impl Hasher {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let Self::Here { mut sha, .. } = std::mem::replace(self, Self::Finished) else {
+        let Self::Here { sha, .. } = std::mem::replace(self, Self::Finished) else {
             return;
         };
-        let (queue, mut frames) = tokio::sync::mpsc::channel::<Bytes>(HASH_QUEUE_FRAMES);
-        let digest = runtime.spawn_blocking(move || {
-            while let Some(data) = frames.blocking_recv() {
-                sha.update(&data);
-            }
-            sha.finalize().into()
-        });
-        *self = Self::Aside {
-            queue: PollSender::new(queue),
-            digest,
+        let queue = HashQueue::default();
+        let thread = HashingThread {
+            shared: queue.shared.clone(),
         };
+        let digest = runtime.spawn_blocking(move || thread.run(sha));
+        *self = Self::Aside { queue, digest };
     }
 
     /// The digest of every byte taken, once the hashing thread (if any) has caught up.
@@ -232,7 +226,7 @@ impl Hasher {
         let digest = match self {
             Self::Here { sha, .. } => std::mem::take(sha).finalize().into(),
             Self::Aside { queue, digest } => {
-                queue.close();
+                queue.shared.close();
                 ready!(Pin::new(digest).poll(cx))?
             }
             Self::Finished => {
@@ -241,6 +235,121 @@ impl Hasher {
         };
         *self = Self::Finished;
         Poll::Ready(Ok(digest))
+    }
+}
+
+/// The stream's end of the queue to the hashing thread; dropping it (a download abandoned)
+/// ends the thread.
+#[derive(Default)]
+struct HashQueue {
+    shared: Arc<QueueShared>,
+}
+
+#[derive(Default)]
+struct QueueShared {
+    state: Mutex<QueueState>,
+    /// The hashing thread waits here for frames.
+    filled: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    frames: Vec<Bytes>,
+    closed: bool,
+    /// The stream, waiting for room.
+    room: Option<Waker>,
+}
+
+impl HashQueue {
+    /// Queues `data` for hashing, waking the thread once [`HASH_WAKE_FRAMES`] wait; pending
+    /// while [`HASH_QUEUE_FRAMES`] do.
+    fn poll_push(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<Result<(), BoxError>> {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Poll::Ready(Err("the download's hashing thread ended".into()));
+        }
+        if state.frames.len() >= HASH_QUEUE_FRAMES {
+            state.room = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        state.frames.push(data.clone());
+        if state.frames.len() == HASH_WAKE_FRAMES {
+            self.shared.filled.notify_one();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for HashQueue {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl QueueShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // The lock guards plain moves of `Bytes`: a panic cannot leave the state half-made.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// No more frames: the thread hashes what is queued and ends.
+    fn close(&self) {
+        self.lock().closed = true;
+        self.filled.notify_one();
+    }
+
+    /// Swaps the frames queued into the empty `batch`, once [`HASH_WAKE_FRAMES`] wait or the
+    /// stream has ended; false when it has ended and all are taken. Wakes the stream if it
+    /// waits for room.
+    fn take_batch(&self, batch: &mut Vec<Bytes>) -> bool {
+        let mut state = self.lock();
+        while state.frames.len() < HASH_WAKE_FRAMES && !state.closed {
+            state = self
+                .filled
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.frames.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut state.frames, batch);
+        let room = state.room.take();
+        drop(state);
+        if let Some(stream) = room {
+            stream.wake();
+        }
+        true
+    }
+}
+
+/// The hashing thread's end of the queue.
+struct HashingThread {
+    shared: Arc<QueueShared>,
+}
+
+impl HashingThread {
+    fn run(self, mut sha: Sha256) -> [u8; 32] {
+        let mut batch = Vec::with_capacity(HASH_QUEUE_FRAMES);
+        while self.shared.take_batch(&mut batch) {
+            batch.drain(..).for_each(|data| sha.update(data));
+        }
+        sha.finalize().into()
+    }
+}
+
+impl Drop for HashingThread {
+    /// Ended, or unwound: a stream waiting for room must not wait any longer.
+    fn drop(&mut self) {
+        let room = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            state.room.take()
+        };
+        if let Some(stream) = room {
+            stream.wake();
+        }
     }
 }
 
@@ -388,6 +497,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     fn chunks(parts: &[&'static [u8]]) -> impl Body<Data = Bytes, Error = BoxError> {
         let frames: Vec<Result<Frame<Bytes>, BoxError>> = parts
@@ -504,6 +614,81 @@ mod tests {
         let err = end.unwrap_err();
         assert!(err.to_string().contains("sha256 mismatch"), "{err}");
         assert_eq!(released, whole[..whole.len() - last]);
+    }
+
+    /// A stream's side of a hashing queue, filled to the brim: pushed into until it was
+    /// pending, and so waiting for room with a waker that counts its wakes.
+    struct FullQueue {
+        queue: HashQueue,
+        wakes: Arc<Wakes>,
+        waker: Waker,
+    }
+
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    impl FullQueue {
+        fn new() -> Self {
+            let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+            let mut full = Self {
+                queue: HashQueue::default(),
+                waker: Waker::from(wakes.clone()),
+                wakes,
+            };
+            for _ in 0..HASH_QUEUE_FRAMES {
+                assert!(full.push().is_ready());
+            }
+            assert!(full.push().is_pending());
+            assert_eq!(full.wakes.0.load(SeqCst), 0);
+            full
+        }
+
+        fn push(&mut self) -> Poll<Result<(), BoxError>> {
+            let mut cx = Context::from_waker(&self.waker);
+            self.queue.poll_push(&mut cx, &Bytes::from_static(b"frame"))
+        }
+    }
+
+    #[test]
+    fn the_hashing_queue_holds_a_bounded_number_of_frames_and_wakes_the_stream_for_room() {
+        let mut full = FullQueue::new();
+        let mut batch = Vec::new();
+        assert!(full.queue.shared.take_batch(&mut batch));
+        assert_eq!(batch.len(), HASH_QUEUE_FRAMES);
+        assert_eq!(full.wakes.0.load(SeqCst), 1);
+        assert!(matches!(full.push(), Poll::Ready(Ok(()))));
+    }
+
+    #[test]
+    fn a_hashing_thread_that_ended_fails_the_stream_instead_of_leaving_it_waiting() {
+        let mut full = FullQueue::new();
+        drop(HashingThread {
+            shared: full.queue.shared.clone(),
+        });
+        assert_eq!(full.wakes.0.load(SeqCst), 1);
+        assert!(matches!(full.push(), Poll::Ready(Err(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_download_closes_its_hashing_queue() {
+        let (frames, whole) = large();
+        let mut body =
+            VerifyingBody::new(stream(frames), &sha(&whole), Source::Oci, "x".into()).unwrap();
+        while !matches!(body.hasher, Hasher::Aside { .. }) {
+            body.frame().await.unwrap().unwrap();
+        }
+        let Hasher::Aside { queue, .. } = &body.hasher else {
+            unreachable!()
+        };
+        let shared = queue.shared.clone();
+        assert!(!shared.lock().closed);
+        drop(body);
+        assert!(shared.lock().closed, "the thread's wait ends");
     }
 
     fn range(spec: RangeSpec) -> ByteRange {
