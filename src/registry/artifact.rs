@@ -255,6 +255,8 @@ struct QueueShared {
 #[derive(Default)]
 struct QueueState {
     frames: Vec<Bytes>,
+    /// Frames the thread has taken and is hashing: they count towards the bound until done.
+    hashing: usize,
     closed: bool,
     /// The stream, waiting for room.
     room: Option<Waker>,
@@ -268,7 +270,7 @@ impl HashQueue {
         if state.closed {
             return Poll::Ready(Err("the download's hashing thread ended".into()));
         }
-        if state.frames.len() >= HASH_QUEUE_FRAMES {
+        if state.frames.len() + state.hashing >= HASH_QUEUE_FRAMES {
             state.room = Some(cx.waker().clone());
             return Poll::Pending;
         }
@@ -301,8 +303,7 @@ impl QueueShared {
     }
 
     /// Swaps the frames queued into the empty `batch`, once [`HASH_WAKE_FRAMES`] wait or the
-    /// stream has ended; false when it has ended and all are taken. Wakes the stream if it
-    /// waits for room.
+    /// stream has ended; false when it has ended and all are taken.
     fn take_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut state = self.lock();
         while state.frames.len() < HASH_WAKE_FRAMES && !state.closed {
@@ -315,12 +316,20 @@ impl QueueShared {
             return false;
         }
         std::mem::swap(&mut state.frames, batch);
-        let room = state.room.take();
-        drop(state);
+        state.hashing = batch.len();
+        true
+    }
+
+    /// The batch taken last is hashed and dropped: room for the stream, woken if it waits.
+    fn hashed(&self) {
+        let room = {
+            let mut state = self.lock();
+            state.hashing = 0;
+            state.room.take()
+        };
         if let Some(stream) = room {
             stream.wake();
         }
-        true
     }
 }
 
@@ -334,6 +343,7 @@ impl HashingThread {
         let mut batch = Vec::with_capacity(HASH_QUEUE_FRAMES);
         while self.shared.take_batch(&mut batch) {
             batch.drain(..).for_each(|data| sha.update(data));
+            self.shared.hashed();
         }
         sha.finalize().into()
     }
@@ -660,6 +670,13 @@ mod tests {
         let mut batch = Vec::new();
         assert!(full.queue.shared.take_batch(&mut batch));
         assert_eq!(batch.len(), HASH_QUEUE_FRAMES);
+        assert!(
+            full.push().is_pending(),
+            "frames being hashed count towards the bound"
+        );
+        assert_eq!(full.wakes.0.load(SeqCst), 0);
+        batch.clear();
+        full.queue.shared.hashed();
         assert_eq!(full.wakes.0.load(SeqCst), 1);
         assert!(matches!(full.push(), Poll::Ready(Ok(()))));
     }
