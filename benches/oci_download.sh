@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Download throughput of a large OCI artifact straight from the registry, through nginx
 # `proxy_pass` (1 worker, proxy_buffers 16 64k, no temp files; when nginx is installed) and
-# through the service, in the same run; the CPU seconds per GiB the proxy and the service
-# spend (utime+stime deltas from /proc/<pid>/stat), the CPU sha256 alone costs on this
-# machine (the service verifies the bytes on the fly), what the service spends beyond that
-# against nginx, and the service's peak RSS while it streams. Everything runs on loopback and
-# stops by itself.
-#   usage: benches/oci_download.sh [SIZE_MIB]      (default 256; needs docker-registry, curl)
+# through the service, as it ships and with one worker as nginx, interleaved round by round;
+# the CPU seconds per GiB the proxy and the service spend (utime+stime deltas from
+# /proc/<pid>/stat), the CPU sha256 alone costs on this machine (the service verifies the
+# bytes on the fly), what the service spends beyond that against nginx, and the service's
+# peak RSS while it streams. Everything runs on loopback and stops by itself.
+#   usage: benches/oci_download.sh [SIZE_MIB [ROUNDS]]
+#          (default 256 MiB, 3 rounds; needs docker-registry, curl)
 # Builds nothing: run `cargo build --release` first. PRELOAD names a shared library to
 # preload into the service alone (another malloc, say), as in benches/compare.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/registry.sh
 size_mib=${1:-256}
+rounds=${2:-3}
 bin=${CARGO_TARGET_DIR:-target}/release/extension-registry
 [ -x "$bin" ] || { echo "build first: cargo build --release" >&2; exit 1; }
 work=$(mktemp -d)
@@ -31,20 +33,32 @@ head -c "$((size_mib * 1024 * 1024))" /dev/urandom > "$work/big.tar.gz"
 digest=$(file_digest "$work/big.tar.gz")
 registry_push "http://127.0.0.1:$reg_port" "$repo" 1.0.0 "$work/big.tar.gz"
 
-svc_port=$(free_port)
-cat > "$work/service.toml" <<TOML
+# The service twice: as it ships (a worker a core) and with one worker, as nginx has.
+start_service() {
+  local port
+  port=$(free_port)
+  cat > "$work/service-$1.toml" <<TOML
 [server]
 host = "127.0.0.1"
-port = $svc_port
+port = $port
+workers = $1
 [oci]
 registry = "127.0.0.1:$reg_port"
 namespace = "bench"
 TOML
-env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$bin" --config "$work/service.toml" --log-level warn &
-svc=$!
-pids+=("$svc")
-wait_http "http://127.0.0.1:$svc_port/livez"
-rss_before=$(awk '/VmRSS/{print $2}' "/proc/$svc/status")
+  env ${PRELOAD:+LD_PRELOAD="$PRELOAD"} "$bin" --config "$work/service-$1.toml" --log-level warn &
+  svc_pid[$1]=$!
+  pids+=($!)
+  wait_http "http://127.0.0.1:$port/livez"
+  # The threads it started with: its workers (and the idle main thread). The threads that come
+  # later are the blocking pool's, where a download past its first MiB is hashed.
+  ls "/proc/${svc_pid[$1]}/task" > "$work/movers-$1"
+  svc_url[$1]="http://127.0.0.1:$port/api/v1/extensions/provider/big/1.0.0"
+}
+declare -A svc_pid svc_url
+start_service 0
+start_service 1
+rss_before=$(awk '/VmRSS/{print $2}' "/proc/${svc_pid[0]}/status")
 
 blob="http://127.0.0.1:$reg_port/v2/$repo/blobs/$digest"
 proxy=
@@ -60,14 +74,29 @@ if command -v nginx >/dev/null; then
 fi
 
 hz=$(getconf CLK_TCK)
-# "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID.
+# utime+stime ticks of the threads of process PID listed in FILE.
+#   listed_ticks PID FILE
+listed_ticks() {
+  local total=0 tid
+  while read -r tid; do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$1/task/$tid/stat" 2>/dev/null || echo 0)))
+  done < "$2"
+  echo "$total"
+}
+# "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID (and its children);
+# with FILE, a third figure: the CPU of the threads listed in it.
+#   fetch URL PID [FILE]
 fetch() {
-  local before after speed
+  local before after listed=0 speed
   before=$(cpu_ticks "$2")
+  [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3")
   speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
   after=$(cpu_ticks "$2")
-  awk -v s="$speed" -v t=$((after - before)) -v hz="$hz" -v mib="$size_mib" \
-    'BEGIN {printf "%.0f MiB/s, %.3f CPU s/GiB", s / 1048576, t / hz * 1024 / mib}'
+  [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed))
+  awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v hz="$hz" -v mib="$size_mib" \
+    -v with="${3:-}" 'BEGIN {
+      printf "%.0f %.3f", s / 1048576, t / hz * 1024 / mib
+      if (with != "") printf " %.3f", l / hz * 1024 / mib }'
 }
 # sha256 alone: in memory, as the service hashes what it has received. OpenSSL's SHA-NI digest
 # (`openssl speed`, 64 KiB blocks; the sha2 crate the service uses runs at the same speed
@@ -87,21 +116,41 @@ else
 fi
 read -r sha_cpu sha_speed <<<"$sha_alone"
 
-echo "artifact: ${size_mib} MiB; load: $(uptime)"
+echo "artifact: ${size_mib} MiB, $rounds rounds; load: $(uptime)"
 direct=$(curl -fsS -o /dev/null -w '%{speed_download}' "$blob" | awk '{printf "%.0f", $1/1048576}')
 echo "straight from the registry: ${direct} MiB/s"
-nginx=
-if [ -n "$proxy" ]; then
-  nginx=$(fetch "$proxy" "$ngx")
-  echo "nginx proxy_pass: $nginx"
-fi
-service=$(fetch "http://127.0.0.1:$svc_port/api/v1/extensions/provider/big/1.0.0" "$svc")
-echo "through the service (sha256 verified): $service"
 echo "sha256 alone ($sha_how): $sha_cpu CPU s/GiB, $sha_speed MiB/s"
-if [ -n "$nginx" ]; then
-  awk -v s="${service#*, }" -v h="$sha_cpu" -v n="${nginx#*, }" 'BEGIN {
-    split(s, a, " "); split(n, b, " ")
-    printf "the service beyond sha256: %.3f CPU s/GiB, %.2fx nginx\n", a[1] - h, (a[1] - h) / b[1] }'
-fi
-peak=$(awk '/VmHWM/{print $2}' "/proc/$svc/status")
-echo "service RSS: $((rss_before / 1024)) MiB before, peak $((peak / 1024)) MiB"
+# One row per download, interleaved round by round. For the service, what it spends beyond
+# sha256 alone (the line above), and apart from that the CPU of its hashing thread and of
+# the threads that moved the bytes, each "moving" figure also against the same round's nginx.
+printf '%-5s %-28s %6s %9s %13s %7s %8s %7s %7s\n' round path MiB/s "CPU s/GiB" \
+  "beyond sha256" "x nginx" "hashing" moving "x nginx"
+row() {
+  local speed cpu movers
+  read -r speed cpu movers <<<"$3"
+  printf '%-5s %-28s %6s %9s' "$1" "$2" "$speed" "$cpu"
+  if [ -n "$movers" ]; then
+    awk -v c="$cpu" -v m="$movers" -v h="$sha_cpu" -v n="$4" 'BEGIN {
+      x = n == "" ? "-" : sprintf("%.2f", (c - h) / n)
+      y = n == "" ? "-" : sprintf("%.2f", m / n)
+      printf " %13.3f %7s %8.3f %7.3f %7s", c - h, x, c - m, m, y }'
+  fi
+  echo
+}
+for round in $(seq "$rounds"); do
+  nginx=
+  if [ -n "$proxy" ]; then
+    nginx=$(fetch "$proxy" "$ngx")
+    row "$round" "nginx proxy_pass" "$nginx"
+    nginx=${nginx#* }
+  fi
+  row "$round" "service (sha256 verified)" \
+    "$(fetch "${svc_url[0]}" "${svc_pid[0]}" "$work/movers-0")" "$nginx"
+  row "$round" "service, one worker" \
+    "$(fetch "${svc_url[1]}" "${svc_pid[1]}" "$work/movers-1")" "$nginx"
+done
+for w in 0 1; do
+  peak[$w]=$(awk '/VmHWM/{print $2}' "/proc/${svc_pid[$w]}/status")
+done
+echo "service RSS: $((rss_before / 1024)) MiB before, peak $((peak[0] / 1024)) MiB" \
+  "(one worker: $((peak[1] / 1024)) MiB)"
