@@ -238,8 +238,9 @@ impl Hasher {
     }
 }
 
-/// The stream's end of the queue to the hashing thread; dropping it (a download abandoned)
-/// ends the thread.
+/// The stream's end of the queue to the hashing thread. Dropping it (a download abandoned, or
+/// its digest taken) drops the frames still queued and ends the thread once it has hashed the
+/// batch in hand.
 #[derive(Default)]
 struct HashQueue {
     shared: Arc<QueueShared>,
@@ -257,6 +258,8 @@ struct QueueState {
     frames: Vec<Bytes>,
     /// Frames the thread has taken and is hashing: they count towards the bound until done.
     hashing: usize,
+    /// The thread waits for frames: only then is a wake-up (a system call) of use.
+    waiting: bool,
     closed: bool,
     /// The stream, waiting for room.
     room: Option<Waker>,
@@ -264,7 +267,7 @@ struct QueueState {
 
 impl HashQueue {
     /// Queues `data` for hashing, waking the thread once [`HASH_WAKE_FRAMES`] wait; pending
-    /// while [`HASH_QUEUE_FRAMES`] do.
+    /// while [`HASH_QUEUE_FRAMES`] are queued or being hashed.
     fn poll_push(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<Result<(), BoxError>> {
         let mut state = self.shared.lock();
         if state.closed {
@@ -275,7 +278,9 @@ impl HashQueue {
             return Poll::Pending;
         }
         state.frames.push(data.clone());
-        if state.frames.len() == HASH_WAKE_FRAMES {
+        let wake = state.waiting && state.frames.len() >= HASH_WAKE_FRAMES;
+        drop(state);
+        if wake {
             self.shared.filled.notify_one();
         }
         Poll::Ready(Ok(()))
@@ -284,7 +289,13 @@ impl HashQueue {
 
 impl Drop for HashQueue {
     fn drop(&mut self) {
-        self.shared.close();
+        let abandoned = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            std::mem::take(&mut state.frames)
+        };
+        self.shared.filled.notify_one();
+        drop(abandoned);
     }
 }
 
@@ -307,10 +318,12 @@ impl QueueShared {
     fn take_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut state = self.lock();
         while state.frames.len() < HASH_WAKE_FRAMES && !state.closed {
+            state.waiting = true;
             state = self
                 .filled
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.waiting = false;
         }
         if state.frames.is_empty() {
             return false;
@@ -691,21 +704,69 @@ mod tests {
         assert!(matches!(full.push(), Poll::Ready(Err(_))));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_abandoned_download_closes_its_hashing_queue() {
-        let (frames, whole) = large();
-        let mut body =
-            VerifyingBody::new(stream(frames), &sha(&whole), Source::Oci, "x".into()).unwrap();
-        while !matches!(body.hasher, Hasher::Aside { .. }) {
-            body.frame().await.unwrap().unwrap();
+    /// Returns once the hashing thread waits for frames.
+    fn until_waiting(shared: &QueueShared) {
+        while !shared.lock().waiting {
+            std::thread::yield_now();
         }
-        let Hasher::Aside { queue, .. } = &body.hasher else {
-            unreachable!()
-        };
-        let shared = queue.shared.clone();
-        assert!(!shared.lock().closed);
-        drop(body);
-        assert!(shared.lock().closed, "the thread's wait ends");
+    }
+
+    #[test]
+    fn the_hashing_thread_is_woken_once_enough_frames_wait() {
+        let mut full = FullQueue::new();
+        let shared = full.queue.shared.clone();
+        let mut batch = Vec::new();
+        assert!(shared.take_batch(&mut batch));
+        batch.clear();
+        shared.hashed();
+
+        let (taken, took) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn({
+            let shared = shared.clone();
+            move || {
+                let mut batch = Vec::new();
+                shared.take_batch(&mut batch);
+                taken.send(batch.len()).unwrap();
+            }
+        });
+        until_waiting(&shared);
+        for _ in 0..HASH_WAKE_FRAMES {
+            assert!(matches!(full.push(), Poll::Ready(Ok(()))));
+        }
+        // A deadline for a hang, not a measurement: the batch comes at once or never.
+        let batch = took.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(batch, Ok(HASH_WAKE_FRAMES));
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn an_abandoned_download_ends_its_hashing_thread() {
+        // Built by hand so that a thread that never ends fails the test rather than hanging
+        // the runtime's shutdown.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        let ended = runtime.block_on(async {
+            let (frames, whole) = large();
+            let mut body =
+                VerifyingBody::new(stream(frames), &sha(&whole), Source::Oci, "x".into()).unwrap();
+            while !matches!(body.hasher, Hasher::Aside { .. }) {
+                body.frame().await.unwrap().unwrap();
+            }
+            let Hasher::Aside { queue, digest } =
+                std::mem::replace(&mut body.hasher, Hasher::Finished)
+            else {
+                unreachable!()
+            };
+            until_waiting(&queue.shared);
+            drop(queue);
+            // A deadline for a hang, not a measurement: the thread ends at once or never.
+            tokio::time::timeout(std::time::Duration::from_secs(30), digest).await
+        });
+        runtime.shutdown_background();
+        assert!(matches!(ended, Ok(Ok(_))), "the thread ends");
     }
 
     fn range(spec: RangeSpec) -> ByteRange {
