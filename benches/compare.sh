@@ -7,9 +7,8 @@
 # binary with its full default stack (rate limit on, with a quota the run cannot exhaust).
 # Each server runs one worker (the service `[server] workers = 1`, the baseline one Tokio
 # worker thread, nginx one worker process) pinned to core 0, and wrk runs on core 1, where
-# `taskset` exists; wrk runs
-# (-t1 -c64) are interleaved server by server, round by round, so a change in the machine's
-# load hits every server alike. Prints, per answer and server: req/s (every round), p99,
+# `taskset` exists; wrk runs (-t1 -c64) are interleaved server by server, round by round, so
+# a change in the machine's load hits every server alike. Prints, per answer and server: req/s (every round), p99,
 # the ratio to bare hyper, and the server's CPU µs per request (utime+stime deltas of the
 # server's processes in /proc/<pid>/stat over the requests wrk counted).
 #
