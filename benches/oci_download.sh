@@ -4,8 +4,10 @@
 # through the service, as it ships and with one worker as nginx, interleaved round by round;
 # the CPU seconds per GiB the proxy and the service spend (utime+stime deltas from
 # /proc/<pid>/stat), the CPU sha256 alone costs on this machine (the service verifies the
-# bytes on the fly), what the service spends beyond that against nginx, and the service's
-# peak RSS while it streams. Everything runs on loopback and stops by itself.
+# bytes on the fly), what the service spends beyond that, and apart from that what its
+# hashing thread and the threads moving the bytes spend, each against the same round's
+# nginx; and the service's peak RSS while it streams. A failed download stops the script.
+# Everything runs on loopback and stops by itself.
 #   usage: benches/oci_download.sh [SIZE_MIB [ROUNDS]]
 #          (default 256 MiB, 3 rounds; needs docker-registry, curl)
 # Builds nothing: run `cargo build --release` first. PRELOAD names a shared library to
@@ -50,8 +52,9 @@ TOML
   svc_pid[$1]=$!
   pids+=($!)
   wait_http "http://127.0.0.1:$port/livez"
-  # The threads it started with: its workers (and the idle main thread). The threads that come
-  # later are the blocking pool's, where a download past its first MiB is hashed.
+  # The threads it started with: its workers and the main thread, which accepts connections.
+  # The threads that come later are the blocking pool's, where a download past its first MiB
+  # is hashed.
   ls "/proc/${svc_pid[$1]}/task" > "$work/movers-$1"
   svc_url[$1]="http://127.0.0.1:$port/api/v1/extensions/provider/big/1.0.0"
 }
@@ -90,7 +93,7 @@ fetch() {
   local before after listed=0 speed
   before=$(cpu_ticks "$2")
   [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3")
-  speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+  speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1") || return 1
   after=$(cpu_ticks "$2")
   [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed))
   awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v hz="$hz" -v mib="$size_mib" \
@@ -131,8 +134,8 @@ row() {
   printf '%-5s %-28s %6s %9s' "$1" "$2" "$speed" "$cpu"
   if [ -n "$movers" ]; then
     awk -v c="$cpu" -v m="$movers" -v h="$sha_cpu" -v n="$4" 'BEGIN {
-      x = n == "" ? "-" : sprintf("%.2f", (c - h) / n)
-      y = n == "" ? "-" : sprintf("%.2f", m / n)
+      x = n == "" || n == 0 ? "-" : sprintf("%.2f", (c - h) / n)
+      y = n == "" || n == 0 ? "-" : sprintf("%.2f", m / n)
       printf " %13.3f %7s %8.3f %7.3f %7s", c - h, x, c - m, m, y }'
   fi
   echo
@@ -144,10 +147,10 @@ for round in $(seq "$rounds"); do
     row "$round" "nginx proxy_pass" "$nginx"
     nginx=${nginx#* }
   fi
-  row "$round" "service (sha256 verified)" \
-    "$(fetch "${svc_url[0]}" "${svc_pid[0]}" "$work/movers-0")" "$nginx"
-  row "$round" "service, one worker" \
-    "$(fetch "${svc_url[1]}" "${svc_pid[1]}" "$work/movers-1")" "$nginx"
+  shipped=$(fetch "${svc_url[0]}" "${svc_pid[0]}" "$work/movers-0")
+  row "$round" "service (sha256 verified)" "$shipped" "$nginx"
+  one=$(fetch "${svc_url[1]}" "${svc_pid[1]}" "$work/movers-1")
+  row "$round" "service, one worker" "$one" "$nginx"
 done
 for w in 0 1; do
   peak[$w]=$(awk '/VmHWM/{print $2}' "/proc/${svc_pid[$w]}/status")
