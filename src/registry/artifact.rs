@@ -162,15 +162,17 @@ pub struct DigestMismatch {
 /// in place, where a thread hand-off would cost more than the hashing.
 const HASH_ASIDE_AFTER: u64 = 1024 * 1024;
 
-/// Frames handed to the hashing thread and not hashed yet, at most. When hashing falls behind,
-/// the stream waits for it, so a download holds at most this many frames more (references to
-/// bytes already received, not copies).
-const HASH_QUEUE_FRAMES: usize = 16;
+/// Bytes handed to the hashing thread and not hashed yet, at most (a single larger frame is
+/// taken when nothing else is queued). When hashing falls behind, the stream waits for it, so
+/// a download holds at most this much more (references to bytes already received, not copies).
+/// Counted in bytes, not frames: a frame is what one read of the backend brought, from a few
+/// KiB to 1 MiB.
+const HASH_QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Frames the hashing thread waits for before it is woken (unless the stream ends first). It
-/// hashes faster than a download arrives, so woken per frame it would sleep and be woken again
-/// for every frame: a futex call and, as often as not, an interrupt to another core each time.
-const HASH_WAKE_FRAMES: usize = 4;
+/// Bytes the hashing thread waits for before it is woken (unless the stream ends first). It
+/// hashes faster than a download arrives, so woken per small frame it would sleep and be woken
+/// again for every frame: a futex call and, as often as not, an interrupt to another core.
+const HASH_WAKE_BYTES: usize = 1024 * 1024;
 
 /// Where a download's digest is computed: in place until the stream proves large, then on a
 /// blocking thread fed through a bounded queue.
@@ -256,7 +258,9 @@ struct QueueShared {
 #[derive(Default)]
 struct QueueState {
     frames: Vec<Bytes>,
-    /// Frames the thread has taken and is hashing: they count towards the bound until done.
+    /// The bytes of `frames`.
+    queued: usize,
+    /// Bytes the thread has taken and is hashing: they count towards the bound until done.
     hashing: usize,
     /// The thread waits for frames: only then is a wake-up (a system call) of use.
     waiting: bool,
@@ -266,19 +270,27 @@ struct QueueState {
 }
 
 impl HashQueue {
-    /// Queues `data` for hashing, waking the thread once [`HASH_WAKE_FRAMES`] wait; pending
-    /// while [`HASH_QUEUE_FRAMES`] are queued or being hashed.
+    /// Queues `data` for hashing, waking the thread once [`HASH_WAKE_BYTES`] wait; pending
+    /// while it would take the bytes queued or being hashed past [`HASH_QUEUE_BYTES`].
     fn poll_push(&mut self, cx: &mut Context<'_>, data: &Bytes) -> Poll<Result<(), BoxError>> {
         let mut state = self.shared.lock();
         if state.closed {
             return Poll::Ready(Err("the download's hashing thread ended".into()));
         }
-        if state.frames.len() + state.hashing >= HASH_QUEUE_FRAMES {
+        let held = state.queued + state.hashing;
+        if held > 0 && held + data.len() > HASH_QUEUE_BYTES {
             state.room = Some(cx.waker().clone());
+            // Fewer than `HASH_WAKE_BYTES` may be queued: the thread takes them now.
+            let wake = state.waiting;
+            drop(state);
+            if wake {
+                self.shared.filled.notify_one();
+            }
             return Poll::Pending;
         }
         state.frames.push(data.clone());
-        let wake = state.waiting && state.frames.len() >= HASH_WAKE_FRAMES;
+        state.queued += data.len();
+        let wake = state.waiting && state.queued >= HASH_WAKE_BYTES;
         drop(state);
         if wake {
             self.shared.filled.notify_one();
@@ -292,6 +304,7 @@ impl Drop for HashQueue {
         let abandoned = {
             let mut state = self.shared.lock();
             state.closed = true;
+            state.queued = 0;
             std::mem::take(&mut state.frames)
         };
         self.shared.filled.notify_one();
@@ -313,11 +326,11 @@ impl QueueShared {
         self.filled.notify_one();
     }
 
-    /// Swaps the frames queued into the empty `batch`, once [`HASH_WAKE_FRAMES`] wait or the
-    /// stream has ended; false when it has ended and all are taken.
+    /// Swaps the frames queued into the empty `batch`, once [`HASH_WAKE_BYTES`] wait, the
+    /// stream waits for room, or it has ended; false when it has ended and all are taken.
     fn take_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut state = self.lock();
-        while state.frames.len() < HASH_WAKE_FRAMES && !state.closed {
+        while state.queued < HASH_WAKE_BYTES && state.room.is_none() && !state.closed {
             state.waiting = true;
             state = self
                 .filled
@@ -329,7 +342,7 @@ impl QueueShared {
             return false;
         }
         std::mem::swap(&mut state.frames, batch);
-        state.hashing = batch.len();
+        state.hashing = std::mem::take(&mut state.queued);
         true
     }
 
@@ -353,7 +366,7 @@ struct HashingThread {
 
 impl HashingThread {
     fn run(self, mut sha: Sha256) -> [u8; 32] {
-        let mut batch = Vec::with_capacity(HASH_QUEUE_FRAMES);
+        let mut batch = Vec::new();
         while self.shared.take_batch(&mut batch) {
             batch.drain(..).for_each(|data| sha.update(data));
             self.shared.hashed();
@@ -639,6 +652,9 @@ mod tests {
         assert_eq!(released, whole[..whole.len() - last]);
     }
 
+    /// The size of the frames pushed into a [`FullQueue`].
+    const FRAME: usize = 256 * 1024;
+
     /// A stream's side of a hashing queue, filled to the brim: pushed into until it was
     /// pending, and so waiting for room with a waker that counts its wakes.
     struct FullQueue {
@@ -663,7 +679,7 @@ mod tests {
                 waker: Waker::from(wakes.clone()),
                 wakes,
             };
-            for _ in 0..HASH_QUEUE_FRAMES {
+            for _ in 0..HASH_QUEUE_BYTES / FRAME {
                 assert!(full.push().is_ready());
             }
             assert!(full.push().is_pending());
@@ -672,17 +688,21 @@ mod tests {
         }
 
         fn push(&mut self) -> Poll<Result<(), BoxError>> {
+            self.push_bytes(FRAME)
+        }
+
+        fn push_bytes(&mut self, len: usize) -> Poll<Result<(), BoxError>> {
             let mut cx = Context::from_waker(&self.waker);
-            self.queue.poll_push(&mut cx, &Bytes::from_static(b"frame"))
+            self.queue.poll_push(&mut cx, &Bytes::from(vec![0; len]))
         }
     }
 
     #[test]
-    fn the_hashing_queue_holds_a_bounded_number_of_frames_and_wakes_the_stream_for_room() {
+    fn the_hashing_queue_holds_a_bounded_number_of_bytes_and_wakes_the_stream_for_room() {
         let mut full = FullQueue::new();
         let mut batch = Vec::new();
         assert!(full.queue.shared.take_batch(&mut batch));
-        assert_eq!(batch.len(), HASH_QUEUE_FRAMES);
+        assert_eq!(batch.len(), HASH_QUEUE_BYTES / FRAME);
         assert!(
             full.push().is_pending(),
             "frames being hashed count towards the bound"
@@ -692,6 +712,20 @@ mod tests {
         full.queue.shared.hashed();
         assert_eq!(full.wakes.0.load(SeqCst), 1);
         assert!(matches!(full.push(), Poll::Ready(Ok(()))));
+        assert!(
+            full.push_bytes(HASH_QUEUE_BYTES).is_pending(),
+            "a frame that would pass the bound waits"
+        );
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_bound_is_taken_into_an_empty_queue() {
+        let mut full = FullQueue::emptied();
+        assert!(matches!(
+            full.push_bytes(HASH_QUEUE_BYTES + 1),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(full.push_bytes(1).is_pending());
     }
 
     #[test]
@@ -704,6 +738,42 @@ mod tests {
         assert!(matches!(full.push(), Poll::Ready(Err(_))));
     }
 
+    impl FullQueue {
+        /// A queue that was full and whose batch was hashed: empty, the stream woken once.
+        fn emptied() -> Self {
+            let full = Self::new();
+            let mut batch = Vec::new();
+            assert!(full.queue.shared.take_batch(&mut batch));
+            batch.clear();
+            full.queue.shared.hashed();
+            full
+        }
+    }
+
+    /// A hashing thread's stand-in: takes one batch, hands its room back, and sends its
+    /// length; returns once it waits for frames.
+    fn taking_one_batch(
+        shared: &Arc<QueueShared>,
+    ) -> (
+        std::sync::mpsc::Receiver<usize>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (taken, took) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn({
+            let shared = shared.clone();
+            move || {
+                let mut batch = Vec::new();
+                shared.take_batch(&mut batch);
+                let len = batch.len();
+                batch.clear();
+                shared.hashed();
+                taken.send(len).unwrap();
+            }
+        });
+        until_waiting(shared);
+        (took, thread)
+    }
+
     /// Returns once the hashing thread waits for frames.
     fn until_waiting(shared: &QueueShared) {
         while !shared.lock().waiting {
@@ -712,31 +782,35 @@ mod tests {
     }
 
     #[test]
-    fn the_hashing_thread_is_woken_once_enough_frames_wait() {
-        let mut full = FullQueue::new();
-        let shared = full.queue.shared.clone();
-        let mut batch = Vec::new();
-        assert!(shared.take_batch(&mut batch));
-        batch.clear();
-        shared.hashed();
-
-        let (taken, took) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn({
-            let shared = shared.clone();
-            move || {
-                let mut batch = Vec::new();
-                shared.take_batch(&mut batch);
-                taken.send(batch.len()).unwrap();
-            }
-        });
-        until_waiting(&shared);
-        for _ in 0..HASH_WAKE_FRAMES {
+    fn the_hashing_thread_is_woken_once_enough_bytes_wait() {
+        let mut full = FullQueue::emptied();
+        let (took, thread) = taking_one_batch(&full.queue.shared);
+        for _ in 0..HASH_WAKE_BYTES / FRAME {
             assert!(matches!(full.push(), Poll::Ready(Ok(()))));
         }
         // A deadline for a hang, not a measurement: the batch comes at once or never.
         let batch = took.recv_timeout(std::time::Duration::from_secs(30));
-        assert_eq!(batch, Ok(HASH_WAKE_FRAMES));
+        assert_eq!(batch, Ok(HASH_WAKE_BYTES / FRAME));
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_stream_waiting_for_room_has_the_thread_take_what_is_queued() {
+        let mut full = FullQueue::emptied();
+        let woken = full.wakes.0.load(SeqCst);
+        let (took, thread) = taking_one_batch(&full.queue.shared);
+        // Less than the thread waits for, then a frame that does not fit beside it.
+        assert!(matches!(full.push(), Poll::Ready(Ok(()))));
+        assert!(full.push_bytes(HASH_QUEUE_BYTES).is_pending());
+        // A deadline for a hang, not a measurement: the batch comes at once or never.
+        let batch = took.recv_timeout(std::time::Duration::from_secs(30));
+        assert_eq!(batch, Ok(1));
+        thread.join().unwrap();
+        assert_eq!(full.wakes.0.load(SeqCst), woken + 1, "room is handed back");
+        assert!(matches!(
+            full.push_bytes(HASH_QUEUE_BYTES),
+            Poll::Ready(Ok(()))
+        ));
     }
 
     #[test]
