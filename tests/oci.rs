@@ -11,6 +11,7 @@ mod registry;
 
 use std::collections::BTreeMap;
 
+use extension_registry::backend::direct::OWN_CONNECTION_FROM;
 use extension_registry::backend::oci::OciBackend;
 use extension_registry::registry::{
     Artifact, BackendHealth, BackendRequest, BackendResponse, Extension, ExtensionKey,
@@ -590,6 +591,10 @@ async fn corrupted_registry_storage_never_yields_a_complete_looking_file() {
     let aws = reg
         .push("provisioning/aws-provider", "1.0.0", &bytes, &[])
         .await;
+    let large = artifact(63, LARGE);
+    let big = reg
+        .push("provisioning/big-provider", "1.0.0", &large, &[])
+        .await;
     let k8s = reg
         .push("provisioning/k8s-taskserv", "1.0.0", &artifact(61, 10), &[])
         .await;
@@ -597,10 +602,12 @@ async fn corrupted_registry_storage_never_yields_a_complete_looking_file() {
         .await;
 
     // Same size, one byte changed: only the digest can tell.
-    let blob = reg.blob_path(&aws.layer);
-    let mut on_disk = std::fs::read(&blob).unwrap();
-    on_disk[512 * 1024] ^= 0xff;
-    std::fs::write(&blob, on_disk).unwrap();
+    for layer in [&aws.layer, &big.layer] {
+        let blob = reg.blob_path(layer);
+        let mut on_disk = std::fs::read(&blob).unwrap();
+        on_disk[512 * 1024] ^= 0xff;
+        std::fs::write(&blob, on_disk).unwrap();
+    }
     // A manifest whose bytes no longer parse.
     std::fs::write(reg.blob_path(&k8s.manifest), b"{not json").unwrap();
 
@@ -622,10 +629,17 @@ async fn corrupted_registry_storage_never_yields_a_complete_looking_file() {
         "{k8s_error:?}"
     );
 
-    let artifact = download(&backend, &key(ExtensionType::Provider, "aws"), "1.0.0")
-        .await
-        .unwrap();
-    assert_eq!(artifact.content_length, Some(bytes.len() as u64));
+    for (name, len) in [("aws", bytes.len()), ("big", large.len())] {
+        let artifact = download(&backend, &key(ExtensionType::Provider, name), "1.0.0")
+            .await
+            .unwrap();
+        assert_withheld(artifact, len).await;
+    }
+}
+
+/// Reads `artifact` (of `len` bytes) until it fails: short of its last bytes, on a mismatch.
+async fn assert_withheld(artifact: Artifact, len: usize) {
+    assert_eq!(artifact.content_length, Some(len as u64));
     let mut body = artifact.body;
     let mut received = 0;
     let error = loop {
@@ -635,7 +649,7 @@ async fn corrupted_registry_storage_never_yields_a_complete_looking_file() {
             None => panic!("a corrupted artifact was delivered complete ({received} bytes)"),
         }
     };
-    assert!(received < bytes.len(), "the last bytes are withheld");
+    assert!(received < len, "the last bytes are withheld");
     assert!(error.to_string().contains("sha256 mismatch"), "{error}");
 }
 
@@ -777,16 +791,24 @@ async fn behind_a_front(bytes: &[u8]) -> (Front, Registry, OciBackend) {
     (front, reg, OciBackend::new(&config).unwrap())
 }
 
+/// A blob large enough to be downloaded on its own connection.
+const LARGE: usize = OWN_CONNECTION_FROM as usize + 12_345;
+
 #[tokio::test]
 async fn a_blob_redirect_within_the_registry_host_gets_no_credentials() {
-    let bytes = artifact(50, 6000);
-    let (front, _reg, backend) = behind_a_front(&bytes).await;
+    for bytes in [artifact(50, 6000), artifact(52, LARGE)] {
+        blob_redirect_gets_no_credentials(&bytes).await;
+    }
+}
+
+async fn blob_redirect_gets_no_credentials(bytes: &[u8]) {
+    let (front, _reg, backend) = behind_a_front(bytes).await;
     let aws = key(ExtensionType::Provider, "aws");
 
     let (_, downloaded) = download_bytes(&backend, &aws, "1.0.0").await;
-    assert_eq!(downloaded, bytes);
+    assert!(downloaded == bytes, "{} bytes downloaded", downloaded.len());
     let seen = front.seen();
-    let blob = registry::sha256(&bytes);
+    let blob = registry::sha256(bytes);
     let asked: Vec<_> = seen
         .iter()
         .filter(|s| s.target.ends_with(&format!("/blobs/{blob}")))
@@ -812,13 +834,18 @@ async fn a_blob_redirect_within_the_registry_host_gets_no_credentials() {
 
 #[tokio::test]
 async fn blob_redirects_are_followed_up_to_five_hops_and_a_loop_is_a_backend_failure() {
-    let bytes = artifact(51, 3000);
-    let (front, _reg, backend) = behind_a_front(&bytes).await;
+    for bytes in [artifact(51, 3000), artifact(53, LARGE)] {
+        blob_redirects_are_bounded(&bytes).await;
+    }
+}
+
+async fn blob_redirects_are_bounded(bytes: &[u8]) {
+    let (front, _reg, backend) = behind_a_front(bytes).await;
     let aws = key(ExtensionType::Provider, "aws");
 
     // The registry's 307 and four more: five redirects.
     front.set_storage(Storage::Chain(4));
-    assert_eq!(download_bytes(&backend, &aws, "1.0.0").await.1, bytes);
+    assert!(download_bytes(&backend, &aws, "1.0.0").await.1 == bytes);
     assert!(front
         .seen()
         .iter()

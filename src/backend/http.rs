@@ -2,6 +2,7 @@
 //! redirects deciding the credential hop by hop, to map its errors to the domain's, to ask for
 //! a byte range and check the answer, and to turn a response into a streamed artifact body.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +12,7 @@ use http_body_util::{BodyExt, StreamBody};
 use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_RANGE, LOCATION, RANGE};
 use reqwest::{Method, StatusCode, Url};
 
+use crate::backend::direct::{Direct, Failure};
 use crate::registry::{ArtifactBody, RegistryError, Served, Source, Span};
 use crate::BoxError;
 
@@ -43,6 +45,8 @@ pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, re
 pub enum HopError {
     /// A hop could not be sent or answered (connect, timeout, protocol).
     Transport(reqwest::Error),
+    /// The same, on a download's own connection.
+    Direct(Failure),
     /// The redirects led nowhere usable: a loop, more than [`MAX_REDIRECTS`], or a `Location`
     /// that is not an http(s) URL.
     Redirect(String),
@@ -53,6 +57,11 @@ impl HopError {
     pub fn into_registry_error(self, backend: Source) -> RegistryError {
         match self {
             Self::Transport(e) => transport_error(backend, &e),
+            Self::Direct(Failure::Timeout) => RegistryError::timeout(backend),
+            Self::Direct(Failure::Connect) => RegistryError::unavailable(backend, "cannot connect"),
+            Self::Direct(Failure::Protocol) => {
+                RegistryError::unavailable(backend, "request failed")
+            }
             Self::Redirect(reason) => RegistryError::unavailable(backend, reason),
         }
     }
@@ -71,6 +80,70 @@ pub async fn send_per_hop(
     credential: Option<&HeaderValue>,
     may_carry: impl Fn(&Url) -> bool,
 ) -> Result<reqwest::Response, HopError> {
+    send_per_hop_via(
+        Via::Shared(http),
+        method,
+        first,
+        headers,
+        credential,
+        may_carry,
+    )
+    .await
+}
+
+/// What sends each hop of a request.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// The backend's shared client, pooling its connections.
+    Shared(&'a reqwest::Client),
+    /// A download's own connection per hop (see [`Direct`]).
+    Own(&'a Direct),
+}
+
+/// [`send_per_hop`], each hop sent `via` the shared client or a connection of its own.
+pub async fn send_per_hop_via(
+    via: Via<'_>,
+    method: &Method,
+    first: Url,
+    headers: &HeaderMap,
+    credential: Option<&HeaderValue>,
+    may_carry: impl Fn(&Url) -> bool,
+) -> Result<reqwest::Response, HopError> {
+    follow(
+        first,
+        headers,
+        credential,
+        may_carry,
+        |url, headers| async move {
+            match via {
+                Via::Shared(http) => http
+                    .request(method.clone(), url)
+                    .headers(headers)
+                    .send()
+                    .await
+                    .map_err(HopError::Transport),
+                Via::Own(direct) => direct
+                    .send(method, &url, headers)
+                    .await
+                    .map_err(HopError::Direct),
+            }
+        },
+    )
+    .await
+}
+
+/// The redirect following of [`send_per_hop`], each hop sent by `send` with its headers.
+async fn follow<F, Fut>(
+    first: Url,
+    headers: &HeaderMap,
+    credential: Option<&HeaderValue>,
+    may_carry: impl Fn(&Url) -> bool,
+    send: F,
+) -> Result<reqwest::Response, HopError>
+where
+    F: Fn(Url, HeaderMap) -> Fut,
+    Fut: Future<Output = Result<reqwest::Response, HopError>>,
+{
     let mut visited: Vec<Url> = Vec::new();
     let mut url = first;
     loop {
@@ -82,13 +155,11 @@ pub async fn send_per_hop(
                 "more than {MAX_REDIRECTS} redirects"
             )));
         }
-        let mut request = http
-            .request(method.clone(), url.clone())
-            .headers(headers.clone());
+        let mut hop_headers = headers.clone();
         if let Some(value) = credential.filter(|_| may_carry(&url)) {
-            request = request.header(AUTHORIZATION, value.clone());
+            hop_headers.insert(AUTHORIZATION, value.clone());
         }
-        let response = request.send().await.map_err(HopError::Transport)?;
+        let response = send(url.clone(), hop_headers).await?;
         let location = response
             .headers()
             .get(LOCATION)

@@ -2,6 +2,7 @@
 //! registries, GitHub releases and a local directory; and building them from the
 //! configuration.
 
+pub mod direct;
 pub mod forge;
 pub mod gitea;
 pub mod github;

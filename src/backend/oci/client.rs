@@ -16,8 +16,10 @@ use reqwest::{Method, StatusCode, Url};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
 
+use crate::backend::direct::Direct;
 use crate::backend::http::{
-    next_link, read_capped, send_per_hop, throttled, transport_error, HopError, MAX_METADATA_BYTES,
+    next_link, read_capped, send_per_hop, send_per_hop_via, throttled, transport_error, HopError,
+    Via, MAX_METADATA_BYTES,
 };
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
@@ -62,8 +64,8 @@ impl CallError {
     /// answer's fault.
     fn hop(e: HopError) -> Self {
         match e {
-            HopError::Transport(e) => Self::transport(&e),
             HopError::Redirect(reason) => Self::broken(reason),
+            e => Self::Fatal(e.into_registry_error(Source::Oci)),
         }
     }
 }
@@ -209,6 +211,8 @@ pub struct Client {
     /// The shared reqwest client (timeouts, TLS verification); it follows no redirect,
     /// [`send_per_hop`] does.
     http: reqwest::Client,
+    /// Large downloads' own connections, when the shared client's settings allow them.
+    direct: Option<Direct>,
     /// `scheme://host[:port]/`: every path is resolved against it, and a `Link` or realm on
     /// another origin is treated as foreign.
     base: Url,
@@ -233,6 +237,7 @@ pub struct Client {
 impl Client {
     pub fn new(
         http: reqwest::Client,
+        direct: Option<Direct>,
         base: Url,
         namespace: String,
         basic: Option<BasicCredentials>,
@@ -241,6 +246,7 @@ impl Client {
     ) -> Self {
         Self {
             http,
+            direct,
             base,
             namespace,
             basic_header: basic.as_ref().and_then(BasicCredentials::header),
@@ -386,6 +392,31 @@ impl Client {
         headers: HeaderMap,
         what: &str,
     ) -> Result<reqwest::Response, CallError> {
+        self.send_on(false, method, url, scope, headers, what).await
+    }
+
+    /// [`Client::send`] for a large download: each hop on its own connection (see [`Direct`])
+    /// where there is one for this registry, else on the shared client.
+    pub async fn send_download(
+        &self,
+        url: Url,
+        scope: Scope<'_>,
+        headers: HeaderMap,
+        what: &str,
+    ) -> Result<reqwest::Response, CallError> {
+        self.send_on(true, Method::GET, url, scope, headers, what)
+            .await
+    }
+
+    async fn send_on(
+        &self,
+        download: bool,
+        method: Method,
+        url: Url,
+        scope: Scope<'_>,
+        headers: HeaderMap,
+        what: &str,
+    ) -> Result<reqwest::Response, CallError> {
         let scope_key = scope.as_string();
         let mut challenged = false;
         loop {
@@ -394,8 +425,12 @@ impl Client {
                 let _permit = self.permits.acquire().await.map_err(|_| {
                     CallError::Fatal(RegistryError::Internal("registry permits closed".into()))
                 })?;
-                send_per_hop(
-                    &self.http,
+                let via = match self.direct.as_ref().filter(|_| download) {
+                    Some(direct) => Via::Own(direct),
+                    None => Via::Shared(&self.http),
+                };
+                send_per_hop_via(
+                    via,
                     &method,
                     url.clone(),
                     &headers,
@@ -659,6 +694,7 @@ mod tests {
     fn credentials_go_only_to_the_api_urls_of_the_scope() {
         let client = Client::new(
             reqwest::Client::new(),
+            None,
             Url::parse("https://reg.test/").unwrap(),
             "ns".into(),
             None,

@@ -18,6 +18,7 @@ use futures_util::stream::{self, StreamExt};
 use reqwest::{Method, Url};
 use sha2::{Digest, Sha256};
 
+use crate::backend::direct::{Direct, OWN_CONNECTION_FROM};
 use crate::backend::http;
 use crate::config::{ConfigError, OciConfig, Secret};
 use crate::registry::{
@@ -129,11 +130,16 @@ impl OciBackend {
             config.verify_ssl,
         )
         .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        let direct = Direct::new(
+            Duration::from_secs(config.timeout_seconds),
+            config.verify_ssl,
+        );
         let max_concurrency = config.max_concurrency.max(1);
         Ok(Self {
             inner: Arc::new(Inner {
                 client: Client::new(
                     http,
+                    direct,
                     base,
                     namespace.clone(),
                     basic,
@@ -629,7 +635,8 @@ impl Inner {
             Served::Part(span) => Some(span),
         };
         let (response, served) = http::open_range(Source::Oci, span, |span| {
-            self.blob(&repo, &digest, span, key)
+            let length = span.map_or(size, |s| s.length());
+            self.blob(&repo, &digest, span, length >= OWN_CONNECTION_FROM, key)
         })
         .await?;
         let Served::Part(span) = served else {
@@ -662,26 +669,28 @@ impl Inner {
         })
     }
 
-    /// Starts the GET of a blob, or of the bytes `span` names of it: a 2xx answer that is not
-    /// an HTML page.
+    /// Starts the GET of a blob, or of the bytes `span` names of it, on its own connection
+    /// when `large`: a 2xx answer that is not an HTML page.
     async fn blob(
         &self,
         repo: &str,
         digest: &str,
         span: Option<Span>,
+        large: bool,
         key: &ExtensionKey,
     ) -> Result<reqwest::Response, RegistryError> {
-        let response = self
-            .client
-            .send(
-                Method::GET,
-                self.client.url(repo, &["blobs", digest]),
-                Scope::Pull(repo),
-                http::range_headers(span),
-                "blob",
-            )
-            .await
-            .map_err(|e| registry_error(e, key))?;
+        let url = self.client.url(repo, &["blobs", digest]);
+        let headers = http::range_headers(span);
+        let sent = if large {
+            self.client
+                .send_download(url, Scope::Pull(repo), headers, "blob")
+                .await
+        } else {
+            self.client
+                .send(Method::GET, url, Scope::Pull(repo), headers, "blob")
+                .await
+        };
+        let response = sent.map_err(|e| registry_error(e, key))?;
         if http::is_html(&response) {
             return Err(RegistryError::unavailable(
                 Source::Oci,
