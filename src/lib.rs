@@ -21,7 +21,9 @@
 //!   [`backend::gitea`] reads extensions from Gitea/Forgejo releases, [`backend::oci`] from
 //!   OCI registries (catalog, tags, manifest annotations, blobs), [`backend::github`] from
 //!   GitHub releases (rate limits, conditional requests); [`backend::forge`] holds the naming,
-//!   artifact and checksum rules the two forges share.
+//!   artifact and checksum rules the two forges share; [`backend::http`] what the HTTP
+//!   backends share (one client, redirects checked hop by hop); [`backend::direct`] a large
+//!   download's own connection, driven by the task sending the answer.
 //! - [`invalidation`]: the one way to drop cached answers for a changed extension, type or
 //!   everything, on this replica and (through a bus) on the others.
 //! - [`hooks`]: the secrets of the webhook and purge routes, checking deliveries against them
