@@ -96,10 +96,12 @@ impl Direct {
 
     /// The connection maker with TLS verified, whatever the environment says.
     fn verifying(timeout: Duration) -> Option<Self> {
-        // No connect timeout of its own: hyper-util would split it between the addresses a
-        // name resolves to. The whole of connecting, TLS included, is bounded in `send`.
+        // As the pooled client: hyper-util splits the connect timeout between the addresses a
+        // name resolves to, so one that does not answer leaves time for the next. The whole of
+        // connecting, TLS included, is bounded again in `send`.
         let mut http = HttpConnector::new();
         http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
         http.set_nodelay(true);
         let connector = HttpsConnectorBuilder::new()
             .try_with_platform_verifier()
@@ -125,7 +127,11 @@ impl Direct {
             .map_err(|_| Failure::Timeout)?
             .map_err(|e| {
                 tracing::debug!(error = %e, "cannot connect for a download");
-                Failure::Connect
+                if timed_out(e.as_ref()) {
+                    Failure::Timeout
+                } else {
+                    Failure::Connect
+                }
             })?;
         let (mut sender, connection) = http1::Builder::new()
             .max_buf_size(READ_BUFFER)
@@ -160,6 +166,14 @@ impl Direct {
         let body = Driven::new(connection, body, self.timeout);
         Ok(http::Response::from_parts(parts, reqwest::Body::wrap(body)).into())
     }
+}
+
+/// Whether `error` or one of its causes is an I/O time-out (the connect timeout's).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+    })
 }
 
 /// A broken connection or an answer that is not HTTP, its cause logged (it names no URL).
@@ -431,6 +445,26 @@ mod tests {
         (url, task)
     }
 
+    /// A server for one request that answers `head`, then `rest` once `go` is sent.
+    async fn upstream_in_two(
+        head: &'static [u8],
+        rest: &'static [u8],
+    ) -> (Url, tokio::sync::oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/v2/", listener.local_addr().unwrap())).unwrap();
+        let (go, went) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0; 1024];
+            let _ = socket.read(&mut request).await.unwrap();
+            socket.write_all(head).await.unwrap();
+            went.await.unwrap();
+            socket.write_all(rest).await.unwrap();
+            let _ = socket.read(&mut [0; 1]).await;
+        });
+        (url, go)
+    }
+
     fn direct(timeout: Duration) -> Direct {
         Direct::verifying(timeout).unwrap()
     }
@@ -463,7 +497,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_whole_answer_is_delivered_even_when_the_connection_then_breaks() {
+    async fn a_whole_answer_is_delivered_even_when_its_head_came_with_the_break() {
         let (url, _server) = upstream(Some(
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\n\r\n",
         ))
@@ -473,6 +507,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(response.bytes().await.unwrap(), "hello");
+    }
+
+    #[tokio::test]
+    async fn a_whole_body_is_delivered_even_when_the_connection_then_breaks() {
+        let (url, go) = upstream_in_two(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+            b"helloHTTP/1.1 200 OK\r\n\r\n",
+        )
+        .await;
+        let response = direct(Duration::from_secs(30))
+            .send(&Method::GET, &url, HeaderMap::new())
+            .await
+            .unwrap();
+        go.send(()).unwrap();
+        assert_eq!(response.bytes().await.unwrap(), "hello");
+    }
+
+    /// An error caused by another, as the connector's errors are.
+    #[derive(Debug)]
+    struct Caused(std::io::Error);
+
+    impl std::fmt::Display for Caused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("tcp connect error")
+        }
+    }
+
+    impl std::error::Error for Caused {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_connect_timeout_among_the_causes_is_a_timeout() {
+        let timed_out_io = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert!(timed_out(&Caused(timed_out_io)));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!timed_out(&Caused(refused)));
     }
 
     #[tokio::test]
