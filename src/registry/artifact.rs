@@ -330,7 +330,9 @@ impl QueueShared {
     /// stream waits for room, or it has ended; false when it has ended and all are taken.
     fn take_batch(&self, batch: &mut Vec<Bytes>) -> bool {
         let mut state = self.lock();
-        while state.queued < HASH_WAKE_BYTES && state.room.is_none() && !state.closed {
+        while !state.closed
+            && (state.frames.is_empty() || (state.queued < HASH_WAKE_BYTES && state.room.is_none()))
+        {
             state.waiting = true;
             state = self
                 .filled
