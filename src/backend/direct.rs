@@ -38,6 +38,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tower::Service;
 
+use crate::backend::http::authority;
 use crate::BoxError;
 
 /// The most bytes the read buffer of a download's connection grows to (hyper's default is about
@@ -193,11 +194,7 @@ fn request(
         Some(query) => format!("{}?{query}", url.path()),
         None => url.path().to_owned(),
     };
-    let host = match (url.host_str(), url.port()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_owned(),
-        (None, _) => return Err(Failure::Connect),
-    };
+    let host = authority(url).ok_or(Failure::Connect)?;
     headers.insert(
         HOST,
         HeaderValue::from_str(&host).map_err(|_| Failure::Connect)?,

@@ -2,7 +2,6 @@
 //! redirects deciding the credential hop by hop, to map its errors to the domain's, to ask for
 //! a byte range and check the answer, and to turn a response into a streamed artifact body.
 
-use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -109,41 +108,6 @@ pub async fn send_per_hop_via(
     credential: Option<&HeaderValue>,
     may_carry: impl Fn(&Url) -> bool,
 ) -> Result<reqwest::Response, HopError> {
-    follow(
-        first,
-        headers,
-        credential,
-        may_carry,
-        |url, headers| async move {
-            match via {
-                Via::Shared(http) => http
-                    .request(method.clone(), url)
-                    .headers(headers)
-                    .send()
-                    .await
-                    .map_err(HopError::Transport),
-                Via::Own(direct) => direct
-                    .send(method, &url, headers)
-                    .await
-                    .map_err(HopError::Direct),
-            }
-        },
-    )
-    .await
-}
-
-/// The redirect following of [`send_per_hop`], each hop sent by `send` with its headers.
-async fn follow<F, Fut>(
-    first: Url,
-    headers: &HeaderMap,
-    credential: Option<&HeaderValue>,
-    may_carry: impl Fn(&Url) -> bool,
-    send: F,
-) -> Result<reqwest::Response, HopError>
-where
-    F: Fn(Url, HeaderMap) -> Fut,
-    Fut: Future<Output = Result<reqwest::Response, HopError>>,
-{
     let mut visited: Vec<Url> = Vec::new();
     let mut url = first;
     loop {
@@ -159,7 +123,18 @@ where
         if let Some(value) = credential.filter(|_| may_carry(&url)) {
             hop_headers.insert(AUTHORIZATION, value.clone());
         }
-        let response = send(url.clone(), hop_headers).await?;
+        let response = match via {
+            Via::Shared(http) => http
+                .request(method.clone(), url.clone())
+                .headers(hop_headers)
+                .send()
+                .await
+                .map_err(HopError::Transport)?,
+            Via::Own(direct) => direct
+                .send(method, &url, hop_headers)
+                .await
+                .map_err(HopError::Direct)?,
+        };
         let location = response
             .headers()
             .get(LOCATION)
@@ -175,6 +150,15 @@ where
         visited.push(url);
         url = next;
     }
+}
+
+/// `host[:port]` of `url`, the port only when not the scheme's default; `None` without a host.
+pub fn authority(url: &Url) -> Option<String> {
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
+    })
 }
 
 /// Reads a whole body of at most `cap` bytes; `None` when it is larger, known from

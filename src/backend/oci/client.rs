@@ -18,8 +18,8 @@ use tokio::sync::Semaphore;
 
 use crate::backend::direct::Direct;
 use crate::backend::http::{
-    next_link, read_capped, send_per_hop, send_per_hop_via, throttled, transport_error, HopError,
-    Via, MAX_METADATA_BYTES,
+    authority, next_link, read_capped, send_per_hop, send_per_hop_via, throttled, transport_error,
+    HopError, Via, MAX_METADATA_BYTES,
 };
 use crate::backend::oci::model::{describe_error_body, is_not_found_code};
 use crate::config::Secret;
@@ -260,11 +260,7 @@ impl Client {
 
     /// The registry's host as references name it (`host[:port]`).
     pub fn host(&self) -> String {
-        match (self.base.host_str(), self.base.port()) {
-            (Some(host), Some(port)) => format!("{host}:{port}"),
-            (Some(host), None) => host.to_owned(),
-            (None, _) => String::new(),
-        }
+        authority(&self.base).unwrap_or_default()
     }
 
     /// `<base>/v2/<repo>/<rest...>`, every piece percent-encoded.
