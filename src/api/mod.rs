@@ -134,63 +134,198 @@ const _: () = {
     }
 };
 
-/// The route table, built once.
+/// The route table, built once: each route's template split at its `/`s. A path is split
+/// the same way once and compared segment by segment with the templates of as many segments;
+/// a parameter takes one whole non-empty segment, never a `/` (no template has a catch-all),
+/// and where two templates take some paths alike, the one with a literal where the other has
+/// a parameter wins (`.../{name}/versions` is the versions route, not a download of version
+/// `versions`).
 pub struct RouteTable {
-    router: matchit::Router<Route>,
-    /// The `/`s of each route's template, in `Route::ALL` (declaration) order. A parameter
-    /// never spans a `/` (no template has a catch-all), so a path with another count is not
-    /// the route's, which [`RouteTable::is`] tells without a lookup.
-    slashes: [usize; Route::ALL.len()],
+    /// Every route's template, in `Route::ALL` (declaration) order.
+    templates: [Template; Route::ALL.len()],
+    /// The routes in the order they are tried: fewer segments first, then more literals.
+    tried: [Route; Route::ALL.len()],
+    /// Where the routes of each number of segments start in `tried`; they end where the next
+    /// number's start.
+    starts: [usize; MOST_SEGMENTS + 2],
+}
+
+/// The most segments a template has, the empty one before the leading `/` included.
+const MOST_SEGMENTS: usize = 7;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Segment {
+    Literal(&'static str),
+    Type,
+    Name,
+    Version,
+}
+
+/// A template's segments.
+#[derive(Clone, Copy, Debug)]
+struct Template {
+    len: usize,
+    segments: [Segment; MOST_SEGMENTS],
+}
+
+impl Template {
+    fn parse(template: &'static str) -> Self {
+        let mut parsed = Template {
+            len: 0,
+            segments: [Segment::Literal(""); MOST_SEGMENTS],
+        };
+        for piece in template.split('/') {
+            let slot = parsed.segments.get_mut(parsed.len).unwrap_or_else(|| {
+                panic!("route table is inconsistent: {template} has too many segments")
+            });
+            *slot = match piece {
+                "{type}" => Segment::Type,
+                "{name}" => Segment::Name,
+                "{version}" => Segment::Version,
+                _ if piece.contains(['{', '}']) => {
+                    panic!("route table is inconsistent: {template} has an unknown parameter")
+                }
+                _ => Segment::Literal(piece),
+            };
+            parsed.len += 1;
+        }
+        parsed
+    }
+
+    fn segments(&self) -> &[Segment] {
+        &self.segments[..self.len]
+    }
+
+    fn literals(&self) -> usize {
+        self.segments()
+            .iter()
+            .filter(|s| matches!(s, Segment::Literal(_)))
+            .count()
+    }
+
+    /// The parameters of a path split into `pieces`, when it is this template's.
+    fn fit<'p>(&self, pieces: &[&'p str]) -> Option<Params<'p>> {
+        if pieces.len() != self.len {
+            return None;
+        }
+        let mut params = Params::default();
+        for (segment, &piece) in self.segments().iter().zip(pieces) {
+            match segment {
+                Segment::Literal(literal) if *literal == piece => {}
+                Segment::Literal(_) => return None,
+                _ if piece.is_empty() => return None,
+                Segment::Type => params.ty = piece,
+                Segment::Name => params.name = piece,
+                Segment::Version => params.version = piece,
+            }
+        }
+        Some(params)
+    }
+
+    /// Whether some path is both templates'.
+    fn overlaps(&self, other: &Template) -> bool {
+        self.len == other.len
+            && self
+                .segments()
+                .iter()
+                .zip(other.segments())
+                .all(|pair| match pair {
+                    (Segment::Literal(a), Segment::Literal(b)) => a == b,
+                    _ => true,
+                })
+    }
+
+    /// Whether every path of this template is also `other`'s: it has a literal wherever
+    /// `other` has one.
+    fn within(&self, other: &Template) -> bool {
+        self.overlaps(other)
+            && self.segments().iter().zip(other.segments()).all(|pair| {
+                matches!(
+                    pair,
+                    (Segment::Literal(_), _)
+                        | (_, Segment::Type | Segment::Name | Segment::Version)
+                )
+            })
+    }
+}
+
+/// `path` split at its `/`s, or `None` when it has more segments than any template. By
+/// bytes: `str::split`'s pattern searcher costs several times more on paths this short.
+fn split(path: &str) -> Option<([&str; MOST_SEGMENTS], usize)> {
+    let mut pieces = [""; MOST_SEGMENTS];
+    let mut len = 0;
+    let mut start = 0;
+    for (i, byte) in path.bytes().enumerate() {
+        if byte == b'/' {
+            *pieces.get_mut(len)? = &path[start..i];
+            len += 1;
+            start = i + 1;
+        }
+    }
+    *pieces.get_mut(len)? = &path[start..];
+    Some((pieces, len + 1))
 }
 
 impl RouteTable {
     pub fn new() -> Self {
-        let mut router = matchit::Router::new();
-        for route in Route::ALL {
-            assert!(
-                !route.template().contains("{*"),
-                "route table is inconsistent: {} has a catch-all",
-                route.template()
-            );
-            router
-                .insert(route.template(), route)
-                .unwrap_or_else(|e| panic!("route table is inconsistent: {e}"));
+        let templates = Route::ALL.map(|route| Template::parse(route.template()));
+        // Trying the templates with more literals first is right only where, of two that
+        // take some path alike, one takes a subset of the other's.
+        for (i, a) in Route::ALL.into_iter().enumerate() {
+            for b in Route::ALL.into_iter().skip(i + 1) {
+                let (ta, tb) = (&templates[a as usize], &templates[b as usize]);
+                assert!(
+                    !ta.overlaps(tb)
+                        || ta.literals() != tb.literals() && (ta.within(tb) || tb.within(ta)),
+                    "route table is inconsistent: {} and {} share paths neither one decides",
+                    a.template(),
+                    b.template()
+                );
+            }
+        }
+        let mut tried = Route::ALL;
+        tried.sort_by_key(|&route| {
+            let template = &templates[route as usize];
+            (template.len, std::cmp::Reverse(template.literals()))
+        });
+        let mut starts = [0; MOST_SEGMENTS + 2];
+        for (len, start) in starts.iter_mut().enumerate() {
+            *start = tried
+                .iter()
+                .take_while(|&&route| templates[route as usize].len < len)
+                .count();
         }
         Self {
-            router,
-            slashes: Route::ALL.map(|route| slashes(route.template())),
+            templates,
+            tried,
+            starts,
         }
     }
 
     /// The route of a path, for layers that need no parameters.
     pub fn route(&self, path: &str) -> Option<Route> {
-        self.router.at(path).ok().map(|m| *m.value)
+        self.at(path).map(|(route, _)| route)
     }
 
-    /// Whether `path` is `route`'s; most paths are told apart by their `/`s alone.
+    /// Whether `path` is `route`'s; most paths are told apart by their number of segments.
     pub fn is(&self, path: &str, route: Route) -> bool {
-        slashes(path) == self.slashes[route as usize] && self.route(path) == Some(route)
+        let segments = path.bytes().filter(|&b| b == b'/').count() + 1;
+        segments == self.templates[route as usize].len && self.route(path) == Some(route)
     }
 
     /// The route and its path parameters (still percent-encoded) for a path.
     pub fn at<'p>(&self, path: &'p str) -> Option<(Route, Params<'p>)> {
-        let m = self.router.at(path).ok()?;
-        // One pass over the parameters, where a look-up by name would walk them once each.
-        let mut params = Params::default();
-        for (key, value) in m.params.iter() {
-            match key {
-                "type" => params.ty = value,
-                "name" => params.name = value,
-                "version" => params.version = value,
-                _ => {}
-            }
-        }
-        Some((*m.value, params))
+        let (pieces, len) = split(path)?;
+        self.fit(&pieces[..len])
     }
-}
 
-fn slashes(path: &str) -> usize {
-    path.bytes().filter(|&b| b == b'/').count()
+    fn fit<'p>(&self, pieces: &[&'p str]) -> Option<(Route, Params<'p>)> {
+        let candidates = &self.tried[self.starts[pieces.len()]..self.starts[pieces.len() + 1]];
+        candidates.iter().find_map(|&route| {
+            let params = self.templates[route as usize].fit(pieces)?;
+            Some((route, params))
+        })
+    }
 }
 
 impl Default for RouteTable {
@@ -465,10 +600,12 @@ mod tests {
     }
 
     #[test]
-    fn telling_a_route_by_its_slashes_agrees_with_the_table() {
+    fn telling_one_route_agrees_with_the_table() {
         let table = RouteTable::new();
         let paths = [
             "/",
+            "*",
+            "",
             "/livez",
             "/api/v1/extensions",
             "/api/v1/extensions/search",
@@ -482,6 +619,7 @@ mod tests {
             "/api/v1/resolve/provider/aws",
             "/api/v1/cache/stats",
             "/api/v1/openapi.json",
+            "/a/b/c/d/e/f/g/h/i/j",
         ];
         for path in paths {
             for route in Route::ALL {
@@ -493,5 +631,60 @@ mod tests {
             }
         }
         assert!(table.is("/api/v1/extensions/provider/aws/1.2.0", Route::Download));
+    }
+
+    /// The table finds what matchit, the router it replaced, finds for the same templates:
+    /// the route and every parameter, for each template's paths with each segment in turn
+    /// replaced by another route's literal, a value, nothing, or cut off or doubled.
+    #[test]
+    fn the_table_finds_what_matchit_finds() {
+        let table = RouteTable::new();
+        let mut reference = matchit::Router::new();
+        for route in Route::ALL {
+            reference.insert(route.template(), route).unwrap();
+        }
+        let mut pool: Vec<&str> = Route::ALL
+            .iter()
+            .flat_map(|route| route.template().split('/'))
+            .filter(|piece| !piece.starts_with('{'))
+            .collect();
+        pool.extend(["aws", "1.2.0", "k%38s", "a b", "*", "{type}"]);
+        pool.sort_unstable();
+        pool.dedup();
+        let mut checked = 0;
+        for route in Route::ALL {
+            let pieces: Vec<&str> = route.template().split('/').collect();
+            let mut paths = Vec::new();
+            for i in 0..pieces.len() {
+                for replacement in &pool {
+                    let mut path: Vec<&str> = pieces
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &piece)| match piece.starts_with('{') {
+                            true if k < i => "y",
+                            true => "x",
+                            false => piece,
+                        })
+                        .collect();
+                    path[i] = replacement;
+                    paths.push(path.join("/"));
+                    paths.push(format!("{}/", path.join("/")));
+                    paths.push(path[..i].join("/"));
+                    paths.push(format!("{}/extra", path.join("/")));
+                }
+            }
+            for path in &paths {
+                let expected = reference.at(path).ok().map(|m| {
+                    let param = |name| m.params.get(name).unwrap_or("");
+                    (*m.value, [param("type"), param("name"), param("version")])
+                });
+                let found = table
+                    .at(path)
+                    .map(|(route, p)| (route, [p.ty, p.name, p.version]));
+                assert_eq!(found, expected, "{path:?}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 5_000, "{checked} paths");
     }
 }
