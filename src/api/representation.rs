@@ -9,15 +9,17 @@
 //! an entry holds only a weak reference to the value it was rendered from, so a replaced
 //! listing is freed at once rather than when the last page rendered from it leaves the memo.
 //! Handlers keep keys few (every empty page of a listing shares one), and answers a client
-//! may vary without end (searches) are kept only from their second ask ([`Keep`]).
+//! may vary without end (searches) are kept only from their second ask ([`Keep`]). A key
+//! asked again is looked for first among a few hundred slots of recent renderings, held
+//! weakly, which costs a fraction of the memo's own lookup.
 //!
 //! The handler's response carries the `Arc<Representation>` in its extensions; the
 //! compression layer takes the compressed form from it instead of compressing the body.
 
 use std::any::Any;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
@@ -32,13 +34,21 @@ use crate::middleware::KeyHasher;
 /// Bytes an entry costs beyond its key and JSON: the memo's own bookkeeping (moka's entry,
 /// its deques and hash-table slot), the entry, the representation with its slots for
 /// compressed forms, the ETag and the weak reference's allocation. Measured with a counting
-/// allocator (`tests/cache.rs`: 993 bytes per entry, as asked for), rounded up by more than a
+/// allocator (`tests/cache.rs`: 1,011 bytes per entry, as asked for), rounded up by more than a
 /// quarter for the allocator's size classes and bookkeeping over about a dozen allocations.
 pub const ENTRY_OVERHEAD: usize = 1280;
 
 /// How many searches the first-ask filter remembers; a search asked again before its slot is
 /// taken by another is memoised. 8 bytes each.
 const FIRST_ASKS: usize = 4096;
+
+/// Slots of [`Renderings`]' recent renderings: a few keys are most of the requests. A
+/// pointer and a lock each, 16 KiB in all; a rendering the memo dropped keeps only its
+/// allocation's header (under 100 bytes) alive in a slot, until the slot is taken again.
+const RECENT_SLOTS: usize = 512;
+
+/// One hit in this many found among the recent renderings is looked up in the memo as well.
+const TOLD_EVERY: u32 = 16;
 
 /// Whether an answer earns a memo entry on its first ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,7 +70,15 @@ pub struct Rendered {
 /// The memo of renderings, keyed by request target.
 pub struct Renderings {
     /// Sync: a hit is a plain call on every cached request, with no future to poll.
-    memo: moka::sync::Cache<String, Arc<Rendering>, KeyHasher>,
+    memo: moka::sync::Cache<Arc<str>, Arc<Rendering>, KeyHasher>,
+    /// The rendering last found or kept for the keys of each slot (by `slot_hasher`), weak so
+    /// that the memo alone decides what stays. A key asked again finds its rendering here
+    /// with a lock and a comparison, where moka's lookup also reads the clock and queues the
+    /// read for its eviction policy: about 850 instructions on every cached request. One hit
+    /// in [`TOLD_EVERY`] is still looked up in the memo, so that its policy and idle time see
+    /// the key in use.
+    recent: Box<[Mutex<Weak<Rendering>>]>,
+    slot_hasher: KeyHasher,
     max_bytes: u64,
     /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
     first_asks: Box<[AtomicU64]>,
@@ -70,6 +88,10 @@ pub struct Renderings {
 }
 
 struct Rendering {
+    /// Its key in the memo, shared with the memo's entry.
+    key: Arc<str>,
+    /// Hits found in `recent`, so that every [`TOLD_EVERY`]th is told to the memo too.
+    recent_hits: AtomicU32,
     /// The domain value it was rendered from; weak, so the value is freed once the caches
     /// drop it, while its address stays its own for as long as the entry holds it.
     source: Weak<dyn Any + Send + Sync>,
@@ -92,15 +114,21 @@ impl Renderings {
     /// twice (for the compressed forms it may gain) and [`ENTRY_OVERHEAD`]. One unused for
     /// `idle` is dropped.
     pub fn new(max_bytes: u64, idle: Duration) -> Self {
+        Self::with_recent_slots(max_bytes, idle, RECENT_SLOTS)
+    }
+
+    fn with_recent_slots(max_bytes: u64, idle: Duration, slots: usize) -> Self {
         Self {
             memo: moka::sync::Cache::builder()
-                .weigher(|key: &String, kept: &Arc<Rendering>| {
+                .weigher(|key: &Arc<str>, kept: &Arc<Rendering>| {
                     let bytes = ENTRY_OVERHEAD + key.len() + 2 * kept.representation.bytes().len();
                     u32::try_from(bytes).unwrap_or(u32::MAX)
                 })
                 .max_capacity(max_bytes)
                 .time_to_idle(idle)
                 .build_with_hasher(KeyHasher::default()),
+            recent: (0..slots).map(|_| Mutex::new(Weak::new())).collect(),
+            slot_hasher: KeyHasher::default(),
             max_bytes,
             first_asks: (0..FIRST_ASKS).map(|_| AtomicU64::new(0)).collect(),
             hasher: Default::default(),
@@ -116,21 +144,34 @@ impl Renderings {
         source: &Arc<T>,
         render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
-        if let Some(kept) = self.memo.get(&key) {
-            if std::ptr::addr_eq(kept.source.as_ptr(), Arc::as_ptr(source)) {
+        let slot = &self.recent[self.slot_hasher.hash_one(&*key) as usize % self.recent.len()];
+        let recent = lock(slot).upgrade();
+        if let Some(kept) = recent.filter(|kept| *kept.key == *key) {
+            if kept.rendered_from(source) {
+                if kept.recent_hits.fetch_add(1, Ordering::Relaxed) % TOLD_EVERY == TOLD_EVERY - 1 {
+                    self.memo.get(&*key);
+                }
+                return kept.response();
+            }
+        } else if let Some(kept) = self.memo.get(&*key) {
+            if kept.rendered_from(source) {
+                *lock(slot) = Arc::downgrade(&kept);
                 return kept.response();
             }
         }
         let Rendered { json, total } = render(source);
         let source: Arc<dyn Any + Send + Sync> = source.clone();
         let rendering = Arc::new(Rendering {
+            key: key.into(),
+            recent_hits: AtomicU32::new(0),
             source: Arc::downgrade(&source),
             representation: Arc::new(representation(json, total)),
             total: total.map(HeaderValue::from),
         });
         let response = rendering.response();
-        if keep == Keep::Always || self.asked_before(&key) {
-            self.memo.insert(key, rendering);
+        if keep == Keep::Always || self.asked_before(&rendering.key) {
+            *lock(slot) = Arc::downgrade(&rendering);
+            self.memo.insert(rendering.key.clone(), rendering);
         }
         response
     }
@@ -154,6 +195,10 @@ impl Renderings {
 }
 
 impl Rendering {
+    fn rendered_from<T: Any + Send + Sync>(&self, source: &Arc<T>) -> bool {
+        std::ptr::addr_eq(self.source.as_ptr(), Arc::as_ptr(source))
+    }
+
     fn response(&self) -> Response<Body> {
         response(&self.representation, self.total.as_ref())
     }
@@ -206,6 +251,12 @@ fn etag(json: &[u8], total: Option<usize>) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
+/// A slot of recent renderings; a panic while one was held left a weak reference, which
+/// is as good as any.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
@@ -249,6 +300,40 @@ mod tests {
         let third = answer(&renderings, "a", Keep::Always, &refreshed);
         assert_eq!(&third.bytes()[..], b"[1,2,3,4]");
         assert_ne!(first.etag(), third.etag());
+    }
+
+    #[test]
+    fn keys_sharing_a_recent_slot_each_keep_their_rendering() {
+        let renderings = Renderings::with_recent_slots(1 << 20, Duration::from_secs(60), 1);
+        let value = Arc::new(vec![1, 2, 3]);
+        let a = answer(&renderings, "a", Keep::Always, &value);
+        let b = answer(&renderings, "b", Keep::Always, &value);
+        assert!(!Arc::ptr_eq(&a, &b));
+        for (key, first) in [("a", &a), ("b", &b), ("b", &b), ("a", &a)] {
+            let again = renderings.respond(key.into(), Keep::Always, &value, |_| unreachable!());
+            let again = again.extensions().get::<Arc<Representation>>().unwrap();
+            assert!(Arc::ptr_eq(first, again), "{key}");
+        }
+    }
+
+    #[test]
+    fn what_the_memo_dropped_is_rendered_again() {
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
+        let value = Arc::new(vec![1, 2, 3]);
+        let first = answer(&renderings, "a", Keep::Always, &value);
+        renderings.memo.invalidate("a");
+        renderings.memo.run_pending_tasks();
+        let mut rendered = false;
+        let again = renderings.respond("a".into(), Keep::Always, &value, |v| {
+            rendered = true;
+            json(v)
+        });
+        assert!(
+            rendered,
+            "a slot of recent renderings kept what the memo dropped"
+        );
+        let again = again.extensions().get::<Arc<Representation>>().unwrap();
+        assert!(!Arc::ptr_eq(&first, again));
     }
 
     #[test]
