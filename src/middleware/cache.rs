@@ -544,6 +544,9 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
         for key in &doomed {
             self.entries.invalidate(key.as_ref());
         }
+        // Moved on again: an entry served while the walk ran was remembered in its slot under
+        // the generation the walk began with, and moka may hold a dropped entry a while yet.
+        self.generation.fetch_add(1, Ordering::AcqRel);
         doomed.len() as u64
     }
 
@@ -1236,6 +1239,29 @@ mod tests {
         let after = cache.clone().oneshot(get("aws")).await.unwrap();
         assert_eq!(backend.calls(), 2, "the invalidated entry was served");
         assert_eq!(version(after), "1.0.2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_entry_served_while_an_invalidation_runs_is_not_served_after_it() {
+        let backend = Backend::new();
+        let cache = backend.service();
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        let stores = &cache.caches.0;
+        let key = (aws(), None);
+        // A request for the key between the invalidation's first step and its last.
+        let dropped = stores.metadata.invalidate(|k| {
+            let served = stores.metadata.at_once(&key, stores.policy);
+            assert!(matches!(served, AtOnce::Served(Ok(_))));
+            *k == key
+        });
+        assert_eq!(dropped, 1);
+        assert!(
+            matches!(
+                stores.metadata.at_once(&key, stores.policy),
+                AtOnce::Due(None)
+            ),
+            "the invalidated entry was served"
+        );
     }
 
     #[tokio::test(start_paused = true)]
