@@ -11,7 +11,8 @@
 //!   [`api::range`]), handlers, health probes, the metrics exposition rendered within a
 //!   budget ([`api::exposition`]), and the OpenAPI 3.1 document of all of it (served at
 //!   `/api/v1/openapi.json`).
-//! - [`middleware`]: the project's own tower layers.
+//! - [`middleware`]: the project's own tower layers, and the slots of recent values in front
+//!   of the caches.
 //! - [`error`]: the API error (status, code, message) and the one mapping from domain errors.
 //! - [`body`]: the one response body type.
 //! - [`registry`]: the domain (extensions, names, version ordering, version constraints in

@@ -10,16 +10,16 @@
 //! listing is freed at once rather than when the last page rendered from it leaves the memo.
 //! Handlers keep keys few (every empty page of a listing shares one), and answers a client
 //! may vary without end (searches) are kept only from their second ask ([`Keep`]). A key
-//! asked again is looked for first among a few hundred slots of recent renderings, held
-//! weakly, which costs a fraction of the memo's own lookup.
+//! asked again is looked for first among slots of recent renderings, held weakly
+//! (`middleware::recent`), which costs a fraction of the memo's own lookup.
 //!
 //! The handler's response carries the `Arc<Representation>` in its extensions; the
 //! compression layer takes the compressed form from it instead of compressing the body.
 
 use std::any::Any;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
@@ -29,26 +29,19 @@ use sha2::{Digest, Sha256};
 
 use crate::body::{self, Body};
 use crate::middleware::compression::Representation;
+use crate::middleware::recent::Recent;
 use crate::middleware::KeyHasher;
 
 /// Bytes an entry costs beyond its key and JSON: the memo's own bookkeeping (moka's entry,
 /// its deques and hash-table slot), the entry, the representation with its slots for
 /// compressed forms, the ETag and the weak reference's allocation. Measured with a counting
-/// allocator (`tests/cache.rs`: 1,011 bytes per entry, as asked for), rounded up by more than a
+/// allocator (`tests/cache.rs`: 1,003 bytes per entry, as asked for), rounded up by more than a
 /// quarter for the allocator's size classes and bookkeeping over about a dozen allocations.
 pub const ENTRY_OVERHEAD: usize = 1280;
 
 /// How many searches the first-ask filter remembers; a search asked again before its slot is
 /// taken by another is memoised. 8 bytes each.
 const FIRST_ASKS: usize = 4096;
-
-/// Slots of [`Renderings`]' recent renderings: a few keys are most of the requests. A
-/// pointer and a lock each, 16 KiB in all; a rendering the memo dropped keeps only its
-/// allocation's header (under 100 bytes) alive in a slot, until the slot is taken again.
-const RECENT_SLOTS: usize = 512;
-
-/// One hit in this many found among the recent renderings is looked up in the memo as well.
-const TOLD_EVERY: u32 = 16;
 
 /// Whether an answer earns a memo entry on its first ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,14 +64,10 @@ pub struct Rendered {
 pub struct Renderings {
     /// Sync: a hit is a plain call on every cached request, with no future to poll.
     memo: moka::sync::Cache<Arc<str>, Arc<Rendering>, KeyHasher>,
-    /// The rendering last found or kept for the keys of each slot (by `slot_hasher`), weak so
-    /// that the memo alone decides what stays. A key asked again finds its rendering here
-    /// with a lock and a comparison, where moka's lookup also reads the clock and queues the
-    /// read for its eviction policy: about 850 instructions on every cached request. One hit
-    /// in [`TOLD_EVERY`] is still looked up in the memo, so that its policy and idle time see
-    /// the key in use.
-    recent: Box<[Mutex<Weak<Rendering>>]>,
-    slot_hasher: KeyHasher,
+    /// Renderings found or kept lately, weakly: the memo alone decides what stays. Nothing
+    /// here is invalidated (a rendering is checked against its source instead), so every
+    /// one is kept under generation 0. A few hundred keys, 24 KiB.
+    recent: Recent<Arc<str>, Rendering>,
     max_bytes: u64,
     /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
     first_asks: Box<[AtomicU64]>,
@@ -88,10 +77,8 @@ pub struct Renderings {
 }
 
 struct Rendering {
-    /// Its key in the memo, shared with the memo's entry.
+    /// Its key in the memo, shared with the memo's entry and its slot of recent ones.
     key: Arc<str>,
-    /// Hits found in `recent`, so that every [`TOLD_EVERY`]th is told to the memo too.
-    recent_hits: AtomicU32,
     /// The domain value it was rendered from; weak, so the value is freed once the caches
     /// drop it, while its address stays its own for as long as the entry holds it.
     source: Weak<dyn Any + Send + Sync>,
@@ -114,10 +101,10 @@ impl Renderings {
     /// twice (for the compressed forms it may gain) and [`ENTRY_OVERHEAD`]. One unused for
     /// `idle` is dropped.
     pub fn new(max_bytes: u64, idle: Duration) -> Self {
-        Self::with_recent_slots(max_bytes, idle, RECENT_SLOTS)
+        Self::with_recent(max_bytes, idle, Recent::new())
     }
 
-    fn with_recent_slots(max_bytes: u64, idle: Duration, slots: usize) -> Self {
+    fn with_recent(max_bytes: u64, idle: Duration, recent: Recent<Arc<str>, Rendering>) -> Self {
         Self {
             memo: moka::sync::Cache::builder()
                 .weigher(|key: &Arc<str>, kept: &Arc<Rendering>| {
@@ -127,8 +114,7 @@ impl Renderings {
                 .max_capacity(max_bytes)
                 .time_to_idle(idle)
                 .build_with_hasher(KeyHasher::default()),
-            recent: (0..slots).map(|_| Mutex::new(Weak::new())).collect(),
-            slot_hasher: KeyHasher::default(),
+            recent,
             max_bytes,
             first_asks: (0..FIRST_ASKS).map(|_| AtomicU64::new(0)).collect(),
             hasher: Default::default(),
@@ -144,18 +130,16 @@ impl Renderings {
         source: &Arc<T>,
         render: impl FnOnce(&T) -> Rendered,
     ) -> Response<Body> {
-        let slot = &self.recent[self.slot_hasher.hash_one(&*key) as usize % self.recent.len()];
-        let recent = lock(slot).upgrade();
-        if let Some(kept) = recent.filter(|kept| *kept.key == *key) {
-            if kept.rendered_from(source) {
-                if kept.recent_hits.fetch_add(1, Ordering::Relaxed) % TOLD_EVERY == TOLD_EVERY - 1 {
+        if let Some(recent) = self.recent.get(&*key, 0) {
+            if recent.value.rendered_from(source) {
+                if recent.tell {
                     self.memo.get(&*key);
                 }
-                return kept.response();
+                return recent.value.response();
             }
         } else if let Some(kept) = self.memo.get(&*key) {
             if kept.rendered_from(source) {
-                *lock(slot) = Arc::downgrade(&kept);
+                self.recent.keep(&kept.key, &kept, 0);
                 return kept.response();
             }
         }
@@ -163,14 +147,13 @@ impl Renderings {
         let source: Arc<dyn Any + Send + Sync> = source.clone();
         let rendering = Arc::new(Rendering {
             key: key.into(),
-            recent_hits: AtomicU32::new(0),
             source: Arc::downgrade(&source),
             representation: Arc::new(representation(json, total)),
             total: total.map(HeaderValue::from),
         });
         let response = rendering.response();
         if keep == Keep::Always || self.asked_before(&rendering.key) {
-            *lock(slot) = Arc::downgrade(&rendering);
+            self.recent.keep(&rendering.key, &rendering, 0);
             self.memo.insert(rendering.key.clone(), rendering);
         }
         response
@@ -251,12 +234,6 @@ fn etag(json: &[u8], total: Option<usize>) -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
-/// A slot of recent renderings; a panic while one was held left a weak reference, which
-/// is as good as any.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
@@ -304,7 +281,8 @@ mod tests {
 
     #[test]
     fn keys_sharing_a_recent_slot_each_keep_their_rendering() {
-        let renderings = Renderings::with_recent_slots(1 << 20, Duration::from_secs(60), 1);
+        let renderings =
+            Renderings::with_recent(1 << 20, Duration::from_secs(60), Recent::with_slots(1));
         let value = Arc::new(vec![1, 2, 3]);
         let a = answer(&renderings, "a", Keep::Always, &value);
         let b = answer(&renderings, "b", Keep::Always, &value);

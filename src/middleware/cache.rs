@@ -28,9 +28,9 @@
 //! moka's own expiry only frees the memory of entries that can no longer serve.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use crate::config::CacheConfig;
 use crate::invalidation::{Dropped, Scope};
+use crate::middleware::recent::Recent;
 use crate::middleware::KeyHasher;
 use crate::registry::{
     BackendFuture, BackendRequest, BackendResponse, Extension, ExtensionKey, ListFilter,
@@ -346,30 +347,11 @@ struct Store<K> {
     waits_total: metrics::Counter,
     /// Set from the entry count when metrics are scraped.
     entries_gauge: metrics::Gauge,
-    /// The entry last served or stored for the keys of each slot (picked by `slot_hasher`),
-    /// held weakly so that moka alone decides what stays. A key asked again whose entry is
-    /// still fresh is served from here with a lock and a key comparison, where moka's lookup
-    /// reads the clock and queues the read for its eviction policy: about 1,000 instructions
-    /// on every cached request. One such hit in [`TOLD_EVERY`] is looked up in moka as well,
-    /// so that its policy sees the key in use. Bounded: [`RECENT_SLOTS`] keys per store.
-    recent: Box<[Mutex<Recent<K>>]>,
-    slot_hasher: KeyHasher,
-}
-
-/// Slots of recent entries per store: a few keys are most of the requests.
-const RECENT_SLOTS: usize = 512;
-
-/// One hit in this many found among the recent entries is looked up in moka as well.
-const TOLD_EVERY: u32 = 16;
-
-/// The entry last served or stored for the keys of one slot of [`Store::recent`].
-struct Recent<K> {
-    key: Option<K>,
-    /// The store's generation when the entry was read from moka or stored: an invalidation
-    /// moves the store's on, and the slot is passed by from then on.
-    generation: u64,
-    entry: Weak<Entry>,
-    hits: u32,
+    /// Entries served or stored lately, weakly (moka alone decides what stays), each under
+    /// the generation read before moka was: an invalidation moves the store's on, and the
+    /// slot is passed by from then on. A key asked again whose entry is still fresh is served
+    /// from here. Bounded: `recent::SLOTS` keys per store.
+    recent: Recent<K, Entry>,
 }
 
 /// The one refresh of a key under way: while it lives, others wait for it instead of asking
@@ -428,17 +410,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
             stale_total: metrics::counter!("stale_served_total", "cache" => name),
             waits_total: metrics::counter!("cache_singleflight_waits_total", "cache" => name),
             entries_gauge: metrics::gauge!("cache_entries", "cache" => name),
-            recent: (0..RECENT_SLOTS)
-                .map(|_| {
-                    Mutex::new(Recent {
-                        key: None,
-                        generation: 0,
-                        entry: Weak::new(),
-                        hits: 0,
-                    })
-                })
-                .collect(),
-            slot_hasher: KeyHasher::default(),
+            recent: Recent::new(),
         }
     }
 
@@ -470,7 +442,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
         };
         match policy.judge(Some(&entry), now) {
             Judgement::Fresh | Judgement::BackingOff => {
-                self.remember(key, &entry, generation);
+                self.recent.keep(key, &entry, generation);
                 self.hit();
                 AtOnce::Served(self.served(policy.resolve(&entry, now)))
             }
@@ -478,37 +450,16 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Store<K> {
         }
     }
 
-    fn slot(&self, key: &K) -> &Mutex<Recent<K>> {
-        &self.recent[self.slot_hasher.hash_one(key) as usize % self.recent.len()]
-    }
-
     /// `key`'s entry from its slot of recent ones, unless the slot went to another key, the
     /// store was invalidated since, or moka dropped the entry.
     fn recent(&self, key: &K) -> Option<Arc<Entry>> {
-        let mut recent = lock(self.slot(key));
-        if recent.key.as_ref() != Some(key)
-            || recent.generation != self.generation.load(Ordering::Acquire)
-        {
-            return None;
-        }
-        let entry = recent.entry.upgrade()?;
-        recent.hits = recent.hits.wrapping_add(1);
-        if recent.hits % TOLD_EVERY == 0 {
-            drop(recent);
+        let recent = self
+            .recent
+            .get(key, self.generation.load(Ordering::Acquire))?;
+        if recent.tell {
             self.entries.get(key);
         }
-        Some(entry)
-    }
-
-    /// Keeps `entry`, read from moka or stored in it under `generation`, in `key`'s slot.
-    fn remember(&self, key: &K, entry: &Arc<Entry>, generation: u64) {
-        let mut recent = lock(self.slot(key));
-        if recent.key.as_ref() != Some(key) {
-            recent.key = Some(key.clone());
-        }
-        recent.generation = generation;
-        recent.entry = Arc::downgrade(entry);
-        recent.hits = 0;
+        Some(recent.value)
     }
 
     fn miss(&self) {
@@ -969,7 +920,7 @@ where
             let now = fetched.unwrap_or_else(Instant::now);
             let entry = Arc::new(policy.next(current.as_deref(), outcome, now));
             store.entries.insert(refresh.key.clone(), entry.clone());
-            store.remember(&refresh.key, &entry, refresh.generation);
+            store.recent.keep(&refresh.key, &entry, refresh.generation);
             // `refresh` drops here: its waiters find the new entry.
         }
     }

@@ -1,5 +1,6 @@
-//! The project's own tower layers, and the hasher of the maps they key by what clients send.
-//! Layers tower and tower-http provide are configured in `crate::stack` directly.
+//! The project's own tower layers, the hasher of the maps they key by what clients send, and
+//! the slots of recent values in front of the caches ([`recent`]). Layers tower and
+//! tower-http provide are configured in `crate::stack` directly.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::LazyLock;
@@ -18,6 +19,7 @@ pub mod load_shed;
 pub mod metrics;
 pub mod preflight;
 pub mod rate_limit;
+pub mod recent;
 pub mod request_id;
 pub mod rescue;
 pub mod trace;
