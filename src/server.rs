@@ -12,7 +12,7 @@ pub mod send_timeout;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
@@ -23,12 +23,11 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tower::{Service, ServiceExt};
 
-use self::connection::{Clock, InFlight, ResponseBody, Timeouts, Watched};
+use self::connection::{Clock, InFlight, ResponseBody, Timeouts, Watched, WhenWoken};
 use self::send_timeout::{Executor, SendTimeout};
 use crate::api::Route;
 use crate::config::ServerConfig;
@@ -110,7 +109,8 @@ async fn serve(
     metrics::gauge!(HTTP_CONNECTIONS_MAX).set(cap as f64);
     metrics::counter!(HTTP_CONNECTIONS_REFUSED_TOTAL).increment(0);
     metrics::counter!(send_timeout::DOWNLOAD_STALLED_TOTAL).increment(0);
-    let graceful = GracefulShutdown::new();
+    // Told to every connection when the service stops; closed once they all have ended.
+    let (stop, _) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -139,16 +139,34 @@ async fn serve(
         let io = TokioIo::new(Watched::new(stream, clock.clone()));
         let conn = builder.serve_connection_with_upgrades(io, service);
         // HTTP/1 response bodies are driven by the connection's task: the send timeout wraps it.
-        let conn = SendTimeout::new(graceful.watch(conn.into_owned()), config.send_timeout());
+        let conn = SendTimeout::new(conn.into_owned(), config.send_timeout());
+        let mut stopping = stop.subscribe();
         tokio::spawn(async move {
             let _open = Gauged::new(slot, HTTP_CONNECTIONS_OPEN);
-            tokio::select! {
-                ended = conn => {
-                    if let Some(Err(e)) = ended {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let mut conn = pin!(conn);
+            // Polled beside the connection, but only when their own wakers fire.
+            let mut idle = pin!(WhenWoken::new(clock.expired()));
+            let mut told = pin!(WhenWoken::new(stopping.changed()));
+            let mut stopped = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    ended = conn.as_mut() => {
+                        if let Some(Err(e)) = ended {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = idle.as_mut() => {
+                        tracing::debug!(%peer, "idle connection closed");
+                        break;
+                    }
+                    _ = told.as_mut(), if !stopped => {
+                        // Finish what is in flight, then close (HTTP/2: GOAWAY first).
+                        stopped = true;
+                        conn.as_mut().inner().graceful_shutdown();
                     }
                 }
-                () = clock.expired() => tracing::debug!(%peer, "idle connection closed"),
             }
         });
     }
@@ -157,10 +175,8 @@ async fn serve(
         grace_seconds = grace.as_secs(),
         "shutting down: no new connections"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop.send(());
+    if tokio::time::timeout(grace, stop.closed()).await.is_err() {
         tracing::warn!("grace period over; closing the remaining connections");
     }
     Ok(())

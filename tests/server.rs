@@ -6,6 +6,7 @@
 mod app;
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,8 +19,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 
+/// `app` served by `server::run` on a free loopback port: its address, the sender that stops
+/// it, and its task.
+async fn start(
+    app: extension_registry::stack::HttpService,
+    grace: Duration,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(server::run(
+        listener,
+        app,
+        async {
+            let _ = stop_rx.await;
+        },
+        grace,
+    ));
+    (addr, stop_tx, server)
+}
+
 /// Sends a raw HTTP/1.1 request and returns the connection for reading the answer.
-async fn request(addr: std::net::SocketAddr, path: &str) -> std::io::Result<TcpStream> {
+async fn request(addr: SocketAddr, path: &str) -> std::io::Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await?;
     let head = format!("GET {path} HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).await?;
@@ -55,17 +80,7 @@ async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections(
             }
         }
     });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(
-        listener,
-        app,
-        async {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(30),
-    ));
+    let (addr, stop_tx, server) = start(app, Duration::from_secs(30)).await;
 
     let mut download = request(addr, "/api/v1/extensions/provider/slow/1.0.0")
         .await
@@ -117,20 +132,54 @@ async fn graceful_shutdown_finishes_a_slow_download_and_refuses_new_connections(
     server.await.unwrap().unwrap();
 }
 
+/// Kept-alive connections with nothing in flight, HTTP/1 and HTTP/2, are closed as soon as
+/// the service stops (HTTP/2 with a GOAWAY), and the service then ends without waiting out
+/// its grace period. Left open, they would last their keep-alive timeout (60 s).
+#[tokio::test]
+async fn shutdown_closes_idle_kept_alive_connections_at_once() {
+    let (app, _) = app::sample_app();
+    let (addr, stop_tx, server) = start(app, Duration::from_secs(3600)).await;
+
+    let mut http1 = TcpStream::connect(addr).await.unwrap();
+    http1
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = http1.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+
+    let (http2, connection) = h2::client::handshake(TcpStream::connect(addr).await.unwrap())
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get("http://test/livez").body(()).unwrap();
+    let (response, _) = http2
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, true)
+        .unwrap();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    stop_tx.send(()).unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut rest = Vec::new();
+        http1.read_to_end(&mut rest).await.unwrap();
+        let _ = connection.await.unwrap();
+        server.await.unwrap().unwrap();
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "idle connections were left open after the service stopped"
+    );
+}
+
 #[tokio::test]
 async fn serves_the_samples_over_http1_and_h2c() {
     let (app, _) = app::sample_app();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(server::run(
-        listener,
-        app,
-        async {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let (addr, stop_tx, server) = start(app, Duration::from_secs(5)).await;
 
     let http1 = reqwest::Client::new();
     let list: serde_json::Value = http1

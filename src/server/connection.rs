@@ -15,13 +15,16 @@
 //! A request is in flight from the moment hyper hands it to the service until its response
 //! body is dropped (finished, aborted or its connection gone).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -314,11 +317,72 @@ impl http_body::Body for ResponseBody {
     }
 }
 
+pin_project! {
+    /// A future polled only once something it waits on has woken it.
+    ///
+    /// A connection's task polls the connection beside its clock's watcher
+    /// ([`Clock::expired`]) and the notice that the service stops, and a select polls every
+    /// branch on every wake-up: each would be polled on every request, registering its waker
+    /// with its timer or channel again each time (about 300 instructions for the watcher, 200
+    /// for the notice), with nothing to look at. Polled through this, a future gets a waker of
+    /// its own, and is polled only when that waker has fired.
+    pub struct WhenWoken<F> {
+        #[pin]
+        inner: F,
+        woken: Arc<Woken>,
+        waker: Waker,
+    }
+}
+
+/// Set by the inner future's waker, which then wakes the task.
+struct Woken {
+    flag: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.flag.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F> WhenWoken<F> {
+    /// `inner`, polled the first time and from then on only when it woke.
+    pub fn new(inner: F) -> Self {
+        let woken = Arc::new(Woken {
+            flag: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            inner,
+            waker: Waker::from(woken.clone()),
+            woken,
+        }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // Registered before the flag is read: a wake in between wakes this task again.
+        this.woken.task.register(cx.waker());
+        if !this.woken.flag.swap(false, Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::{Wake, Waker};
+    use std::sync::atomic::AtomicUsize;
 
     use super::*;
 
@@ -453,5 +517,56 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    /// Counts its polls; ready once told to be, waking whoever polled it last.
+    #[derive(Default)]
+    struct Polls {
+        count: AtomicUsize,
+        ready: AtomicBool,
+        waker: Mutex<Option<Waker>>,
+    }
+
+    impl Polls {
+        fn future(self: &Arc<Self>) -> impl Future<Output = ()> + use<> {
+            let polls = self.clone();
+            std::future::poll_fn(move |cx| {
+                polls.count.fetch_add(1, Ordering::SeqCst);
+                if polls.ready.load(Ordering::SeqCst) {
+                    return Poll::Ready(());
+                }
+                *polls.waker.lock().unwrap() = Some(cx.waker().clone());
+                Poll::Pending
+            })
+        }
+
+        fn finish(&self) {
+            self.ready.store(true, Ordering::SeqCst);
+            if let Some(waker) = self.waker.lock().unwrap().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    #[test]
+    fn a_future_when_woken_is_polled_only_once_it_woke() {
+        let polls = Arc::new(Polls::default());
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let task = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&task);
+        let mut watched = std::pin::pin!(WhenWoken::new(polls.future()));
+        for _ in 0..5 {
+            assert!(watched.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(
+            polls.count.load(Ordering::SeqCst),
+            1,
+            "polled the first time only"
+        );
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        polls.finish();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "its wake woke the task");
+        assert!(watched.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.count.load(Ordering::SeqCst), 2);
     }
 }

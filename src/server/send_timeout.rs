@@ -66,6 +66,11 @@ impl<F> SendTimeout<F> {
             handed: None,
         }
     }
+
+    /// The future it runs.
+    pub fn inner(self: Pin<&mut Self>) -> Pin<&mut F> {
+        self.project().inner
+    }
 }
 
 impl<F: Future> Future for SendTimeout<F> {
