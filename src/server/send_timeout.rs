@@ -4,9 +4,10 @@
 //! hyper polls a body only when it can send: while an HTTP/1 client does not read (the socket
 //! and hyper's buffer full) or an HTTP/2 stream's window stays shut, the body is not polled,
 //! so it cannot time itself out. The task that drives it can: the body notes in a task-local
-//! when it handed a frame over and when it was asked again ([`handed_over`], [`asked`]), and
-//! [`SendTimeout`], wrapping that task's future, sleeps until the handed-over time plus the
-//! timeout and then drops the future. For HTTP/1 that task is the connection (one response at
+//! that it handed a frame over and that it was asked again ([`handed_over`], [`asked`]), and
+//! [`SendTimeout`], wrapping that task's future, reads the clock when a poll leaves a frame
+//! handed over and not yet taken, sleeps until then plus the timeout, and then drops the
+//! future. For HTTP/1 that task is the connection (one response at
 //! a time), so the connection is closed; for HTTP/2 it is the stream's task, spawned by
 //! [`Executor`], so only that stream is reset and the connection's other streams go on.
 //! Dropping the body drops the backend's response, which releases its connection or file.
@@ -27,8 +28,9 @@ use tokio::time::{Instant, Sleep};
 pub const DOWNLOAD_STALLED_TOTAL: &str = "download_stalled_total";
 
 /// Since when the body of the task's current response has waited for the client, and
-/// whether it is a download.
-type Handed = Option<(Instant, bool)>;
+/// whether it is a download. The time is read when the task next has nothing to do (`None`
+/// until then): a response sent whole within one poll, as most are, reads no clock.
+type Handed = Option<(Option<Instant>, bool)>;
 
 tokio::task_local! {
     static HANDED: Cell<Handed>;
@@ -36,7 +38,7 @@ tokio::task_local! {
 
 /// The body handed a frame to hyper; `download` says how a stall is counted.
 pub fn handed_over(download: bool) {
-    let _ = HANDED.try_with(|h| h.set(Some((Instant::now(), download))));
+    let _ = HANDED.try_with(|h| h.set(Some((None, download))));
 }
 
 /// The body is asked for its next frame, or is gone: nothing waits on the client.
@@ -83,13 +85,15 @@ impl<F: Future> Future for SendTimeout<F> {
             let polled = inner.poll(cx);
             (polled, HANDED.with(Cell::get))
         });
-        *this.handed = handed;
         if let Poll::Ready(output) = polled {
             return Poll::Ready(Some(output));
         }
         let Some((since, download)) = handed else {
+            *this.handed = None;
             return Poll::Pending;
         };
+        let since = since.unwrap_or_else(Instant::now);
+        *this.handed = Some((Some(since), download));
         let deadline = since + *this.timeout;
         if this.sleep.deadline() != deadline {
             this.sleep.as_mut().reset(deadline);
