@@ -32,6 +32,7 @@ use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::{Clients, RateLimitLayer};
 use crate::middleware::request_id::RequestIdLayer;
 use crate::middleware::rescue::RescueLayer;
+use crate::middleware::timeout::TimeoutLayer;
 use crate::middleware::trace::TraceLayer;
 use crate::redis::bus::RedisBus;
 use crate::redis::cache::SharedCacheLayer;
@@ -249,9 +250,8 @@ pub fn app_with(
         // fill the service.
         .layer(load_shed)
         // Bounds the time to the response head (not the streaming of a download's body): 504.
-        .layer(tower::timeout::TimeoutLayer::new(
-            config.server.request_timeout(),
-        ))
+        // Its timer is made only for a request that waits (see `middleware::timeout`).
+        .layer(TimeoutLayer::new(config.server.request_timeout()))
         // Conditional GET right above the router: it sees the identity ETag of every rendered
         // answer and turns a match into a 304 before compression or anything else touches it.
         .layer(ConditionalLayer)

@@ -22,6 +22,7 @@ pub mod rate_limit;
 pub mod recent;
 pub mod request_id;
 pub mod rescue;
+pub mod timeout;
 pub mod trace;
 
 /// The hasher of the maps keyed by what clients send: the answer caches' keys, the rendered
