@@ -144,27 +144,29 @@ async fn serve(
         tokio::spawn(async move {
             let _open = Gauged::new(slot, HTTP_CONNECTIONS_OPEN);
             let mut conn = pin!(conn);
-            // Polled beside the connection, but only when their own wakers fire.
+            // Polled beside the connection, but only when their own wakers fire; first, so
+            // that a connection spending the task's whole budget (a flood of HTTP/2 frames)
+            // cannot keep them from their timer or channel, and they cost nothing unwoken.
             let mut idle = pin!(WhenWoken::new(clock.expired()));
             let mut told = pin!(WhenWoken::new(stopping.changed()));
             let mut stopped = false;
             loop {
                 tokio::select! {
                     biased;
-                    ended = conn.as_mut() => {
-                        if let Some(Err(e)) = ended {
-                            tracing::debug!(error = %e, %peer, "connection ended with an error");
-                        }
-                        break;
+                    _ = told.as_mut(), if !stopped => {
+                        // Finish what is in flight, then close (HTTP/2: GOAWAY first).
+                        stopped = true;
+                        conn.as_mut().inner().graceful_shutdown();
                     }
                     () = idle.as_mut() => {
                         tracing::debug!(%peer, "idle connection closed");
                         break;
                     }
-                    _ = told.as_mut(), if !stopped => {
-                        // Finish what is in flight, then close (HTTP/2: GOAWAY first).
-                        stopped = true;
-                        conn.as_mut().inner().graceful_shutdown();
+                    ended = conn.as_mut() => {
+                        if let Some(Err(e)) = ended {
+                            tracing::debug!(error = %e, %peer, "connection ended with an error");
+                        }
+                        break;
                     }
                 }
             }

@@ -66,7 +66,7 @@ pub struct Renderings {
     memo: moka::sync::Cache<Arc<str>, Arc<Rendering>, KeyHasher>,
     /// Renderings found or kept lately, weakly: the memo alone decides what stays. Nothing
     /// here is invalidated (a rendering is checked against its source instead), so every
-    /// one is kept under generation 0. A few hundred keys, 24 KiB.
+    /// one is kept under generation 0. 24 KiB of slots, and at most 512 keys they hold.
     recent: Recent<Arc<str>, Rendering>,
     max_bytes: u64,
     /// Hashes of keys asked once, one per slot; see [`Keep::FromSecondAsk`].
@@ -77,7 +77,8 @@ pub struct Renderings {
 }
 
 struct Rendering {
-    /// Its key in the memo, shared with the memo's entry and its slot of recent ones.
+    /// Its key in the memo, shared with the memo's entry (and its slot of recent ones, unless
+    /// the slot kept an earlier copy of the same key).
     key: Arc<str>,
     /// The domain value it was rendered from; weak, so the value is freed once the caches
     /// drop it, while its address stays its own for as long as the entry holds it.

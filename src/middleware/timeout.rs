@@ -4,8 +4,10 @@
 //! tower's own timeout makes its timer as the request comes in: a clock read and a timer
 //! entry (with its runtime handle) on every request, about 180 instructions, while a cached
 //! answer is ready at its first poll and never needs one. This one makes the timer only when
-//! the request first waits, so the bound counts from then: a few microseconds after the
-//! request reached the layer, in the same poll.
+//! the request first waits, so the bound counts from its first poll. Over HTTP/1 that is the
+//! poll in which the request reached the layer; over HTTP/2 it is the first run of the
+//! stream's task, so time a stream waits for a worker before it first runs is not counted
+//! (tower's counted it from the call, made on the connection's task).
 
 use std::future::Future;
 use std::pin::Pin;
