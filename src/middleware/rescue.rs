@@ -89,23 +89,24 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         match self.not_ready.take() {
-            Some(error) => ResponseFuture {
-                inner: None,
-                early: Some(error_response(error)),
+            Some(error) => ResponseFuture::Early {
+                response: Some(error_response(error)),
             },
-            None => ResponseFuture {
-                inner: Some(self.inner.call(req)),
-                early: None,
+            None => ResponseFuture::Called {
+                inner: self.inner.call(req),
             },
         }
     }
 }
 
 pin_project! {
-    pub struct ResponseFuture<F> {
-        #[pin]
-        inner: Option<F>,
-        early: Option<Response<Body>>,
+    /// An enum rather than a struct with both: every layer above moves this future whole, so
+    /// the early answer (a response, 120 bytes) shares its room with the inner future.
+    #[project = Projected]
+    pub enum ResponseFuture<F> {
+        Called { #[pin] inner: F },
+        /// Answered at the call; taken at the first poll.
+        Early { response: Option<Response<Body>> },
     }
 }
 
@@ -117,17 +118,16 @@ where
     type Output = Result<Response<Body>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Some(response) = this.early.take() {
-            return Poll::Ready(Ok(response));
+        match self.project() {
+            Projected::Called { inner } => Poll::Ready(Ok(match ready!(inner.poll(cx)) {
+                Ok(response) => response,
+                Err(error) => error_response(error.into()),
+            })),
+            // Polled again after its answer: a fault of the caller's, answered as one.
+            Projected::Early { response } => Poll::Ready(Ok(response
+                .take()
+                .unwrap_or_else(|| ApiError::internal().into_response()))),
         }
-        let Some(inner) = this.inner.as_pin_mut() else {
-            return Poll::Ready(Ok(ApiError::internal().into_response()));
-        };
-        Poll::Ready(Ok(match ready!(inner.poll(cx)) {
-            Ok(response) => response,
-            Err(error) => error_response(error.into()),
-        }))
     }
 }
 
@@ -135,6 +135,19 @@ where
 mod tests {
     use super::*;
     use tower::ServiceExt;
+
+    /// The layers above move this future whole on every request: the early answer takes no
+    /// room beside an inner future at least as big as a response.
+    #[test]
+    fn the_early_answer_shares_the_inner_futures_room() {
+        type Inner = std::future::Ready<Result<Response<Body>, BoxError>>;
+        assert!(
+            size_of::<ResponseFuture<Inner>>() <= size_of::<Inner>() + size_of::<usize>(),
+            "{} bytes around {}",
+            size_of::<ResponseFuture<Inner>>(),
+            size_of::<Inner>()
+        );
+    }
 
     #[tokio::test]
     async fn errors_become_json_responses() {

@@ -8,6 +8,10 @@
 //! poll in which the request reached the layer; over HTTP/2 it is the first run of the
 //! stream's task, so time a stream waits for a worker before it first runs is not counted
 //! (tower's counted it from the call, made on the connection's task).
+//!
+//! The timer is boxed: a request that waits already holds a backend call, and a future that
+//! does not wait stays small. Every layer above moves this future whole when it wraps it, so
+//! an inline timer (120 bytes) would be copied a dozen times on every request.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -78,8 +82,7 @@ pin_project! {
         #[pin]
         inner: F,
         // Made at the first poll that finds the request waiting.
-        #[pin]
-        sleep: Option<Sleep>,
+        sleep: Option<Pin<Box<Sleep>>>,
         timeout: Duration,
     }
 }
@@ -92,16 +95,17 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep(*this.timeout)));
-        }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(Elapsed::new().into())),
-            _ => Poll::Pending,
+        let timeout = *this.timeout;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed::new().into())),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -116,6 +120,18 @@ mod tests {
     use super::*;
 
     const TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// The layers above move this future whole on every request: the timer it may make takes
+    /// a pointer's room until then.
+    #[test]
+    fn the_timer_takes_a_pointers_room() {
+        type Inner = std::future::Ready<Result<u64, Infallible>>;
+        let around = size_of::<ResponseFuture<Inner>>() - size_of::<Inner>();
+        assert!(
+            around <= size_of::<usize>() + size_of::<Duration>(),
+            "{around} bytes"
+        );
+    }
 
     /// A service answering after `wait`.
     fn answers_after(
