@@ -7,10 +7,13 @@
 # binary with its full default stack (rate limit on, with a quota the run cannot exhaust).
 # Each server runs one worker (the service `[server] workers = 1`, the baseline one Tokio
 # worker thread, nginx one worker process) pinned to core 0, and wrk runs on core 1, where
-# `taskset` exists; wrk runs (-t1 -c64) are interleaved server by server, round by round, so
-# a change in the machine's load hits every server alike. Prints, per answer and server: req/s (every round), p99,
-# the ratio to bare hyper, and the server's CPU µs per request (utime+stime deltas of the
-# server's processes in /proc/<pid>/stat over the requests wrk counted).
+# `taskset` exists; wrk runs (-t1 -c64) are interleaved server by server, round by round,
+# the servers' order reversed every other round, so a change in the machine's load hits every
+# server alike. Prints, per answer and server: req/s (every round), p99, the server's CPU µs
+# per request (utime+stime deltas of the server's processes in /proc/<pid>/stat over the
+# requests wrk counted), and two ratios to bare hyper: of the means over all rounds, and the
+# median of each round's own ratio (one slow spell on a shared machine moves the first with
+# the round it fell in, the second only if it falls in most rounds).
 #
 #   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64),
 #                                 PROFILE (release, dist, or pgo: what the Docker image ships)
@@ -114,8 +117,12 @@ hz=$(getconf CLK_TCK)
 echo "load before: $(uptime)"
 results="$work/results"
 for round in $(seq "$rounds"); do
+  order=("${servers[@]}")
+  if [ $((round % 2)) = 0 ]; then
+    for ((i = ${#servers[@]} - 1, j = 0; i >= 0; i--, j++)); do order[j]=${servers[i]}; done
+  fi
   for answer in single list gzip; do
-    for server in "${servers[@]}"; do
+    for server in "${order[@]}"; do
       uri=$single; [ "$answer" = single ] || uri=$list
       header=(); [ "$answer" = gzip ] && header=(-H "$gzip_header")
       pid=$(pid_of "$server"); before=$(cpu_ticks "$pid")
@@ -127,7 +134,7 @@ for round in $(seq "$rounds"); do
       p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
       bad=$(awk '/Non-2xx/ {print $5}' <<<"$out")
       cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
-      echo "$answer $server $rps $p99 $cpu ${bad:-0}" >> "$results"
+      echo "$answer $server $rps $p99 $cpu ${bad:-0} $round" >> "$results"
       printf 'round %s  %-6s %-7s %7s req/s  p99 %-8s %6s µs CPU/req%s\n' \
         "$round" "$answer" "$server" "$rps" "$p99" "$cpu" "${bad:+  ($bad non-2xx!)}"
     done
@@ -135,13 +142,21 @@ for round in $(seq "$rounds"); do
 done
 echo "load after: $(uptime)"
 echo
-echo "answer  bytes  server    req/s (each round)      p99 (each round)     CPU µs/req   x bare"
+echo "answer  bytes  server    req/s (each round)      p99 (each round)     CPU µs/req   x bare (means, median of rounds)"
 for answer in single list gzip; do
   bytes=$(stat -c%s "$work/$answer.body")
-  bare_mean=$(awk -v a="$answer" '$1 == a && $2 == "bare" {s += $3; n++} END {print s / n}' "$results")
   for server in "${servers[@]}"; do
-    awk -v a="$answer" -v s="$server" -v b="$bare_mean" -v bytes="$bytes" '
-      $1 == a && $2 == s {r = r sep $3; p = p sep $4; c = c sep $5; sep = " "; sum += $3; n++}
-      END {printf "%-7s %6s %-8s %-23s %-20s %-12s %.2f\n", a, bytes, s, r, p, c, sum / n / b}' "$results"
+    awk -v a="$answer" -v s="$server" -v bytes="$bytes" '
+      $1 == a && $2 == "bare" {bare[$7] = $3; bare_sum += $3; bare_n++}
+      $1 == a && $2 == s {rps[$7] = $3; r = r sep $3; p = p sep $4; c = c sep $5; sep = " "; sum += $3; n++}
+      END {
+        for (round in rps) ratio[++k] = rps[round] / bare[round]
+        for (i = 2; i <= k; i++) for (j = i; j > 1 && ratio[j - 1] > ratio[j]; j--) {
+          t = ratio[j]; ratio[j] = ratio[j - 1]; ratio[j - 1] = t
+        }
+        median = k % 2 ? ratio[(k + 1) / 2] : (ratio[k / 2] + ratio[k / 2 + 1]) / 2
+        printf "%-7s %6s %-8s %-23s %-20s %-12s %.2f  %.2f\n", a, bytes, s, r, p, c,
+          sum / n / (bare_sum / bare_n), median
+      }' "$results"
   done
 done
