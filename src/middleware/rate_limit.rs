@@ -294,8 +294,9 @@ impl Limits {
         }
     }
 
-    /// Forgets clients whose quota is full again, at most once per [`SWEEP_INTERVAL`].
-    fn sweep_if_due(&self) {
+    /// Forgets clients whose quota is full again, at most once per [`SWEEP_INTERVAL`]; says
+    /// whether this call did.
+    fn sweep_if_due(&self) -> bool {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let last = self.last_sweep.load(Ordering::Relaxed);
         let due = now.saturating_sub(last) >= SWEEP_INTERVAL.as_nanos() as u64;
@@ -308,7 +309,9 @@ impl Limits {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
             self.clients_gauge.set(self.limiter.len() as f64);
+            return true;
         }
+        false
     }
 
     fn decide<B>(&self, req: &Request<B>) -> Decision {
@@ -316,8 +319,11 @@ impl Limits {
         if self.exempt.iter().any(|p| p == path) {
             return Decision::Exempt;
         }
-        self.sweep_if_due();
-        self.clients.hint_if_forwarded(req);
+        // The request that sweeps is the one looked at for the hint: at most one a second,
+        // so the others do not pay for a header lookup that logs once in the process's life.
+        if self.sweep_if_due() {
+            self.clients.hint_if_forwarded(req);
+        }
         let key = self.clients.key(req);
         let decided = self.limiter.check_key(&key);
         // What the local quota lets through is decided, and counted, by the shared one when
@@ -468,8 +474,8 @@ impl Clients {
     }
 
     /// Logs once that requests carry the `client_ip_header` while no proxy is trusted to set
-    /// it; after that, no request pays for looking at the header. Called by the rate limit
-    /// alone, so the layers that read a request's key again do not look for it again.
+    /// it. Called by the rate limit alone, for the request that sweeps (one a second at
+    /// most), so no other request, and no layer that reads a request's key again, looks.
     fn hint_if_forwarded<B>(&self, req: &Request<B>) {
         let header = &self.forwarded.0;
         if self.trusted.is_empty()
@@ -866,6 +872,40 @@ mod tests {
         // The probes did not use the client's quota.
         let req = request("/api/v1/extensions", "192.0.2.1", &[]);
         assert_eq!(status(&service, req).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn the_forwarding_hint_looks_at_the_request_that_sweeps_alone() {
+        tokio::time::pause();
+        let layer = RateLimitLayer::new(&config(100, ""));
+        let (service, _) = limited(&layer);
+        let limits = layer.limits.as_ref().expect("rate limiting on");
+        let send = |forwarded: bool| {
+            let headers: &[(&str, &str)] = if forwarded {
+                &[("x-forwarded-for", "203.0.113.9")]
+            } else {
+                &[]
+            };
+            status(
+                &service,
+                request("/api/v1/extensions", "192.0.2.1", headers),
+            )
+        };
+        let hinted = || limits.clients.hinted.load(Ordering::Relaxed);
+        // No sweep is due in the first second: forwarded requests are not looked at.
+        for _ in 0..3 {
+            send(true).await;
+        }
+        assert!(!hinted());
+        // The request that sweeps carries no header: nothing to hint about yet.
+        tokio::time::advance(SWEEP_INTERVAL).await;
+        send(false).await;
+        send(true).await;
+        assert!(!hinted());
+        // The next request that sweeps carries it.
+        tokio::time::advance(SWEEP_INTERVAL).await;
+        send(true).await;
+        assert!(hinted());
     }
 
     #[tokio::test]
