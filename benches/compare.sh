@@ -13,9 +13,10 @@
 # per request (utime+stime deltas of the server's processes in /proc/<pid>/stat over the
 # requests wrk counted), and two ratios to bare hyper: of the means over all rounds, and the
 # median of each round's own ratio (one slow spell on a shared machine moves the first with
-# the round it fell in, the second only if it falls in most rounds).
+# the round it fell in; with an odd number of rounds, the second only if it falls in most of
+# them, and with an even number, which averages the two middle rounds, less than the first).
 #
-#   benches/compare.sh            knobs: DURATION (5s), ROUNDS (2), CONNECTIONS (64),
+#   benches/compare.sh            knobs: DURATION (5s), ROUNDS (3), CONNECTIONS (64),
 #                                 PROFILE (release, dist, or pgo: what the Docker image ships)
 # Needs wrk, curl, python3 (free ports), for `pgo` what benches/pgo.sh needs (llvm-profdata);
 # nginx optional (Debian nginx-light). Builds the
@@ -29,7 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/registry.sh
 duration=${DURATION:-5s}
-rounds=${ROUNDS:-2}
+rounds=${ROUNDS:-3}
 connections=${CONNECTIONS:-64}
 profile=${PROFILE:-release}
 case $profile in
@@ -134,7 +135,8 @@ for round in $(seq "$rounds"); do
       p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
       bad=$(awk '/Non-2xx/ {print $5}' <<<"$out")
       cpu=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
-      echo "$answer $server $rps $p99 $cpu ${bad:-0} $round" >> "$results"
+      printf '%s %s %s %s %s %s %s\n' "$answer" "$server" "${rps:-0}" "${p99:-NA}" "${cpu:-NA}" \
+        "${bad:-0}" "$round" >> "$results"
       printf 'round %s  %-6s %-7s %7s req/s  p99 %-8s %6s µs CPU/req%s\n' \
         "$round" "$answer" "$server" "$rps" "$p99" "$cpu" "${bad:+  ($bad non-2xx!)}"
     done
@@ -150,12 +152,12 @@ for answer in single list gzip; do
       $1 == a && $2 == "bare" {bare[$7] = $3; bare_sum += $3; bare_n++}
       $1 == a && $2 == s {rps[$7] = $3; r = r sep $3; p = p sep $4; c = c sep $5; sep = " "; sum += $3; n++}
       END {
-        for (round in rps) ratio[++k] = rps[round] / bare[round]
+        for (round in rps) if (bare[round] > 0) ratio[++k] = rps[round] / bare[round]
         for (i = 2; i <= k; i++) for (j = i; j > 1 && ratio[j - 1] > ratio[j]; j--) {
           t = ratio[j]; ratio[j] = ratio[j - 1]; ratio[j - 1] = t
         }
-        median = k % 2 ? ratio[(k + 1) / 2] : (ratio[k / 2] + ratio[k / 2 + 1]) / 2
-        printf "%-7s %6s %-8s %-23s %-20s %-12s %.2f  %.2f\n", a, bytes, s, r, p, c,
+        median = k == 0 ? "-" : sprintf("%.2f", k % 2 ? ratio[(k + 1) / 2] : (ratio[k / 2] + ratio[k / 2 + 1]) / 2)
+        printf "%-7s %6s %-8s %-23s %-20s %-12s %.2f  %s\n", a, bytes, s, r, p, c,
           sum / n / (bare_sum / bare_n), median
       }' "$results"
   done

@@ -9,8 +9,9 @@
 //! stream's task, so time a stream waits for a worker before it first runs is not counted
 //! (tower's counted it from the call, made on the connection's task).
 //!
-//! The timer is boxed: a request that waits already holds a backend call, and a future that
-//! does not wait stays small. Every layer above moves this future whole when it wraps it, so
+//! The timer is boxed: a request that waits is already on a slow path (a backend call, a wait
+//! for another request's fetch, a body still arriving), and a future that does not wait stays
+//! small. Every layer above moves this future whole when it wraps it, so
 //! an inline timer (120 bytes) would be copied a dozen times on every request.
 
 use std::future::Future;
