@@ -126,8 +126,8 @@ pin_project! {
     #[project = Projected]
     pub enum ResponseFuture<F> {
         /// Answered by tower-http's rules: preflights, and every request under an origin list.
-        /// Boxed: its future carries the headers it will add
-        /// (180 bytes), and every layer above moves this future whole on every request.
+        /// Boxed: its future carries the headers it will add (180 bytes), and every layer
+        /// above moves this future whole on every request.
         Rules { inner: Pin<Box<tower_http::cors::ResponseFuture<F>>> },
         /// A simple request under rules that answer every one alike.
         Fixed { #[pin] inner: F, headers: Arc<HeaderMap> },

@@ -6,8 +6,9 @@
 //! A slot holds its value *weakly*, so that the cache alone decides what stays: a value the
 //! cache dropped is not served from a slot, and keeps only its allocation's header alive
 //! there, beside the slot's copy of its key, until the slot is taken again. So beyond the
-//! slots themselves a cache's slots hold at most [`SLOTS`] keys the cache may have let go. One hit in [`TOLD_EVERY`] is to be looked up in the
-//! cache as well, so that its policy (and idle time) sees the key in use.
+//! slots themselves a cache's slots hold at most [`SLOTS`] keys the cache may have let go.
+//! One hit in [`TOLD_EVERY`] is to be looked up in the cache as well, so that its policy (and
+//! idle time) sees the key in use.
 //!
 //! Each value is kept under its owner's generation, a number the owner moves on whenever
 //! what it kept may no longer hold (an invalidation): a slot kept under another generation

@@ -11,8 +11,8 @@
 //!
 //! The timer is boxed: a request that waits is already on a slow path (a backend call, a wait
 //! for another request's fetch, a body still arriving), and a future that does not wait stays
-//! small. Every layer above moves this future whole when it wraps it, so
-//! an inline timer (120 bytes) would be copied a dozen times on every request.
+//! small. Every layer above moves this future whole when it wraps it, so an inline timer (120
+//! bytes) would be copied a dozen times on every request.
 
 use std::future::Future;
 use std::pin::Pin;
