@@ -2,6 +2,7 @@
 //! or stream the artifact.
 
 use std::fmt::Write;
+use std::ops::Range;
 use std::sync::Arc;
 
 use http::header::{
@@ -91,7 +92,22 @@ impl MemoKey {
         self
     }
 
-    /// A number, or a part as `Debug` writes it.
+    /// A number, as `Debug` would write it, without the formatting machinery.
+    pub(super) fn number(mut self, n: usize) -> Self {
+        self.0.push(' ');
+        self.0.push_str(itoa::Buffer::new().format(n));
+        self
+    }
+
+    /// A page of items, as `Debug` would write the range.
+    pub(super) fn page(self, page: &Range<usize>) -> Self {
+        let mut key = self.number(page.start);
+        key.0.push_str("..");
+        key.0.push_str(itoa::Buffer::new().format(page.end));
+        key
+    }
+
+    /// A part as `Debug` writes it.
     pub(super) fn debug(mut self, part: &impl std::fmt::Debug) -> Self {
         // Writing into a `String` cannot fail.
         let _ = write!(self.0, " {part:?}");
@@ -258,7 +274,7 @@ impl Call<'_> {
         let page = offset.min(total)..offset.saturating_add(limit).min(total);
         let key = match page.is_empty() {
             true => MemoKey::new("list").ty(ty).source(&source).part("empty"),
-            false => MemoKey::new("list").ty(ty).source(&source).debug(&page),
+            false => MemoKey::new("list").ty(ty).source(&source).page(&page),
         };
         let response = self.represent(key, Keep::Always, &all, |all| Rendered {
             json: to_json(&all[page]),
@@ -279,7 +295,7 @@ impl Call<'_> {
         let ty = query.parsed("type", str::parse::<ExtensionType>)?;
         let limit = query.int("limit", 50, 0, MAX_LIMIT)?;
         let (all, stale) = self.listing(ty, None).await?;
-        let key = MemoKey::new("search").ty(ty).debug(&limit).part(q);
+        let key = MemoKey::new("search").ty(ty).number(limit).part(q);
         let response = self.represent(key, Keep::FromSecondAsk, &all, |all| {
             rendered(&search(all, q, limit))
         });
@@ -494,7 +510,7 @@ mod tests {
             MemoKey::new("list")
                 .ty(ty)
                 .source(source)
-                .debug(&page)
+                .page(&page)
                 .into_string()
         };
         let keys = [
@@ -520,6 +536,16 @@ mod tests {
     }
 
     #[test]
+    fn memo_keys_write_numbers_and_pages_as_debug_does() {
+        for (n, page) in [(0, 0..0), (7, 3..10), (usize::MAX, 100..usize::MAX)] {
+            assert_eq!(
+                MemoKey::new("k").number(n).page(&page).into_string(),
+                format!("k {n:?} {page:?}")
+            );
+        }
+    }
+
+    #[test]
     fn memo_keys_of_versions_and_searches_tell_apart_their_filters() {
         let aws = ExtensionKey {
             ty: ExtensionType::Provider,
@@ -537,7 +563,7 @@ mod tests {
         let search = |limit: usize, q: &str| {
             MemoKey::new("search")
                 .ty(None)
-                .debug(&limit)
+                .number(limit)
                 .part(q)
                 .into_string()
         };

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::Response;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -188,6 +188,9 @@ impl Rendering {
     }
 }
 
+/// Named once: a custom name given as text is parsed again on every insert.
+const X_TOTAL_COUNT: HeaderName = HeaderName::from_static("x-total-count");
+
 /// Headers a cached answer leaves the service with, at most, in the default stack.
 const RESPONSE_HEADERS: usize = 16;
 
@@ -206,7 +209,7 @@ pub fn response(
     headers.insert(CONTENT_LENGTH, representation.length().clone());
     headers.insert(ETAG, representation.etag().clone());
     if let Some(total) = total {
-        headers.insert("x-total-count", total.clone());
+        headers.insert(X_TOTAL_COUNT, total.clone());
     }
     response.extensions_mut().insert(representation.clone());
     response

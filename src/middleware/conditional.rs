@@ -24,7 +24,15 @@ use crate::body::{self, Body};
 use crate::middleware::compression::without_coding;
 
 /// The headers a 304 keeps from the 200 it stands for.
-const KEPT: [HeaderName; 6] = [CACHE_CONTROL, CONTENT_LOCATION, DATE, ETAG, EXPIRES, VARY];
+const KEPT: [HeaderName; 7] = [
+    CACHE_CONTROL,
+    CONTENT_LOCATION,
+    DATE,
+    ETAG,
+    EXPIRES,
+    VARY,
+    HeaderName::from_static("cache-status"),
+];
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConditionalLayer;
@@ -103,10 +111,7 @@ where
         let (parts, _) = response.into_parts();
         let mut not_modified = Response::new(body::empty());
         *not_modified.status_mut() = StatusCode::NOT_MODIFIED;
-        for name in KEPT
-            .iter()
-            .chain([&HeaderName::from_static("cache-status")])
-        {
+        for name in &KEPT {
             for value in parts.headers.get_all(name) {
                 not_modified.headers_mut().append(name, value.clone());
             }
