@@ -157,43 +157,55 @@ const IN_PLACE: usize = 4;
 #[derive(Debug)]
 enum Pairs<'q> {
     /// No `%`, `+` or NUL anywhere and at most [`IN_PLACE`] pairs, as almost every query:
-    /// the pairs are slices of the query, kept without an allocation.
+    /// where each pair lies in the query, kept without an allocation. Offsets rather than
+    /// slices keep a request's future small, which holds its query until it is answered.
     InPlace {
-        pairs: [(&'q str, &'q str); IN_PLACE],
+        query: &'q str,
+        spans: [[u16; 3]; IN_PLACE],
         len: usize,
     },
     Decoded(Vec<(Cow<'q, str>, Cow<'q, str>)>),
 }
 
-impl Default for Query<'_> {
-    fn default() -> Self {
-        Self(Pairs::InPlace {
-            pairs: [("", ""); IN_PLACE],
-            len: 0,
-        })
-    }
-}
-
-/// The `key=value` pairs of a query as written; a pair without `=` has an empty value. Found
-/// by a plain scan of the bytes, which costs less than a searcher's set-up on a short query.
-fn pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
-    let mut rest = query;
-    std::iter::from_fn(move || loop {
-        if rest.is_empty() {
-            return None;
+/// Where each `key=value` pair lies in a query, as `[start, eq, end]`: the key is
+/// `start..eq`, the value `eq + 1..end`, and a pair without `=` has `eq == end`. Found by a
+/// plain scan of the bytes, which costs less than a searcher's set-up on a short query.
+fn spans(query: &str) -> impl Iterator<Item = [usize; 3]> + '_ {
+    let bytes = query.as_bytes();
+    let find = move |from: usize, to: usize, byte: u8| {
+        bytes[from..to]
+            .iter()
+            .position(|&b| b == byte)
+            .map_or(to, |at| from + at)
+    };
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        while start < bytes.len() {
+            let end = find(start, bytes.len(), b'&');
+            let span = [start, find(start, end, b'='), end];
+            start = end + 1;
+            if span[0] < end {
+                return Some(span);
+            }
         }
-        let (part, after) = cut(rest, b'&').unwrap_or((rest, ""));
-        rest = after;
-        if !part.is_empty() {
-            return Some(cut(part, b'=').unwrap_or((part, "")));
-        }
+        None
     })
 }
 
-/// `text` before and after the first `byte` (ASCII, so both halves are whole characters).
-fn cut(text: &str, byte: u8) -> Option<(&str, &str)> {
-    let at = text.bytes().position(|b| b == byte)?;
-    Some((&text[..at], &text[at + 1..]))
+/// The key and value a span of [`spans`] marks in `query`; both end at ASCII bytes or at the
+/// end, so they are whole characters.
+fn pair(query: &str, [start, eq, end]: [usize; 3]) -> (&str, &str) {
+    (&query[start..eq], query.get(eq + 1..end).unwrap_or(""))
+}
+
+/// The bytes of a key that [`spans`] found, to compare without slicing at characters.
+fn key(query: &str, start: usize, eq: usize) -> &[u8] {
+    &query.as_bytes()[start..eq]
+}
+
+/// The `key=value` pairs of a query as written; a pair without `=` has an empty value.
+fn pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    spans(query).map(|span| pair(query, span))
 }
 
 fn given_twice(name: &str) -> ApiError {
@@ -203,21 +215,28 @@ fn given_twice(name: &str) -> ApiError {
 impl<'q> Query<'q> {
     pub fn parse(query: Option<&'q str>) -> Result<Self, ApiError> {
         let query = query.unwrap_or("");
-        if !query.bytes().any(|b| matches!(b, b'%' | b'+' | 0)) {
-            let mut in_place = [("", ""); IN_PLACE];
+        let plain = !query.bytes().any(|b| matches!(b, b'%' | b'+' | 0));
+        if plain && query.len() <= usize::from(u16::MAX) {
+            let mut in_place = [[0; 3]; IN_PLACE];
             let mut len = 0;
-            for (k, v) in pairs(query) {
-                if in_place[..len].iter().any(|(seen, _)| *seen == k) {
+            for span in spans(query) {
+                let (k, _) = pair(query, span);
+                if in_place[..len]
+                    .iter()
+                    .any(|&[start, eq, _]| key(query, start.into(), eq.into()) == k.as_bytes())
+                {
                     return Err(given_twice(k));
                 }
                 let Some(slot) = in_place.get_mut(len) else {
                     return Self::decoded(query);
                 };
-                *slot = (k, v);
+                // Within the query, which fits in `u16`.
+                *slot = span.map(|at| at as u16);
                 len += 1;
             }
             return Ok(Self(Pairs::InPlace {
-                pairs: in_place,
+                query,
+                spans: in_place,
                 len,
             }));
         }
@@ -248,10 +267,11 @@ impl<'q> Query<'q> {
 
     pub fn get(&self, name: &str) -> Option<&str> {
         match &self.0 {
-            Pairs::InPlace { pairs, len } => pairs[..*len]
+            Pairs::InPlace { query, spans, len } => spans[..*len]
                 .iter()
-                .find(|(k, _)| *k == name)
-                .map(|&(_, v)| v),
+                .map(|span| span.map(usize::from))
+                .find(|&[start, eq, _]| key(query, start, eq) == name.as_bytes())
+                .map(|span| pair(query, span).1),
             Pairs::Decoded(pairs) => pairs.iter().find(|(k, _)| k == name).map(|(_, v)| &**v),
         }
     }
@@ -374,6 +394,23 @@ mod tests {
     }
 
     #[test]
+    fn pairs_are_split_at_the_first_equals_sign_and_empty_ones_skipped() {
+        let q = Query::parse(Some("&&a=&b&c=1=2&=x&")).unwrap();
+        assert!(matches!(q.0, Pairs::InPlace { .. }));
+        assert_eq!(q.get("a"), Some(""));
+        assert_eq!(q.get("b"), Some(""));
+        assert_eq!(q.get("c"), Some("1=2"));
+        assert_eq!(q.get(""), Some("x"));
+        assert_eq!(q.get("absent"), None);
+    }
+
+    #[test]
+    fn a_query_kept_in_place_stays_small() {
+        // Every request's future holds its query until it is answered.
+        assert!(std::mem::size_of::<Query<'_>>() <= 48);
+    }
+
+    #[test]
     fn pairs_kept_in_place_read_as_decoded_ones_do() {
         for (query, in_place) in [
             ("", true),
@@ -406,7 +443,8 @@ mod tests {
             "type=provider&type=bogus",
             "type=a&%74ype=a",
             "flag&flag",
-            // More pairs than are kept in place.
+            // More pairs than are kept in place: the fifth repeats one, or a later one does.
+            "type&b&c&d&type",
             "type=a&b&c&d&e&f&g&h&i&type=b",
         ] {
             let error = Query::parse(Some(query)).unwrap_err();

@@ -188,8 +188,8 @@ impl Rendering {
     }
 }
 
-/// Named once: a custom name given as text is parsed again on every insert.
-const X_TOTAL_COUNT: HeaderName = HeaderName::from_static("x-total-count");
+/// A custom name given as text would be parsed, and copied, on every insert.
+static X_TOTAL_COUNT: HeaderName = HeaderName::from_static("x-total-count");
 
 /// Headers a cached answer leaves the service with, at most, in the default stack.
 const RESPONSE_HEADERS: usize = 16;
@@ -209,7 +209,7 @@ pub fn response(
     headers.insert(CONTENT_LENGTH, representation.length().clone());
     headers.insert(ETAG, representation.etag().clone());
     if let Some(total) = total {
-        headers.insert(X_TOTAL_COUNT, total.clone());
+        headers.insert(&X_TOTAL_COUNT, total.clone());
     }
     response.extensions_mut().insert(representation.clone());
     response
