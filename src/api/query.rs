@@ -219,8 +219,8 @@ impl<'q> Query<'q> {
         if plain && query.len() <= usize::from(u16::MAX) {
             let mut in_place = [[0; 3]; IN_PLACE];
             let mut len = 0;
-            for span in spans(query) {
-                let (k, _) = pair(query, span);
+            for span @ [start, eq, _] in spans(query) {
+                let k = &query[start..eq];
                 if in_place[..len]
                     .iter()
                     .any(|&[start, eq, _]| key(query, start.into(), eq.into()) == k.as_bytes())
