@@ -6,7 +6,8 @@
 # /proc/<pid>/stat), the CPU sha256 alone costs on this machine (the service verifies the
 # bytes on the fly), what the service spends beyond that, and apart from that what its
 # hashing thread and the threads moving the bytes spend, each against the same round's
-# nginx; and the service's peak RSS while it streams. A failed download stops the script.
+# nginx; how long the hashing thread waited for a CPU; and the service's peak RSS while it
+# streams. A failed download stops the script.
 # Everything runs on loopback and stops by itself.
 #   usage: benches/oci_download.sh [SIZE_MIB [ROUNDS]]
 #          (default 256 MiB, 3 rounds; needs docker-registry, curl)
@@ -86,20 +87,34 @@ listed_ticks() {
   done < "$2"
   echo "$total"
 }
+# Nanoseconds the threads of process PID not listed in FILE (the hashing thread) have waited
+# on a run queue, runnable but not running (`/proc/<pid>/task/<tid>/schedstat`, its second
+# field); 0 where the kernel keeps no such count.
+#   unlisted_wait PID FILE
+unlisted_wait() {
+  local total=0 task
+  for task in "/proc/$1/task/"*; do
+    grep -qx "${task##*/}" "$2" && continue
+    total=$((total + $(awk '{print $2}' "$task/schedstat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
 # "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID (and its children);
-# with FILE, a third figure: the CPU of the threads listed in it.
+# with FILE, two more figures: the CPU of the threads listed in it, and the time the others
+# waited for a CPU.
 #   fetch URL PID [FILE]
 fetch() {
-  local before after listed=0 speed
+  local before after listed=0 waited=0 speed
   before=$(cpu_ticks "$2")
-  [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3")
+  [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3") && waited=$(unlisted_wait "$2" "$3")
   speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1") || return 1
   after=$(cpu_ticks "$2")
-  [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed))
-  awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v hz="$hz" -v mib="$size_mib" \
-    -v with="${3:-}" 'BEGIN {
+  [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed)) \
+    && waited=$(($(unlisted_wait "$2" "$3") - waited))
+  awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v w="$waited" -v hz="$hz" \
+    -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
       printf "%.0f %.3f", s / 1048576, t / hz * 1024 / mib
-      if (with != "") printf " %.3f", l / hz * 1024 / mib }'
+      if (with != "") printf " %.3f %.3f", l / hz * 1024 / mib, w / 1e9 * 1024 / mib }'
 }
 # sha256 alone: in memory, as the service hashes what it has received. OpenSSL's SHA-NI digest
 # (`openssl speed`, 64 KiB blocks; the sha2 crate the service uses runs at the same speed
@@ -126,17 +141,19 @@ echo "sha256 alone ($sha_how): $sha_cpu CPU s/GiB, $sha_speed MiB/s"
 # One row per download, interleaved round by round. For the service, what it spends beyond
 # sha256 alone (the line above), and apart from that the CPU of its hashing thread and of
 # the threads that moved the bytes, each "moving" figure also against the same round's nginx.
-printf '%-5s %-28s %6s %9s %13s %7s %8s %7s %7s\n' round path MiB/s "CPU s/GiB" \
-  "beyond sha256" "x nginx" "hashing" moving "x nginx"
+# "waited": the time the hashing thread was ready to run and waited for a CPU. The digest is
+# the slowest step of a large download, so a download takes about its hashing plus that wait.
+printf '%-5s %-28s %6s %9s %13s %7s %8s %7s %7s %7s\n' round path MiB/s "CPU s/GiB" \
+  "beyond sha256" "x nginx" "hashing" waited moving "x nginx"
 row() {
-  local speed cpu movers
-  read -r speed cpu movers <<<"$3"
+  local speed cpu movers waited
+  read -r speed cpu movers waited <<<"$3"
   printf '%-5s %-28s %6s %9s' "$1" "$2" "$speed" "$cpu"
   if [ -n "$movers" ]; then
-    awk -v c="$cpu" -v m="$movers" -v h="$sha_cpu" -v n="$4" 'BEGIN {
+    awk -v c="$cpu" -v m="$movers" -v w="$waited" -v h="$sha_cpu" -v n="$4" 'BEGIN {
       x = n == "" || n == 0 ? "-" : sprintf("%.2f", (c - h) / n)
       y = n == "" || n == 0 ? "-" : sprintf("%.2f", m / n)
-      printf " %13.3f %7s %8.3f %7.3f %7s", c - h, x, c - m, m, y }'
+      printf " %13.3f %7s %8.3f %7.3f %7.3f %7s", c - h, x, c - m, w, m, y }'
   fi
   echo
 }
