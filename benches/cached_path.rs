@@ -1,7 +1,7 @@
 //! The cached path through the full stack, in process: `stack::app` with every layer the
 //! default configuration turns on (cache, compression, CORS, rate limit), over a backend of
 //! 150 extensions, cache warm; and a client over its quota answered 429. Plus what a first rendering costs (the work a warm hit skips),
-//! the router and the version ordering alone.
+//! the router, the longest query a client may send and the version ordering alone.
 //!
 //! `cargo bench --bench cached_path -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use tokio::runtime::Runtime;
 use tower::ServiceExt;
 
+use extension_registry::api::query::{Query, MAX_QUERY_LEN};
 use extension_registry::api::representation::representation;
 use extension_registry::api::RouteTable;
 use extension_registry::body;
@@ -199,6 +200,25 @@ fn router(c: &mut Criterion) {
     });
 }
 
+/// The query a client can make costliest to read: as many distinct names as fit in the longest
+/// query accepted, every one of them checked against the others for a repeat.
+fn longest_query(c: &mut Criterion) {
+    let names = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut query = String::new();
+    'filled: for first in names {
+        for second in names {
+            if query.len() + 3 > MAX_QUERY_LEN {
+                break 'filled;
+            }
+            query.extend(['&', char::from(*first), char::from(*second)]);
+        }
+    }
+    assert!(Query::parse(Some(&query)).is_ok());
+    c.bench_function("query/parse_1296_distinct_names", |b| {
+        b.iter(|| black_box(Query::parse(black_box(Some(&query))).is_ok()))
+    });
+}
+
 fn version_ordering(c: &mut Criterion) {
     let tags = ["1.{i}.0", "v2.{i}.1", "0.{i}.0-rc.1", "nightly-{i}"];
     let versions: Vec<Version> = (0..100)
@@ -227,6 +247,7 @@ criterion_group!(
     full_stack,
     first_rendering,
     router,
+    longest_query,
     version_ordering
 );
 criterion_main!(benches);

@@ -2,6 +2,7 @@
 //! turned into domain values before any backend is asked.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use http::header::HOST;
 use http::{Request, StatusCode, Version};
@@ -154,6 +155,11 @@ pub struct Query<'q>(Pairs<'q>);
 /// Most pairs kept in place; no route takes more than four parameters.
 const IN_PLACE: usize = 4;
 
+/// Up to this many pairs, a name is checked for a repeat by comparing it with each one before
+/// it; past them, by looking it up in a set of them. A query of the longest length holds up
+/// to about 1,300 pairs, and comparing each with all before it took 2.7 ms.
+const COMPARED_PAIRS: usize = 16;
+
 #[derive(Debug)]
 enum Pairs<'q> {
     /// No `%`, `+` or NUL anywhere and at most [`IN_PLACE`] pairs, as almost every query:
@@ -245,6 +251,8 @@ impl<'q> Query<'q> {
 
     fn decoded(query: &'q str) -> Result<Self, ApiError> {
         let mut decoded = Vec::new();
+        // The names so far, once there are too many to compare each new one with.
+        let mut names = None::<HashSet<Cow<'q, str>>>;
         for (k, v) in pairs(query) {
             let decode = |s: &'q str| {
                 percent_decode(s, true)
@@ -257,10 +265,17 @@ impl<'q> Query<'q> {
                     "malformed percent-encoding, NUL or bytes that are not UTF-8",
                 ));
             };
-            if decoded.iter().any(|(seen, _)| *seen == k) {
+            let repeated = match &mut names {
+                Some(names) => !names.insert(k.clone()),
+                None => decoded.iter().any(|(seen, _)| *seen == k),
+            };
+            if repeated {
                 return Err(given_twice(&k));
             }
             decoded.push((k, v));
+            if decoded.len() == COMPARED_PAIRS {
+                names = Some(decoded.iter().map(|(k, _)| k.clone()).collect());
+            }
         }
         Ok(Self(Pairs::Decoded(decoded)))
     }
@@ -457,6 +472,36 @@ mod tests {
             assert!(
                 error.message.contains(&format!("'{name}'")),
                 "{}",
+                error.message
+            );
+        }
+    }
+
+    /// Past [`COMPARED_PAIRS`], names are looked up in a set: the first repeat is still the one
+    /// refused, written or encoded, and every other name is still read.
+    #[test]
+    fn repeats_among_many_pairs_are_found_as_among_few() {
+        let names: Vec<String> = (0..1_000).map(|i| format!("n{i}")).collect();
+        let many = names
+            .iter()
+            .map(|n| format!("{n}={n}"))
+            .collect::<Vec<_>>()
+            .join("&");
+        let query = Query::parse(Some(&many)).unwrap();
+        assert_eq!(query.get("n0"), Some("n0"));
+        assert_eq!(query.get("n999"), Some("n999"));
+        for (repeat, name) in [
+            (format!("{many}&n500=again"), "n500"),
+            (format!("{many}&%6e7=again&n8=again"), "n7"),
+            (format!("n%31=a&{many}"), "n1"),
+            (format!("{}&x&x&n3", names[..COMPARED_PAIRS].join("&")), "x"),
+            (format!("{}&n0", names[..COMPARED_PAIRS].join("&")), "n0"),
+            (format!("{}&n15", names[..COMPARED_PAIRS].join("&")), "n15"),
+        ] {
+            let error = Query::parse(Some(&repeat)).unwrap_err();
+            assert!(
+                error.message.contains(&format!("'{name}'")),
+                "{name}: {}",
                 error.message
             );
         }
