@@ -305,7 +305,9 @@ impl<'q> Query<'q> {
         let invalid = || {
             ApiError::invalid_parameter(name, format!("must be a whole number from {min} to {max}"))
         };
-        if raw.is_empty() || raw.len() > 20 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits alone: `parse` takes a leading `+` too. However many leading zeros there are,
+        // the value is what counts; one too large for `usize` fails to parse.
+        if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
             return Err(invalid());
         }
         raw.parse::<usize>()
@@ -397,6 +399,14 @@ mod tests {
         assert!(q.int("big", 0, 0, usize::MAX).is_err());
         assert!(q.int("neg", 0, 0, 10).is_err());
         assert!(q.int("limit", 0, 11, 20).is_err());
+        // Leading zeros past the 20 digits of `usize::MAX` still spell a number in range.
+        let padded = format!("limit=000000000000000000001&offset={}7", "0".repeat(4_000));
+        let q = Query::parse(Some(&padded)).unwrap();
+        assert_eq!(q.int("limit", 100, 1, 1000).unwrap(), 1);
+        assert_eq!(q.int("offset", 0, 0, 10).unwrap(), 7);
+        let q = Query::parse(Some("big=018446744073709551616&plus=+1")).unwrap();
+        assert!(q.int("big", 0, 0, usize::MAX).is_err());
+        assert!(q.int("plus", 0, 0, 10).is_err());
     }
 
     #[test]
