@@ -28,6 +28,7 @@ use crate::middleware::cors;
 use crate::middleware::downloads::DownloadsLayer;
 use crate::middleware::load_shed::LoadShedLayer;
 use crate::middleware::metrics::HttpMetricsLayer;
+use crate::middleware::normalise::NormalisePathLayer;
 use crate::middleware::preflight::PreflightOnlyLayer;
 use crate::middleware::rate_limit::{Clients, RateLimitLayer};
 use crate::middleware::request_id::RequestIdLayer;
@@ -205,6 +206,9 @@ pub fn app_with(
         .layer(RequestIdLayer::default())
         // One span and one log line per request, with the final status of whatever answered.
         .layer(TraceLayer)
+        // Below the log line, which shows the path as sent; above every layer that tells routes
+        // apart by the path, so all of them and the router read `%76ersions` as `versions`.
+        .layer(NormalisePathLayer)
         // HTTP metrics: here, so they see every final status, 429s, 503s, 504s and CORS
         // preflights included, each labelled by route template.
         .layer(HttpMetricsLayer::new())

@@ -109,6 +109,38 @@ async fn versions_are_newest_first() {
     }
 }
 
+/// RFC 3986 §6.2.2.2: a path's unreserved characters mean the same percent-encoded, in the
+/// words of a route as in its parameters. `%76ersions` was a download of version `versions`.
+#[tokio::test]
+async fn encoded_letters_name_the_routes_they_spell() {
+    let (app, _) = app::sample_app();
+    for (encoded, written) in [
+        (
+            "/api/v1/extensions/provider/aws/%76ersions",
+            "/api/v1/extensions/provider/aws/versions",
+        ),
+        (
+            "/api/v1/%65xtensions/%73earch?q=aws",
+            "/api/v1/extensions/search?q=aws",
+        ),
+        ("/api/v1/%65xtensions?limit=2", "/api/v1/extensions?limit=2"),
+        (
+            "/%61pi/v1/extensions/%70rovider/aws/v1%2E2%2e0",
+            "/api/v1/extensions/provider/aws/v1.2.0",
+        ),
+        ("/%6Civez", "/livez"),
+    ] {
+        let (encoded_answer, written_answer) = (get(&app, encoded).await, get(&app, written).await);
+        assert_eq!(written_answer.status, StatusCode::OK, "{written}");
+        assert_eq!(encoded_answer.status, written_answer.status, "{encoded}");
+        assert_eq!(encoded_answer.body, written_answer.body, "{encoded}");
+    }
+    // Other escapes stay escapes: an encoded slash is still refused, not a path separator.
+    let slash = get(&app, "/api/v1/extensions/provider%2Faws").await;
+    assert_eq!(slash.status, StatusCode::BAD_REQUEST);
+    assert_eq!(slash.json()["error"], "invalid_path");
+}
+
 #[tokio::test]
 async fn downloads_stream_the_file_bytes() {
     let (app, _) = app::sample_app();

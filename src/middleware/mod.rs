@@ -17,6 +17,7 @@ pub mod cors;
 pub mod downloads;
 pub mod load_shed;
 pub mod metrics;
+pub mod normalise;
 pub mod preflight;
 pub mod rate_limit;
 pub mod recent;

@@ -74,8 +74,10 @@ pub fn errors(schema: &Value, value: &Value) -> Vec<String> {
 /// HEAD is held to the GET operation's statuses and headers, with an empty body.
 pub fn check(method: &str, path: &str, status: StatusCode, headers: &HeaderMap, body: &[u8]) {
     let what = format!("{method} {path} -> {status}");
+    // As the layers below the log line see it.
+    let normal = extension_registry::middleware::normalise::path(path);
     let route = RouteTable::new()
-        .at(path)
+        .at(normal.as_deref().unwrap_or(path))
         .map(|(route, _)| route.template());
     let documented_method = match method {
         "HEAD" => "get".to_owned(),
