@@ -135,10 +135,17 @@ async fn encoded_letters_name_the_routes_they_spell() {
         assert_eq!(encoded_answer.status, written_answer.status, "{encoded}");
         assert_eq!(encoded_answer.body, written_answer.body, "{encoded}");
     }
-    // Other escapes stay escapes: an encoded slash is still refused, not a path separator.
-    let slash = get(&app, "/api/v1/extensions/provider%2Faws").await;
-    assert_eq!(slash.status, StatusCode::BAD_REQUEST);
-    assert_eq!(slash.json()["error"], "invalid_path");
+    // Other escapes stay escapes: an encoded slash is still refused, not a path separator; and
+    // a malformed escape is refused, not made into one around a decoded letter (`%2e`).
+    for refused in [
+        "/api/v1/extensions/provider%2Faws",
+        "/api/v1/extensions/provider/aws/v1%2%652.0",
+        "/api/v1/extensions/provider/aws/v1%%32%652.0",
+    ] {
+        let answer = get(&app, refused).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(answer.json()["error"], "invalid_path", "{refused}");
+    }
 }
 
 #[tokio::test]

@@ -505,6 +505,10 @@ mod tests {
             (format!("{many}&%6e7=again&n8=again"), "n7"),
             (format!("n%31=a&{many}"), "n1"),
             (format!("{}&x&x&n3", names[..COMPARED_PAIRS].join("&")), "x"),
+            (
+                format!("{}&n0", names[..COMPARED_PAIRS - 1].join("&")),
+                "n0",
+            ),
             (format!("{}&n0", names[..COMPARED_PAIRS].join("&")), "n0"),
             (format!("{}&n15", names[..COMPARED_PAIRS].join("&")), "n15"),
         ] {

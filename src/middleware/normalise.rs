@@ -76,7 +76,7 @@ fn normalised(uri: &Uri) -> Option<Uri> {
         None => decoded,
     };
     let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(PathAndQuery::from_maybe_shared(path_and_query).ok()?);
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).ok()?);
     Uri::from_parts(parts).ok()
 }
 
@@ -94,13 +94,15 @@ pub fn path(path: &str) -> Option<String> {
     let mut changed = false;
     for (at, _) in path.match_indices('%') {
         let digit = |i: usize| char::from(*bytes.get(i)?).to_digit(16);
-        let Some(byte) = digit(at + 1)
+        // A `%` without two hex digits after it leaves the path as sent, for the router to
+        // refuse: decoding around it could make an escape of it (`%2%65` into `%2e`), which
+        // the router would then decode a second time.
+        let byte = digit(at + 1)
             .zip(digit(at + 2))
-            .map(|(high, low)| (high << 4 | low) as u8)
-            .filter(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
-        else {
+            .map(|(high, low)| (high << 4 | low) as u8)?;
+        if !(byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')) {
             continue;
-        };
+        }
         decoded.push_str(&path[kept..at]);
         decoded.push(char::from(byte));
         kept = at + 3;
@@ -132,12 +134,18 @@ mod tests {
             ),
             ("/%6C%69vez", "/livez"),
             ("/a/%2d%2E%5f%7E%30%5A", "/a/-._~0Z"),
-            // Dot segments appear as sent, for the router to refuse.
+            // Dot segments are decoded too; the router refuses them.
             ("/api/v1/extensions/%2e%2e", "/api/v1/extensions/.."),
-            // Escapes of anything else stay, as do malformed ones, around decoded ones.
-            ("/a/%2F%2f%25%5C%00%20%zz%4%", "/a/%2F%2f%25%5C%00%20%zz%4%"),
-            ("/a/%2F%61%2f%", "/a/%2Fa%2f%"),
+            // Escapes of anything else stay, around decoded ones.
+            ("/a/%2F%61%2f%25%5C%00%20", "/a/%2Fa%2f%25%5C%00%20"),
+            ("/a/%25%36%31", "/a/%2561"),
             ("/a/%C3%A9", "/a/%C3%A9"),
+            // A malformed escape leaves the whole path as sent, and no escape is made anew.
+            ("/a/%2%65", "/a/%2%65"),
+            ("/a/%%32%65", "/a/%%32%65"),
+            ("/a/%61%zz", "/a/%61%zz"),
+            ("/a/%61%4", "/a/%61%4"),
+            ("/a/%61%", "/a/%61%"),
             ("http://host:8080/%61?x", "http://host:8080/a?x"),
         ] {
             assert_eq!(normalise(sent), seen, "{sent}");
