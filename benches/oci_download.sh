@@ -87,30 +87,37 @@ listed_ticks() {
   done < "$2"
   echo "$total"
 }
-# Nanoseconds the threads of process PID not listed in FILE (the hashing thread) have waited
-# on a run queue, runnable but not running (`/proc/<pid>/task/<tid>/schedstat`, its second
-# field); 0 where the kernel keeps no such count.
-#   unlisted_wait PID FILE
-unlisted_wait() {
-  local total=0 task
+# "tid nanoseconds" for each thread of process PID not listed in FILE (the threads started
+# later: the hashing thread), the time it has waited on a run queue, runnable but not running
+# (`/proc/<pid>/task/<tid>/schedstat`, its second field; 0 where the kernel keeps no count).
+#   unlisted_waits PID FILE
+unlisted_waits() {
+  local task
   for task in "/proc/$1/task/"*; do
     grep -qx "${task##*/}" "$2" && continue
-    total=$((total + $(awk '{print $2}' "$task/schedstat" 2>/dev/null || echo 0)))
+    echo "${task##*/} $(awk '{print $2}' "$task/schedstat" 2>/dev/null || echo 0)"
   done
-  echo "$total"
+}
+# Nanoseconds waited between two lists of unlisted_waits, thread by thread: a thread started
+# in between counts from 0, one gone by the second list (idle blocking threads end after 10 s)
+# is left out.
+#   waited_between BEFORE AFTER
+waited_between() {
+  awk 'NR == FNR { before[$1] = $2; next } { total += $2 - before[$1] } END { print total + 0 }' \
+    <(echo "$1") <(echo "$2")
 }
 # "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID (and its children);
 # with FILE, two more figures: the CPU of the threads listed in it, and the time the others
 # waited for a CPU.
 #   fetch URL PID [FILE]
 fetch() {
-  local before after listed=0 waited=0 speed
+  local before after listed=0 waits="" waited=0 speed
   before=$(cpu_ticks "$2")
-  [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3") && waited=$(unlisted_wait "$2" "$3")
+  [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3") && waits=$(unlisted_waits "$2" "$3")
   speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1") || return 1
   after=$(cpu_ticks "$2")
   [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed)) \
-    && waited=$(($(unlisted_wait "$2" "$3") - waited))
+    && waited=$(waited_between "$waits" "$(unlisted_waits "$2" "$3")")
   awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v w="$waited" -v hz="$hz" \
     -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
       printf "%.0f %.3f", s / 1048576, t / hz * 1024 / mib
