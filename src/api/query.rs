@@ -100,7 +100,8 @@ pub fn check_host<B>(req: &Request<B>) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn hex(b: u8) -> Option<u8> {
+/// The value of one hex digit of a percent-escape.
+pub(crate) fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 

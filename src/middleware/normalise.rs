@@ -12,7 +12,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Uri};
 use tower::{Layer, Service};
 
-use crate::api::query::MAX_PATH_LEN;
+use crate::api::query::{hex, MAX_PATH_LEN};
 
 /// Adds [`NormalisePath`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -85,31 +85,28 @@ fn normalised(uri: &Uri) -> Option<Uri> {
 /// every request: its path has no `%`), or the path is longer than any the router takes,
 /// which it then refuses as it was sent.
 pub fn path(path: &str) -> Option<String> {
-    if path.len() > MAX_PATH_LEN || !escaped(path) {
+    if path.len() > MAX_PATH_LEN {
         return None;
     }
     let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len());
+    // Where the part of `path` not yet copied starts; past 0 once anything is decoded.
     let mut kept = 0;
-    let mut changed = false;
     for (at, _) in path.match_indices('%') {
-        let digit = |i: usize| char::from(*bytes.get(i)?).to_digit(16);
+        let digit = |i: usize| hex(*bytes.get(i)?);
         // A `%` without two hex digits after it leaves the path as sent, for the router to
         // refuse: decoding around it could make an escape of it (`%2%65` into `%2e`), which
         // the router would then decode a second time.
-        let byte = digit(at + 1)
-            .zip(digit(at + 2))
-            .map(|(high, low)| (high << 4 | low) as u8)?;
+        let byte = digit(at + 1)? << 4 | digit(at + 2)?;
         if !(byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~')) {
             continue;
         }
         decoded.push_str(&path[kept..at]);
         decoded.push(char::from(byte));
         kept = at + 3;
-        changed = true;
     }
     decoded.push_str(&path[kept..]);
-    changed.then_some(decoded)
+    (kept > 0).then_some(decoded)
 }
 
 #[cfg(test)]
