@@ -10,8 +10,10 @@
 //! memory under `noeviction`, a read-only replica after a failover, a failed snapshot, still
 //! loading its data) is unavailable too: every use of it writes. A background probe (a `SET`
 //! of `{key_prefix}v1:probe`, once a second) marks it available again (logged once) when it
-//! takes a write. The connection itself reconnects by itself (redis-rs's
-//! `ConnectionManager`).
+//! takes a write. The connection reconnects by itself after an I/O error (redis-rs's
+//! `ConnectionManager`); one that failed otherwise (a handshake refused: a wrong password, a
+//! server that answered something that is not RESP) keeps giving its failure back, so each
+//! failed probe puts a new connection in its place.
 
 pub mod bus;
 pub mod cache;
@@ -21,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, IntoConnectionInfo};
 use serde::Serialize;
@@ -45,8 +48,12 @@ pub struct Redis(Arc<Inner>);
 struct Inner {
     /// For the subscriber's own connection (pub/sub needs one of its own).
     client: redis::Client,
-    /// The connection commands go through; reconnects by itself.
-    connection: ConnectionManager,
+    /// The connection commands go through; reconnects by itself after an I/O error, and is
+    /// replaced after a failed probe. Read on every command, replaced only while no command
+    /// is sent.
+    connection: ArcSwap<ConnectionManager>,
+    /// How `connection` (and each one put in its place) is made.
+    manager: ConnectionManagerConfig,
     /// `key_prefix` plus the schema version.
     prefix: String,
     /// The key the probe writes.
@@ -98,13 +105,14 @@ impl Redis {
             .set_connection_timeout(Some(timeout.max(Duration::from_secs(1))))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager)
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
             .map_err(|e| err(format!("cannot prepare the connection: {e}")))?;
         let prefix = format!("{}v{SCHEMA_VERSION}:", config.key_prefix);
         metrics::gauge!("redis_available").set(0.0);
         let redis = Self(Arc::new(Inner {
             client,
-            connection,
+            connection: ArcSwap::from_pointee(connection),
+            manager,
             probe_key: format!("{prefix}probe"),
             prefix,
             timeout,
@@ -169,7 +177,8 @@ impl Redis {
             count("skipped");
             return None;
         }
-        match tokio::time::timeout(self.0.timeout, command(self.0.connection.clone())).await {
+        let connection = ConnectionManager::clone(&self.0.connection.load());
+        match tokio::time::timeout(self.0.timeout, command(connection)).await {
             Ok(Ok(value)) => {
                 count("ok");
                 Some(value)
@@ -213,7 +222,9 @@ impl Redis {
 }
 
 /// How a failed command is counted in `redis_commands_total`, and whether it says Redis is
-/// unavailable: other reply errors (a script's, a wrong type) concern that command only.
+/// unavailable: an I/O error, a connection that must be made again (dropped, its handshake
+/// refused, its replies not RESP), or a refusal to write. Other reply errors (a script's, a
+/// wrong type) concern that command only.
 fn failure(e: &redis::RedisError) -> (&'static str, bool) {
     if e.is_timeout() {
         return ("timeout", true);
@@ -221,20 +232,21 @@ fn failure(e: &redis::RedisError) -> (&'static str, bool) {
     let refuses_writes = e.code().is_some_and(|code| REFUSING_WRITES.contains(&code));
     (
         "error",
-        e.is_io_error() || e.is_connection_dropped() || refuses_writes,
+        e.is_io_error() || e.is_unrecoverable_error() || refuses_writes,
     )
 }
 
 /// Writes the probe key until Redis takes it, then marks it available; ends with the
-/// application. Its first failure is logged, with the reason: a Redis that never answers
-/// from start (or refuses this key) shows in the log.
+/// application. After each failure the connection is replaced by a new one, which the next
+/// probe makes (see the module documentation). Its first failure is logged, with the reason:
+/// a Redis that never answers from start (or refuses this key) shows in the log.
 async fn probe(inner: Weak<Inner>) {
     let mut failed_before = false;
     loop {
         let Some(inner) = inner.upgrade() else {
             return;
         };
-        let mut connection = inner.connection.clone();
+        let mut connection = ConnectionManager::clone(&inner.connection.load());
         let write = redis::cmd("SET")
             .arg(&inner.probe_key)
             .arg(1)
@@ -260,8 +272,20 @@ async fn probe(inner: Weak<Inner>) {
         if !std::mem::replace(&mut failed_before, true) {
             tracing::warn!(%reason, "redis probe failed; probing each second until it succeeds");
         }
+        inner.renew_connection();
         drop(inner);
         tokio::time::sleep(PROBE_INTERVAL).await;
+    }
+}
+
+impl Inner {
+    /// Puts a new connection, made on first use, in the place of the current one. Called only
+    /// while Redis is unavailable, when no command goes through the connection.
+    fn renew_connection(&self) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone()) {
+            Ok(fresh) => self.connection.store(Arc::new(fresh)),
+            Err(e) => tracing::warn!(error = %e, "cannot prepare a new redis connection"),
+        }
     }
 }
 
@@ -271,6 +295,8 @@ fn count(outcome: &'static str) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     fn reply_error(reply: &[u8]) -> redis::RedisError {
@@ -286,6 +312,14 @@ mod tests {
         assert_eq!(failure(&timed_out), ("timeout", true));
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
         assert_eq!(failure(&redis::RedisError::from(reset)), ("error", true));
+        // The connection's handshake was refused, or its replies were not RESP.
+        for broken in [
+            redis::ErrorKind::AuthenticationFailed,
+            redis::ErrorKind::Parse,
+        ] {
+            let e = redis::RedisError::from((broken, "the connection failed"));
+            assert_eq!(failure(&e), ("error", true));
+        }
         for refusal in [
             &b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"[..],
             b"-READONLY You can't write against a read only replica.\r\n",
@@ -301,6 +335,52 @@ mod tests {
         assert_eq!(failure(&wrong_type), ("error", false));
         let script = reply_error(b"-ERR user_script:1: Script attempted to access key\r\n");
         assert_eq!(failure(&script), ("error", false));
+    }
+
+    /// A server that answers whatever it is sent with bytes that are not RESP; it counts the
+    /// connections it takes.
+    async fn garbling_server() -> (String, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut request = [0; 1024];
+                    while socket.read(&mut request).await.is_ok_and(|n| n > 0) {
+                        if socket.write_all(b"?not resp\r\n").await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (url, accepted)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_failed_otherwise_than_by_io_is_replaced_after_each_probe() {
+        let (url, accepted) = garbling_server().await;
+        let text = format!("[local]\npath = \".\"\n[redis]\nurl = \"{url}\"\n");
+        let config = crate::config::Config::parse(&text, "test", None).unwrap();
+        let redis = Redis::connect(config.redis.as_ref().unwrap()).unwrap();
+        // One connection's attempts (the first and its two retries) end in a parse error,
+        // which it would give back to every later command; so each probe after the first
+        // makes a new connection, with attempts of its own.
+        for _ in 0..300 {
+            if accepted.load(Ordering::SeqCst) >= 8 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            accepted.load(Ordering::SeqCst) >= 8,
+            "no new connection after a failure"
+        );
+        assert_eq!(redis.status(), RedisStatus::Unavailable);
     }
 
     #[tokio::test]
