@@ -159,6 +159,9 @@ struct Policy {
     /// How long a request holding a stale answer waits for a refresh before it is answered
     /// with the stale one.
     wait_for_refresh: Duration,
+    /// How long a refresh in the background may take: the request timeout, which bounds one
+    /// that a request waits for.
+    background_limit: Duration,
 }
 
 impl Policy {
@@ -539,6 +542,7 @@ impl Caches {
             stale_if_error: Duration::from_secs(config.stale_if_error_seconds),
             stale_while_revalidate: Duration::from_secs(config.stale_while_revalidate_seconds),
             wait_for_refresh: request_timeout.mul_f64(0.9),
+            background_limit: request_timeout,
         };
         let capacity = config.capacity;
         let (list, metadata) = (config.enable_list_cache, config.enable_metadata_cache);
@@ -879,7 +883,10 @@ where
     }
 
     /// Runs `refresh` as a task of its own, so it survives this request, if a background
-    /// permit is free: returns what closes when it ends; else gives it back.
+    /// permit is free: returns what closes when it ends; else gives it back. It is given up
+    /// past the request timeout, as a refresh a request waits for would be, so a backend that
+    /// drips its answer cannot hold the permit and its connection for ever; its waiters then
+    /// find no new entry and ask again.
     fn in_background<K>(&self, refresh: Refresh<K>) -> Result<watch::Receiver<()>, Refresh<K>>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -888,9 +895,16 @@ where
             return Err(refresh);
         };
         let done = refresh.done.subscribe();
+        let (limit, cache) = (self.policy.background_limit, refresh.store.name);
         let task = self.refresh(refresh);
         tokio::spawn(async move {
-            task.await;
+            if tokio::time::timeout(limit, task).await.is_err() {
+                tracing::warn!(
+                    cache,
+                    limit_seconds = limit.as_secs(),
+                    "a background refresh outlasted the request timeout and was given up"
+                );
+            }
             drop(permit);
         });
         Ok(done)
@@ -1305,6 +1319,35 @@ mod tests {
         let answer = first_fresh(&cache).await;
         assert_eq!(version(answer), "1.0.2");
         assert_eq!(backend.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_background_refresh_is_given_up_at_the_request_timeout() {
+        let backend = Backend::new();
+        let cache = backend.service_with(&CacheConfig {
+            stale_while_revalidate_seconds: 60,
+            ..config()
+        });
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        tokio::time::advance(TTL + Duration::from_secs(1)).await;
+        let permits = || cache.caches.0.background.available_permits();
+        let free = permits();
+
+        // The backend never answers: the refresh holds a permit, until the request timeout.
+        backend.hold();
+        let response = cache.clone().oneshot(get("aws")).await.unwrap();
+        assert!(response.is_stale());
+        until(|| backend.calls() == 2).await;
+        assert_eq!(permits(), free - 1);
+        tokio::time::advance(REQUEST_TIMEOUT - Duration::from_millis(1)).await;
+        assert_eq!(permits(), free - 1);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        until(|| permits() == free).await;
+
+        // Nothing was stored: the next request past the window asks the backend again.
+        backend.release();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(version(first_fresh(&cache).await), "1.0.3");
     }
 
     #[tokio::test(start_paused = true)]
