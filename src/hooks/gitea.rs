@@ -190,8 +190,10 @@ struct Owner {
     login: String,
 }
 
+/// The bytes `text` spells in hex digits, two a byte; `None` for anything else (`from_str_radix`
+/// alone would take a sign: `+f` for `0f`).
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len())
@@ -276,6 +278,14 @@ mod tests {
                 }),
                 "{name}"
             );
+        }
+    }
+
+    #[test]
+    fn only_hex_digits_spell_a_signature() {
+        assert_eq!(decode_hex("0fA0"), Some(vec![0x0f, 0xa0]));
+        for text in ["+f", "-0", "0", "0g", " f"] {
+            assert_eq!(decode_hex(text), None, "{text:?}");
         }
     }
 
