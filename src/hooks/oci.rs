@@ -5,6 +5,8 @@
 //! its endpoint configuration lists, so it authenticates with a bearer token. Example
 //! envelopes are kept under `tests/fixtures/hooks/`.
 
+use std::collections::HashSet;
+
 use http::HeaderMap;
 use serde::Deserialize;
 
@@ -58,6 +60,8 @@ impl Admitted<'_> {
             ))
         })?;
         let mut changed: Vec<ExtensionKey> = Vec::new();
+        // A set beside the list, which keeps the order: an envelope may name thousands.
+        let mut seen = HashSet::new();
         let mut event = envelope.events.first().map_or("none", |n| n.action.name());
         let mut seen_change = false;
         for notice in envelope.events {
@@ -69,7 +73,7 @@ impl Admitted<'_> {
                 seen_change = true;
             }
             if let Some(key) = extension_of(&self.receiver.namespace, &target.repository) {
-                if !changed.contains(&key) {
+                if seen.insert(key.clone()) {
                     changed.push(key);
                 }
             }
