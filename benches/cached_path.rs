@@ -1,7 +1,8 @@
 //! The cached path through the full stack, in process: `stack::app` with every layer the
 //! default configuration turns on (cache, compression, CORS, rate limit), over a backend of
 //! 150 extensions, cache warm; and a client over its quota answered 429. Plus what a first rendering costs (the work a warm hit skips),
-//! the router, the longest query a client may send and the version ordering alone.
+//! the router, the longest query a client may send, the version ordering alone, and batch
+//! resolves over an extension of 8,000 versions.
 //!
 //! `cargo bench --bench cached_path -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -219,6 +220,66 @@ fn longest_query(c: &mut Criterion) {
     });
 }
 
+/// Versions of the extension the resolve cases ask about: 4,000 releases, each after its
+/// release candidate, newest first as backends answer.
+const BIG_RELEASES: usize = 4000;
+
+/// A backend whose every extension has the `BIG_RELEASES` releases and their candidates.
+fn big_backend() -> BackendService {
+    let versions: Arc<Vec<Version>> = Arc::new(
+        (0..BIG_RELEASES)
+            .rev()
+            .flat_map(|i| [format!("1.{i}.0"), format!("1.{i}.0-rc.1")])
+            .map(|version| Version {
+                version,
+                published_at: Timestamp::unix_epoch(),
+                download_url: String::new(),
+                size: 0,
+                checksum: None,
+            })
+            .collect(),
+    );
+    BackendService::new(tower::service_fn(move |_: BackendRequest| {
+        let versions = versions.clone();
+        async move { Ok::<_, RegistryError>(BackendResponse::Versions(versions)) }
+    }))
+}
+
+/// Batches of requirements of one constraint on that extension, through the full stack,
+/// versions cached: the matching is all the work.
+fn batch_resolve(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let app = stack::app(&full_stack_config(), vec![(Source::Local, big_backend())]);
+    let alternatives = ["<0"; 64].join("||");
+    let cases = [
+        ("batch_200_caret", "^1.2", 200),
+        ("batch_200_lt0", "<0", 200),
+        ("batch_200_64_alternatives", alternatives.as_str(), 200),
+    ];
+    let mut group = c.benchmark_group("resolve");
+    group.sample_size(10);
+    for (name, constraint, n) in cases {
+        let requirement =
+            serde_json::json!({"type": "provider", "name": "big", "constraint": constraint});
+        let plan = serde_json::json!({ "requirements": vec![requirement; n] }).to_string();
+        let post = || {
+            Request::post("/api/v1/resolve")
+                .body(body::full(plan.clone()))
+                .expect("valid request")
+        };
+        let (status, _) = rt.block_on(call(&app, post()));
+        assert_eq!(status, StatusCode::OK, "{name}");
+        group.bench_function(name, |b| {
+            b.to_async(&rt)
+                .iter(|| async { black_box(call(&app, post()).await) })
+        });
+    }
+    group.finish();
+}
+
 fn version_ordering(c: &mut Criterion) {
     let tags = ["1.{i}.0", "v2.{i}.1", "0.{i}.0-rc.1", "nightly-{i}"];
     let versions: Vec<Version> = (0..100)
@@ -248,6 +309,7 @@ criterion_group!(
     first_rendering,
     router,
     longest_query,
-    version_ordering
+    version_ordering,
+    batch_resolve
 );
 criterion_main!(benches);
