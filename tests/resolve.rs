@@ -9,10 +9,10 @@ mod app;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use app::{get, local_config, samples, send, Answer};
+use app::{app_with, get, local_config, samples, send, Answer};
 use bytes::Bytes;
 use extension_registry::body::{self, Body};
-use extension_registry::registry::Source;
+use extension_registry::registry::{BackendResponse, Source, Timestamp, Version};
 use extension_registry::stack::{self, HttpService};
 use extension_registry::BoxError;
 use http::{Request, StatusCode};
@@ -55,6 +55,28 @@ fn app_configured(extra: &str) -> (HttpService, Arc<AtomicUsize>) {
 
 /// Without rate limiting, for tests that send more than a quota's worth.
 const UNLIMITED: &str = "[rate_limit]\nenabled = false\n";
+
+/// The app over a backend whose every extension has `releases` releases, each after its
+/// release candidate (`1.0.0-rc.1`, `1.0.0`, … `1.{releases - 1}.0`), without rate limiting.
+fn app_with_releases(releases: usize) -> HttpService {
+    let versions: Arc<Vec<Version>> = Arc::new(
+        (0..releases)
+            .rev()
+            .flat_map(|i| [format!("1.{i}.0"), format!("1.{i}.0-rc.1")])
+            .map(|version| Version {
+                version,
+                published_at: Timestamp::unix_epoch(),
+                download_url: String::new(),
+                size: 0,
+                checksum: None,
+            })
+            .collect(),
+    );
+    app_with(&local_config(&samples(), UNLIMITED), move |_| {
+        let versions = versions.clone();
+        async move { Ok(BackendResponse::Versions(versions)) }
+    })
+}
 
 fn resolve_uri(path: &str, constraint: &str, extra: &str) -> String {
     let encoded: String = constraint
@@ -345,6 +367,51 @@ async fn batch_limits_and_bad_bodies_are_refused() {
         calls.load(Ordering::SeqCst),
         1,
         "only the 200-item batch asked"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_making_too_many_comparisons_is_refused() {
+    // 8,000 versions; 64 alternatives of one comparator each, in 254 bytes.
+    let app = app_with_releases(4000);
+    let alternatives = ["<0"; 64].join("||");
+    assert!(alternatives.len() <= 256);
+    let plan = |constraint: &str, n: usize| json!({ "requirements": vec![requirement("provider", "big", constraint); n] });
+
+    // 200 × 64 × 8,000: refused, saying what the bound counts.
+    let answer = post_json(&app, &plan(&alternatives, 200)).await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{:?}", answer.body);
+    assert_eq!(answer.header("content-type"), "application/json");
+    let json = answer.json();
+    assert_eq!(json["error"], "too_many_comparisons");
+    let message = json["message"].as_str().unwrap();
+    for expected in ["102400000", "4000000", "versions", "comparators"] {
+        assert!(message.contains(expected), "{expected} not in {message}");
+    }
+
+    // The bound is on the sum: 7 such requirements (3,584,000) are answered, 8 are not.
+    let answer = post_json(&app, &plan(&alternatives, 7)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let errors = answer.json()["errors"].as_array().unwrap().clone();
+    assert_eq!(errors.len(), 7);
+    assert_eq!(errors[0]["error"], "no_matching_version");
+    let answer = post_json(&app, &plan(&alternatives, 8)).await;
+    assert_eq!(answer.json()["error"], "too_many_comparisons");
+
+    // Usual constraints on the same extension are well within it: 200 × 2 × 8,000.
+    let answer = post_json(&app, &plan("^1.2", 200)).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let json = answer.json();
+    assert_eq!(json["resolved"].as_array().unwrap().len(), 200);
+    assert_eq!(json["resolved"][199]["version"], "1.3999.0");
+    let answer = post_json(&app, &plan("<1.0.0", 1)).await;
+    let message = answer.json()["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        message.contains("(prerelease 1.0.0-rc.1 would, with prerelease=true)"),
+        "{message}"
     );
 }
 

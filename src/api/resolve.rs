@@ -2,7 +2,10 @@
 //! highest version satisfying a constraint, `POST /api/v1/resolve` a whole plan of
 //! requirements in one round trip, and `?constraint=` on the versions route filters the list
 //! by the same rules ([`crate::registry::constraint`]). Every answer comes from the cached
-//! versions of each extension.
+//! versions of each extension, each read as semver once per request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt};
 use http::{Response, StatusCode};
@@ -17,12 +20,20 @@ use crate::body::Body;
 use crate::error::ApiError;
 use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::constraint::Constraint;
-use crate::registry::{BackendRequest, ExtensionKey, ExtensionName, ExtensionType, Version};
+use crate::registry::version::{parse_all, ParsedVersion};
+use crate::registry::{
+    BackendRequest, ExtensionKey, ExtensionName, ExtensionType, SourceSelector, Version,
+};
 use crate::BoxError;
 
 /// Most requirements one batch may hold.
 pub const MAX_REQUIREMENTS: usize = 200;
-/// Requirements of one batch resolved at once.
+/// Most comparisons one batch may make: the sum over its requirements of the versions of the
+/// extension × the comparisons its constraint makes of each
+/// ([`Constraint::comparisons`]), counted as if every version were checked. 200
+/// requirements of `^1.2` on an extension of 8,000 versions make 3,200,000.
+pub const MAX_COMPARISONS: usize = 4_000_000;
+/// Extensions of one batch whose versions are asked for at once.
 pub const BATCH_CONCURRENCY: usize = 8;
 /// How many available versions a `no_matching_version` message lists.
 const NEAREST: usize = 5;
@@ -78,8 +89,9 @@ impl Filter {
 
     /// The highest version that passes, or the `no_matching_version` error naming the
     /// versions nearest to what was asked.
-    fn pick(&self, key: &ExtensionKey, versions: &[Version]) -> Result<Resolved, ApiError> {
-        if let Some(best) = self.constraint.best(versions, self.prerelease) {
+    fn pick(&self, key: &ExtensionKey, versions: &[ParsedVersion]) -> Result<Resolved, ApiError> {
+        let pick = self.constraint.pick(versions, self.prerelease);
+        if let Some(best) = pick.best {
             return Ok(Resolved {
                 ty: key.ty,
                 name: key.name.as_str().to_owned(),
@@ -87,13 +99,11 @@ impl Filter {
             });
         }
         let mut message = format!("no version of {key} satisfies '{}'", self.text);
-        if !self.prerelease {
-            if let Some(pre) = self.constraint.best(versions, true) {
-                message.push_str(&format!(
-                    " (prerelease {} would, with prerelease=true)",
-                    pre.version
-                ));
-            }
+        if let Some(pre) = pick.prerelease_would {
+            message.push_str(&format!(
+                " (prerelease {} would, with prerelease=true)",
+                pre.version
+            ));
         }
         let nearest = self.constraint.nearest(versions, NEAREST);
         if nearest.is_empty() {
@@ -137,7 +147,7 @@ impl Call<'_> {
             })
             .await?;
         let versions = response.into_versions()?;
-        let resolved = filter.pick(&key, &versions)?;
+        let resolved = filter.pick(&key, &parse_all(&versions))?;
         let response = self.represent(memo, Keep::Always, &versions, |_| rendered(&resolved));
         Ok(self.cacheable(response, stale))
     }
@@ -187,9 +197,11 @@ fn invalid_body(reason: impl std::fmt::Display) -> ApiError {
     ))
 }
 
-/// `POST /api/v1/resolve`: resolves every requirement, at most [`BATCH_CONCURRENCY`] at once,
-/// and answers 200 with the results and the failures, each in request order. A batch of n
-/// requirements costs n requests of the client's quota (see `QuotaCharge`).
+/// `POST /api/v1/resolve`: resolves every requirement and answers 200 with the results and
+/// the failures, each in request order. The versions of each extension (and source) it names
+/// are asked for once, at most [`BATCH_CONCURRENCY`] at once, and read as semver once; a
+/// batch that would make more than [`MAX_COMPARISONS`] is refused before any is made. A
+/// batch of n requirements costs n requests of the client's quota (see `QuotaCharge`).
 pub(super) async fn batch<B>(
     shared: &Shared,
     body: B,
@@ -220,20 +232,65 @@ where
         // The rate-limit layer took one request already.
         quota.charge(u32::try_from(n - 1).unwrap_or(u32::MAX))?;
     }
-    let prerelease = plan.prerelease;
-    let outcomes: Vec<_> = stream::iter(plan.requirements)
-        .map(|requirement| async move {
-            let outcome = resolve_one(shared, &requirement, prerelease).await;
-            (requirement, outcome)
+    let mut asks: HashMap<Ask, usize> = HashMap::new();
+    let checked: Vec<_> = plan
+        .requirements
+        .iter()
+        .map(|requirement| {
+            let (ask, filter) = check(shared, requirement, plan.prerelease)?;
+            let next = asks.len();
+            let list = *asks.entry(ask.clone()).or_insert(next);
+            Ok::<_, ApiError>((ask.0, filter, list))
+        })
+        .collect();
+    let mut asks: Vec<(Ask, usize)> = asks.into_iter().collect();
+    asks.sort_unstable_by_key(|(_, list)| *list);
+    let lists: Vec<Result<Arc<Vec<Version>>, ApiError>> = stream::iter(asks)
+        .map(|((key, source), _)| async move {
+            let response = shared
+                .registry
+                .ask(BackendRequest::Versions { key, source })
+                .await?;
+            Ok(response.into_versions()?)
         })
         .buffered(BATCH_CONCURRENCY)
         .collect()
         .await;
+    let comparisons = checked
+        .iter()
+        .filter_map(|c| {
+            let (_, filter, list) = c.as_ref().ok()?;
+            let versions = lists[*list].as_ref().ok()?;
+            Some(
+                filter
+                    .constraint
+                    .comparisons()
+                    .saturating_mul(versions.len()),
+            )
+        })
+        .fold(0, usize::saturating_add);
+    if comparisons > MAX_COMPARISONS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "too_many_comparisons",
+            format!(
+                "this batch would make up to {comparisons} comparisons (for each requirement, \
+                 the versions of its extension × the comparators of its constraint); a batch \
+                 makes at most {MAX_COMPARISONS}: split it, or write fewer alternatives"
+            ),
+        ));
+    }
+    let mut parsed: Vec<Option<Vec<ParsedVersion>>> = vec![None; lists.len()];
     let mut answer = Answer {
         resolved: Vec::new(),
         errors: Vec::new(),
     };
-    for (requirement, outcome) in outcomes {
+    for (requirement, checked) in plan.requirements.into_iter().zip(checked) {
+        let outcome = checked.and_then(|(key, filter, list)| {
+            let versions = lists[list].as_ref().map_err(ApiError::clone)?;
+            let parsed = parsed[list].get_or_insert_with(|| parse_all(versions));
+            filter.pick(&key, parsed)
+        });
         match outcome {
             Ok(resolved) => answer.resolved.push(resolved),
             Err(e) => answer.errors.push(Failure {
@@ -243,16 +300,23 @@ where
                 message: e.message,
             }),
         }
+        // Between requirements the worker is let go, so that a batch holds it for one
+        // requirement's work at a time (one extension's versions read, one scan) and
+        // other requests, probes included, are not kept waiting for the whole batch.
+        tokio::task::yield_now().await;
     }
     Ok(json(StatusCode::OK, &answer))
 }
 
+/// The versions a requirement needs: its extension and source.
+type Ask = (ExtensionKey, Option<SourceSelector>);
+
 /// One requirement of a batch, validated like the single route's request.
-async fn resolve_one(
+fn check(
     shared: &Shared,
     requirement: &Requirement,
     prerelease: bool,
-) -> Result<Resolved, ApiError> {
+) -> Result<(Ask, Filter), ApiError> {
     let key = ExtensionKey {
         ty: requirement.ty.parse()?,
         name: ExtensionName::parse(&requirement.name)?,
@@ -263,13 +327,5 @@ async fn resolve_one(
         .map(|text| shared.sources.selector(text))
         .transpose()?;
     let filter = Filter::new(&requirement.constraint, prerelease)?;
-    let versions = shared
-        .registry
-        .ask(BackendRequest::Versions {
-            key: key.clone(),
-            source,
-        })
-        .await?
-        .into_versions()?;
-    filter.pick(&key, &versions)
+    Ok(((key, source), filter))
 }

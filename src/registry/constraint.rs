@@ -22,7 +22,7 @@ use std::cmp::Ordering;
 
 use semver::{Prerelease, Version as Semver};
 
-use crate::registry::version::parse_semver;
+use crate::registry::version::{parse_all, parse_semver, ParsedVersion};
 use crate::registry::{Version, VersionTag};
 
 /// Longest constraint accepted, in bytes.
@@ -59,6 +59,16 @@ enum Kind {
     Tag(String),
     /// Alternatives (`||`); a version matches when it satisfies any of them.
     Alternatives(Vec<Set>),
+}
+
+/// What one scan for the best version found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pick<'v> {
+    /// The highest version that satisfies the constraint.
+    pub best: Option<&'v Version>,
+    /// When there is none and prereleases were not asked for: the highest prerelease that
+    /// would satisfy it with them.
+    pub prerelease_would: Option<&'v Version>,
 }
 
 /// Comparators that must all hold.
@@ -367,35 +377,64 @@ impl Constraint {
         }
     }
 
-    /// Whether the version named `tag` satisfies the constraint; prereleases always may when
-    /// `prerelease` is set.
-    pub fn matches(&self, tag: &str, prerelease: bool) -> bool {
+    /// How many comparisons matching one version against the constraint makes at most: one
+    /// per comparator, and at least one per alternative (`^1.2` makes 2, `*` or a tag 1).
+    pub fn comparisons(&self) -> usize {
         match &self.kind {
-            Kind::Tag(wanted) => tag == wanted,
-            Kind::Alternatives(sets) => parse_semver(tag)
-                .is_some_and(|v| sets.iter().any(|set| set.matches(&v, prerelease))),
+            Kind::Tag(_) => 1,
+            Kind::Alternatives(sets) => sets.iter().map(|s| s.comparators.len().max(1)).sum(),
+        }
+    }
+
+    /// Whether the version satisfies the constraint; prereleases always may when
+    /// `prerelease` is set.
+    pub fn matches(&self, v: &ParsedVersion<'_>, prerelease: bool) -> bool {
+        match &self.kind {
+            Kind::Tag(wanted) => v.version.version == *wanted,
+            Kind::Alternatives(sets) => v
+                .semver
+                .as_ref()
+                .is_some_and(|s| sets.iter().any(|set| set.matches(s, prerelease))),
         }
     }
 
     /// The versions that satisfy the constraint, in the order given.
     pub fn select<'v>(&self, versions: &'v [Version], prerelease: bool) -> Vec<&'v Version> {
-        versions
-            .iter()
-            .filter(|v| self.matches(&v.version, prerelease))
+        parse_all(versions)
+            .into_iter()
+            .filter(|v| self.matches(v, prerelease))
+            .map(|v| v.version)
             .collect()
     }
 
-    /// The highest version that satisfies the constraint, from versions sorted newest first.
-    pub fn best<'v>(&self, versions: &'v [Version], prerelease: bool) -> Option<&'v Version> {
-        versions
-            .iter()
-            .find(|v| self.matches(&v.version, prerelease))
+    /// The highest version that satisfies the constraint, from versions sorted newest first,
+    /// and, when none does and prereleases were not asked for, the highest prerelease that
+    /// would with them; in one scan, which stops at the first match.
+    pub fn pick<'v>(&self, versions: &[ParsedVersion<'v>], prerelease: bool) -> Pick<'v> {
+        let mut prerelease_would = None;
+        for v in versions {
+            if self.matches(v, prerelease) {
+                return Pick {
+                    best: Some(v.version),
+                    prerelease_would: None,
+                };
+            }
+            // A stable version or a tag matches alike with or without prereleases, so only
+            // a prerelease can be the one that would.
+            if prerelease_would.is_none() && v.is_prerelease() && self.matches(v, true) {
+                prerelease_would = Some(v.version);
+            }
+        }
+        Pick {
+            best: None,
+            prerelease_would,
+        }
     }
 
     /// The available versions nearest to what the constraint asks for, at most `n`, for
     /// telling a client why nothing matched: the semver versions around the first version
     /// the constraint names, highest first; for a tag, or among tags only, the first `n`.
-    pub fn nearest<'v>(&self, versions: &'v [Version], n: usize) -> Vec<&'v str> {
+    pub fn nearest<'v>(&self, versions: &[ParsedVersion<'v>], n: usize) -> Vec<&'v str> {
         let pivot = match &self.kind {
             Kind::Alternatives(sets) => sets
                 .iter()
@@ -404,18 +443,18 @@ impl Constraint {
                 .next(),
             Kind::Tag(_) => None,
         };
-        let mut semvers: Vec<(Semver, &str)> = versions
+        let mut semvers: Vec<(&Semver, &'v str)> = versions
             .iter()
-            .filter_map(|v| parse_semver(&v.version).map(|s| (s, v.version.as_str())))
+            .filter_map(|v| Some((v.semver.as_ref()?, v.version.version.as_str())))
             .collect();
         let Some(pivot) = pivot.filter(|_| !semvers.is_empty()) else {
             return versions
                 .iter()
                 .take(n)
-                .map(|v| v.version.as_str())
+                .map(|v| v.version.version.as_str())
                 .collect();
         };
-        semvers.sort_by(|a, b| precedence(&b.0, &a.0));
+        semvers.sort_by(|a, b| precedence(b.0, a.0));
         // The first version below the pivot, with up to n/2 above it and the rest below.
         let split = semvers
             .iter()
@@ -616,10 +655,12 @@ mod tests {
     #[test]
     fn the_best_is_the_highest_match() {
         let vs = versions();
+        let parsed = parse_all(&vs);
         let best = |c: &str, pre| {
             Constraint::parse(c)
                 .unwrap()
-                .best(&vs, pre)
+                .pick(&parsed, pre)
+                .best
                 .map(|v| v.version.as_str())
         };
         assert_eq!(best("^1.2", false), Some("1.10.0"));
@@ -630,9 +671,65 @@ mod tests {
     }
 
     #[test]
+    fn one_scan_finds_the_best_and_the_prerelease_that_would_match() {
+        let vs = versions();
+        let parsed = parse_all(&vs);
+        let first = |c: &Constraint, pre| c.select(&vs, pre).first().map(|v| v.version.clone());
+        for text in [
+            "^1.2",
+            "*",
+            "<2.0.0",
+            ">=2.0.0-rc.0",
+            "~> 2.0",
+            ">2.1",
+            "<0",
+            "^3",
+            ">=1.3.0-beta.1",
+            "2.0.0-rc.1",
+            "nightly",
+            "V4.0.0",
+            "<0 || ^2.0.0-rc.0",
+            "1.3.0 - 1.3.1",
+            ">1.10.0 <2.0.0",
+            ">1.2.9 <1.3.0 || <0",
+        ] {
+            let c = Constraint::parse(text).unwrap();
+            for pre in [false, true] {
+                let pick = c.pick(&parsed, pre);
+                let best = pick.best.map(|v| v.version.clone());
+                assert_eq!(best, first(&c, pre), "{text} (prerelease={pre})");
+                let would = pick.prerelease_would.map(|v| v.version.clone());
+                let expected = if best.is_none() && !pre {
+                    first(&c, true)
+                } else {
+                    None
+                };
+                assert_eq!(would, expected, "{text} (prerelease={pre})");
+            }
+        }
+        let pick = Constraint::parse(">1.10.0 <2.0.0")
+            .unwrap()
+            .pick(&parsed, false);
+        assert_eq!(pick.best, None);
+        assert_eq!(pick.prerelease_would.unwrap().version, "2.0.0-rc.1");
+    }
+
+    #[test]
+    fn comparisons_count_comparators_and_alternatives() {
+        let comparisons = |c: &str| Constraint::parse(c).unwrap().comparisons();
+        assert_eq!(comparisons("^1.2"), 2);
+        assert_eq!(comparisons(">= 1.2, != 1.3.1, < 2.0"), 3);
+        assert_eq!(comparisons(">=1.2, <2.0 || 3.x"), 4);
+        assert_eq!(comparisons("*"), 1);
+        assert_eq!(comparisons("nightly"), 1);
+        assert_eq!(comparisons(&["<0"; 64].join("||")), 64);
+    }
+
+    #[test]
     fn nearest_versions_surround_what_was_asked() {
         let vs = versions();
-        let nearest = |c: &str| Constraint::parse(c).unwrap().nearest(&vs, 4);
+        let parsed = parse_all(&vs);
+        let nearest = |c: &str| Constraint::parse(c).unwrap().nearest(&parsed, 4);
         assert_eq!(nearest("~1.5"), ["2.0.0-rc.1", "1.10.0", "1.4.7", "1.4.0"]);
         assert_eq!(nearest("^3"), ["2.1.0", "2.0.0", "2.0.0-rc.1", "1.10.0"]);
         assert_eq!(nearest("<0.0.1"), ["0.2.5", "0.1.0", "0.0.4", "0.0.3"]);
@@ -641,7 +738,7 @@ mod tests {
             ["2.1.0", "2.0.0", "2.0.0-rc.1", "1.10.0"]
         );
         // Only tags: the first of them, whatever the constraint.
-        let tags = &vs[vs.len() - 1..];
+        let tags = &parsed[parsed.len() - 1..];
         let nearest = Constraint::parse("^1").unwrap().nearest(tags, 4);
         assert_eq!(nearest, ["nightly"]);
     }

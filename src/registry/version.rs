@@ -1,6 +1,6 @@
 //! The one version ordering every backend uses: semver (a leading `v` tolerated) newest first,
 //! then tags that are not semver, newest published first; and the choice of an extension's
-//! current version.
+//! current version; and versions read as semver once, for matching them against constraints.
 
 use std::cmp::Ordering;
 
@@ -10,6 +10,33 @@ use crate::registry::Version;
 pub fn parse_semver(tag: &str) -> Option<semver::Version> {
     let bare = tag.strip_prefix('v').unwrap_or(tag);
     semver::Version::parse(bare).ok()
+}
+
+/// A version with its tag read as semver, so that matching it against constraints only
+/// compares.
+#[derive(Clone, Debug)]
+pub struct ParsedVersion<'v> {
+    pub version: &'v Version,
+    /// `None` for a tag that is not semver.
+    pub semver: Option<semver::Version>,
+}
+
+impl ParsedVersion<'_> {
+    /// Whether it is a semver prerelease (`2.0.0-rc.1`).
+    pub fn is_prerelease(&self) -> bool {
+        self.semver.as_ref().is_some_and(|s| !s.pre.is_empty())
+    }
+}
+
+/// Reads every tag as semver, once, keeping the order given.
+pub fn parse_all(versions: &[Version]) -> Vec<ParsedVersion<'_>> {
+    versions
+        .iter()
+        .map(|version| ParsedVersion {
+            version,
+            semver: parse_semver(&version.version),
+        })
+        .collect()
 }
 
 /// Orders two versions newest first.
