@@ -1,8 +1,8 @@
 //! The OCI backend against the real CNCF distribution registry (Debian `docker-registry`),
 //! started by each test on a free loopback port: listing with catalog paging, annotations,
 //! indexes, tag rules, downloads verified against the layer digest, basic and bearer-token auth,
-//! credentials kept off blob redirects, the static repository list, a corrupted registry disk
-//! and a registry that went away.
+//! credentials kept off blob redirects and challenges from where they lead, bounded paging, the
+//! static repository list, a corrupted registry disk and a registry that went away.
 
 #[path = "support/logs.rs"]
 mod logs;
@@ -20,7 +20,7 @@ use extension_registry::registry::{
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use registry::front::{Front, Storage};
+use registry::front::{Demand, Front, Storage};
 use registry::{Auth, Registry, ADMIN, READER};
 
 const NS: &str = "provisioning";
@@ -866,4 +866,104 @@ async fn blob_redirects_are_bounded(bytes: &[u8]) {
         RegistryError::unavailable(Source::Oci, "redirect loop")
     );
     assert!(err.to_string().starts_with("oci backend"), "{err}");
+}
+
+/// What a blob download whose redirect ends at storage answering `401` fails with.
+fn storage_refused() -> RegistryError {
+    RegistryError::unavailable(
+        Source::Oci,
+        "blob redirect target answered 401 Unauthorized",
+    )
+}
+
+#[tokio::test]
+async fn a_bearer_challenge_from_storage_gets_no_credentials_and_no_token_is_kept() {
+    for bytes in [artifact(54, 5000), artifact(55, LARGE)] {
+        a_bearer_challenge_from_storage_is_a_backend_failure(&bytes).await;
+    }
+}
+
+async fn a_bearer_challenge_from_storage_is_a_backend_failure(bytes: &[u8]) {
+    let (front, _reg, backend) = behind_a_front(bytes).await;
+    let aws = key(ExtensionType::Provider, "aws");
+
+    // Storage on another host names a realm on the registry's own origin: its challenge is
+    // not the registry's, so neither the basic credentials nor a token exchange follow it.
+    front.set_storage(Storage::Foreign(Demand::Bearer));
+    let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
+    assert_eq!(err, storage_refused());
+    let seen = front.seen();
+    assert!(
+        seen.iter()
+            .all(|s| s.target != "/token" && !s.target.starts_with("/token?")),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| s.target.starts_with("/foreign/"))
+            .all(|s| !s.authorization),
+        "{seen:?}"
+    );
+
+    front.set_storage(Storage::Serve);
+    assert!(download_bytes(&backend, &aws, "1.0.0").await.1 == bytes);
+}
+
+#[tokio::test]
+async fn a_basic_challenge_from_storage_leaves_a_token_registry_on_tokens() {
+    for bytes in [artifact(56, 5000), artifact(57, LARGE)] {
+        a_basic_challenge_from_storage_changes_nothing(&bytes).await;
+    }
+}
+
+async fn a_basic_challenge_from_storage_changes_nothing(bytes: &[u8]) {
+    let front = Front::start().await;
+    let reg = Registry::start_behind(
+        &front,
+        Auth::Token {
+            anonymous_pull: false,
+            lifetime: 300,
+        },
+    )
+    .await;
+    reg.push("provisioning/aws-provider", "1.0.0", bytes, &[])
+        .await;
+    let config = extension_registry::config::OciConfig {
+        registry: front.host(),
+        ..reg.oci_config(NS, Some(READER))
+    };
+    let backend = OciBackend::new(&config).unwrap();
+    let aws = key(ExtensionType::Provider, "aws");
+
+    front.set_storage(Storage::Foreign(Demand::Basic));
+    let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
+    assert_eq!(err, storage_refused());
+
+    // The registry still gets its tokens, not the basic credentials storage asked for.
+    front.set_storage(Storage::Serve);
+    assert!(download_bytes(&backend, &aws, "1.0.0").await.1 == bytes);
+    assert_eq!(list(&backend, None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_catalog_of_more_than_100_pages_is_refused() {
+    let (front, _reg, backend) = behind_a_front(&artifact(58, 100)).await;
+    let catalog_calls = |front: &Front| {
+        front
+            .seen()
+            .iter()
+            .filter(|s| s.target.starts_with("/v2/_catalog"))
+            .count()
+    };
+
+    front.page_catalog(100);
+    assert!(list(&backend, None).await.unwrap().is_empty());
+    let before = catalog_calls(&front);
+    front.page_catalog(101);
+    let err = list(&backend, None).await.unwrap_err();
+    assert_eq!(
+        err,
+        RegistryError::unavailable(Source::Oci, "catalog has more than 100 pages")
+    );
+    assert_eq!(catalog_calls(&front) - before, 100);
 }

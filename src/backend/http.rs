@@ -79,7 +79,7 @@ pub async fn send_per_hop(
     credential: Option<&HeaderValue>,
     may_carry: impl Fn(&Url) -> bool,
 ) -> Result<reqwest::Response, HopError> {
-    send_per_hop_via(
+    let (response, _) = send_per_hop_via(
         Via::Shared(http),
         method,
         first,
@@ -87,7 +87,8 @@ pub async fn send_per_hop(
         credential,
         may_carry,
     )
-    .await
+    .await?;
+    Ok(response)
 }
 
 /// What sends each hop of a request.
@@ -99,7 +100,9 @@ pub enum Via<'a> {
     Own(&'a Direct),
 }
 
-/// [`send_per_hop`], each hop sent `via` the shared client or a connection of its own.
+/// [`send_per_hop`], each hop sent `via` the shared client or a connection of its own; also
+/// returns the URL of the hop that answered, so a caller can tell the origin's own answer from
+/// one a redirect led to (a connection of its own leaves [`reqwest::Response::url`] unset).
 pub async fn send_per_hop_via(
     via: Via<'_>,
     method: &Method,
@@ -107,7 +110,7 @@ pub async fn send_per_hop_via(
     headers: &HeaderMap,
     credential: Option<&HeaderValue>,
     may_carry: impl Fn(&Url) -> bool,
-) -> Result<reqwest::Response, HopError> {
+) -> Result<(reqwest::Response, Url), HopError> {
     let mut visited: Vec<Url> = Vec::new();
     let mut url = first;
     loop {
@@ -145,7 +148,7 @@ pub async fn send_per_hop_via(
                 .ok()
                 .filter(|u| matches!(u.scheme(), "http" | "https"))
                 .ok_or_else(|| HopError::Redirect("redirect to an unusable location".into()))?,
-            _ => return Ok(response),
+            _ => return Ok((response, url)),
         };
         visited.push(url);
         url = next;

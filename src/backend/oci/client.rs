@@ -37,6 +37,11 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
 /// Token lifetime when the token server does not say (the distribution token spec's default).
 const DEFAULT_TOKEN_SECONDS: u64 = 60;
 
+/// Most pages one list (catalog, tag list) may have; a `Link` chain longer than this (100,000
+/// repositories at 1000 a page) is refused rather than followed forever, as every page is held
+/// until the list is whole.
+const MAX_PAGES: usize = 100;
+
 /// How a registry call failed, in the terms the backend decides on.
 #[derive(Debug)]
 pub enum CallError {
@@ -225,8 +230,8 @@ pub struct Client {
     basic_header: Option<HeaderValue>,
     /// A token sent as `Bearer` on every call when configured.
     static_token: Option<Secret>,
-    /// Set once the registry asked for basic credentials, so later calls send them at once
-    /// instead of paying a 401 round trip each.
+    /// Set once the registry (its own origin, not a host a redirect led to) asked for basic
+    /// credentials, so later calls send them at once instead of paying a 401 round trip each.
     basic_wanted: AtomicBool,
     /// Tokens from the challenge flow, reused until shortly before they expire.
     tokens: Mutex<TokenCache>,
@@ -301,6 +306,11 @@ impl Client {
             if !seen.insert(url.clone()) {
                 return Err(CallError::broken(format!(
                     "{what} pages link back to themselves"
+                )));
+            }
+            if seen.len() > MAX_PAGES {
+                return Err(CallError::broken(format!(
+                    "{what} has more than {MAX_PAGES} pages"
                 )));
             }
             let (page, headers) = self.get_json(url, scope, what).await?;
@@ -379,7 +389,8 @@ impl Client {
 
     /// Sends a GET or HEAD with `headers` (on every hop) through the challenge flow and
     /// returns a 2xx response; any other status becomes a [`CallError`]. Redirects are followed
-    /// with the credentials only on the hops [`Client::carries_credentials`] accepts for `scope`.
+    /// with the credentials only on the hops [`Client::carries_credentials`] accepts for `scope`;
+    /// a 401 from a hop on another origin is a failure, never a challenge.
     pub async fn send(
         &self,
         method: Method,
@@ -417,7 +428,7 @@ impl Client {
         let mut challenged = false;
         loop {
             let (credential, sent_basic) = self.credential(&scope_key);
-            let response = {
+            let (response, answered_by) = {
                 let _permit = self.permits.acquire().await.map_err(|_| {
                     CallError::Fatal(RegistryError::Internal("registry permits closed".into()))
                 })?;
@@ -442,6 +453,15 @@ impl Client {
             }
             if status != StatusCode::UNAUTHORIZED {
                 return Err(failure(response, what).await);
+            }
+            if answered_by.origin() != self.base.origin() {
+                // Only the registry's challenge is acted on: storage a redirect led to would
+                // otherwise name the realm the credentials go to and the token kept for this
+                // scope, or switch every later call to basic credentials.
+                tracing::warn!(%what, "a redirect target refused the download");
+                return Err(CallError::broken(format!(
+                    "{what} redirect target answered {status}"
+                )));
             }
             if challenged {
                 // Basic credentials refused are wrong credentials, as htpasswd grants every
@@ -529,6 +549,15 @@ impl Client {
         (bearer, false)
     }
 
+    /// Whether the basic credentials may go to the token `realm`: over TLS to any host, or over
+    /// plain HTTP only when the registry itself is plain HTTP on the same host (they travel
+    /// there in the clear already; a token server on another port is common). A plain-HTTP
+    /// realm of an https registry, on its host or not, would expose them.
+    fn may_send_basic_to(&self, realm: &Url) -> bool {
+        realm.scheme() == "https"
+            || (realm.scheme() == self.base.scheme() && realm.host() == self.base.host())
+    }
+
     /// Gets a token from the challenge's realm and caches it under `scope_key`.
     async fn fetch_token(&self, challenge: &Challenge, scope_key: String) -> Result<(), CallError> {
         let Some(realm) = challenge.params.get("realm") else {
@@ -559,15 +588,10 @@ impl Client {
                 query.append_pair("account", &basic.username);
             }
         }
-        if self.basic.is_some() {
-            // Credentials travel to the token server only over TLS or to the registry's own
-            // host: a plain-HTTP realm elsewhere would expose them.
-            let same_host = realm.host_str() == self.base.host_str();
-            if realm.scheme() != "https" && !same_host {
-                return Err(CallError::broken(
-                    "refusing to send credentials to a plain-HTTP token server on another host",
-                ));
-            }
+        if self.basic.is_some() && !self.may_send_basic_to(&realm) {
+            return Err(CallError::broken(
+                "refusing to send credentials to a plain-HTTP token server",
+            ));
         }
         // The credentials go to the realm itself; wherever it redirects, they do not follow.
         let response = send_per_hop(
@@ -733,6 +757,95 @@ mod tests {
             "https://reg.test/v2/other/aws-provider/tags/list",
             outside
         ));
+    }
+
+    /// A token server on a loopback port that records each request head and answers a token.
+    async fn token_server() -> (u16, std::sync::Arc<Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let heads = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&heads);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut head = Vec::new();
+                let mut buf = [0; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let body = r#"{"token":"t"}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        (port, heads)
+    }
+
+    fn with_basic(base: &str) -> Client {
+        let password = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(password.path(), "s3cret").unwrap();
+        Client::new(
+            reqwest::Client::new(),
+            None,
+            Url::parse(base).unwrap(),
+            "ns".into(),
+            Some(BasicCredentials {
+                username: "reader".into(),
+                password: Secret::from_file(password.path(), "password_path").unwrap(),
+            }),
+            None,
+            1,
+        )
+    }
+
+    #[tokio::test]
+    async fn basic_credentials_never_go_to_a_plain_http_realm_of_an_https_registry() {
+        let (port, heads) = token_server().await;
+        let challenge = |host: &str| Challenge {
+            scheme: "bearer".into(),
+            params: HashMap::from([("realm".into(), format!("http://{host}:{port}/token"))]),
+        };
+        let scope = || Scope::Pull("ns/aws-provider").as_string();
+        // Same host as the https registry, its port or another: plain HTTP all the same.
+        for base in [
+            "https://127.0.0.1/".to_owned(),
+            format!("https://127.0.0.1:{port}/"),
+            "https://localhost/".to_owned(),
+        ] {
+            let refused = with_basic(&base)
+                .fetch_token(&challenge("127.0.0.1"), scope())
+                .await;
+            assert!(matches!(refused, Err(CallError::Broken(_))), "{base}");
+        }
+        assert!(heads.lock().unwrap().is_empty(), "{:?}", heads.lock());
+
+        // A plain-HTTP registry's credentials already travel in the clear to its host: its token
+        // server there, on another port, gets them; another host does not.
+        let plain = with_basic("http://127.0.0.1:1/");
+        assert!(matches!(
+            plain.fetch_token(&challenge("localhost"), scope()).await,
+            Err(CallError::Broken(_))
+        ));
+        assert!(heads.lock().unwrap().is_empty(), "{:?}", heads.lock());
+        plain
+            .fetch_token(&challenge("127.0.0.1"), scope())
+            .await
+            .unwrap();
+        let heads = heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 1);
+        assert!(heads[0]
+            .to_ascii_lowercase()
+            .contains("authorization: basic "));
     }
 
     #[test]

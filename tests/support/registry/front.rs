@@ -2,8 +2,9 @@
 //! API to the registry and plays the object storage the registry's `redirect` storage
 //! middleware sends blob downloads to (on the front's own origin, so a redirect stays on the
 //! host the client was configured with), serving the blob file from the registry's storage
-//! directory. It records every request with whether it carried `Authorization`, and can stretch
-//! the storage redirect into a chain or a loop.
+//! directory. It records every request with whether it carried `Authorization`, can stretch
+//! the storage redirect into a chain or a loop or send it to storage on another host that asks
+//! for credentials, and can answer the catalog itself with a long chain of pages.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, HOST, LOCATION, TRANSFER_ENCODING};
+use hyper::header::{AUTHORIZATION, HOST, LINK, LOCATION, TRANSFER_ENCODING, WWW_AUTHENTICATE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
@@ -32,6 +33,18 @@ pub enum Storage {
     Chain(u32),
     /// A `307` to the very same URL, forever.
     Loop,
+    /// A `307` to storage on another host (`localhost` instead of `127.0.0.1`, on the front's
+    /// port), which answers `401` with this challenge.
+    Foreign(Demand),
+}
+
+/// What the storage of [`Storage::Foreign`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Demand {
+    /// `Bearer`, naming as realm the front's own `/token`, on the registry's origin.
+    Bearer,
+    /// `Basic`.
+    Basic,
 }
 
 /// One request the front saw.
@@ -44,12 +57,16 @@ pub struct FrontSeen {
 }
 
 struct State {
+    /// Where the front listens, for the URLs it writes.
+    addr: SocketAddr,
     /// The registry being fronted and its storage directory, once started.
     registry: Mutex<Option<(SocketAddr, PathBuf)>>,
     /// How blob downloads are answered now.
     storage: Mutex<Storage>,
     /// Every request, in order.
     seen: Mutex<Vec<FrontSeen>>,
+    /// When set, `/v2/_catalog` is answered here: this many empty pages, chained by `Link`.
+    catalog_pages: Mutex<Option<u32>>,
     /// Forwards the API to the registry, following nothing.
     http: reqwest::Client,
 }
@@ -76,9 +93,11 @@ impl Front {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind front");
         let addr = listener.local_addr().expect("front addr");
         let state = Arc::new(State {
+            addr,
             registry: Mutex::new(None),
             storage: Mutex::new(Storage::Serve),
             seen: Mutex::new(Vec::new()),
+            catalog_pages: Mutex::new(None),
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -106,6 +125,12 @@ impl Front {
 
     pub fn set_storage(&self, storage: Storage) {
         *self.state.storage.lock().expect("storage") = storage;
+    }
+
+    /// Answers the catalog with `pages` empty pages from now on, each but the last naming the
+    /// next in `Link`.
+    pub fn page_catalog(&self, pages: u32) {
+        *self.state.catalog_pages.lock().expect("catalog pages") = Some(pages);
     }
 
     /// Every request seen so far, in order.
@@ -165,7 +190,29 @@ impl State {
                 Storage::Serve | Storage::Chain(0) => file(&data, &path),
                 Storage::Chain(n) => temporary_redirect(&format!("/hop/{}{path}", n - 1)),
                 Storage::Loop => temporary_redirect(&target),
+                Storage::Foreign(_) => temporary_redirect(&format!(
+                    "http://localhost:{}/foreign{path}",
+                    self.addr.port()
+                )),
             };
+        }
+        if path.starts_with("/foreign/") {
+            let challenge = match *self.storage.lock().expect("storage") {
+                Storage::Foreign(Demand::Basic) => r#"Basic realm="storage""#.to_owned(),
+                _ => format!(
+                    r#"Bearer realm="http://{}/token",service="storage""#,
+                    self.addr
+                ),
+            };
+            let mut r = status(StatusCode::UNAUTHORIZED);
+            r.headers_mut()
+                .insert(WWW_AUTHENTICATE, challenge.parse().expect("challenge"));
+            return r;
+        }
+        if path == "/v2/_catalog" {
+            if let Some(pages) = *self.catalog_pages.lock().expect("catalog pages") {
+                return catalog_page(&target, pages);
+            }
         }
         if let Some(rest) = path.strip_prefix("/hop/") {
             let Some((n, blob)) = rest.split_once('/') else {
@@ -207,6 +254,25 @@ impl State {
         *reply.body_mut() = Full::new(bytes);
         reply
     }
+}
+
+/// Page `page=<k>` of the query (0 without one) of a catalog of `pages` empty pages.
+fn catalog_page(target: &str, pages: u32) -> Reply {
+    let page: u32 = target
+        .split_once("page=")
+        .and_then(|(_, k)| k.parse().ok())
+        .unwrap_or(0);
+    let mut r = status(StatusCode::OK);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        "application/json".parse().expect("content type"),
+    );
+    if page + 1 < pages {
+        let next = format!("</v2/_catalog?n=1000&page={}>; rel=\"next\"", page + 1);
+        r.headers_mut().insert(LINK, next.parse().expect("link"));
+    }
+    *r.body_mut() = Full::new(Bytes::from_static(br#"{"repositories":[]}"#));
+    r
 }
 
 /// A file of the registry's storage, by its storage path.
