@@ -458,7 +458,7 @@ impl Client {
                 // Only the registry's challenge is acted on: storage a redirect led to would
                 // otherwise name the realm the credentials go to and the token kept for this
                 // scope, or switch every later call to basic credentials.
-                tracing::warn!(%what, "a redirect target refused the download");
+                tracing::warn!(%what, "a host a redirect led to answered 401");
                 return Err(CallError::broken(format!(
                     "{what} redirect target answered {status}"
                 )));
