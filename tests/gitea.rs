@@ -3,6 +3,9 @@
 //! own fidelity to Gitea's schema and paging.
 
 #[allow(dead_code)]
+#[path = "support/app.rs"]
+mod app;
+#[allow(dead_code)]
 #[path = "support/gitea_sim.rs"]
 mod gitea_sim;
 #[path = "support/logs.rs"]
@@ -1401,4 +1404,81 @@ fn a_log_line_first_reached_on_a_thread_without_a_capture_is_captured() {
     std::thread::spawn(say).join().unwrap();
     say();
     logs.assert_line_with(&["a line two threads reach", "by the capture"]);
+}
+
+/// An instance that names a next page on every page: the chain is cut at 200 pages (10,000
+/// repositories at 50 a page), not followed to its end.
+#[tokio::test]
+async fn a_pagination_chain_past_200_pages_is_refused() {
+    let sim = GiteaSim::start(SimConfig::new(ORG).repos(seeded_org(3))).await;
+    let b = backend(&sim.gitea_config());
+    sim.set_mode(Mode::RunawayPages);
+    let err = list(&b).await.map(|l| l.len()).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason, .. } if reason.contains("passes 200 pages")),
+        "{err}"
+    );
+    assert_eq!(sim.calls().org_repos, 200);
+}
+
+/// Pages each well under the 16 MiB cap still stop once one list has read 32 MiB of them.
+#[tokio::test]
+async fn the_pages_of_one_list_are_read_up_to_32_mib_in_all() {
+    let mut big = SimRepo::new("big_prov").release(SimRelease::new("1.0.0", T0).artifact("big"));
+    big.description = "x".repeat(512 * 1024);
+    let sim = GiteaSim::start(SimConfig::new(ORG).repos(seeded_org(2)).repo(big)).await;
+    let b = backend(&sim.gitea_config());
+    sim.set_mode(Mode::RunawayPages);
+    // (Only lengths are unwrapped: a failure must not print the pages.)
+    let err = list(&b).await.map(|l| l.len()).unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Gitea, reason, .. } if reason.contains("larger than 33554432 bytes in all")),
+        "{err}"
+    );
+    // A little over 512 KiB a page: some 63 pages are read, not the 300 offered.
+    let pages = sim.calls().org_repos;
+    assert!((62..=64).contains(&pages), "{pages}");
+}
+
+/// The whole service over a simulator, with every answer stale as soon as it is cached (TTL 0)
+/// and every refresh waited for, so a failing backend shows at the next request.
+fn service_over(sim: &GiteaSim) -> extension_registry::stack::HttpService {
+    let text = format!(
+        "[gitea]\nurl = {:?}\norganization = {ORG:?}\n[rate_limit]\nenabled = false\n",
+        sim.url()
+    );
+    let mut config = Config::parse(&text, "test.toml", None).unwrap();
+    config.cache.ttl_seconds = 0;
+    config.cache.stale_while_revalidate_seconds = 0;
+    extension_registry::build(&config).unwrap()
+}
+
+#[tokio::test]
+async fn a_listing_whose_releases_all_fail_is_served_stale_not_empty() {
+    let sim = GiteaSim::start(SimConfig::new(ORG).repos(seeded_org(3))).await;
+    let service = service_over(&sim);
+    let fresh = app::get(&service, "/api/v1/extensions").await;
+    assert_eq!(fresh.status, 200);
+    assert_eq!(fresh.header("x-total-count"), "3");
+
+    sim.set_mode(Mode::FailingReleases);
+    let before = sim.requests_about("releases");
+    let stale = app::get(&service, "/api/v1/extensions").await;
+    assert!(
+        sim.requests_about("releases") > before,
+        "the refresh reached Gitea"
+    );
+    assert_eq!(stale.status, 200, "{:?}", stale.body);
+    assert!(
+        stale.header("cache-status").contains("fwd=stale"),
+        "{:?}",
+        stale.headers
+    );
+    assert_eq!(stale.header("x-total-count"), "3");
+    assert_eq!(stale.body, fresh.body);
+
+    // Never cached: nothing to stand in, so the failure stands.
+    let cold = app::get(&service_over(&sim), "/api/v1/extensions").await;
+    assert_eq!(cold.status, 502, "{:?}", cold.body);
+    assert_eq!(cold.json()["error"], "backend_unavailable");
 }

@@ -510,3 +510,43 @@ async fn the_service_names_github_and_stops_calling_it_when_rate_limited() {
     let health = app::get(&service, "/api/v1/health").await.json();
     assert_eq!(health["backends"]["github"]["circuit"], "open", "{health}");
 }
+
+/// Every releases list failing is a failed listing, not an empty one: the service keeps
+/// serving the listing it holds, marked stale (TTL 0, every refresh waited for), and a service
+/// that holds none answers `502`.
+#[tokio::test]
+async fn a_listing_whose_releases_all_fail_is_served_stale_not_empty() {
+    let sim = GithubSim::start(GhConfig::new(OWNER).repos(seeded_org(3, T0))).await;
+    let service_over = |sim: &GithubSim| {
+        let text = format!(
+            "[github]\napi_url = {:?}\nowner = \"{OWNER}\"\n[rate_limit]\nenabled = false\n",
+            sim.url()
+        );
+        let mut config = Config::parse(&text, "t.toml", None).unwrap();
+        config.cache.ttl_seconds = 0;
+        config.cache.stale_while_revalidate_seconds = 0;
+        extension_registry::build(&config).unwrap()
+    };
+    let service = service_over(&sim);
+    let fresh = app::get(&service, "/api/v1/extensions").await;
+    assert_eq!(fresh.status, 200);
+    assert_eq!(fresh.header("x-total-count"), "3");
+
+    sim.set_failing_releases(true);
+    let before = sim.calls().api;
+    let stale = app::get(&service, "/api/v1/extensions").await;
+    assert!(sim.calls().api > before, "the refresh reached GitHub");
+    assert_eq!(stale.status, 200, "{:?}", stale.body);
+    assert!(
+        stale.header("cache-status").contains("fwd=stale"),
+        "{:?}",
+        stale.headers
+    );
+    assert_eq!(stale.header("x-total-count"), "3");
+    assert_eq!(stale.body, fresh.body);
+
+    // Never cached: nothing to stand in, so the failure stands.
+    let cold = app::get(&service_over(&sim), "/api/v1/extensions").await;
+    assert_eq!(cold.status, 502, "{:?}", cold.body);
+    assert_eq!(cold.json()["error"], "backend_unavailable");
+}

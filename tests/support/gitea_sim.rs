@@ -397,6 +397,12 @@ pub enum Mode {
     ServerError,
     /// API routes answer 200 with truncated JSON.
     MalformedJson,
+    /// Releases routes answer 500 (as [`SimRepo::failing`] does for one repository); every
+    /// other route as usual.
+    FailingReleases,
+    /// The organization's repositories: every page is answered as the first and names the next
+    /// one, up to page 300, past what any client should follow.
+    RunawayPages,
 }
 
 /// Requests seen, by route.
@@ -819,7 +825,15 @@ impl State {
                     "[{\"id\":1,\"name\":",
                 )
             }
-            Mode::MalformedJson => {}
+            Mode::FailingReleases
+                if matches!(
+                    segments.as_slice(),
+                    ["api", "v1", "repos", _, _, "releases"]
+                ) =>
+            {
+                return self.server_error_json()
+            }
+            Mode::MalformedJson | Mode::FailingReleases | Mode::RunawayPages => {}
         }
         if let Some(reply) = self.hop_route(&segments, caller) {
             return reply;
@@ -884,7 +898,19 @@ impl State {
                     .iter()
                     .filter(|r| caller == Caller::User || !r.private)
                     .collect();
-                let (range, mut headers) = self.paginate(rel, query, queried.len());
+                let runaway = self.mode() == Mode::RunawayPages;
+                let asked = if runaway { "page=1" } else { query };
+                let (range, mut headers) = self.paginate(rel, asked, queried.len());
+                if runaway {
+                    let page = query_value(query, "page")
+                        .and_then(|p| p.parse::<u64>().ok())
+                        .unwrap_or(1);
+                    headers.retain(|(name, _)| *name != "link");
+                    if page < 300 {
+                        let next = format!("<{}{rel}?page={}>; rel=\"next\"", self.root, page + 1);
+                        headers.push(("link", next));
+                    }
+                }
                 let items: Vec<Value> = queried[range]
                     .iter()
                     .filter(|r| self.can_read(r, caller))

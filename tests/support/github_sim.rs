@@ -263,6 +263,8 @@ struct State {
     /// Epoch seconds the window resets at.
     reset: u64,
     secondary: Mutex<Option<Secondary>>,
+    /// While set, every releases list answers `500`.
+    failing_releases: Mutex<bool>,
     calls: Mutex<GhCalls>,
 }
 
@@ -321,6 +323,7 @@ impl GithubSim {
             remaining: Mutex::new(config.limit),
             reset: now + 3600,
             secondary: Mutex::new(None),
+            failing_releases: Mutex::new(false),
             calls: Mutex::new(GhCalls::default()),
             config,
         });
@@ -351,6 +354,15 @@ impl GithubSim {
 
     pub fn set_secondary(&self, secondary: Option<Secondary>) {
         *self.state.secondary.lock().expect("secondary") = secondary;
+    }
+
+    /// Makes every releases list answer `500` (or answer again).
+    pub fn set_failing_releases(&self, failing: bool) {
+        *self
+            .state
+            .failing_releases
+            .lock()
+            .expect("failing releases") = failing;
     }
 
     /// A `[github]` section pointing at this simulator, anonymous.
@@ -525,7 +537,13 @@ impl State {
                 return r;
             }
         }
-        let answer = self.api(&segments, query, caller, req);
+        let failing = *self.failing_releases.lock().expect("failing releases");
+        let answer = match segments.as_slice() {
+            ["repos", _, _, "releases"] if failing => {
+                Answer::Reply(self.error(StatusCode::INTERNAL_SERVER_ERROR, "Server Error"))
+            }
+            _ => self.api(&segments, query, caller, req),
+        };
         let mut answer = match answer {
             Answer::Json(value, link) => {
                 let mut r = self.json(&value, req);

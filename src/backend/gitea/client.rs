@@ -3,6 +3,7 @@
 //! by `Link: rel="next"`; bodies read with a cap; and the mapping of statuses and bodies to the
 //! domain's errors.
 
+use bytes::Bytes;
 use percent_encoding::percent_decode_str;
 use reqwest::header::{HeaderMap, HeaderValue, LINK};
 use reqwest::{Method, Response, StatusCode, Url};
@@ -24,6 +25,17 @@ const PAGE_LIMIT: &str = "50";
 /// far more than a release carries; anything larger is not a checksum file, and reading it
 /// would only spend memory.
 const MAX_SIDECAR_BYTES: usize = 64 * 1024;
+
+/// Most pages one list may have: 10,000 repositories or releases at Gitea's default 50 a page,
+/// the same number of items the GitHub backend's bound allows. A `Link` chain longer than this
+/// (an instance that always names a next page) is refused rather than followed forever.
+const MAX_PAGES: u64 = 200;
+
+/// Most bytes of JSON read over all the pages of one list. Gitea answers about 3 KB of JSON per
+/// repository (with its owner, permissions and settings) and about as much per release with a
+/// few assets and short notes, so this holds the 10,000 items [`MAX_PAGES`] lets through; the
+/// pages alone, each up to [`MAX_METADATA_BYTES`], would let one list hold over 3 GiB.
+const MAX_LIST_BYTES: usize = 32 * 1024 * 1024;
 
 fn unavailable(reason: impl Into<String>) -> RegistryError {
     RegistryError::unavailable(Source::Gitea, reason)
@@ -175,7 +187,8 @@ impl Api {
     }
 
     /// Every item of a paginated list, following `rel="next"` until it is absent (a short page
-    /// does not mean the end); `Ok(None)` on 404.
+    /// does not mean the end), at most [`MAX_PAGES`] pages and [`MAX_LIST_BYTES`] of JSON in
+    /// all; `Ok(None)` on 404.
     pub async fn pages<T: DeserializeOwned>(
         &self,
         segments: &[&str],
@@ -183,7 +196,10 @@ impl Api {
     ) -> Result<Option<Vec<T>>, RegistryError> {
         let mut all = Vec::new();
         let mut page: u64 = 1;
+        let mut budget = MAX_LIST_BYTES;
+        let mut read: u64 = 0;
         loop {
+            read += 1;
             let mut url = self.api_url(segments);
             url.query_pairs_mut()
                 .append_pair("limit", PAGE_LIMIT)
@@ -202,6 +218,11 @@ impl Api {
                 .and_then(next_link)
             {
                 None => None,
+                Some(_) if read >= MAX_PAGES => {
+                    return Err(unavailable(format!(
+                        "{what}: pagination passes {MAX_PAGES} pages"
+                    )))
+                }
                 Some(link) => match page_of(link) {
                     Some(n) if n > page => Some(n),
                     _ => {
@@ -211,7 +232,17 @@ impl Api {
                     }
                 },
             };
-            all.extend(decode::<Vec<T>>(response, what).await?);
+            let bytes = read_json(response, budget.min(MAX_METADATA_BYTES))
+                .await?
+                .ok_or_else(|| {
+                    unavailable(if budget < MAX_METADATA_BYTES {
+                        format!("{what}: the pages are larger than {MAX_LIST_BYTES} bytes in all")
+                    } else {
+                        format!("{what}: larger than {MAX_METADATA_BYTES} bytes")
+                    })
+                })?;
+            budget -= bytes.len();
+            all.extend(parse::<Vec<T>>(&bytes, what)?);
             match next {
                 Some(n) => page = n,
                 None => return Ok(Some(all)),
@@ -280,14 +311,25 @@ fn api_status(response: Response, what: &str) -> Result<Option<Response>, Regist
     }
 }
 
-/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`]. What the parser says about
-/// the bytes is logged (with the request's id), not returned: it may quote them.
+/// Parses a JSON answer read whole, up to [`MAX_METADATA_BYTES`].
 async fn decode<T: DeserializeOwned>(response: Response, what: &str) -> Result<T, RegistryError> {
-    let bytes = read_capped(response, MAX_METADATA_BYTES)
-        .await
-        .map_err(|e| transport_error(Source::Gitea, &e))?
+    let bytes = read_json(response, MAX_METADATA_BYTES)
+        .await?
         .ok_or_else(|| unavailable(format!("{what}: larger than {MAX_METADATA_BYTES} bytes")))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
+    parse(&bytes, what)
+}
+
+/// An answer's bytes, read whole up to `cap`; `None` when it is larger.
+async fn read_json(response: Response, cap: usize) -> Result<Option<Bytes>, RegistryError> {
+    read_capped(response, cap)
+        .await
+        .map_err(|e| transport_error(Source::Gitea, &e))
+}
+
+/// Parses JSON. What the parser says about the bytes is logged (with the request's id), not
+/// returned: it may quote them.
+fn parse<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| {
         tracing::warn!(%what, error = %e, "gitea answered malformed or unexpected JSON");
         unavailable(format!("{what}: malformed or unexpected JSON"))
     })

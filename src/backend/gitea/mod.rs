@@ -196,7 +196,8 @@ impl Inner {
         Ok(versions)
     }
 
-    /// Every extension at its current version. Repositories that fail are logged and left out.
+    /// Every extension at its current version. Repositories that fail are logged and left out,
+    /// unless every one that was read failed: then the listing fails with the first failure.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
         if filter
             .source
@@ -222,28 +223,46 @@ impl Inner {
             let wanted = filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
             wanted.then_some((key, repo))
         });
-        let listed = futures_util::stream::iter(wanted)
-            .map(|(key, repo)| async move {
-                let found = match self.candidates(&repo.name).await {
-                    Ok(Some(candidates)) => Found {
-                        key,
-                        repo,
-                        candidates,
-                    },
-                    Ok(None) => return None,
-                    Err(error) => {
-                        tracing::warn!(repo = %repo.name, %error, "repository left out of the listing");
-                        return None;
-                    }
-                };
-                let current = current(&found).ok()?;
-                Some(extension(&found, current, &current.version))
-            })
-            .buffer_unordered(self.max_concurrency)
-            .filter_map(future::ready)
-            .collect()
-            .await;
-        Ok(listed)
+        let outcomes: Vec<Result<Option<Extension>, RegistryError>> = futures_util::stream::iter(
+            wanted,
+        )
+        .map(|(key, repo)| async move {
+            let candidates = match self.candidates(&repo.name).await {
+                Ok(Some(candidates)) => candidates,
+                Ok(None) => return Ok(None),
+                Err(error) => {
+                    tracing::warn!(repo = %repo.name, %error, "repository left out of the listing");
+                    return Err(error);
+                }
+            };
+            let found = Found {
+                key,
+                repo,
+                candidates,
+            };
+            Ok(current(&found)
+                .ok()
+                .map(|current| extension(&found, current, &current.version)))
+        })
+        .buffer_unordered(self.max_concurrency)
+        .collect()
+        .await;
+        let mut extensions = Vec::new();
+        let mut first_failure = None;
+        for outcome in outcomes {
+            match outcome {
+                Ok(listed) => extensions.extend(listed),
+                Err(error) => {
+                    first_failure.get_or_insert(error);
+                }
+            }
+        }
+        // Nothing listed while a repository failed is no listing: the error goes to the cache
+        // above, which serves the listing it holds instead of an empty one.
+        match first_failure {
+            Some(error) if extensions.is_empty() => Err(error),
+            _ => Ok(extensions),
+        }
     }
 
     /// The key of an extension repository that should be shown, `None` for any other.

@@ -171,8 +171,9 @@ impl Inner {
     }
 
     /// Every extension at its current version. Repositories that fail are logged and left
-    /// out, except for a rate limit: then the whole listing fails as suspended, so the cache
-    /// above serves what it holds instead of a listing with holes.
+    /// out, unless every one that was read failed (then the listing fails with the first
+    /// failure), or one met a rate limit: then the whole listing fails as suspended. Either
+    /// way the cache above serves what it holds instead of an empty listing or one with holes.
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
         if filter
             .source
@@ -212,10 +213,9 @@ impl Inner {
             let candidates = match self.candidates(&name).await {
                 Ok(Some(candidates)) => candidates,
                 Ok(None) => return Ok(None),
-                Err(error @ RegistryError::BackendSuspended { .. }) => return Err(error),
                 Err(error) => {
                     tracing::warn!(repo = %name, %error, "repository left out of the listing");
-                    return Ok(None);
+                    return Err(error);
                 }
             };
             let found = Found {
@@ -231,10 +231,22 @@ impl Inner {
         .collect()
         .await;
         let mut extensions = Vec::new();
+        let mut first_failure = None;
         for item in listed {
-            extensions.extend(item?);
+            match item {
+                Ok(listed) => extensions.extend(listed),
+                Err(error @ RegistryError::BackendSuspended { .. }) => return Err(error),
+                Err(error) => {
+                    first_failure.get_or_insert(error);
+                }
+            }
         }
-        Ok(extensions)
+        // Nothing listed while a repository failed is no listing: the error goes to the cache
+        // above, which serves the listing it holds instead of an empty one.
+        match first_failure {
+            Some(error) if extensions.is_empty() => Err(error),
+            _ => Ok(extensions),
+        }
     }
 
     /// The key of an extension repository that should be shown, `None` for any other.
