@@ -3,11 +3,11 @@
 # `proxy_pass` (1 worker, proxy_buffers 16 64k, no temp files; when nginx is installed) and
 # through the service, as it ships and with one worker as nginx, interleaved round by round;
 # the CPU seconds per GiB the proxy and the service spend (utime+stime deltas from
-# /proc/<pid>/stat), the CPU sha256 alone costs on this machine (the service verifies the
-# bytes on the fly), what the service spends beyond that, and apart from that what its
-# hashing thread and the threads moving the bytes spend, each against the same round's
-# nginx; how long the hashing thread waited for a CPU; and the service's peak RSS while it
-# streams. A failed download stops the script.
+# /proc/<pid>/stat) and the kernel's part of it (stime), the CPU sha256 alone costs on this
+# machine (the service verifies the bytes on the fly), what the service spends beyond that,
+# and apart from that what its hashing thread and the threads moving the bytes spend, each
+# against the same round's nginx; how long the hashing thread waited for a CPU; and the
+# service's peak RSS while it streams. A failed download stops the script.
 # Everything runs on loopback and stops by itself.
 #   usage: benches/oci_download.sh [SIZE_MIB [ROUNDS]]
 #          (default 256 MiB, 3 rounds; needs docker-registry, curl)
@@ -106,21 +106,23 @@ waited_between() {
   awk 'NR == FNR { before[$1] = $2; next } { total += $2 - before[$1] } END { print total + 0 }' \
     <(echo "$1") <(echo "$2")
 }
-# "MiB/s CPU-s/GiB" of one download of URL, CPU counted for process PID (and its children);
-# with FILE, two more figures: the CPU of the threads listed in it, and the time the others
-# waited for a CPU.
+# "MiB/s CPU-s/GiB kernel-s/GiB" of one download of URL, CPU counted for process PID (and its
+# children), all of it and the kernel's part; with FILE, two more figures: the CPU of the
+# threads listed in it, and the time the others waited for a CPU.
 #   fetch URL PID [FILE]
 fetch() {
-  local before after listed=0 waits="" waited=0 speed
+  local before after kernel listed=0 waits="" waited=0 speed
   before=$(cpu_ticks "$2")
+  kernel=$(cpu_ticks "$2" kernel)
   [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3") && waits=$(unlisted_waits "$2" "$3")
   speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1") || return 1
   after=$(cpu_ticks "$2")
+  kernel=$(($(cpu_ticks "$2" kernel) - kernel))
   [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed)) \
     && waited=$(waited_between "$waits" "$(unlisted_waits "$2" "$3")")
-  awk -v s="$speed" -v t=$((after - before)) -v l="$listed" -v w="$waited" -v hz="$hz" \
-    -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
-      printf "%.0f %.3f", s / 1048576, t / hz * 1024 / mib
+  awk -v s="$speed" -v t=$((after - before)) -v k="$kernel" -v l="$listed" -v w="$waited" \
+    -v hz="$hz" -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
+      printf "%.0f %.3f %.3f", s / 1048576, t / hz * 1024 / mib, k / hz * 1024 / mib
       if (with != "") printf " %.3f %.3f", l / hz * 1024 / mib, w / 1e9 * 1024 / mib }'
 }
 # sha256 alone: in memory, as the service hashes what it has received. OpenSSL's SHA-NI digest
@@ -145,17 +147,19 @@ echo "artifact: ${size_mib} MiB, $rounds rounds; load: $(uptime)"
 direct=$(curl -fsS -o /dev/null -w '%{speed_download}' "$blob" | awk '{printf "%.0f", $1/1048576}')
 echo "straight from the registry: ${direct} MiB/s"
 echo "sha256 alone ($sha_how): $sha_cpu CPU s/GiB, $sha_speed MiB/s"
-# One row per download, interleaved round by round. For the service, what it spends beyond
-# sha256 alone (the line above), and apart from that the CPU of its hashing thread and of
-# the threads that moved the bytes, each "moving" figure also against the same round's nginx.
-# "waited": the time the hashing thread was ready to run and waited for a CPU. The digest is
-# the slowest step of a large download, so a download takes about its hashing plus that wait.
-printf '%-5s %-28s %6s %9s %13s %7s %8s %7s %7s %7s\n' round path MiB/s "CPU s/GiB" \
-  "beyond sha256" "x nginx" "hashing" waited moving "x nginx"
+# One row per download, interleaved round by round, with the part of the CPU spent in the
+# kernel (its copies into and out of the sockets, loopback TCP). For the service, what it
+# spends beyond sha256 alone (the line above), and apart from that the CPU of its hashing
+# thread and of the threads that moved the bytes, each "moving" figure also against the same
+# round's nginx. "waited": the time the hashing thread was ready to run and waited for a CPU.
+# The digest is the slowest step of a large download, so a download takes about its hashing
+# plus that wait.
+printf '%-5s %-28s %6s %9s %6s %13s %7s %8s %7s %7s %7s\n' round path MiB/s "CPU s/GiB" \
+  kernel "beyond sha256" "x nginx" "hashing" waited moving "x nginx"
 row() {
-  local speed cpu movers waited
-  read -r speed cpu movers waited <<<"$3"
-  printf '%-5s %-28s %6s %9s' "$1" "$2" "$speed" "$cpu"
+  local speed cpu kernel movers waited
+  read -r speed cpu kernel movers waited <<<"$3"
+  printf '%-5s %-28s %6s %9s %6s' "$1" "$2" "$speed" "$cpu" "$kernel"
   if [ -n "$movers" ]; then
     awk -v c="$cpu" -v m="$movers" -v w="$waited" -v h="$sha_cpu" -v n="$4" 'BEGIN {
       x = n == "" || n == 0 ? "-" : sprintf("%.2f", (c - h) / n)
@@ -169,7 +173,7 @@ for round in $(seq "$rounds"); do
   if [ -n "$proxy" ]; then
     nginx=$(fetch "$proxy" "$ngx")
     row "$round" "nginx proxy_pass" "$nginx"
-    nginx=${nginx#* }
+    read -r _ nginx _ <<<"$nginx"
   fi
   shipped=$(fetch "${svc_url[0]}" "${svc_pid[0]}" "$work/movers-0")
   row "$round" "service (sha256 verified)" "$shipped" "$nginx"

@@ -50,12 +50,13 @@ TOML
 }
 
 # utime+stime (clock ticks, `getconf CLK_TCK` a second) of process PID and its children
-# (nginx's worker).
-#   cpu_ticks PID
+# (nginx's worker); with `kernel`, stime alone (system calls and the kernel's work for them).
+#   cpu_ticks PID [kernel]
 cpu_ticks() {
-  local total=0 p
+  local total=0 p fields='$14 + $15'
+  [ "${2:-}" = kernel ] && fields='$15'
   for p in $1 $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    total=$((total + $(awk "{print $fields}" "/proc/$p/stat")))
   done
   echo "$total"
 }
