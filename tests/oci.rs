@@ -878,18 +878,22 @@ fn storage_refused() -> RegistryError {
 
 #[tokio::test]
 async fn a_bearer_challenge_from_storage_gets_no_credentials_and_no_token_is_kept() {
-    for bytes in [artifact(54, 5000), artifact(55, LARGE)] {
-        a_bearer_challenge_from_storage_is_a_backend_failure(&bytes).await;
+    for storage in [Storage::Foreign, Storage::Beside] {
+        for bytes in [artifact(54, 5000), artifact(55, LARGE)] {
+            a_bearer_challenge_from_storage_is_a_backend_failure(&bytes, storage(Demand::Bearer))
+                .await;
+        }
     }
 }
 
-async fn a_bearer_challenge_from_storage_is_a_backend_failure(bytes: &[u8]) {
+async fn a_bearer_challenge_from_storage_is_a_backend_failure(bytes: &[u8], storage: Storage) {
     let (front, _reg, backend) = behind_a_front(bytes).await;
     let aws = key(ExtensionType::Provider, "aws");
 
-    // Storage on another host names a realm on the registry's own origin: its challenge is
-    // not the registry's, so neither the basic credentials nor a token exchange follow it.
-    front.set_storage(Storage::Foreign(Demand::Bearer));
+    // Storage on another host, or on the registry's origin outside its API, names a realm on
+    // the registry's own origin: its challenge is not the registry's, so neither the basic
+    // credentials nor a token exchange follow it.
+    front.set_storage(storage);
     let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
     assert_eq!(err, storage_refused());
     let seen = front.seen();
@@ -911,12 +915,14 @@ async fn a_bearer_challenge_from_storage_is_a_backend_failure(bytes: &[u8]) {
 
 #[tokio::test]
 async fn a_basic_challenge_from_storage_leaves_a_token_registry_on_tokens() {
-    for bytes in [artifact(56, 5000), artifact(57, LARGE)] {
-        a_basic_challenge_from_storage_changes_nothing(&bytes).await;
+    for storage in [Storage::Foreign, Storage::Beside] {
+        for bytes in [artifact(56, 5000), artifact(57, LARGE)] {
+            a_basic_challenge_from_storage_changes_nothing(&bytes, storage(Demand::Basic)).await;
+        }
     }
 }
 
-async fn a_basic_challenge_from_storage_changes_nothing(bytes: &[u8]) {
+async fn a_basic_challenge_from_storage_changes_nothing(bytes: &[u8], storage: Storage) {
     let front = Front::start().await;
     let reg = Registry::start_behind(
         &front,
@@ -935,7 +941,7 @@ async fn a_basic_challenge_from_storage_changes_nothing(bytes: &[u8]) {
     let backend = OciBackend::new(&config).unwrap();
     let aws = key(ExtensionType::Provider, "aws");
 
-    front.set_storage(Storage::Foreign(Demand::Basic));
+    front.set_storage(storage);
     let err = download(&backend, &aws, "1.0.0").await.unwrap_err();
     assert_eq!(err, storage_refused());
 

@@ -454,10 +454,11 @@ impl Client {
             if status != StatusCode::UNAUTHORIZED {
                 return Err(failure(response, what).await);
             }
-            if answered_by.origin() != self.base.origin() {
-                // Only the registry's challenge is acted on: storage a redirect led to would
-                // otherwise name the realm the credentials go to and the token kept for this
-                // scope, or switch every later call to basic credentials.
+            if !self.carries_credentials(&answered_by, scope) {
+                // Only the registry's challenge is acted on, from its API for this scope:
+                // storage a redirect led to, on another host or on the registry's own outside
+                // its API, would otherwise name the realm the credentials go to and the token
+                // kept for this scope, or switch every later call to basic credentials.
                 tracing::warn!(%what, "a host a redirect led to answered 401");
                 return Err(CallError::broken(format!(
                     "{what} redirect target answered {status}"

@@ -36,6 +36,9 @@ pub enum Storage {
     /// A `307` to storage on another host (`localhost` instead of `127.0.0.1`, on the front's
     /// port), which answers `401` with this challenge.
     Foreign(Demand),
+    /// A `307` to storage on the front's own origin, outside the registry's API
+    /// (`/foreign/…`), which answers `401` with this challenge.
+    Beside(Demand),
 }
 
 /// What the storage of [`Storage::Foreign`] asks for.
@@ -194,11 +197,14 @@ impl State {
                     "http://localhost:{}/foreign{path}",
                     self.addr.port()
                 )),
+                Storage::Beside(_) => temporary_redirect(&format!("/foreign{path}")),
             };
         }
         if path.starts_with("/foreign/") {
             let challenge = match *self.storage.lock().expect("storage") {
-                Storage::Foreign(Demand::Basic) => r#"Basic realm="storage""#.to_owned(),
+                Storage::Foreign(Demand::Basic) | Storage::Beside(Demand::Basic) => {
+                    r#"Basic realm="storage""#.to_owned()
+                }
                 _ => format!(
                     r#"Bearer realm="http://{}/token",service="storage""#,
                     self.addr
