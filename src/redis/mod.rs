@@ -13,7 +13,7 @@
 //! takes a write. The connection reconnects by itself after an I/O error (redis-rs's
 //! `ConnectionManager`); one that failed otherwise (a handshake refused: a wrong password, a
 //! server that answered something that is not RESP) keeps giving its failure back, so each
-//! failed probe puts a new connection in its place.
+//! probe answered with a failure (not a time-out) puts a new connection in its place.
 
 pub mod bus;
 pub mod cache;
@@ -237,8 +237,8 @@ fn failure(e: &redis::RedisError) -> (&'static str, bool) {
 }
 
 /// Writes the probe key until Redis takes it, then marks it available; ends with the
-/// application. After each failure the connection is replaced by a new one, which the next
-/// probe makes (see the module documentation). Its first failure is logged, with the reason:
+/// application. After each failed answer (not a time-out) the connection is replaced by a new
+/// one, which the next probe makes (see the module documentation). Its first failure is logged, with the reason:
 /// a Redis that never answers from start (or refuses this key) shows in the log.
 async fn probe(inner: Weak<Inner>) {
     let mut failed_before = false;
@@ -266,13 +266,17 @@ async fn probe(inner: Weak<Inner>) {
                 tracing::info!("redis available");
                 return;
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => {
+                // A connection that answered with a failure is replaced; one still connecting
+                // (a slow handshake) is left to finish for the next probe.
+                inner.renew_connection();
+                e.to_string()
+            }
             Err(_) => "timed out".to_owned(),
         };
         if !std::mem::replace(&mut failed_before, true) {
             tracing::warn!(%reason, "redis probe failed; probing each second until it succeeds");
         }
-        inner.renew_connection();
         drop(inner);
         tokio::time::sleep(PROBE_INTERVAL).await;
     }
