@@ -298,24 +298,38 @@ mod tests {
         }
     }
 
+    /// A rendering of `[0]` from `source`, made by hand to sit in a slot of recent ones only.
+    fn slotted(renderings: &Renderings, source: &Arc<Vec<i32>>) -> Arc<Rendering> {
+        let source: Arc<dyn Any + Send + Sync> = source.clone();
+        let rendering = Arc::new(Rendering {
+            key: "a".into(),
+            source: Arc::downgrade(&source),
+            representation: Arc::new(representation(b"[0]".to_vec(), None)),
+            total: None,
+        });
+        renderings.recent.keep(&rendering.key, &rendering, 0);
+        rendering
+    }
+
+    /// The slots hold renderings weakly, so what the memo dropped is rendered again. The
+    /// rendering is put in a slot by hand rather than dropped from the memo: moka frees a
+    /// removed entry when crossbeam-epoch's collector next runs, which other threads put off.
     #[test]
-    fn what_the_memo_dropped_is_rendered_again() {
+    fn what_only_a_recent_slot_holds_is_rendered_again() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
         let value = Arc::new(vec![1, 2, 3]);
-        let first = answer(&renderings, "a", Keep::Always, &value);
-        renderings.memo.invalidate("a");
-        renderings.memo.run_pending_tasks();
-        let mut rendered = false;
-        let again = renderings.respond("a".into(), Keep::Always, &value, |v| {
-            rendered = true;
-            json(v)
-        });
-        assert!(
-            rendered,
-            "a slot of recent renderings kept what the memo dropped"
+        let held = slotted(&renderings, &value);
+        let served = answer(&renderings, "a", Keep::Always, &value);
+        assert!(Arc::ptr_eq(&served, &held.representation));
+
+        let renderings = Renderings::new(1 << 20, Duration::from_secs(60));
+        drop(slotted(&renderings, &value));
+        let again = answer(&renderings, "a", Keep::Always, &value);
+        assert_eq!(
+            &again.bytes()[..],
+            b"[1,2,3]",
+            "a slot of recent renderings kept a rendering alive"
         );
-        let again = again.extensions().get::<Arc<Representation>>().unwrap();
-        assert!(!Arc::ptr_eq(&first, again));
     }
 
     #[test]
