@@ -1,8 +1,8 @@
 //! The cached path through the full stack, in process: `stack::app` with every layer the
 //! default configuration turns on (cache, compression, CORS, rate limit), over a backend of
 //! 150 extensions, cache warm; and a client over its quota answered 429. Plus what a first rendering costs (the work a warm hit skips),
-//! the router, the longest query a client may send, the version ordering alone, and batch
-//! resolves over an extension of 8,000 versions.
+//! the router, the longest query a client may send, the version ordering alone, and resolves
+//! (one by GET, batches by POST) over an extension of 8,000 versions.
 //!
 //! `cargo bench --bench cached_path -- --warm-up-time 1 --measurement-time 3`
 //!
@@ -245,9 +245,9 @@ fn big_backend() -> BackendService {
     }))
 }
 
-/// Batches of requirements of one constraint on that extension, through the full stack,
-/// versions cached: the matching is all the work.
-fn batch_resolve(c: &mut Criterion) {
+/// Requirements of one constraint on that extension, alone and in batches, through the full
+/// stack, versions cached: the matching is all the work.
+fn resolve(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -274,6 +274,25 @@ fn batch_resolve(c: &mut Criterion) {
     ];
     let mut group = c.benchmark_group("resolve");
     group.sample_size(10);
+    // One requirement by GET: the newest version matches at once; or none does, and the
+    // answer names the nearest.
+    for (name, constraint, expected) in [
+        ("get_caret", "%5E1.2", StatusCode::OK),
+        ("get_lt0", "%3C0", StatusCode::NOT_FOUND),
+    ] {
+        let uri = format!("/api/v1/resolve/provider/big?constraint={constraint}");
+        let get = || {
+            Request::get(&uri)
+                .body(body::empty())
+                .expect("valid request")
+        };
+        let (status, _) = rt.block_on(call(&app, get()));
+        assert_eq!(status, expected, "{name}");
+        group.bench_function(name, |b| {
+            b.to_async(&rt)
+                .iter(|| async { black_box(call(&app, get()).await) })
+        });
+    }
     for (name, constraint, n, expected) in cases {
         let requirement =
             serde_json::json!({"type": "provider", "name": "big", "constraint": constraint});
@@ -323,6 +342,6 @@ criterion_group!(
     router,
     longest_query,
     version_ordering,
-    batch_resolve
+    resolve
 );
 criterion_main!(benches);

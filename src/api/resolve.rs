@@ -20,7 +20,7 @@ use crate::body::Body;
 use crate::error::ApiError;
 use crate::middleware::rate_limit::QuotaCharge;
 use crate::registry::constraint::Constraint;
-use crate::registry::version::{parse_all, ParsedVersion};
+use crate::registry::version::{parse_lazily, ParsedVersion};
 use crate::registry::{
     BackendRequest, ExtensionKey, ExtensionName, ExtensionType, SourceSelector, Version,
 };
@@ -147,7 +147,7 @@ impl Call<'_> {
             })
             .await?;
         let versions = response.into_versions()?;
-        let resolved = filter.pick(&key, &parse_all(&versions))?;
+        let resolved = filter.pick(&key, &parse_lazily(&versions))?;
         let response = self.represent(memo, Keep::Always, &versions, |_| rendered(&resolved));
         Ok(self.cacheable(response, stale))
     }
@@ -288,7 +288,7 @@ where
     for (requirement, checked) in plan.requirements.into_iter().zip(checked) {
         let outcome = checked.and_then(|(key, filter, list)| {
             let versions = lists[list].as_ref().map_err(ApiError::clone)?;
-            let parsed = parsed[list].get_or_insert_with(|| parse_all(versions));
+            let parsed = parsed[list].get_or_insert_with(|| parse_lazily(versions));
             filter.pick(&key, parsed)
         });
         match outcome {

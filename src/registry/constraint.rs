@@ -22,7 +22,7 @@ use std::cmp::Ordering;
 
 use semver::{Prerelease, Version as Semver};
 
-use crate::registry::version::{parse_all, parse_semver, ParsedVersion};
+use crate::registry::version::{parse_semver, ParsedVersion};
 use crate::registry::{Version, VersionTag};
 
 /// Longest constraint accepted, in bytes.
@@ -392,16 +392,16 @@ impl Constraint {
         match &self.kind {
             Kind::Tag(wanted) => v.version.version == *wanted,
             Kind::Alternatives(sets) => v
-                .semver
-                .as_ref()
+                .semver()
                 .is_some_and(|s| sets.iter().any(|set| set.matches(s, prerelease))),
         }
     }
 
     /// The versions that satisfy the constraint, in the order given.
     pub fn select<'v>(&self, versions: &'v [Version], prerelease: bool) -> Vec<&'v Version> {
-        parse_all(versions)
-            .into_iter()
+        versions
+            .iter()
+            .map(ParsedVersion::new)
             .filter(|v| self.matches(v, prerelease))
             .map(|v| v.version)
             .collect()
@@ -445,7 +445,7 @@ impl Constraint {
         };
         let mut semvers: Vec<(&Semver, &'v str)> = versions
             .iter()
-            .filter_map(|v| Some((v.semver.as_ref()?, v.version.version.as_str())))
+            .filter_map(|v| Some((v.semver()?, v.version.version.as_str())))
             .collect();
         let Some(pivot) = pivot.filter(|_| !semvers.is_empty()) else {
             return versions
@@ -474,6 +474,7 @@ impl Constraint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::version::parse_lazily;
     use crate::registry::Timestamp;
 
     /// The version set every case is matched against, newest first as backends answer.
@@ -655,7 +656,7 @@ mod tests {
     #[test]
     fn the_best_is_the_highest_match() {
         let vs = versions();
-        let parsed = parse_all(&vs);
+        let parsed = parse_lazily(&vs);
         let best = |c: &str, pre| {
             Constraint::parse(c)
                 .unwrap()
@@ -673,7 +674,7 @@ mod tests {
     #[test]
     fn one_scan_finds_the_best_and_the_prerelease_that_would_match() {
         let vs = versions();
-        let parsed = parse_all(&vs);
+        let parsed = parse_lazily(&vs);
         let first = |c: &Constraint, pre| c.select(&vs, pre).first().map(|v| v.version.clone());
         for text in [
             "^1.2",
@@ -715,6 +716,22 @@ mod tests {
     }
 
     #[test]
+    fn a_scan_reads_no_tag_past_its_match() {
+        let vs = versions();
+        let parsed = parse_lazily(&vs);
+        let best = Constraint::parse("^2").unwrap().pick(&parsed, false).best;
+        assert_eq!(best.map(|v| v.version.as_str()), Some("2.1.0"));
+        assert!(parsed[0].was_read());
+        assert!(parsed[1..].iter().all(|v| !v.was_read()));
+
+        assert_eq!(
+            Constraint::parse("^3").unwrap().pick(&parsed, false).best,
+            None
+        );
+        assert!(parsed.iter().all(ParsedVersion::was_read));
+    }
+
+    #[test]
     fn comparisons_count_comparators_and_alternatives() {
         let comparisons = |c: &str| Constraint::parse(c).unwrap().comparisons();
         assert_eq!(comparisons("^1.2"), 2);
@@ -728,7 +745,7 @@ mod tests {
     #[test]
     fn nearest_versions_surround_what_was_asked() {
         let vs = versions();
-        let parsed = parse_all(&vs);
+        let parsed = parse_lazily(&vs);
         let nearest = |c: &str| Constraint::parse(c).unwrap().nearest(&parsed, 4);
         assert_eq!(nearest("~1.5"), ["2.0.0-rc.1", "1.10.0", "1.4.7", "1.4.0"]);
         assert_eq!(nearest("^3"), ["2.1.0", "2.0.0", "2.0.0-rc.1", "1.10.0"]);

@@ -1,7 +1,8 @@
 //! The one version ordering every backend uses: semver (a leading `v` tolerated) newest first,
 //! then tags that are not semver, newest published first; and the choice of an extension's
-//! current version; and versions read as semver once, for matching them against constraints.
+//! current version; and versions read as semver at most once, for matching them against constraints.
 
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 
 use crate::registry::Version;
@@ -12,31 +13,44 @@ pub fn parse_semver(tag: &str) -> Option<semver::Version> {
     semver::Version::parse(bare).ok()
 }
 
-/// A version with its tag read as semver, so that matching it against constraints only
-/// compares.
+/// A version with its tag read as semver when first asked, at most once, so that matching it
+/// against constraints only compares, and a scan that stops early reads no further.
 #[derive(Clone, Debug)]
 pub struct ParsedVersion<'v> {
     pub version: &'v Version,
-    /// `None` for a tag that is not semver.
-    pub semver: Option<semver::Version>,
+    semver: OnceCell<Option<semver::Version>>,
 }
 
-impl ParsedVersion<'_> {
+impl<'v> ParsedVersion<'v> {
+    pub fn new(version: &'v Version) -> Self {
+        Self {
+            version,
+            semver: OnceCell::new(),
+        }
+    }
+
+    /// The tag as semver; `None` for a tag that is not semver.
+    pub fn semver(&self) -> Option<&semver::Version> {
+        self.semver
+            .get_or_init(|| parse_semver(&self.version.version))
+            .as_ref()
+    }
+
+    /// Whether its tag has been read yet.
+    #[cfg(test)]
+    pub fn was_read(&self) -> bool {
+        self.semver.get().is_some()
+    }
+
     /// Whether it is a semver prerelease (`2.0.0-rc.1`).
     pub fn is_prerelease(&self) -> bool {
-        self.semver.as_ref().is_some_and(|s| !s.pre.is_empty())
+        self.semver().is_some_and(|s| !s.pre.is_empty())
     }
 }
 
-/// Reads every tag as semver, once, keeping the order given.
-pub fn parse_all(versions: &[Version]) -> Vec<ParsedVersion<'_>> {
-    versions
-        .iter()
-        .map(|version| ParsedVersion {
-            version,
-            semver: parse_semver(&version.version),
-        })
-        .collect()
+/// Every version, each to be read as semver when first asked, in the order given.
+pub fn parse_lazily(versions: &[Version]) -> Vec<ParsedVersion<'_>> {
+    versions.iter().map(ParsedVersion::new).collect()
 }
 
 /// Orders two versions newest first.
