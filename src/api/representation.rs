@@ -311,9 +311,9 @@ mod tests {
         rendering
     }
 
-    /// The slots hold renderings weakly, so what the memo dropped is rendered again. The
-    /// rendering is put in a slot by hand rather than dropped from the memo: moka frees a
-    /// removed entry when crossbeam-epoch's collector next runs, which other threads put off.
+    /// The slots hold renderings weakly, so what the memo dropped, once freed, is rendered
+    /// again. The rendering is put in a slot by hand rather than dropped from the memo: moka
+    /// frees a removed entry when crossbeam-epoch collects it, which other threads' pins put off.
     #[test]
     fn what_only_a_recent_slot_holds_is_rendered_again() {
         let renderings = Renderings::new(1 << 20, Duration::from_secs(60));

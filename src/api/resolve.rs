@@ -2,7 +2,8 @@
 //! highest version satisfying a constraint, `POST /api/v1/resolve` a whole plan of
 //! requirements in one round trip, and `?constraint=` on the versions route filters the list
 //! by the same rules ([`crate::registry::constraint`]). Every answer comes from the cached
-//! versions of each extension, each read as semver once per request.
+//! versions of each extension, each read as semver at most once per request, when a scan
+//! reaches it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -199,7 +200,8 @@ fn invalid_body(reason: impl std::fmt::Display) -> ApiError {
 
 /// `POST /api/v1/resolve`: resolves every requirement and answers 200 with the results and
 /// the failures, each in request order. The versions of each extension (and source) it names
-/// are asked for once, at most [`BATCH_CONCURRENCY`] at once, and read as semver once; a
+/// are asked for once, at most [`BATCH_CONCURRENCY`] at once, and read as semver at most
+/// once for the whole batch; a
 /// batch that would make more than [`MAX_COMPARISONS`] is refused before any is made. A
 /// batch of n requirements costs n requests of the client's quota (see `QuotaCharge`).
 pub(super) async fn batch<B>(

@@ -4,7 +4,9 @@
 //! instructions on every cached request).
 //!
 //! A slot holds its value *weakly*, so that the cache alone decides what stays: a value the
-//! cache dropped is not served from a slot, and keeps only its allocation's header alive
+//! cache dropped and freed is not served from a slot (moka frees a removed value once
+//! crossbeam-epoch collects it, so until then a slot may still find it; callers check what
+//! they find against its source or generation), and keeps only its allocation's header alive
 //! there, beside the slot's copy of its key, until the slot is taken again. So beyond the
 //! slots themselves a cache's slots hold at most [`SLOTS`] keys the cache may have let go.
 //! One hit in [`TOLD_EVERY`] is to be looked up in the cache as well, so that its policy (and
