@@ -238,8 +238,9 @@ fn failure(e: &redis::RedisError) -> (&'static str, bool) {
 
 /// Writes the probe key until Redis takes it, then marks it available; ends with the
 /// application. After each failed answer (not a time-out) the connection is replaced by a new
-/// one, which the next probe makes (see the module documentation). Its first failure is logged, with the reason:
-/// a Redis that never answers from start (or refuses this key) shows in the log.
+/// one, which the next probe makes (see the module documentation). Its first failure is
+/// logged, with the reason: a Redis that never answers from start (or refuses this key) shows
+/// in the log.
 async fn probe(inner: Weak<Inner>) {
     let mut failed_before = false;
     loop {

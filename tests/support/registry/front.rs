@@ -41,7 +41,7 @@ pub enum Storage {
     Beside(Demand),
 }
 
-/// What the storage of [`Storage::Foreign`] asks for.
+/// What the storage of [`Storage::Foreign`] and [`Storage::Beside`] asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Demand {
     /// `Bearer`, naming as realm the front's own `/token`, on the registry's origin.
