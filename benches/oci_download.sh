@@ -28,7 +28,8 @@ trap cleanup EXIT
 reg_port=$(free_port)
 registry_config "$work" "$reg_port" > "$work/registry.yml"
 docker-registry serve "$work/registry.yml" 2>"$work/registry.log" &
-pids+=($!)
+reg_pid=$!
+pids+=("$reg_pid")
 wait_http "http://127.0.0.1:$reg_port/v2/"
 
 repo=bench/big-provider
@@ -78,6 +79,7 @@ if command -v nginx >/dev/null; then
 fi
 
 hz=$(getconf CLK_TCK)
+cores=$(nproc)
 # utime+stime ticks of the threads of process PID listed in FILE.
 #   listed_ticks PID FILE
 listed_ticks() {
@@ -106,23 +108,29 @@ waited_between() {
   awk 'NR == FNR { before[$1] = $2; next } { total += $2 - before[$1] } END { print total + 0 }' \
     <(echo "$1") <(echo "$2")
 }
-# "MiB/s CPU-s/GiB kernel-s/GiB" of one download of URL, CPU counted for process PID (and its
-# children), all of it and the kernel's part; with FILE, two more figures: the CPU of the
-# threads listed in it, and the time the others waited for a CPU.
+# "MiB/s CPU-s/GiB kernel-s/GiB others-s/GiB" of one download of URL, CPU counted for process
+# PID (and its children), all of it and the kernel's part, then what the registry and the
+# client (curl) spent beside it; with FILE, two more figures: the CPU of the threads listed in
+# it, and the time the others waited for a CPU.
 #   fetch URL PID [FILE]
 fetch() {
-  local before after kernel listed=0 waits="" waited=0 speed
+  local before after kernel listed=0 waits="" waited=0 speed registry client
   before=$(cpu_ticks "$2")
   kernel=$(cpu_ticks "$2" kernel)
+  registry=$(cpu_ticks "$reg_pid")
   [ -n "${3:-}" ] && listed=$(listed_ticks "$2" "$3") && waits=$(unlisted_waits "$2" "$3")
-  speed=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1") || return 1
+  speed=$( { TIMEFORMAT='%U %S'; time curl -fsS -o /dev/null -w '%{speed_download}' "$1"; } \
+    2>"$work/client-time") || { cat "$work/client-time" >&2; return 1; }
   after=$(cpu_ticks "$2")
   kernel=$(($(cpu_ticks "$2" kernel) - kernel))
+  registry=$(($(cpu_ticks "$reg_pid") - registry))
+  read -r client < <(awk '{print $1 + $2}' "$work/client-time")
   [ -n "${3:-}" ] && listed=$(($(listed_ticks "$2" "$3") - listed)) \
     && waited=$(waited_between "$waits" "$(unlisted_waits "$2" "$3")")
   awk -v s="$speed" -v t=$((after - before)) -v k="$kernel" -v l="$listed" -v w="$waited" \
-    -v hz="$hz" -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
-      printf "%.0f %.3f %.3f", s / 1048576, t / hz * 1024 / mib, k / hz * 1024 / mib
+    -v r="$registry" -v c="$client" -v hz="$hz" -v mib="$size_mib" -v with="${3:-}" 'BEGIN {
+      printf "%.0f %.3f %.3f %.3f", s / 1048576, t / hz * 1024 / mib, k / hz * 1024 / mib,
+        (r / hz + c) * 1024 / mib
       if (with != "") printf " %.3f %.3f", l / hz * 1024 / mib, w / 1e9 * 1024 / mib }'
 }
 # sha256 alone: in memory, as the service hashes what it has received. OpenSSL's SHA-NI digest
@@ -148,18 +156,23 @@ direct=$(curl -fsS -o /dev/null -w '%{speed_download}' "$blob" | awk '{printf "%
 echo "straight from the registry: ${direct} MiB/s"
 echo "sha256 alone ($sha_how): $sha_cpu CPU s/GiB, $sha_speed MiB/s"
 # One row per download, interleaved round by round, with the part of the CPU spent in the
-# kernel (its copies into and out of the sockets, loopback TCP). For the service, what it
+# kernel (its copies into and out of the sockets, loopback TCP), what the registry and the
+# client spent beside it ("others"), and the ceiling all of that leaves: the MiB/s this
+# machine's cores could carry if every one of them were busy with the download and nothing
+# else, and nothing waited on anything. For the service, what it
 # spends beyond sha256 alone (the line above), and apart from that the CPU of its hashing
 # thread and of the threads that moved the bytes, each "moving" figure also against the same
 # round's nginx. "waited": the time the hashing thread was ready to run and waited for a CPU.
 # The digest is the slowest step of a large download, so a download takes about its hashing
 # plus that wait.
-printf '%-5s %-28s %6s %9s %6s %13s %7s %8s %7s %7s %7s\n' round path MiB/s "CPU s/GiB" \
-  kernel "beyond sha256" "x nginx" "hashing" waited moving "x nginx"
+printf '%-5s %-28s %6s %9s %6s %6s %7s %13s %7s %8s %7s %7s %7s\n' round path MiB/s \
+  "CPU s/GiB" kernel others ceiling "beyond sha256" "x nginx" hashing waited moving "x nginx"
 row() {
-  local speed cpu kernel movers waited
-  read -r speed cpu kernel movers waited <<<"$3"
-  printf '%-5s %-28s %6s %9s %6s' "$1" "$2" "$speed" "$cpu" "$kernel"
+  local speed cpu kernel others movers waited
+  read -r speed cpu kernel others movers waited <<<"$3"
+  awk -v r="$1" -v p="$2" -v s="$speed" -v c="$cpu" -v k="$kernel" -v o="$others" \
+    -v n="$cores" 'BEGIN {
+      printf "%-5s %-28s %6s %9s %6s %6.3f %7.0f", r, p, s, c, k, o, n * 1024 / (c + o) }'
   if [ -n "$movers" ]; then
     awk -v c="$cpu" -v m="$movers" -v w="$waited" -v h="$sha_cpu" -v n="$4" 'BEGIN {
       x = n == "" || n == 0 ? "-" : sprintf("%.2f", (c - h) / n)
