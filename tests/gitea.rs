@@ -1440,6 +1440,28 @@ async fn the_pages_of_one_list_are_read_up_to_32_mib_in_all() {
     assert!((62..=64).contains(&pages), "{pages}");
 }
 
+#[tokio::test]
+async fn a_listing_that_meets_a_rate_limit_fails_as_suspended_not_with_holes() {
+    // A rate-limiting proxy's budget runs out in the middle of the listing: one repository's
+    // releases are refused with 429. Leaving it out would cache a listing with a hole as
+    // complete; suspended, the cache above serves the listing it holds.
+    let mut repos = seeded_org(3);
+    repos[1].throttled = Some(30);
+    let sim = GiteaSim::start(SimConfig::new(ORG).repos(repos)).await;
+    let b = backend(&sim.gitea_config());
+    let err = list(&b).await.unwrap_err();
+    let RegistryError::BackendSuspended {
+        backend: Source::Gitea,
+        retry_after,
+        ..
+    } = &err
+    else {
+        panic!("a rate limit suspends the listing: {err:?}");
+    };
+    assert_eq!(*retry_after, Duration::from_secs(30));
+    assert_eq!(sim.calls().releases, 3, "{:?}", sim.calls());
+}
+
 /// The whole service over a simulator, with every answer stale as soon as it is cached (TTL 0)
 /// and every refresh waited for, so a failing backend shows at the next request.
 fn service_over(sim: &GiteaSim) -> extension_registry::stack::HttpService {

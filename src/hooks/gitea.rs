@@ -15,7 +15,7 @@ use sha2::Sha256;
 
 use super::{Announcement, Refusal};
 use crate::api::request_body::{object, Object};
-use crate::backend::gitea::extension_of;
+use crate::backend::forge::extension_of;
 use crate::config::Secret;
 
 /// The signature headers, each a hex HMAC-SHA256 of the body, with the prefix its value

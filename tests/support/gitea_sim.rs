@@ -191,6 +191,9 @@ pub struct SimRepo {
     pub archived: bool,
     /// Its releases route answers 500.
     pub failing: bool,
+    /// Its releases route answers 429 with `Retry-After` of this many seconds, as a
+    /// rate-limiting proxy in front of the instance does once its budget runs out mid-listing.
+    pub throttled: Option<u64>,
     /// The repository's topics.
     pub topics: Vec<String>,
     /// In any order; served newest first by creation time.
@@ -208,6 +211,7 @@ impl SimRepo {
             hidden_from_token: false,
             archived: false,
             failing: false,
+            throttled: None,
             topics: Vec::new(),
             releases: Vec::new(),
             id: 0,
@@ -622,6 +626,12 @@ fn text(status: StatusCode, body: &'static str) -> Reply {
     reply(status, "text/plain; charset=utf-8", body)
 }
 
+/// `r` with `Retry-After: {seconds}`.
+fn retry_after(mut r: Reply, seconds: u64) -> Reply {
+    add_header(&mut r, "retry-after", &seconds.to_string());
+    r
+}
+
 /// Gitea's JSON: compact, newline-terminated.
 fn json_reply(status: StatusCode, value: &Value) -> Reply {
     let mut body = serde_json::to_vec(value).expect("json");
@@ -976,6 +986,10 @@ impl State {
         };
         if repo.failing {
             return Err(Box::new(self.server_error_json()));
+        }
+        if let Some(seconds) = repo.throttled {
+            let refusal = text(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests");
+            return Err(Box::new(retry_after(refusal, seconds)));
         }
         let releases = repo
             .releases
@@ -1845,11 +1859,6 @@ pub mod fault_modes {
                 )),
             }
         }
-    }
-
-    fn retry_after(mut r: Reply, seconds: u64) -> Reply {
-        add_header(&mut r, "retry-after", &seconds.to_string());
-        r
     }
 }
 

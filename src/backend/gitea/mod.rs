@@ -12,34 +12,26 @@ use std::time::Duration;
 
 use futures_util::{future, StreamExt};
 use http_body_util::BodyExt;
-use reqwest::header::HeaderValue;
-use reqwest::Url;
 use tower::Service;
 
 use self::client::Api;
-use self::model::{AssetStamp, Candidate, Release, Repository, ServerVersion};
-use crate::backend::{forge, http};
-use crate::config::{ConfigError, GiteaConfig, Secret};
+use self::model::{AssetStamp, Candidate, Release, ServerVersion};
+use crate::backend::forge::{self, Repository, SidecarMemo};
+use crate::backend::http;
+use crate::config::{ConfigError, GiteaConfig};
 use crate::registry::{
     select, version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse,
-    ByteRange, Extension, ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter,
-    RegistryError, Served, Source, VerifyingBody, Version, VersionSelector,
+    ByteRange, Extension, ExtensionKey, HealthReport, ListFilter, RegistryError, Served, Source,
+    VerifyingBody, Version, VersionSelector,
 };
 
-/// The extension a repository of the organization holds, by the naming convention
-/// (`{name}_prov`, `{name}_taskserv`, `{name}_cluster` with a valid name); `None` for any
-/// other repository.
-pub fn extension_of(repository: &str) -> Option<ExtensionKey> {
-    let (ty, name) = forge::split_repo_name(repository)?;
-    let name = ExtensionName::parse(name).ok()?;
-    Some(ExtensionKey { ty, name })
-}
-
-/// Bytes of checksums remembered by the sidecar they were read from (each weighed by
-/// [`SidecarKey::weight`] plus its digest). A sidecar of a published release never changes
-/// (see [`AssetStamp`]), so this only bounds memory: about 300 bytes an entry, so some 28,000
-/// releases' checksums, far more than one instance's extensions carry.
+/// Bytes of checksums remembered by the sidecar they were read from. A sidecar of a published
+/// release never changes (see [`AssetStamp`]), so this only bounds memory: about 300 bytes an
+/// entry, so some 28,000 releases' checksums, far more than one instance's extensions carry.
 pub const SIDECAR_MEMO_BYTES: u64 = 8 * 1024 * 1024;
+
+/// A repository that holds an extension, with the releases that qualify as its versions.
+type Found = forge::Found<model::AssetLink, Option<model::Sidecar>>;
 
 /// The backend. Cheap to clone: the state is shared.
 #[derive(Clone)]
@@ -57,85 +49,34 @@ struct Inner {
     max_concurrency: usize,
     /// Checksums read from sidecars, so a refresh of an unchanged extension costs its pages
     /// only; a replaced sidecar has another stamp and is read again.
-    sidecars: moka::future::Cache<SidecarKey, Arc<str>>,
-}
-
-/// What a remembered checksum was read from: the sidecar's bytes, and the artifact it was
-/// looked up for (a `SHA256SUMS` holds many).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct SidecarKey {
-    /// The sidecar asset's identity.
-    sidecar: AssetStamp,
-    /// The artifact's file name.
-    artifact: String,
-}
-
-impl SidecarKey {
-    fn weight(&self) -> usize {
-        self.sidecar.weight() + self.artifact.len()
-    }
-}
-
-/// The memo of checksums by sidecar, holding at most `bytes` of them by weight.
-fn sidecar_memo(bytes: u64) -> moka::future::Cache<SidecarKey, Arc<str>> {
-    moka::future::Cache::builder()
-        .max_capacity(bytes)
-        .weigher(|key: &SidecarKey, digest: &Arc<str>| {
-            u32::try_from(key.weight() + digest.len()).unwrap_or(u32::MAX)
-        })
-        .build()
-}
-
-/// A repository that holds an extension, with the releases that qualify as its versions.
-struct Found {
-    /// The extension asked for (or listed).
-    key: ExtensionKey,
-    /// Its descriptive fields.
-    repo: Repository,
-    /// Its releases that qualify as versions.
-    candidates: Vec<Candidate>,
+    sidecars: SidecarMemo<AssetStamp>,
 }
 
 impl Gitea {
     /// Builds the backend, reading the token file if one is configured.
     pub fn new(config: &GiteaConfig) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError {
-            file: "[gitea]".into(),
-            message,
-        };
-        let mut root = Url::parse(&config.url).map_err(|e| err(format!("url: {e}")))?;
-        if root.cannot_be_a_base() || !matches!(root.scheme(), "http" | "https") {
-            return Err(err("url: must be an http or https URL".into()));
-        }
-        if !root.path().ends_with('/') {
-            root.set_path(&format!("{}/", root.path()));
-        }
-        let authorization = match &config.token_path {
-            None => None,
-            Some(path) => {
-                let token = Secret::from_file(path, "[gitea] token_path")?;
-                // Lowercase `token`: Forgejo and Gitea before 1.25 ignore other casings.
-                let mut value = HeaderValue::from_str(&format!("token {}", token.expose()))
-                    .map_err(|_| ConfigError {
-                        file: path.display().to_string(),
-                        message: "the token holds characters not allowed in a header".into(),
-                    })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-        };
+        let root = forge::api_root(&config.url, "[gitea]", "url")?;
+        // Lowercase `token`: Forgejo and Gitea before 1.25 ignore other casings.
+        let authorization = config
+            .token_path
+            .as_deref()
+            .map(|path| forge::authorization(path, "[gitea]", "token"))
+            .transpose()?;
         // No redirect is followed by reqwest: `Api` follows them, checking every hop.
         let client = http::client(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
         )
-        .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        .map_err(|e| ConfigError {
+            file: "[gitea]".into(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 api: Api::new(client, root, config.organization.clone(), authorization),
                 include_archived: config.include_archived,
                 max_concurrency: config.max_concurrency.max(1),
-                sidecars: sidecar_memo(SIDECAR_MEMO_BYTES),
+                sidecars: forge::sidecar_memo(SIDECAR_MEMO_BYTES),
             }),
         })
     }
@@ -171,12 +112,12 @@ impl Inner {
     /// One extension at its current version, with that version's checksum.
     async fn get(&self, key: &ExtensionKey) -> Result<Extension, RegistryError> {
         let found = self.find(key).await?;
-        let shown = current(&found)?;
+        let shown = found.current()?;
         let latest = Version {
             checksum: self.checksum_or_none(shown).await,
             ..shown.version.clone()
         };
-        Ok(extension(&found, shown, &latest))
+        Ok(found.extension(Source::Gitea, shown, &latest))
     }
 
     /// Every version with its checksum, newest first.
@@ -196,8 +137,7 @@ impl Inner {
         Ok(versions)
     }
 
-    /// Every extension at its current version. Repositories that fail are logged and left out,
-    /// unless every one that was read failed: then the listing fails with the first failure.
+    /// Every extension at its current version (see [`forge::list`]).
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
         if filter
             .source
@@ -218,64 +158,22 @@ impl Inner {
                     "the configured organization was not found or is not visible",
                 )
             })?;
-        let wanted = repos.into_iter().filter_map(|repo| {
-            let key = self.key_of(&repo)?;
-            let wanted = filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
-            wanted.then_some((key, repo))
-        });
-        let outcomes: Vec<Result<Option<Extension>, RegistryError>> = futures_util::stream::iter(
+        let wanted = repos
+            .into_iter()
+            .filter_map(|repo| {
+                let key = repo.extension(self.include_archived)?;
+                let wanted =
+                    filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
+                wanted.then(|| (key, Arc::new(repo)))
+            })
+            .collect();
+        forge::list(
+            Source::Gitea,
             wanted,
+            self.max_concurrency,
+            |repo| async move { self.candidates(&repo.name).await },
         )
-        .map(|(key, repo)| async move {
-            let candidates = match self.candidates(&repo.name).await {
-                Ok(Some(candidates)) => candidates,
-                Ok(None) => return Ok(None),
-                Err(error) => {
-                    tracing::warn!(repo = %repo.name, %error, "repository left out of the listing");
-                    return Err(error);
-                }
-            };
-            let found = Found {
-                key,
-                repo,
-                candidates,
-            };
-            Ok(current(&found)
-                .ok()
-                .map(|current| extension(&found, current, &current.version)))
-        })
-        .buffer_unordered(self.max_concurrency)
-        .collect()
-        .await;
-        let mut extensions = Vec::new();
-        let mut first_failure = None;
-        for outcome in outcomes {
-            match outcome {
-                Ok(listed) => extensions.extend(listed),
-                Err(error) => {
-                    first_failure.get_or_insert(error);
-                }
-            }
-        }
-        // Nothing listed while a repository failed is no listing: the error goes to the cache
-        // above, which serves the listing it holds instead of an empty one.
-        match first_failure {
-            Some(error) if extensions.is_empty() => Err(error),
-            _ => Ok(extensions),
-        }
-    }
-
-    /// The key of an extension repository that should be shown, `None` for any other.
-    fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
-        forge::split_repo_name(&repo.name)?;
-        if repo.archived && !self.include_archived {
-            return None;
-        }
-        let key = extension_of(&repo.name);
-        if key.is_none() {
-            tracing::warn!(repo = %repo.name, "repository name is not a valid extension name; ignored");
-        }
-        key
+        .await
     }
 
     /// The releases of a repository that qualify as versions; `None` when it is not visible.
@@ -303,11 +201,12 @@ impl Inner {
         .await?;
         match (repo, candidates) {
             (Some(repo), Some(candidates))
-                if !candidates.is_empty() && self.key_of(&repo).as_ref() == Some(key) =>
+                if !candidates.is_empty()
+                    && repo.extension(self.include_archived).as_ref() == Some(key) =>
             {
                 Ok(Found {
                     key: key.clone(),
-                    repo,
+                    repo: Arc::new(repo),
                     candidates,
                 })
             }
@@ -326,13 +225,11 @@ impl Inner {
     /// The artifact's digest from its sidecar, if the release has one: remembered when the
     /// sidecar's bytes are known not to change, else read.
     async fn checksum(&self, candidate: &Candidate) -> Result<Option<String>, RegistryError> {
-        let Some(sidecar) = &candidate.sidecar else {
+        let Some(sidecar) = &candidate.checksum else {
             return Ok(None);
         };
-        let key = sidecar.asset().stamp.clone().map(|stamp| SidecarKey {
-            sidecar: stamp,
-            artifact: candidate.artifact.name.clone(),
-        });
+        let key =
+            (sidecar.asset().stamp.clone()).map(|stamp| (stamp, candidate.artifact.name.clone()));
         if let Some(key) = &key {
             if let Some(digest) = self.sidecars.get(key).await {
                 return Ok(Some(digest.to_string()));
@@ -362,7 +259,7 @@ impl Inner {
                 .object::<Release>(&["repos", org, &repo, "releases", "tags", tag], "release"),
         )
         .await?;
-        if found.is_none_or(|found| self.key_of(&found).as_ref() != Some(key)) {
+        if found.is_none_or(|found| found.extension(self.include_archived).as_ref() != Some(key)) {
             return Err(RegistryError::not_found(key));
         }
         let missing = || RegistryError::NotFound(format!("Version {tag} of {key}"));
@@ -393,7 +290,7 @@ impl Inner {
         open: Option<Option<ByteRange>>,
     ) -> Result<Artifact, RegistryError> {
         let chosen = match selector {
-            VersionSelector::Latest => current(&self.find(key).await?)?.clone(),
+            VersionSelector::Latest => self.find(key).await?.current()?.clone(),
             VersionSelector::Exact(tag) => self.find_tagged(key, tag.as_str()).await?,
         };
         let checksum = self.checksum(&chosen).await?;
@@ -472,41 +369,6 @@ impl Inner {
     }
 }
 
-impl Found {
-    fn candidates_versions(&self) -> Vec<Version> {
-        self.candidates.iter().map(|c| c.version.clone()).collect()
-    }
-
-    fn candidate(&self, tag: &str) -> Option<&Candidate> {
-        self.candidates.iter().find(|c| c.version.version == tag)
-    }
-}
-
-/// The version an extension is shown at, chosen by the domain's ordering.
-fn current(found: &Found) -> Result<&Candidate, RegistryError> {
-    version::current(&found.candidates_versions())
-        .and_then(|v| found.candidate(&v.version))
-        .ok_or_else(|| RegistryError::not_found(&found.key))
-}
-
-/// The API view of an extension whose current version is `current` (shown as `latest`, which
-/// may carry a checksum).
-fn extension(found: &Found, current: &Candidate, latest: &Version) -> Extension {
-    let author = current
-        .author
-        .clone()
-        .filter(|a| !a.is_empty())
-        .or_else(|| found.repo.owner.as_ref().map(|o| o.login.clone()))
-        .unwrap_or_default();
-    let info = ExtensionInfo {
-        description: found.repo.description.clone().unwrap_or_default(),
-        author,
-        repository: found.repo.html_url.clone(),
-        tags: found.repo.topics.clone().unwrap_or_default(),
-    };
-    Extension::new(&found.key, Source::Gitea, info, latest)
-}
-
 impl Service<BackendRequest> for Gitea {
     type Response = BackendResponse;
     type Error = RegistryError;
@@ -525,25 +387,25 @@ impl Service<BackendRequest> for Gitea {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::forge::Weigh;
 
     #[tokio::test]
     async fn the_sidecar_memo_is_bounded_by_bytes() {
-        let memo = sidecar_memo(SIDECAR_MEMO_BYTES);
+        let memo: SidecarMemo<AssetStamp> = forge::sidecar_memo(SIDECAR_MEMO_BYTES);
         let digest: Arc<str> = Arc::from(format!("sha256:{}", "ab".repeat(32)).as_str());
         let mut weight = 0;
         for id in 0..60_000 {
-            let key = SidecarKey {
-                sidecar: AssetStamp {
-                    id,
-                    size: 96,
-                    uuid: Some(format!("8f14e45f-ceea-467f-a0e6-{id:012x}")),
-                    url: format!(
-                        "https://git.example.com/extensions/ext{id}_prov/releases/download/1.0.{id}/ext{id}-1.0.{id}.tar.gz.sha256"
-                    ),
-                },
-                artifact: format!("ext{id}-1.0.{id}.tar.gz"),
+            let stamp = AssetStamp {
+                id,
+                size: 96,
+                uuid: Some(format!("8f14e45f-ceea-467f-a0e6-{id:012x}")),
+                url: format!(
+                    "https://git.example.com/extensions/ext{id}_prov/releases/download/1.0.{id}/ext{id}-1.0.{id}.tar.gz.sha256"
+                ),
             };
-            weight = key.weight() + digest.len();
+            let artifact = format!("ext{id}-1.0.{id}.tar.gz");
+            weight = stamp.weight() + artifact.len() + digest.len();
+            let key = (stamp, artifact);
             memo.insert(key, digest.clone()).await;
         }
         memo.run_pending_tasks().await;

@@ -4,39 +4,8 @@
 
 use serde::Deserialize;
 
-use crate::backend::forge::{choose_assets, SidecarKind};
-use crate::registry::{Timestamp, Version};
-
-/// One repository of `GET /orgs/{org}/repos` or `GET /repos/{owner}/{repo}`.
-#[derive(Debug, Deserialize)]
-pub struct Repository {
-    /// Carries the extension's name and type in its suffix.
-    pub name: String,
-    /// Shown as the extension's description.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Shown as the extension's repository.
-    pub html_url: String,
-    /// Archived repositories are left out unless configured otherwise.
-    #[serde(default)]
-    pub archived: bool,
-    /// The author shown when a release carries none.
-    #[serde(default)]
-    pub owner: Option<User>,
-    /// Non-draft releases: a repository with none costs no releases call.
-    #[serde(default)]
-    pub release_counter: Option<u64>,
-    /// Shown as the extension's tags, so search finds them.
-    #[serde(default)]
-    pub topics: Option<Vec<String>>,
-}
-
-/// A user as embedded in repositories and releases.
-#[derive(Debug, Deserialize)]
-pub struct User {
-    /// Shown as the extension's author.
-    pub login: String,
-}
+use crate::backend::forge::{self, choose_assets, release_date, SidecarKind, User, Weigh};
+use crate::registry::Version;
 
 /// One release of `GET /repos/{owner}/{repo}/releases`.
 #[derive(Debug, Deserialize)]
@@ -113,9 +82,9 @@ pub struct AssetStamp {
     pub url: String,
 }
 
-impl AssetStamp {
+impl Weigh for AssetStamp {
     /// Roughly the heap bytes this stamp holds, for a memo bounded in bytes.
-    pub fn weight(&self) -> usize {
+    fn weight(&self) -> usize {
         std::mem::size_of::<Self>() + self.uuid.as_ref().map_or(0, String::len) + self.url.len()
     }
 }
@@ -171,19 +140,9 @@ impl Sidecar {
     }
 }
 
-/// A release that qualifies as a version: the version as the API shows it (without checksum),
-/// the artifact asset and where its checksum is, if anywhere.
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    /// What the API shows for this version (its checksum is filled in on demand).
-    pub version: Version,
-    /// The artifact asset; its name is offered to clients and looked up in `SHA256SUMS`.
-    pub artifact: AssetLink,
-    /// The release author's login, if Gitea sent one.
-    pub author: Option<String>,
-    /// Where the artifact's sha256 can be read, if the release has it.
-    pub sidecar: Option<Sidecar>,
-}
+/// A release that qualifies as a version: its artifact asset (whose name is offered to clients
+/// and looked up in `SHA256SUMS`) and its checksum file, if the release has one.
+pub type Candidate = forge::Candidate<AssetLink, Option<Sidecar>>;
 
 impl Release {
     /// The release as a version of extension `name` kept in `repo`, or `None` when it is a
@@ -195,11 +154,7 @@ impl Release {
         let assets = self.assets.unwrap_or_default();
         let chosen = choose_assets(&assets, |a| a.name.as_str(), repo, name, &self.tag_name)?;
         let artifact = chosen.artifact;
-        let published_at = [&self.published_at, &self.created_at]
-            .into_iter()
-            .flatten()
-            .find_map(|t| Timestamp::parse_rfc3339(t));
-        let Some(published_at) = published_at else {
+        let Some(published_at) = release_date(&self.published_at, &self.created_at) else {
             tracing::warn!(repo, tag = %self.tag_name, "release has no readable date; left out");
             return None;
         };
@@ -226,7 +181,7 @@ impl Release {
             },
             artifact: artifact_link,
             author: self.author.map(|u| u.login),
-            sidecar,
+            checksum: sidecar,
         })
     }
 }
@@ -281,12 +236,12 @@ mod tests {
         let c = release("1.0", &["x-1.0.tar.gz", "x-1.0.sha256"])
             .into_candidate("x_prov", "x")
             .unwrap();
-        assert!(matches!(c.sidecar, Some(Sidecar::Single(_))));
+        assert!(matches!(c.checksum, Some(Sidecar::Single(_))));
         assert_eq!(c.version.published_at.to_string(), "2025-03-14T09:26:53Z");
         let c = release("1.0", &["SHA256SUMS", "x-1.0.tar.gz"])
             .into_candidate("x_prov", "x")
             .unwrap();
-        assert_eq!(c.sidecar.map(|s| s.kind()), Some(SidecarKind::Sums));
+        assert_eq!(c.checksum.map(|s| s.kind()), Some(SidecarKind::Sums));
     }
 
     #[test]

@@ -13,20 +13,19 @@ use std::time::Duration;
 
 use futures_util::{future, StreamExt};
 use http_body_util::BodyExt;
-use reqwest::header::HeaderValue;
-use reqwest::Url;
 use tower::Service;
 
 pub use self::client::{BACKEND_RATE_LIMIT_REMAINING, BACKEND_REVALIDATIONS_TOTAL, MEMO_BYTES};
 
 use self::client::Api;
-use self::model::{AssetRef, Candidate, Checksum, RateLimitOverview, Release, Repository};
-use crate::backend::{forge, http};
-use crate::config::{ConfigError, GithubConfig, Secret};
+use self::model::{AssetRef, Candidate, Checksum, RateLimitOverview, Release};
+use crate::backend::forge::{self, Repository, SidecarMemo};
+use crate::backend::http;
+use crate::config::{ConfigError, GithubConfig};
 use crate::registry::{
     version, Artifact, BackendFuture, BackendHealth, BackendRequest, BackendResponse, Extension,
-    ExtensionInfo, ExtensionKey, ExtensionName, HealthReport, ListFilter, RegistryError, Served,
-    Source, VerifyingBody, Version, VersionSelector,
+    ExtensionKey, HealthReport, ListFilter, RegistryError, Served, Source, VerifyingBody, Version,
+    VersionSelector,
 };
 
 /// Bytes of checksums remembered by the checksum file they were read from (only for releases
@@ -48,49 +47,30 @@ struct Inner {
     /// Most per-repository calls in flight at once.
     max_concurrency: usize,
     /// Checksums read from checksum files, by the file's identity and the artifact's name.
-    sidecars: moka::future::Cache<(AssetRef, String), Arc<str>>,
+    sidecars: SidecarMemo<AssetRef>,
 }
 
-/// A repository that holds an extension, with the releases that qualify as its versions.
-struct Found {
-    /// The extension asked for (or listed).
-    key: ExtensionKey,
-    /// Its descriptive fields (shared with the client's memo).
-    repo: Arc<Repository>,
-    /// Its releases that qualify as versions.
-    candidates: Vec<Candidate>,
-}
+/// A repository that holds an extension (its fields shared with the client's memo), with the
+/// releases that qualify as its versions.
+type Found = forge::Found<AssetRef, Checksum>;
 
 impl Github {
     /// Builds the backend, reading the token file if one is configured.
     pub fn new(config: &GithubConfig) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError {
-            file: "[github]".into(),
-            message,
-        };
-        let mut root = Url::parse(&config.api_url).map_err(|e| err(format!("api_url: {e}")))?;
-        if root.cannot_be_a_base() || !matches!(root.scheme(), "http" | "https") {
-            return Err(err("api_url: must be an http or https URL".into()));
-        }
-        if !root.path().ends_with('/') {
-            root.set_path(&format!("{}/", root.path()));
-        }
-        let authorization = match &config.token_path {
-            None => None,
-            Some(path) => {
-                let token = Secret::from_file(path, "[github] token_path")?;
-                let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-                    .map_err(|_| ConfigError {
-                        file: path.display().to_string(),
-                        message: "the token holds characters not allowed in a header".into(),
-                    })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-        };
+        let root = forge::api_root(&config.api_url, "[github]", "api_url")?;
+        let authorization = config
+            .token_path
+            .as_deref()
+            .map(|path| forge::authorization(path, "[github]", "Bearer"))
+            .transpose()?;
         // No redirect is followed by reqwest: `send_per_hop` follows them, checking every hop.
-        let client = http::client(Duration::from_secs(config.timeout_seconds), true)
-            .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        let client =
+            http::client(Duration::from_secs(config.timeout_seconds), true).map_err(|e| {
+                ConfigError {
+                    file: "[github]".into(),
+                    message: format!("cannot build the HTTP client: {e}"),
+                }
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 api: Api::new(
@@ -102,15 +82,7 @@ impl Github {
                 ),
                 include_archived: config.include_archived,
                 max_concurrency: config.max_concurrency.max(1),
-                sidecars: moka::future::Cache::builder()
-                    .max_capacity(SIDECAR_MEMO_BYTES)
-                    .weigher(
-                        |(asset, artifact): &(AssetRef, String), digest: &Arc<str>| {
-                            let weight = asset.weight() + artifact.len() + digest.len();
-                            u32::try_from(weight).unwrap_or(u32::MAX)
-                        },
-                    )
-                    .build(),
+                sidecars: forge::sidecar_memo(SIDECAR_MEMO_BYTES),
             }),
         })
     }
@@ -143,12 +115,12 @@ impl Inner {
     /// One extension at its current version, with that version's checksum.
     async fn get(&self, key: &ExtensionKey) -> Result<Extension, RegistryError> {
         let found = self.find(key).await?;
-        let shown = current(&found)?;
+        let shown = found.current()?;
         let latest = Version {
             checksum: self.checksum_or_none(shown).await?,
             ..shown.version.clone()
         };
-        Ok(extension(&found, shown, &latest))
+        Ok(found.extension(Source::Github, shown, &latest))
     }
 
     /// Every version with its checksum, newest first.
@@ -170,10 +142,7 @@ impl Inner {
         Ok(versions)
     }
 
-    /// Every extension at its current version. Repositories that fail are logged and left
-    /// out, unless every one that was read failed (then the listing fails with the first
-    /// failure), or one met a rate limit: then the whole listing fails as suspended. Either
-    /// way the cache above serves what it holds instead of an empty listing or one with holes.
+    /// Every extension at its current version (see [`forge::list`]).
     async fn list(&self, filter: &ListFilter) -> Result<Vec<Extension>, RegistryError> {
         if filter
             .source
@@ -194,74 +163,22 @@ impl Inner {
                     "the configured owner was not found or is not visible",
                 )
             })?;
-        let wanted: Vec<(ExtensionKey, Arc<Vec<Repository>>, usize)> = pages
+        let wanted = pages
             .iter()
-            .flat_map(|page| (0..page.len()).map(move |i| (Arc::clone(page), i)))
-            .filter_map(|(page, i)| {
-                let key = self.key_of(&page[i])?;
-                filter
-                    .ty
-                    .is_none_or(|ty| ty == key.ty)
-                    .then_some((key, page, i))
+            .flat_map(|page| page.iter())
+            .filter_map(|repo| {
+                let key = repo.extension(self.include_archived)?;
+                let wanted = filter.ty.is_none_or(|ty| ty == key.ty);
+                wanted.then(|| (key, Arc::new(repo.clone())))
             })
             .collect();
-        let listed: Vec<Result<Option<Extension>, RegistryError>> = futures_util::stream::iter(
+        forge::list(
+            Source::Github,
             wanted,
+            self.max_concurrency,
+            |repo| async move { self.candidates(&repo.name).await },
         )
-        .map(|(key, page, i)| async move {
-            let name = page[i].name.clone();
-            let candidates = match self.candidates(&name).await {
-                Ok(Some(candidates)) => candidates,
-                Ok(None) => return Ok(None),
-                Err(error) => {
-                    tracing::warn!(repo = %name, %error, "repository left out of the listing");
-                    return Err(error);
-                }
-            };
-            let found = Found {
-                key,
-                repo: Arc::new(page[i].clone()),
-                candidates,
-            };
-            Ok(current(&found)
-                .ok()
-                .map(|current| extension(&found, current, &current.version)))
-        })
-        .buffer_unordered(self.max_concurrency)
-        .collect()
-        .await;
-        let mut extensions = Vec::new();
-        let mut first_failure = None;
-        for item in listed {
-            match item {
-                Ok(listed) => extensions.extend(listed),
-                Err(error @ RegistryError::BackendSuspended { .. }) => return Err(error),
-                Err(error) => {
-                    first_failure.get_or_insert(error);
-                }
-            }
-        }
-        // Nothing listed while a repository failed is no listing: the error goes to the cache
-        // above, which serves the listing it holds instead of an empty one.
-        match first_failure {
-            Some(error) if extensions.is_empty() => Err(error),
-            _ => Ok(extensions),
-        }
-    }
-
-    /// The key of an extension repository that should be shown, `None` for any other.
-    fn key_of(&self, repo: &Repository) -> Option<ExtensionKey> {
-        let (ty, name) = forge::split_repo_name(&repo.name)?;
-        if repo.archived && !self.include_archived {
-            return None;
-        }
-        match ExtensionName::parse(name) {
-            Ok(name) => Some(ExtensionKey { ty, name }),
-            Err(_) => {
-                tracing::warn!(repo = %repo.name, "repository name is not a valid extension name; ignored");
-                None
-            }
-        }
+        .await
     }
 
     /// The releases of a repository that qualify as versions; `None` when it is not visible.
@@ -291,7 +208,8 @@ impl Inner {
         .await?;
         match (repo, candidates) {
             (Some(repo), Some(candidates))
-                if !candidates.is_empty() && self.key_of(&repo.value).as_ref() == Some(key) =>
+                if !candidates.is_empty()
+                    && repo.value.extension(self.include_archived).as_ref() == Some(key) =>
             {
                 Ok(Found {
                     key: key.clone(),
@@ -355,7 +273,7 @@ impl Inner {
     ) -> Result<Artifact, RegistryError> {
         let found = self.find(key).await?;
         let chosen = match selector {
-            VersionSelector::Latest => current(&found)?,
+            VersionSelector::Latest => found.current()?,
             VersionSelector::Exact(tag) => found
                 .candidate(tag.as_str())
                 .ok_or_else(|| RegistryError::NotFound(format!("Version {tag} of {key}")))?,
@@ -414,41 +332,6 @@ impl Inner {
             detail,
         }
     }
-}
-
-impl Found {
-    fn candidates_versions(&self) -> Vec<Version> {
-        self.candidates.iter().map(|c| c.version.clone()).collect()
-    }
-
-    fn candidate(&self, tag: &str) -> Option<&Candidate> {
-        self.candidates.iter().find(|c| c.version.version == tag)
-    }
-}
-
-/// The version an extension is shown at, chosen by the domain's ordering.
-fn current(found: &Found) -> Result<&Candidate, RegistryError> {
-    version::current(&found.candidates_versions())
-        .and_then(|v| found.candidate(&v.version))
-        .ok_or_else(|| RegistryError::not_found(&found.key))
-}
-
-/// The API view of an extension whose current version is `current` (shown as `latest`, which
-/// may carry a checksum).
-fn extension(found: &Found, current: &Candidate, latest: &Version) -> Extension {
-    let author = current
-        .author
-        .clone()
-        .filter(|a| !a.is_empty())
-        .or_else(|| found.repo.owner.as_ref().map(|o| o.login.clone()))
-        .unwrap_or_default();
-    let info = ExtensionInfo {
-        description: found.repo.description.clone().unwrap_or_default(),
-        author,
-        repository: found.repo.html_url.clone(),
-        tags: found.repo.topics.clone().unwrap_or_default(),
-    };
-    Extension::new(&found.key, Source::Github, info, latest)
 }
 
 impl Service<BackendRequest> for Github {

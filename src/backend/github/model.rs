@@ -6,37 +6,10 @@
 
 use serde::Deserialize;
 
-use crate::backend::forge::{choose_assets, is_hex_digest, SidecarKind};
-use crate::registry::{Timestamp, Version};
-
-/// One repository of `GET /orgs/{org}/repos`, `GET /users/{user}/repos` (`minimal-repository`)
-/// or `GET /repos/{owner}/{repo}` (`full-repository`).
-#[derive(Clone, Debug, Deserialize)]
-pub struct Repository {
-    /// Carries the extension's name and type in its suffix.
-    pub name: String,
-    /// Shown as the extension's description.
-    #[serde(default)]
-    pub description: Option<String>,
-    /// Shown as the extension's repository.
-    pub html_url: String,
-    /// Archived repositories are left out unless configured otherwise; missing means `false`.
-    #[serde(default)]
-    pub archived: bool,
-    /// The author shown when a release carries none.
-    #[serde(default)]
-    pub owner: Option<User>,
-    /// Shown as the extension's tags, so search finds them; missing means none.
-    #[serde(default)]
-    pub topics: Option<Vec<String>>,
-}
-
-/// A `simple-user` as embedded in repositories and releases.
-#[derive(Clone, Debug, Deserialize)]
-pub struct User {
-    /// Shown as the extension's author.
-    pub login: String,
-}
+use crate::backend::forge::{
+    self, choose_assets, is_hex_digest, release_date, SidecarKind, User, Weigh,
+};
+use crate::registry::Version;
 
 /// One release of `GET /repos/{owner}/{repo}/releases`.
 #[derive(Debug, Deserialize)]
@@ -123,9 +96,9 @@ pub struct AssetRef {
     pub updated_at: Option<String>,
 }
 
-impl AssetRef {
+impl Weigh for AssetRef {
     /// Roughly the heap bytes this reference holds, for a memo bounded in bytes.
-    pub fn weight(&self) -> usize {
+    fn weight(&self) -> usize {
         std::mem::size_of::<Self>()
             + self.name.len()
             + self.api_url.len()
@@ -144,18 +117,8 @@ pub enum Checksum {
     Unknown,
 }
 
-/// A release that qualifies as a version.
-#[derive(Clone, Debug)]
-pub struct Candidate {
-    /// What the API shows for this version (its checksum is filled in on demand).
-    pub version: Version,
-    /// The artifact asset.
-    pub artifact: AssetRef,
-    /// The release author's login, if GitHub sent one.
-    pub author: Option<String>,
-    /// Where the artifact's sha256 is.
-    pub checksum: Checksum,
-}
+/// A release that qualifies as a version: its artifact asset and where its sha256 is.
+pub type Candidate = forge::Candidate<AssetRef, Checksum>;
 
 impl Release {
     /// The release as a version of extension `name` kept in `repo`, or `None` when it is a
@@ -167,11 +130,7 @@ impl Release {
         let assets: Vec<&Asset> = self.assets.iter().filter(|a| a.is_uploaded()).collect();
         let chosen = choose_assets(&assets, |a| a.name.as_str(), repo, name, &self.tag_name)?;
         let artifact = *chosen.artifact;
-        let published_at = [&self.published_at, &self.created_at]
-            .into_iter()
-            .flatten()
-            .find_map(|t| Timestamp::parse_rfc3339(t));
-        let Some(published_at) = published_at else {
+        let Some(published_at) = release_date(&self.published_at, &self.created_at) else {
             tracing::warn!(repo, tag = %self.tag_name, "release has no readable date; left out");
             return None;
         };
