@@ -52,6 +52,11 @@ const MAX_SIDECAR_BYTES: usize = 64 * 1024;
 /// releases at 100 a page) is refused rather than followed forever.
 const MAX_PAGES: usize = 100;
 
+/// Most bytes of JSON one list reads over all its pages (each is also at most
+/// [`MAX_METADATA_BYTES`]), as for Gitea: some 50 pages of 100 repositories, and what a
+/// listing holds at once however many pages GitHub offers.
+const MAX_LIST_BYTES: usize = 32 * 1024 * 1024;
+
 /// How long to wait after a secondary rate limit that names no time: GitHub asks for at least
 /// a minute.
 const SECONDARY_WAIT: Duration = Duration::from_secs(60);
@@ -110,6 +115,8 @@ pub struct Fetched<T> {
     pub value: Arc<T>,
     /// The page's `rel="next"` link.
     pub next: Option<Url>,
+    /// The size of the JSON it was parsed from.
+    pub bytes: usize,
 }
 
 impl Api {
@@ -249,6 +256,24 @@ impl Api {
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
+        self.fetch_within(url, what, MAX_METADATA_BYTES, || {
+            format!("{what}: larger than {MAX_METADATA_BYTES} bytes")
+        })
+        .await
+    }
+
+    /// [`Api::fetch`] of an answer of at most `cap` bytes of JSON (held or read), else the
+    /// error `oversize` words.
+    async fn fetch_within<T>(
+        &self,
+        url: Url,
+        what: &str,
+        cap: usize,
+        oversize: impl FnOnce() -> String,
+    ) -> Result<Option<Fetched<T>>, RegistryError>
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
         let key = url.as_str().to_owned();
         let held = self.memo.get(&key).await;
         let mut conditions = HeaderMap::new();
@@ -266,6 +291,9 @@ impl Api {
         let response = self.get(url, conditions).await?;
         if response.status() == StatusCode::NOT_MODIFIED {
             let held = held.ok_or_else(|| unavailable(format!("{what}: HTTP 304 unasked")))?;
+            if held.body_bytes > cap {
+                return Err(unavailable(oversize()));
+            }
             let value = Arc::clone(&held.value)
                 .downcast::<T>()
                 .map_err(|_| RegistryError::Internal(format!("{what}: memo of another type")))?;
@@ -273,6 +301,7 @@ impl Api {
             return Ok(Some(Fetched {
                 value,
                 next: held.next.clone(),
+                bytes: held.body_bytes,
             }));
         }
         let Some(response) = self.api_status(response, what).await? else {
@@ -298,12 +327,10 @@ impl Api {
                     .map_err(|_| unavailable(format!("{what}: pagination link is not a URL")))?,
             ),
         };
-        let bytes = read_capped(response, MAX_METADATA_BYTES)
+        let bytes = read_capped(response, cap)
             .await
             .map_err(|e| transport_error(Source::Github, &e))?
-            .ok_or_else(|| {
-                unavailable(format!("{what}: larger than {MAX_METADATA_BYTES} bytes"))
-            })?;
+            .ok_or_else(|| unavailable(oversize()))?;
         let value: Arc<T> = Arc::new(serde_json::from_slice(&bytes).map_err(|e| {
             tracing::warn!(%what, error = %e, "github answered malformed or unexpected JSON");
             unavailable(format!("{what}: malformed or unexpected JSON"))
@@ -318,11 +345,16 @@ impl Api {
             };
             self.memo.insert(key, Arc::new(held)).await;
         }
-        Ok(Some(Fetched { value, next }))
+        Ok(Some(Fetched {
+            value,
+            next,
+            bytes: bytes.len(),
+        }))
     }
 
     /// Every page of a list, from `first` along `rel="next"` until it is absent (links are
-    /// followed verbatim, as GitHub asks); `Ok(None)` on 404.
+    /// followed verbatim, as GitHub asks), at most [`MAX_PAGES`] pages and [`MAX_LIST_BYTES`]
+    /// of JSON in all; `Ok(None)` on 404.
     pub async fn pages<T>(
         &self,
         first: Url,
@@ -335,15 +367,25 @@ impl Api {
         url.query_pairs_mut().append_pair("per_page", PER_PAGE);
         let mut pages = Vec::new();
         let mut seen = HashSet::new();
+        let mut budget = MAX_LIST_BYTES;
         loop {
             if !seen.insert(url.clone()) || pages.len() >= MAX_PAGES {
                 return Err(unavailable(format!(
                     "{what}: pagination loops or passes {MAX_PAGES} pages"
                 )));
             }
-            let Some(page) = self.fetch::<T>(url, what).await? else {
+            let oversize = || {
+                if budget < MAX_METADATA_BYTES {
+                    format!("{what}: the pages are larger than {MAX_LIST_BYTES} bytes in all")
+                } else {
+                    format!("{what}: larger than {MAX_METADATA_BYTES} bytes")
+                }
+            };
+            let cap = budget.min(MAX_METADATA_BYTES);
+            let Some(page) = self.fetch_within::<T>(url, what, cap, oversize).await? else {
                 return Ok(None);
             };
+            budget -= page.bytes;
             pages.push(page.value);
             match page.next {
                 Some(next) => url = next,
