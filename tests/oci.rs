@@ -973,3 +973,25 @@ async fn a_catalog_of_more_than_100_pages_is_refused() {
     );
     assert_eq!(catalog_calls(&front) - before, 100);
 }
+
+/// Pages each well under the 16 MiB cap still stop once one list has read 32 MiB of them.
+#[tokio::test]
+async fn the_pages_of_one_catalog_are_read_up_to_32_mib_in_all() {
+    let (front, _reg, backend) = behind_a_front(&artifact(59, 100)).await;
+    // Five pages of 10 MiB: the fourth passes the budget.
+    front.page_catalog_padded(5, 10 * 1024 * 1024);
+    let err = list(&backend, None).await.unwrap_err();
+    assert_eq!(
+        err,
+        RegistryError::unavailable(
+            Source::Oci,
+            "catalog: the pages are larger than 33554432 bytes in all"
+        )
+    );
+    let catalog_calls = front
+        .seen()
+        .iter()
+        .filter(|s| s.target.starts_with("/v2/_catalog"))
+        .count();
+    assert_eq!(catalog_calls, 4);
+}

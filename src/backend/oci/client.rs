@@ -42,6 +42,11 @@ const DEFAULT_TOKEN_SECONDS: u64 = 60;
 /// until the list is whole.
 const MAX_PAGES: usize = 100;
 
+/// Most bytes of JSON one paged list (catalog, tag list) reads over all its pages, each also
+/// at most [`MAX_METADATA_BYTES`]: some 400,000 repository names or tags, and what one list
+/// holds at once however many pages the registry offers.
+const MAX_LIST_BYTES: usize = 32 * 1024 * 1024;
+
 /// How a registry call failed, in the terms the backend decides on.
 #[derive(Debug)]
 pub enum CallError {
@@ -291,7 +296,8 @@ impl Client {
     }
 
     /// GETs a JSON list that may be paged, following `Link: <...>; rel="next"` on this
-    /// registry; `items` takes each page apart.
+    /// registry, at most [`MAX_PAGES`] pages and [`MAX_LIST_BYTES`] of JSON in all; `items`
+    /// takes each page apart.
     pub async fn get_paged<T: serde::de::DeserializeOwned, I>(
         &self,
         first: Url,
@@ -302,6 +308,7 @@ impl Client {
         let mut all = Vec::new();
         let mut seen = HashSet::new();
         let mut next = Some(first);
+        let mut budget = MAX_LIST_BYTES;
         while let Some(url) = next {
             if !seen.insert(url.clone()) {
                 return Err(CallError::broken(format!(
@@ -313,7 +320,21 @@ impl Client {
                     "{what} has more than {MAX_PAGES} pages"
                 )));
             }
-            let (page, headers) = self.get_json(url, scope, what).await?;
+            let (body, headers) = self
+                .get_capped(url, scope, None, budget.min(MAX_METADATA_BYTES), what)
+                .await?;
+            let body = body.ok_or_else(|| {
+                CallError::broken(if budget < MAX_METADATA_BYTES {
+                    format!("{what}: the pages are larger than {MAX_LIST_BYTES} bytes in all")
+                } else {
+                    format!("{what} larger than {MAX_METADATA_BYTES} bytes")
+                })
+            })?;
+            budget -= body.len();
+            let page: T = serde_json::from_slice(&body).map_err(|e| {
+                tracing::warn!(%what, error = %e, "malformed registry answer");
+                CallError::broken(format!("malformed {what}"))
+            })?;
             all.extend(items(page));
             next = self.next_page(&headers)?;
         }
@@ -354,21 +375,6 @@ impl Client {
         }
     }
 
-    /// A GET whose JSON answer is parsed into `T`; also returns the headers (for `Link`).
-    async fn get_json<T: serde::de::DeserializeOwned>(
-        &self,
-        url: Url,
-        scope: Scope<'_>,
-        what: &str,
-    ) -> Result<(T, HeaderMap), CallError> {
-        let (body, headers) = self.get_bytes(url, scope, None, what).await?;
-        let parsed = serde_json::from_slice(&body).map_err(|e| {
-            tracing::warn!(%what, error = %e, "malformed registry answer");
-            CallError::broken(format!("malformed {what}"))
-        })?;
-        Ok((parsed, headers))
-    }
-
     /// A GET whose whole (bounded) body is read.
     pub async fn get_bytes(
         &self,
@@ -377,13 +383,32 @@ impl Client {
         accept: Option<&str>,
         what: &str,
     ) -> Result<(Bytes, HeaderMap), CallError> {
+        let (body, headers) = self
+            .get_capped(url, scope, accept, MAX_METADATA_BYTES, what)
+            .await?;
+        let body = body.ok_or_else(|| {
+            CallError::broken(format!("{what} larger than {MAX_METADATA_BYTES} bytes"))
+        })?;
+        Ok((body, headers))
+    }
+
+    /// A GET whose body is read whole if it is at most `cap` bytes (else `None`, and no more
+    /// is read); with its headers.
+    async fn get_capped(
+        &self,
+        url: Url,
+        scope: Scope<'_>,
+        accept: Option<&str>,
+        cap: usize,
+        what: &str,
+    ) -> Result<(Option<Bytes>, HeaderMap), CallError> {
         let response = self
             .send(Method::GET, url, scope, accept_header(accept), what)
             .await?;
         let headers = response.headers().clone();
-        let body = read_bounded(response).await?.ok_or_else(|| {
-            CallError::broken(format!("{what} larger than {MAX_METADATA_BYTES} bytes"))
-        })?;
+        let body = read_capped(response, cap)
+            .await
+            .map_err(|e| CallError::transport(&e))?;
         Ok((body, headers))
     }
 

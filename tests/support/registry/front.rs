@@ -68,8 +68,9 @@ struct State {
     storage: Mutex<Storage>,
     /// Every request, in order.
     seen: Mutex<Vec<FrontSeen>>,
-    /// When set, `/v2/_catalog` is answered here: this many empty pages, chained by `Link`.
-    catalog_pages: Mutex<Option<u32>>,
+    /// When set, `/v2/_catalog` is answered here: this many pages, chained by `Link`, each
+    /// naming repositories outside any namespace the tests use, about this many bytes of them.
+    catalog_pages: Mutex<Option<(u32, usize)>>,
     /// Forwards the API to the registry, following nothing.
     http: reqwest::Client,
 }
@@ -133,7 +134,13 @@ impl Front {
     /// Answers the catalog with `pages` empty pages from now on, each but the last naming the
     /// next in `Link`.
     pub fn page_catalog(&self, pages: u32) {
-        *self.state.catalog_pages.lock().expect("catalog pages") = Some(pages);
+        self.page_catalog_padded(pages, 0);
+    }
+
+    /// As [`Front::page_catalog`], each page naming about `bytes` of repositories outside the
+    /// namespace (`elsewhere/…`).
+    pub fn page_catalog_padded(&self, pages: u32, bytes: usize) {
+        *self.state.catalog_pages.lock().expect("catalog pages") = Some((pages, bytes));
     }
 
     /// Every request seen so far, in order.
@@ -216,8 +223,8 @@ impl State {
             return r;
         }
         if path == "/v2/_catalog" {
-            if let Some(pages) = *self.catalog_pages.lock().expect("catalog pages") {
-                return catalog_page(&target, pages);
+            if let Some((pages, bytes)) = *self.catalog_pages.lock().expect("catalog pages") {
+                return catalog_page(&target, pages, bytes);
             }
         }
         if let Some(rest) = path.strip_prefix("/hop/") {
@@ -263,7 +270,7 @@ impl State {
 }
 
 /// Page `page=<k>` of the query (0 without one) of a catalog of `pages` empty pages.
-fn catalog_page(target: &str, pages: u32) -> Reply {
+fn catalog_page(target: &str, pages: u32, bytes: usize) -> Reply {
     let page: u32 = target
         .split_once("page=")
         .and_then(|(_, k)| k.parse().ok())
@@ -277,7 +284,12 @@ fn catalog_page(target: &str, pages: u32) -> Reply {
         let next = format!("</v2/_catalog?n=1000&page={}>; rel=\"next\"", page + 1);
         r.headers_mut().insert(LINK, next.parse().expect("link"));
     }
-    *r.body_mut() = Full::new(Bytes::from_static(br#"{"repositories":[]}"#));
+    // Names of 100 bytes with their quotes and comma.
+    let names: Vec<String> = (0..bytes / 100)
+        .map(|i| format!("elsewhere/{page:04}-{i:08}-{}", "x".repeat(75)))
+        .collect();
+    let body = serde_json::json!({ "repositories": names }).to_string();
+    *r.body_mut() = Full::new(Bytes::from(body));
     r
 }
 
