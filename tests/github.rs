@@ -367,24 +367,24 @@ async fn a_refresh_of_an_unchanged_organization_costs_no_counted_requests() {
     assert_eq!(sim.remaining(), 5000 - 303);
 }
 
-/// Pages each well under the 16 MiB cap still stop once one list has read 32 MiB of them.
+/// Pages each under the 16 MiB cap still stop once one list has read 64 MiB of them.
 #[tokio::test]
-async fn the_pages_of_one_list_are_read_up_to_32_mib_in_all() {
-    // 300 repositories of 128 KiB each: three pages of about 12.8 MB.
-    let mut repos = seeded_org(300, T0);
+async fn the_pages_of_one_list_are_read_up_to_64_mib_in_all() {
+    // 500 repositories of 140 KiB each: five pages of about 14 MiB.
+    let mut repos = seeded_org(500, T0);
     for repo in &mut repos {
-        repo.description = Some("x".repeat(128 * 1024));
+        repo.description = Some("x".repeat(140 * 1024));
     }
     let sim = GithubSim::start(GhConfig::new(OWNER).repos(repos)).await;
     let b = backend(&sim.github_config());
     // (Only lengths are unwrapped: a failure must not print the pages.)
     let err = list(&b).await.map(|l| l.len()).unwrap_err();
     assert!(
-        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Github, reason, .. } if reason.contains("larger than 33554432 bytes in all")),
+        matches!(&err, RegistryError::BackendUnavailable { backend: Source::Github, reason, .. } if reason.contains("larger than 67108864 bytes in all")),
         "{err}"
     );
-    // The third page passes the budget: no release list is asked for.
-    assert_eq!(sim.calls().api, 3, "{:?}", sim.calls());
+    // The fifth page passes the budget: no release list is asked for.
+    assert_eq!(sim.calls().api, 5, "{:?}", sim.calls());
 }
 
 #[tokio::test]

@@ -951,16 +951,18 @@ async fn a_basic_challenge_from_storage_changes_nothing(bytes: &[u8], storage: S
     assert_eq!(list(&backend, None).await.unwrap().len(), 1);
 }
 
+/// The catalog pages the front was asked for so far.
+fn catalog_calls(front: &Front) -> usize {
+    front
+        .seen()
+        .iter()
+        .filter(|s| s.target.starts_with("/v2/_catalog"))
+        .count()
+}
+
 #[tokio::test]
 async fn a_catalog_of_more_than_100_pages_is_refused() {
     let (front, _reg, backend) = behind_a_front(&artifact(58, 100)).await;
-    let catalog_calls = |front: &Front| {
-        front
-            .seen()
-            .iter()
-            .filter(|s| s.target.starts_with("/v2/_catalog"))
-            .count()
-    };
 
     front.page_catalog(100);
     assert!(list(&backend, None).await.unwrap().is_empty());
@@ -985,13 +987,8 @@ async fn the_pages_of_one_catalog_are_read_up_to_32_mib_in_all() {
         err,
         RegistryError::unavailable(
             Source::Oci,
-            "catalog: the pages are larger than 33554432 bytes in all"
+            "catalog pages larger than 33554432 bytes in all"
         )
     );
-    let catalog_calls = front
-        .seen()
-        .iter()
-        .filter(|s| s.target.starts_with("/v2/_catalog"))
-        .count();
-    assert_eq!(catalog_calls, 4);
+    assert_eq!(catalog_calls(&front), 4);
 }

@@ -7,9 +7,10 @@
 use std::future::Future;
 use std::hash::Hash;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use futures_util::StreamExt;
+use futures_util::{future, StreamExt};
 use reqwest::header::HeaderValue;
 use reqwest::Url;
 use serde::Deserialize;
@@ -273,15 +274,16 @@ impl<A, C> Found<A, C> {
     }
 }
 
-/// A listing of `source`: every extension of `wanted` at its current version, reading at most
-/// `concurrency` repositories' releases at once with `candidates` (`None` when a repository is
-/// not visible). Repositories that fail are logged and left out, unless every one that was read
-/// failed (then the listing fails with the first failure), or one met a rate limit: then the
-/// whole listing fails as suspended. Either way the cache above serves what it holds instead of
-/// an empty listing or one with holes.
+/// A listing of `source`: every extension of `wanted` (taken as it is read, so a repository is
+/// held only while its releases are) at its current version, reading at most `concurrency`
+/// repositories' releases at once with `candidates` (`None` when a repository is not visible).
+/// Repositories that fail are logged and left out, unless every one that was read failed (then
+/// the listing fails with the first failure), or one met a rate limit: then no further
+/// repository is read and the whole listing fails as suspended. Either way the cache above
+/// serves what it holds instead of an empty listing or one with holes.
 pub async fn list<A, C, F, Fut>(
     source: Source,
-    wanted: Vec<(ExtensionKey, Arc<Repository>)>,
+    wanted: impl IntoIterator<Item = (ExtensionKey, Arc<Repository>)>,
     concurrency: usize,
     candidates: F,
 ) -> Result<Vec<Extension>, RegistryError>
@@ -290,11 +292,18 @@ where
     Fut: Future<Output = Result<Option<Vec<Candidate<A, C>>>, RegistryError>>,
 {
     let candidates = &candidates;
+    let suspended = &AtomicBool::new(false);
     let listed: Vec<Result<Option<Extension>, RegistryError>> = futures_util::stream::iter(wanted)
+        .take_while(|_| future::ready(!suspended.load(Ordering::Relaxed)))
         .map(|(key, repo)| async move {
             let candidates = match candidates(Arc::clone(&repo)).await {
                 Ok(Some(candidates)) => candidates,
                 Ok(None) => return Ok(None),
+                Err(error @ RegistryError::BackendSuspended { .. }) => {
+                    suspended.store(true, Ordering::Relaxed);
+                    tracing::warn!(repo = %repo.name, %error, "rate limited; the listing fails whole");
+                    return Err(error);
+                }
                 Err(error) => {
                     tracing::warn!(repo = %repo.name, %error, "repository left out of the listing");
                     return Err(error);
@@ -330,8 +339,9 @@ where
     }
 }
 
-/// What a checksum memo weighs its keys by: roughly the heap bytes a sidecar's identity holds.
+/// What a checksum memo weighs its keys by.
 pub trait Weigh {
+    /// Roughly the bytes this identity holds, itself and on the heap.
     fn weight(&self) -> usize;
 }
 

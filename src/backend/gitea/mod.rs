@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use tower::Service;
 
 use self::client::Api;
-use self::model::{AssetStamp, Candidate, Release, ServerVersion};
+use self::model::{AssetLink, AssetStamp, Candidate, Release, ServerVersion, Sidecar};
 use crate::backend::forge::{self, Repository, SidecarMemo};
 use crate::backend::http;
 use crate::config::{ConfigError, GiteaConfig};
@@ -31,7 +31,7 @@ use crate::registry::{
 pub const SIDECAR_MEMO_BYTES: u64 = 8 * 1024 * 1024;
 
 /// A repository that holds an extension, with the releases that qualify as its versions.
-type Found = forge::Found<model::AssetLink, Option<model::Sidecar>>;
+type Found = forge::Found<AssetLink, Option<Sidecar>>;
 
 /// The backend. Cheap to clone: the state is shared.
 #[derive(Clone)]
@@ -158,15 +158,11 @@ impl Inner {
                     "the configured organization was not found or is not visible",
                 )
             })?;
-        let wanted = repos
-            .into_iter()
-            .filter_map(|repo| {
-                let key = repo.extension(self.include_archived)?;
-                let wanted =
-                    filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
-                wanted.then(|| (key, Arc::new(repo)))
-            })
-            .collect();
+        let wanted = repos.into_iter().filter_map(|repo| {
+            let key = repo.extension(self.include_archived)?;
+            let wanted = filter.ty.is_none_or(|ty| ty == key.ty) && repo.release_counter != Some(0);
+            wanted.then(|| (key, Arc::new(repo)))
+        });
         forge::list(
             Source::Gitea,
             wanted,
@@ -228,8 +224,8 @@ impl Inner {
         let Some(sidecar) = &candidate.checksum else {
             return Ok(None);
         };
-        let key =
-            (sidecar.asset().stamp.clone()).map(|stamp| (stamp, candidate.artifact.name.clone()));
+        let stamp = sidecar.asset().stamp.clone();
+        let key = stamp.map(|stamp| (stamp, candidate.artifact.name.clone()));
         if let Some(key) = &key {
             if let Some(digest) = self.sidecars.get(key).await {
                 return Ok(Some(digest.to_string()));

@@ -53,9 +53,10 @@ const MAX_SIDECAR_BYTES: usize = 64 * 1024;
 const MAX_PAGES: usize = 100;
 
 /// Most bytes of JSON one list reads over all its pages (each is also at most
-/// [`MAX_METADATA_BYTES`]), as for Gitea: some 50 pages of 100 repositories, and what a
-/// listing holds at once however many pages GitHub offers.
-const MAX_LIST_BYTES: usize = 32 * 1024 * 1024;
+/// [`MAX_METADATA_BYTES`]): what a list holds at once however large the pages GitHub offers.
+/// A page of 100 repositories is about 600 KB, so [`MAX_PAGES`] of them fit (about 60 MB):
+/// the page count ends a long list of usual pages, this one a list of unusually large ones.
+const MAX_LIST_BYTES: usize = 64 * 1024 * 1024;
 
 /// How long to wait after a secondary rate limit that names no time: GitHub asks for at least
 /// a minute.
@@ -115,7 +116,7 @@ pub struct Fetched<T> {
     pub value: Arc<T>,
     /// The page's `rel="next"` link.
     pub next: Option<Url>,
-    /// The size of the JSON it was parsed from.
+    /// The size of the JSON it was parsed from (for a `304`, the held answer's).
     pub bytes: usize,
 }
 

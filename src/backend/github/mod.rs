@@ -163,15 +163,20 @@ impl Inner {
                     "the configured owner was not found or is not visible",
                 )
             })?;
-        let wanted = pages
+        // Pages and places, so each repository is copied out of its page only when its turn
+        // comes (the pages are shared with the client's memo).
+        let wanted: Vec<(ExtensionKey, Arc<Vec<Repository>>, usize)> = pages
             .iter()
-            .flat_map(|page| page.iter())
-            .filter_map(|repo| {
-                let key = repo.extension(self.include_archived)?;
+            .flat_map(|page| (0..page.len()).map(move |i| (Arc::clone(page), i)))
+            .filter_map(|(page, i)| {
+                let key = page[i].extension(self.include_archived)?;
                 let wanted = filter.ty.is_none_or(|ty| ty == key.ty);
-                wanted.then(|| (key, Arc::new(repo.clone())))
+                wanted.then_some((key, page, i))
             })
             .collect();
+        let wanted = wanted
+            .into_iter()
+            .map(|(key, page, i)| (key, Arc::new(page[i].clone())));
         forge::list(
             Source::Github,
             wanted,

@@ -325,7 +325,7 @@ impl Client {
                 .await?;
             let body = body.ok_or_else(|| {
                 CallError::broken(if budget < MAX_METADATA_BYTES {
-                    format!("{what}: the pages are larger than {MAX_LIST_BYTES} bytes in all")
+                    format!("{what} pages larger than {MAX_LIST_BYTES} bytes in all")
                 } else {
                     format!("{what} larger than {MAX_METADATA_BYTES} bytes")
                 })

@@ -269,7 +269,8 @@ impl State {
     }
 }
 
-/// Page `page=<k>` of the query (0 without one) of a catalog of `pages` empty pages.
+/// Page `page=<k>` of the query (0 without one) of a catalog of `pages` pages, each naming
+/// about `bytes` of repositories outside the namespace.
 fn catalog_page(target: &str, pages: u32, bytes: usize) -> Reply {
     let page: u32 = target
         .split_once("page=")
@@ -286,7 +287,7 @@ fn catalog_page(target: &str, pages: u32, bytes: usize) -> Reply {
     }
     // Names of 100 bytes with their quotes and comma.
     let names: Vec<String> = (0..bytes / 100)
-        .map(|i| format!("elsewhere/{page:04}-{i:08}-{}", "x".repeat(75)))
+        .map(|i| format!("elsewhere/{page:04}-{i:08}-{}", "x".repeat(73)))
         .collect();
     let body = serde_json::json!({ "repositories": names }).to_string();
     *r.body_mut() = Full::new(Bytes::from(body));
