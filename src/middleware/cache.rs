@@ -20,7 +20,8 @@
 //! refreshed waits for that refresh (or is served stale). After a refresh fails with a backend
 //! fault the key is not refreshed again for a backoff (1 s doubling to 30 s, lengthened by up
 //! to a quarter at random so keys do not retry in step, and never before a backend's own
-//! `Retry-After`); meanwhile its stale answer, or its error, is served at once.
+//! `Retry-After`); meanwhile its stale answer, or its error, is served at once. A background
+//! refresh given up at the request timeout backs off alike, its kept answer served stale.
 //! "Not found" is remembered for `negative_ttl_seconds`. Downloads and health probes pass
 //! through: artifact bytes always stream.
 //!
@@ -183,16 +184,18 @@ impl Policy {
         if entry.backoff.is_some_and(|(_, until)| now < until) {
             return Judgement::BackingOff;
         }
-        let known_sick = entry
-            .failure
-            .as_ref()
-            .is_some_and(RegistryError::is_backend_fault);
+        // A backoff, run out, is left by a failed refresh or one given up as too slow.
+        let known_sick = entry.backoff.is_some()
+            || entry
+                .failure
+                .as_ref()
+                .is_some_and(RegistryError::is_backend_fault);
         match &entry.answer {
             Some((Ok(_), at)) if now < *at + self.ttl + self.stale_while_revalidate => {
                 Judgement::Revalidate
             }
-            // The last refresh failed: the backends are known sick, so the stale answer is
-            // served at once while the next try runs in the background.
+            // The last refresh failed or was given up: the backends are known sick, so the
+            // stale answer is served at once while the next try runs in the background.
             Some((Ok(_), at)) if known_sick && now < *at + self.ttl + self.stale_if_error => {
                 Judgement::Revalidate
             }
@@ -226,6 +229,22 @@ impl Policy {
             .saturating_mul(1 << doublings)
             .min(BACKOFF_MAX);
         wait.mul_f64(1.0 + fastrand::f64() / 4.0)
+    }
+
+    /// The entry a background refresh given up for taking too long leaves, from the one it
+    /// found: the kept answer, served stale while a backoff runs (counted with the failures
+    /// before it), and whatever failure was known; `None` with no answer to keep.
+    fn given_up(&self, current: Option<&Entry>, now: Instant) -> Option<Entry> {
+        let current = current?;
+        let Some((Ok(value), at)) = &current.answer else {
+            return None;
+        };
+        let failures = current.backoff.map_or(0, |(n, _)| n) + 1;
+        Some(Entry {
+            answer: Some((Ok(value.clone()), *at)),
+            failure: current.failure.clone(),
+            backoff: Some((failures, now + Self::backoff(failures))),
+        })
     }
 
     /// The entry a refresh leaves, from the one it found and the backends' outcome.
@@ -283,6 +302,11 @@ impl Policy {
     /// The answer an entry gives at `now`, once no refresh is to be waited for.
     fn resolve(&self, entry: &Entry, now: Instant) -> Result<BackendResponse, RegistryError> {
         match (&entry.failure, &entry.answer) {
+            // Backing off with no failure known: its refresh was given up.
+            (None, Some((Ok(value), _))) if entry.backoff.is_some() => Ok(BackendResponse::Stale {
+                response: Box::new(value.response()),
+                error: None,
+            }),
             (None, Some((Ok(value), _))) => Ok(value.response()),
             (None, Some((Err(not_found), _))) => Err(not_found.clone()),
             (Some(error), Some((Ok(value), at)))
@@ -852,12 +876,12 @@ where
                         Err(refresh) => {
                             // Every background permit is taken: refresh here, for as long as
                             // this request may wait.
-                            let refresh = self.refresh(refresh);
+                            let refresh = self.refresh(refresh, None);
                             tokio::time::timeout_at(deadline, refresh).await.is_ok()
                         }
                     },
                     None => {
-                        self.refresh(refresh).await;
+                        self.refresh(refresh, None).await;
                         true
                     }
                 },
@@ -885,8 +909,8 @@ where
     /// Runs `refresh` as a task of its own, so it survives this request, if a background
     /// permit is free: returns what closes when it ends; else gives it back. It is given up
     /// past the request timeout, as a refresh a request waits for would be, so a backend that
-    /// drips its answer cannot hold the permit and its connection for ever; its waiters then
-    /// find no new entry and ask again.
+    /// drips its answer cannot hold the permit and its connection for ever; the key then backs
+    /// off as after a failure (see [`Policy::given_up`]).
     fn in_background<K>(&self, refresh: Refresh<K>) -> Result<watch::Receiver<()>, Refresh<K>>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -895,35 +919,30 @@ where
             return Err(refresh);
         };
         let done = refresh.done.subscribe();
-        let (limit, cache) = (self.policy.background_limit, refresh.store.name);
-        let task = self.refresh(refresh);
+        let task = self.refresh(refresh, Some(self.policy.background_limit));
         tokio::spawn(async move {
-            if tokio::time::timeout(limit, task).await.is_err() {
-                tracing::warn!(
-                    cache,
-                    limit_seconds = limit.as_secs(),
-                    "a background refresh outlasted the request timeout and was given up"
-                );
-            }
+            task.await;
             drop(permit);
         });
         Ok(done)
     }
 
-    /// Asks the backends and stores what the key's entry becomes.
-    fn refresh<K>(&self, refresh: Refresh<K>) -> impl std::future::Future<Output = ()> + Send
+    /// Asks the backends and stores what the key's entry becomes; with a `limit`, gives the
+    /// backends up after it and stores what that leaves, before its waiters are let go.
+    fn refresh<K>(
+        &self,
+        refresh: Refresh<K>,
+        limit: Option<Duration>,
+    ) -> impl std::future::Future<Output = ()> + Send
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
         let ask = self.inner.clone().oneshot(self.req.clone());
         let policy = self.policy;
         async move {
-            // An answer from the shared cache was fetched `age` ago, on whichever replica.
-            let (outcome, fetched) = match ask.await {
-                Ok(BackendResponse::Shared { response, age }) => {
-                    (Ok(*response), Instant::now().checked_sub(age))
-                }
-                other => (other, None),
+            let asked = match limit {
+                None => Some(ask.await),
+                Some(limit) => tokio::time::timeout(limit, ask).await.ok(),
             };
             let store = &refresh.store;
             if store.generation.load(Ordering::Acquire) != refresh.generation {
@@ -931,8 +950,33 @@ where
                 return;
             }
             let current = store.entries.get(&refresh.key);
-            let now = fetched.unwrap_or_else(Instant::now);
-            let entry = Arc::new(policy.next(current.as_deref(), outcome, now));
+            let entry = match asked {
+                Some(outcome) => {
+                    // An answer from the shared cache was fetched `age` ago, on whichever
+                    // replica.
+                    let (outcome, fetched) = match outcome {
+                        Ok(BackendResponse::Shared { response, age }) => {
+                            (Ok(*response), Instant::now().checked_sub(age))
+                        }
+                        other => (other, None),
+                    };
+                    let now = fetched.unwrap_or_else(Instant::now);
+                    policy.next(current.as_deref(), outcome, now)
+                }
+                None => {
+                    tracing::warn!(
+                        cache = store.name,
+                        limit_seconds = policy.background_limit.as_secs(),
+                        "a background refresh outlasted the request timeout and was given up; backing off"
+                    );
+                    // With nothing kept, its waiters find no new entry and ask again.
+                    let Some(entry) = policy.given_up(current.as_deref(), Instant::now()) else {
+                        return;
+                    };
+                    entry
+                }
+            };
+            let entry = Arc::new(entry);
             store.entries.insert(refresh.key.clone(), entry.clone());
             store.recent.keep(&refresh.key, &entry, refresh.generation);
             // `refresh` drops here: its waiters find the new entry.
@@ -1322,7 +1366,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_background_refresh_is_given_up_at_the_request_timeout() {
+    async fn a_background_refresh_is_given_up_at_the_request_timeout_and_backs_off() {
         let backend = Backend::new();
         let cache = backend.service_with(&CacheConfig {
             stale_while_revalidate_seconds: 60,
@@ -1344,10 +1388,29 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         until(|| permits() == free).await;
 
-        // Nothing was stored: the next request past the window asks the backend again.
+        until(|| lock(&cache.caches.0.metadata.refreshing).is_empty()).await;
+
+        // The key backs off as after a failure: within the backoff (1 to 1.25 s) the kept
+        // answer is served stale at once and the backend is not asked again, though the key is
+        // still within its stale-while-revalidate window.
+        for _ in 0..20 {
+            let response = cache.clone().oneshot(get("aws")).await.unwrap();
+            assert!(response.is_stale());
+            assert_eq!(response.stale_error(), None);
+            assert_eq!(version(response), "1.0.1");
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(cache.clone().oneshot(get("aws")).await.unwrap().is_stale());
+        assert_eq!(backend.calls(), 2);
+
+        // After it, one refresh in the background, whose answer serves from then on.
+        tokio::time::advance(Duration::from_millis(251)).await;
         backend.release();
-        tokio::time::advance(Duration::from_secs(60)).await;
+        assert!(cache.clone().oneshot(get("aws")).await.unwrap().is_stale());
+        until(|| backend.calls() == 3).await;
+        until(|| lock(&cache.caches.0.metadata.refreshing).is_empty()).await;
         assert_eq!(version(first_fresh(&cache).await), "1.0.3");
+        assert_eq!(backend.calls(), 3);
     }
 
     #[tokio::test(start_paused = true)]
