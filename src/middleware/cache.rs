@@ -11,17 +11,18 @@
 //!   refresh; when it fails with a backend fault the old answer is served as
 //!   `BackendResponse::Stale` (logged, counted in `stale_served_total`), and when it takes
 //!   longer than the request may wait the old answer is served and the refresh finishes in
-//!   the background. Once a refresh of the key has failed, the backends are known sick and
-//!   are not waited for: the old answer is served at once while the next try runs in the
-//!   background.
+//!   the background. Once a refresh of the key has failed (or was given up as too slow), the
+//!   backends are known sick and are not waited for: the old answer is served at once while
+//!   the next try runs in the background.
 //! - Past that, only the refresh's outcome stands.
 //!
 //! Concurrent refreshes of one key are one backend call: whoever comes while a key is being
 //! refreshed waits for that refresh (or is served stale). After a refresh fails with a backend
 //! fault the key is not refreshed again for a backoff (1 s doubling to 30 s, lengthened by up
 //! to a quarter at random so keys do not retry in step, and never before a backend's own
-//! `Retry-After`); meanwhile its stale answer, or its error, is served at once. A background
-//! refresh given up at the request timeout backs off alike, its kept answer served stale.
+//! `Retry-After`); meanwhile its stale answer, or its error, is served at once. A refresh
+//! given up as too slow (in the background at the request timeout, or when the request that
+//! runs it may wait no longer) backs off alike, its kept answer served stale meanwhile.
 //! "Not found" is remembered for `negative_ttl_seconds`. Downloads and health probes pass
 //! through: artifact bytes always stream.
 //!
@@ -102,8 +103,8 @@ struct Entry {
     answer: Option<(Result<Value, RegistryError>, Instant)>,
     /// Why the latest attempt failed, if it did; cleared by the next answer.
     failure: Option<RegistryError>,
-    /// After refreshes failed with backend faults: how many in a row, and the time before
-    /// which the key is not refreshed again.
+    /// After refreshes failed with backend faults or were given up as too slow: how many in
+    /// a row, and the time before which the key is not refreshed again.
     backoff: Option<(u32, Instant)>,
 }
 
@@ -137,7 +138,8 @@ impl Entry {
 enum Judgement {
     /// Answer from it.
     Fresh,
-    /// Its refresh failed a moment ago: answer from it (stale, or the error) without asking.
+    /// Its refresh failed or was given up a moment ago: answer from it (stale, or the error)
+    /// without asking.
     BackingOff,
     /// Serve it stale at once and refresh it in the background.
     Revalidate,
@@ -181,7 +183,11 @@ impl Policy {
         if self.is_fresh(entry, now) {
             return Judgement::Fresh;
         }
-        if entry.backoff.is_some_and(|(_, until)| now < until) {
+        // A refresh given up leaves no failure to answer with: only its kept answer, while
+        // that may still stand in.
+        let answers = entry.failure.is_some()
+            || matches!(&entry.answer, Some((Ok(_), at)) if self.may_stand_in(*at, now));
+        if answers && entry.backoff.is_some_and(|(_, until)| now < until) {
             return Judgement::BackingOff;
         }
         // A backoff, run out, is left by a failed refresh or one given up as too slow.
@@ -231,18 +237,29 @@ impl Policy {
         wait.mul_f64(1.0 + fastrand::f64() / 4.0)
     }
 
-    /// The entry a background refresh given up for taking too long leaves, from the one it
-    /// found: the kept answer, served stale while a backoff runs (counted with the failures
-    /// before it), and whatever failure was known; `None` with no answer to keep.
+    /// Whether an answer from `at` may still stand in for a fresh one, stale.
+    fn may_stand_in(&self, at: Instant, now: Instant) -> bool {
+        now < at + self.ttl + self.stale_if_error.max(self.stale_while_revalidate)
+    }
+
+    /// The entry a refresh given up as too slow leaves, from the one it found: the kept
+    /// answer, served stale while a backoff runs (counted with the failures before it), and the
+    /// backend fault known, if any; `None` when no kept answer may stand in any more.
     fn given_up(&self, current: Option<&Entry>, now: Instant) -> Option<Entry> {
         let current = current?;
         let Some((Ok(value), at)) = &current.answer else {
             return None;
         };
+        if !self.may_stand_in(*at, now) {
+            return None;
+        }
         let failures = current.backoff.map_or(0, |(n, _)| n) + 1;
         Some(Entry {
             answer: Some((Ok(value.clone()), *at)),
-            failure: current.failure.clone(),
+            failure: current
+                .failure
+                .clone()
+                .filter(RegistryError::is_backend_fault),
             backoff: Some((failures, now + Self::backoff(failures))),
         })
     }
@@ -876,8 +893,9 @@ where
                         Err(refresh) => {
                             // Every background permit is taken: refresh here, for as long as
                             // this request may wait.
-                            let refresh = self.refresh(refresh, None);
-                            tokio::time::timeout_at(deadline, refresh).await.is_ok()
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            self.refresh(refresh, Some(left)).await;
+                            true
                         }
                     },
                     None => {
@@ -928,7 +946,8 @@ where
     }
 
     /// Asks the backends and stores what the key's entry becomes; with a `limit`, gives the
-    /// backends up after it and stores what that leaves, before its waiters are let go.
+    /// backends up after it and stores what that leaves (see [`Policy::given_up`]), before
+    /// its waiters are let go.
     fn refresh<K>(
         &self,
         refresh: Refresh<K>,
@@ -964,13 +983,21 @@ where
                     policy.next(current.as_deref(), outcome, now)
                 }
                 None => {
+                    let now = Instant::now();
+                    let given_up = policy.given_up(current.as_deref(), now);
+                    let (failures, backoff_ms) = given_up
+                        .as_ref()
+                        .and_then(|entry| entry.backoff)
+                        .map_or((0, 0), |(n, until)| (n, (until - now).as_millis()));
                     tracing::warn!(
                         cache = store.name,
-                        limit_seconds = policy.background_limit.as_secs(),
-                        "a background refresh outlasted the request timeout and was given up; backing off"
+                        limit_ms = limit.unwrap_or_default().as_millis(),
+                        failures,
+                        backoff_ms,
+                        "a refresh outlasted its time and was given up; the key backs off"
                     );
                     // With nothing kept, its waiters find no new entry and ask again.
-                    let Some(entry) = policy.given_up(current.as_deref(), Instant::now()) else {
+                    let Some(entry) = given_up else {
                         return;
                     };
                     entry
@@ -978,6 +1005,11 @@ where
             };
             let entry = Arc::new(entry);
             store.entries.insert(refresh.key.clone(), entry.clone());
+            if store.generation.load(Ordering::Acquire) != refresh.generation {
+                // Invalidated between the check above and the insert: not kept.
+                store.entries.invalidate(&refresh.key);
+                return;
+            }
             store.recent.keep(&refresh.key, &entry, refresh.generation);
             // `refresh` drops here: its waiters find the new entry.
         }
@@ -1399,6 +1431,8 @@ mod tests {
             assert_eq!(response.stale_error(), None);
             assert_eq!(version(response), "1.0.1");
         }
+        assert_eq!(permits(), free);
+        assert!(lock(&cache.caches.0.metadata.refreshing).is_empty());
         tokio::time::advance(Duration::from_millis(999)).await;
         assert!(cache.clone().oneshot(get("aws")).await.unwrap().is_stale());
         assert_eq!(backend.calls(), 2);
@@ -1411,6 +1445,59 @@ mod tests {
         until(|| lock(&cache.caches.0.metadata.refreshing).is_empty()).await;
         assert_eq!(version(first_fresh(&cache).await), "1.0.3");
         assert_eq!(backend.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_given_up_keeps_only_what_may_stand_in() {
+        let policy = Policy {
+            ttl: TTL,
+            negative_ttl: TTL,
+            stale_if_error: Duration::from_secs(600),
+            stale_while_revalidate: Duration::from_secs(60),
+            wait_for_refresh: REQUEST_TIMEOUT.mul_f64(0.9),
+            background_limit: REQUEST_TIMEOUT,
+        };
+        let at = Instant::now();
+        let kept = Entry {
+            answer: Some((Ok(Value::Extension(Arc::new(extension("aws")))), at)),
+            failure: Some(RegistryError::Internal("a bug".into())),
+            backoff: None,
+        };
+        let now = at + TTL + Duration::from_secs(30);
+        let once = policy.given_up(Some(&kept), now).expect("kept");
+        // Only a backend fault is kept to answer with; the kept answer stands in meanwhile.
+        assert_eq!(once.failure, None);
+        assert_eq!(policy.judge(Some(&once), now), Judgement::BackingOff);
+        assert!(policy.resolve(&once, now).unwrap().is_stale());
+        // Given up again, the backoff doubles (2 to 2.5 s); an answer clears it.
+        let twice = policy.given_up(Some(&once), now).expect("kept");
+        let (failures, until) = twice.backoff.unwrap();
+        assert_eq!(failures, 2);
+        assert!(until >= now + Duration::from_secs(2), "{:?}", until - now);
+        let answered = policy.next(Some(&twice), Ok(kept.stale().unwrap()), now);
+        assert_eq!(answered.backoff, None);
+        // Past stale-if-error nothing may stand in: nothing is kept, and a backoff running
+        // past that point does not answer with the old value.
+        let late = at + TTL + Duration::from_secs(600);
+        assert!(policy.given_up(Some(&kept), late).is_none());
+        let edge = policy
+            .given_up(Some(&kept), late - Duration::from_millis(500))
+            .expect("kept");
+        assert_eq!(
+            policy.judge(Some(&edge), late - Duration::from_millis(1)),
+            Judgement::BackingOff
+        );
+        assert_eq!(
+            policy.judge(Some(&edge), late),
+            Judgement::Refresh { stale_held: false }
+        );
+        // Without an answer there is nothing to keep.
+        let failed = Entry {
+            answer: None,
+            failure: Some(unavailable()),
+            backoff: None,
+        };
+        assert!(policy.given_up(Some(&failed), now).is_none());
     }
 
     #[tokio::test(start_paused = true)]
