@@ -11,7 +11,7 @@
 //!   refresh; when it fails with a backend fault the old answer is served as
 //!   `BackendResponse::Stale` (logged, counted in `stale_served_total`), and when it takes
 //!   longer than the request may wait the old answer is served and the refresh finishes in
-//!   the background. Once a refresh of the key has failed (or was given up as too slow), the
+//!   the background (or, when every background permit is taken, is given up then). Once a refresh of the key has failed (or was given up as too slow), the
 //!   backends are known sick and are not waited for: the old answer is served at once while
 //!   the next try runs in the background.
 //! - Past that, only the refresh's outcome stands.
@@ -892,16 +892,12 @@ where
                         Ok(done) => wait(done, Some(deadline)).await,
                         Err(refresh) => {
                             // Every background permit is taken: refresh here, for as long as
-                            // this request may wait.
+                            // this request may wait (not at all with no time left).
                             let left = deadline.saturating_duration_since(Instant::now());
-                            self.refresh(refresh, Some(left)).await;
-                            true
+                            !left.is_zero() && self.refresh(refresh, Some(left)).await
                         }
                     },
-                    None => {
-                        self.refresh(refresh, None).await;
-                        true
-                    }
+                    None => self.refresh(refresh, None).await,
                 },
                 Flight::Follow(done) => {
                     store.waits_total.increment(1);
@@ -947,12 +943,12 @@ where
 
     /// Asks the backends and stores what the key's entry becomes; with a `limit`, gives the
     /// backends up after it and stores what that leaves (see [`Policy::given_up`]), before
-    /// its waiters are let go.
+    /// its waiters are let go. Whether the backends answered in time.
     fn refresh<K>(
         &self,
         refresh: Refresh<K>,
         limit: Option<Duration>,
-    ) -> impl std::future::Future<Output = ()> + Send
+    ) -> impl std::future::Future<Output = bool> + Send
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
@@ -963,10 +959,11 @@ where
                 None => Some(ask.await),
                 Some(limit) => tokio::time::timeout(limit, ask).await.ok(),
             };
+            let answered = asked.is_some();
             let store = &refresh.store;
             if store.generation.load(Ordering::Acquire) != refresh.generation {
                 // Invalidated meanwhile: its waiters find no new entry and ask again.
-                return;
+                return answered;
             }
             let current = store.entries.get(&refresh.key);
             let entry = match asked {
@@ -989,17 +986,23 @@ where
                         .as_ref()
                         .and_then(|entry| entry.backoff)
                         .map_or((0, 0), |(n, until)| (n, (until - now).as_millis()));
+                    let limit_ms = limit.unwrap_or_default().as_millis();
+                    // With nothing kept, its waiters find no new entry and ask again.
+                    let Some(entry) = given_up else {
+                        tracing::warn!(
+                            cache = store.name,
+                            limit_ms,
+                            "a refresh outlasted its time and was given up; no kept answer may stand in"
+                        );
+                        return answered;
+                    };
                     tracing::warn!(
                         cache = store.name,
-                        limit_ms = limit.unwrap_or_default().as_millis(),
+                        limit_ms,
                         failures,
                         backoff_ms,
                         "a refresh outlasted its time and was given up; the key backs off"
                     );
-                    // With nothing kept, its waiters find no new entry and ask again.
-                    let Some(entry) = given_up else {
-                        return;
-                    };
                     entry
                 }
             };
@@ -1008,10 +1011,11 @@ where
             if store.generation.load(Ordering::Acquire) != refresh.generation {
                 // Invalidated between the check above and the insert: not kept.
                 store.entries.invalidate(&refresh.key);
-                return;
+                return answered;
             }
             store.recent.keep(&refresh.key, &entry, refresh.generation);
             // `refresh` drops here: its waiters find the new entry.
+            answered
         }
     }
 }
@@ -1448,6 +1452,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_refresh_run_in_place_and_given_up_backs_off_too() {
+        // No background permit: a request holding a stale answer refreshes in place.
+        let backend = Backend::new();
+        let cache = backend.service_with(&CacheConfig {
+            max_background_refreshes: 0,
+            ..config()
+        });
+        cache.clone().oneshot(get("aws")).await.unwrap();
+        tokio::time::advance(TTL).await;
+        backend.hold();
+        let started = Instant::now();
+        let response = cache.clone().oneshot(get("aws")).await.unwrap();
+        assert_eq!(started.elapsed(), REQUEST_TIMEOUT.mul_f64(0.9));
+        assert!(response.is_stale());
+        assert_eq!(version(response), "1.0.1");
+        assert_eq!(backend.calls(), 2);
+
+        // Given up at the request's deadline: the key backs off, so the next requests are
+        // answered stale at once instead of waiting for the slow backend again.
+        for _ in 0..5 {
+            let at_once =
+                tokio::time::timeout(Duration::from_millis(1), cache.clone().oneshot(get("aws")));
+            let response = at_once.await.expect("not waited for").unwrap();
+            assert!(response.is_stale());
+        }
+        assert_eq!(backend.calls(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_refresh_given_up_keeps_only_what_may_stand_in() {
         let policy = Policy {
             ttl: TTL,
@@ -1474,7 +1507,8 @@ mod tests {
         let (failures, until) = twice.backoff.unwrap();
         assert_eq!(failures, 2);
         assert!(until >= now + Duration::from_secs(2), "{:?}", until - now);
-        let answered = policy.next(Some(&twice), Ok(kept.stale().unwrap()), now);
+        let answer = BackendResponse::Extension(Arc::new(extension("aws")));
+        let answered = policy.next(Some(&twice), Ok(answer), now);
         assert_eq!(answered.backoff, None);
         // Past stale-if-error nothing may stand in: nothing is kept, and a backoff running
         // past that point does not answer with the old value.
