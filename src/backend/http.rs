@@ -12,6 +12,7 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_RANGE, LOCA
 use reqwest::{Method, StatusCode, Url};
 
 use crate::backend::direct::{Direct, Failure};
+use crate::config::ConfigError;
 use crate::registry::{ArtifactBody, RegistryError, Served, Source, Span};
 use crate::BoxError;
 
@@ -29,7 +30,12 @@ pub const MAX_METADATA_BYTES: usize = 16 * 1024 * 1024;
 /// keeps streaming is never cut off while a stalled backend still is. The client follows no
 /// redirect: reqwest's own following keeps `Authorization` on any redirect within the origin,
 /// so [`send_per_hop`] follows them, deciding the credential at every hop.
-pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, reqwest::Error> {
+/// A failure to build it is a configuration error of `section`.
+pub fn client(
+    section: &str,
+    timeout: Duration,
+    verify_tls: bool,
+) -> Result<reqwest::Client, ConfigError> {
     reqwest::Client::builder()
         .user_agent(concat!("extension-registry/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(timeout)
@@ -37,6 +43,10 @@ pub fn client(timeout: Duration, verify_tls: bool) -> Result<reqwest::Client, re
         .redirect(reqwest::redirect::Policy::none())
         .tls_danger_accept_invalid_certs(!verify_tls)
         .build()
+        .map_err(|e| ConfigError {
+            file: section.into(),
+            message: format!("cannot build the HTTP client: {e}"),
+        })
 }
 
 /// Why [`send_per_hop`] got no answer.

@@ -64,13 +64,10 @@ impl Gitea {
             .transpose()?;
         // No redirect is followed by reqwest: `Api` follows them, checking every hop.
         let client = http::client(
+            "[gitea]",
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-        )
-        .map_err(|e| ConfigError {
-            file: "[gitea]".into(),
-            message: format!("cannot build the HTTP client: {e}"),
-        })?;
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 api: Api::new(client, root, config.organization.clone(), authorization),

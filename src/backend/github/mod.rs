@@ -64,13 +64,11 @@ impl Github {
             .map(|path| forge::authorization(path, "[github]", "Bearer"))
             .transpose()?;
         // No redirect is followed by reqwest: `send_per_hop` follows them, checking every hop.
-        let client =
-            http::client(Duration::from_secs(config.timeout_seconds), true).map_err(|e| {
-                ConfigError {
-                    file: "[github]".into(),
-                    message: format!("cannot build the HTTP client: {e}"),
-                }
-            })?;
+        let client = http::client(
+            "[github]",
+            Duration::from_secs(config.timeout_seconds),
+            true,
+        )?;
         Ok(Self {
             inner: Arc::new(Inner {
                 api: Api::new(

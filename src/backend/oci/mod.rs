@@ -126,10 +126,10 @@ impl OciBackend {
         };
         // The client follows a blob's redirect to storage itself, without the credentials.
         let http = http::client(
+            "[oci]",
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
-        )
-        .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+        )?;
         let direct = Direct::new(
             Duration::from_secs(config.timeout_seconds),
             config.verify_ssl,
